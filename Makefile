@@ -1,0 +1,42 @@
+# sflam: two commands work on a fresh machine, `make demo` and `make test`.
+# Both build the environment first: a .venv with pinned dependencies, and a broker.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.sflam-installed
+EXTRAS := edge,server,export,dev
+PIP_QUIET ?= -q
+
+.PHONY: all setup broker test demo lock clean
+
+all: test
+
+setup: $(STAMP) broker
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "sflam needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_QUIET) pip==26.3
+	@echo "==> installing pinned dependencies (torch is the local CPU build)"
+	$(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+broker:
+	@scripts/ensure-broker.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/sflam quickstart
+
+# Re-pin every transitive dependency after changing a pin in pyproject.toml.
+lock: $(STAMP)
+	@{ echo "# Every transitive pin of the full development environment (pip install -c). Regenerate with: make lock"; \
+	   $(PIP) freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""torch -> ONNX / TFLite / TFLite Micro device artifacts, verification and bundles."""

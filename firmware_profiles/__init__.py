@@ -1,0 +1,1 @@
+"""Device hardware profiles as TOML data, with their loader and schema."""
