@@ -85,3 +85,25 @@ def test_a_bad_cli_argument_says_what_is_wrong() -> None:
     )
     assert result.returncode == 2
     assert "expected a number >= 1, got 0" in result.stderr
+
+
+def _subcommands() -> list[str]:
+    from sflam.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_help_starts_without_torch(command: str) -> None:
+    code = (
+        "import contextlib, io\n"
+        "from sflam.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        main([{command!r}, '--help'])\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, exc.code"
+    )
+    assert "torch" not in _modules_after(code)
