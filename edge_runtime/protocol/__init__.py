@@ -1,0 +1,52 @@
+"""The sflam wire protocol: the one definition of what crosses the network (numpy only).
+
+``encode(message) -> bytes`` and ``decode(data) -> message``; messages are frozen dataclasses;
+every refusal is a ``ProtocolError``. docs/protocol.md describes the bytes.
+"""
+
+from edge_runtime.protocol.chunking import Reassembler, split
+from edge_runtime.protocol.codec import DEFAULT_LIMITS, MAGIC, VERSION, Limits, decode, encode
+from edge_runtime.protocol.errors import (
+    BadMagicError,
+    ChunkError,
+    IntegrityError,
+    LimitError,
+    MalformedError,
+    ProtocolError,
+    StaleMessageError,
+    TopicError,
+    TrailingBytesError,
+    TruncatedError,
+    UnknownTypeError,
+    VersionError,
+)
+from edge_runtime.protocol.messages import (
+    Activations,
+    Allocation,
+    Chunk,
+    Envelope,
+    ErrorReport,
+    Gradient,
+    Hello,
+    Message,
+    ModelWeights,
+    RoundPlan,
+    RoundUpdate,
+    Status,
+    Telemetry,
+    Tensor,
+    weights_from_numpy,
+    weights_to_numpy,
+)
+from edge_runtime.protocol.receive import Deduplicator, Receiver
+from edge_runtime.protocol.topics import Topics, parse_topic
+
+__all__ = [
+    "Activations", "Allocation", "BadMagicError", "Chunk", "ChunkError", "DEFAULT_LIMITS",
+    "Deduplicator", "Envelope", "ErrorReport", "Gradient", "Hello", "IntegrityError",
+    "LimitError", "Limits", "MAGIC", "MalformedError", "Message", "ModelWeights",
+    "ProtocolError", "Reassembler", "Receiver", "RoundPlan", "RoundUpdate", "StaleMessageError",
+    "Status", "Telemetry", "Tensor", "TopicError", "Topics", "TrailingBytesError",
+    "TruncatedError", "UnknownTypeError", "VERSION", "VersionError", "decode", "encode",
+    "parse_topic", "split", "weights_from_numpy", "weights_to_numpy",
+]

@@ -1,0 +1,396 @@
+"""Frames: ``encode(message) -> bytes`` and ``decode(data) -> message``, nothing else.
+
+Frame layout (little-endian; docs/protocol.md has the full byte map)::
+
+    magic "SFLM" | version u8 | type u8 | header_len u16 | body_len u32 | header | body | crc32 u32
+
+Each message type has a paired ``_put_x`` / ``_get_x``; decoding validates every declared size
+against what was received and against :class:`Limits` before allocating.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.protocol import messages as m
+from edge_runtime.protocol.errors import (
+    BadMagicError,
+    IntegrityError,
+    LimitError,
+    MalformedError,
+    TrailingBytesError,
+    TruncatedError,
+    UnknownTypeError,
+    VersionError,
+)
+from edge_runtime.protocol.wire import Reader, Writer
+from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, VALID_BITS, QuantizedTensor, num_groups, payload_nbytes
+
+MAGIC = b"SFLM"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBBHI")  # magic, version, type, header_len, body_len
+PREFIX_SIZE = _PREFIX.size
+CRC_SIZE = 4
+_CODE_TO_DTYPE = {code: name for name, code in m.DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a decoder accepts at most; sizes are checked before anything is allocated."""
+
+    max_frame_bytes: int = 256 * 1024 * 1024
+    max_elements: int = 64 * 1024 * 1024
+    max_tensors: int = 4096
+    max_allocations: int = 4096
+    max_chunks: int = 65536
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+def _put_envelope(w: Writer, env: m.Envelope) -> None:
+    w.text(env.run_id)
+    w.text(env.device_id)
+    w.u32(env.round)
+    w.u32(env.step)
+    w.f64(env.created_at)
+
+
+def _get_envelope(r: Reader) -> m.Envelope:
+    run_id, device_id = r.text("run_id"), r.text("device_id")
+    return m.Envelope(run_id, r.u32("round"), device_id, r.u32("step"), r.f64("created_at"))
+
+
+def _put_tensor(w: Writer, t: m.Tensor) -> None:
+    if t.dtype not in m.DTYPE_CODES:
+        raise MalformedError(f"dtype {t.dtype} cannot travel")
+    w.u8(m.DTYPE_CODES[t.dtype])
+    w.shape(t.shape)
+    w.u32(len(t.data))
+    w.raw(t.data)
+
+
+def _get_tensor(r: Reader, limits: Limits, field: str) -> m.Tensor:
+    code = r.u8(f"{field} dtype")
+    if code not in _CODE_TO_DTYPE:
+        raise MalformedError(f"{field}: unknown dtype code {code}")
+    dtype = _CODE_TO_DTYPE[code]
+    shape = r.shape(field, limits.max_elements)
+    size = r.u32(f"{field} size")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if size != expected:
+        raise MalformedError(f"{field}: {dtype} {shape} needs {expected} bytes, header says {size}")
+    return m.Tensor(dtype, shape, bytes(r.take(size, f"{field} data")))
+
+
+def _put_qtensor(w: Writer, q: QuantizedTensor) -> None:
+    w.u8(q.bits)
+    w.u8(GRANULARITIES.index(q.per))
+    w.shape(q.shape)
+    w.u32(q.num_groups)
+    w.raw(np.asarray(q.lo, "<f4").tobytes())
+    w.raw(np.asarray(q.hi, "<f4").tobytes())
+    w.u32(len(q.payload))
+    w.raw(q.payload)
+
+
+def _get_qtensor(r: Reader, limits: Limits, field: str) -> QuantizedTensor:
+    bits, per_code = r.u8(f"{field} bits"), r.u8(f"{field} granularity")
+    if bits not in VALID_BITS:
+        raise MalformedError(f"{field}: {bits} bits is not one of 1..8, 16, 32")
+    if per_code >= len(GRANULARITIES):
+        raise MalformedError(f"{field}: unknown granularity code {per_code}")
+    per = GRANULARITIES[per_code]
+    shape = r.shape(field, limits.max_elements)
+    groups = r.u32(f"{field} groups")
+    expected_groups = 0 if bits in FLOAT_BITS else num_groups(shape, per)
+    if groups != expected_groups:
+        raise MalformedError(f"{field}: {shape} per {per} at {bits} bits has {expected_groups} ranges, header says {groups}")
+    lo = r.array(groups, np.dtype("<f4"), f"{field} lo")
+    hi = r.array(groups, np.dtype("<f4"), f"{field} hi")
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise MalformedError(f"{field}: NaN or infinite quantization range")
+    if (lo > hi).any():
+        raise MalformedError(f"{field}: a range has lo > hi")
+    size, expected = r.u32(f"{field} payload size"), payload_nbytes(math.prod(shape), bits)
+    if size != expected:
+        raise MalformedError(f"{field}: {math.prod(shape)} values at {bits} bits need {expected} bytes, header says {size}")
+    payload = bytes(r.take(size, f"{field} payload"))
+    return QuantizedTensor(bits, shape, per, lo.astype(np.float32), hi.astype(np.float32), payload)
+
+
+def _put_weights(w: Writer, weights: m.Weights) -> None:
+    w.u16(len(weights))
+    for name, tensor in weights:
+        w.text(name, width=2)
+        _put_tensor(w, tensor)
+
+
+def _get_weights(r: Reader, limits: Limits) -> m.Weights:
+    count = r.u16("weights count")
+    if count > limits.max_tensors:
+        raise LimitError(f"{count} weight tensors exceed the limit of {limits.max_tensors}")
+    items, total = [], 0
+    for index in range(count):
+        name = r.text(f"weight {index} name", width=2)
+        tensor = _get_tensor(r, limits, f"weight {name!r}")
+        total += tensor.num_elements
+        if total > limits.max_elements:
+            raise LimitError(f"weights exceed {limits.max_elements} elements in all")
+        items.append((name, tensor))
+    return tuple(items)
+
+
+def _finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise MalformedError(f"{field} must be finite, got {value}")
+    return value
+
+
+# --- message bodies (paired put/get) ----------------------------------------------------------
+
+
+def _put_hello(w: Writer, msg: m.Hello) -> None:
+    w.text(msg.profile)
+    w.text(msg.backend)
+    w.text(msg.software_version)
+    w.u32(msg.num_samples)
+    w.u8(int(msg.heartbeat))
+
+
+def _get_hello(r: Reader, env: m.Envelope, limits: Limits) -> m.Hello:
+    profile, backend, software = r.text("profile"), r.text("backend"), r.text("software_version")
+    return m.Hello(env, profile, backend, software, r.u32("num_samples"), _flag(r, "heartbeat"))
+
+
+def _put_status(w: Writer, msg: m.Status) -> None:
+    w.u8(int(msg.online))
+    w.text(msg.reason, width=2)
+
+
+def _get_status(r: Reader, env: m.Envelope, limits: Limits) -> m.Status:
+    return m.Status(env, _flag(r, "online"), r.text("reason", width=2))
+
+
+def _put_plan(w: Writer, msg: m.RoundPlan) -> None:
+    w.u32(msg.model_version)
+    w.f64(msg.deadline_s)
+    w.u16(msg.local_epochs)
+    w.u32(msg.batch_size)
+    w.f32(msg.lr)
+    w.u16(len(msg.allocations))
+    for a in msg.allocations:
+        w.text(a.device_id)
+        w.u8(a.bits_up)
+        w.u8(a.bits_down)
+        w.f32(a.tx_power_w)
+        w.f64(a.bandwidth_hz)
+        w.u8(int(a.per_token))
+
+
+def _get_plan(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundPlan:
+    version, deadline = r.u32("model_version"), _finite(r.f64("deadline_s"), "deadline_s")
+    epochs, batch, lr = r.u16("local_epochs"), r.u32("batch_size"), _finite(r.f32("lr"), "lr")
+    count = r.u16("allocation count")
+    if count > limits.max_allocations:
+        raise LimitError(f"{count} allocations exceed the limit of {limits.max_allocations}")
+    return m.RoundPlan(env, version, deadline, epochs, batch, lr, tuple(_get_allocation(r) for _ in range(count)))
+
+
+def _get_allocation(r: Reader) -> m.Allocation:
+    device = r.text("allocation device_id")
+    up, down = r.u8("bits_up"), r.u8("bits_down")
+    for name, bits in (("bits_up", up), ("bits_down", down)):
+        if bits not in VALID_BITS:
+            raise MalformedError(f"allocation {device!r}: {name} {bits} is not one of 1..8, 16, 32")
+    power, bandwidth = _finite(r.f32("tx_power_w"), "tx_power_w"), _finite(r.f64("bandwidth_hz"), "bandwidth_hz")
+    if power < 0 or bandwidth < 0:
+        raise MalformedError(f"allocation {device!r}: negative power or bandwidth")
+    return m.Allocation(device, up, down, power, bandwidth, _flag(r, "per_token"))
+
+
+def _put_model(w: Writer, msg: m.ModelWeights) -> None:
+    w.u32(msg.version)
+    _put_weights(w, msg.weights)
+
+
+def _get_model(r: Reader, env: m.Envelope, limits: Limits) -> m.ModelWeights:
+    return m.ModelWeights(env, r.u32("version"), _get_weights(r, limits))
+
+
+def _put_activations(w: Writer, msg: m.Activations) -> None:
+    _put_qtensor(w, msg.tensor)
+    _put_tensor(w, msg.labels)
+
+
+def _get_activations(r: Reader, env: m.Envelope, limits: Limits) -> m.Activations:
+    tensor = _get_qtensor(r, limits, "activations")
+    labels = _get_tensor(r, limits, "labels")
+    if labels.dtype not in ("uint8", "uint16", "int32", "int64") or len(labels.shape) != 1:
+        raise MalformedError(f"labels must be a 1-D integer tensor, got {labels.dtype} {labels.shape}")
+    if tensor.shape and labels.shape[0] != tensor.shape[0]:
+        raise MalformedError(f"{labels.shape[0]} labels for a batch of {tensor.shape[0]} activations")
+    return m.Activations(env, tensor, labels)
+
+
+def _put_gradient(w: Writer, msg: m.Gradient) -> None:
+    _put_qtensor(w, msg.tensor)
+    w.f32(msg.loss)
+
+
+def _get_gradient(r: Reader, env: m.Envelope, limits: Limits) -> m.Gradient:
+    return m.Gradient(env, _get_qtensor(r, limits, "gradient"), r.f32("loss"))
+
+
+def _put_update(w: Writer, msg: m.RoundUpdate) -> None:
+    w.u32(msg.model_version)
+    w.u32(msg.num_samples)
+    _put_weights(w, msg.weights)
+    t = msg.telemetry
+    for value in (t.compute_time_s, t.uplink_time_s, t.energy_j):
+        w.f64(value)
+    w.u8(m.ENERGY_SOURCES.index(t.energy_source))
+    w.u64(t.bytes_sent)
+    w.u64(t.bytes_received)
+    w.u32(t.steps)
+
+
+def _get_update(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundUpdate:
+    version, samples, weights = r.u32("model_version"), r.u32("num_samples"), _get_weights(r, limits)
+    times = [_finite(r.f64(name), name) for name in ("compute_time_s", "uplink_time_s", "energy_j")]
+    if min(times) < 0:
+        raise MalformedError("telemetry times and energy must be >= 0")
+    source = r.u8("energy_source")
+    if source >= len(m.ENERGY_SOURCES):
+        raise MalformedError(f"unknown energy source code {source}")
+    telemetry = m.Telemetry(*times, m.ENERGY_SOURCES[source], r.u64("bytes_sent"), r.u64("bytes_received"), r.u32("steps"))
+    return m.RoundUpdate(env, version, samples, weights, telemetry)
+
+
+def _put_error(w: Writer, msg: m.ErrorReport) -> None:
+    w.text(msg.code)
+    w.text(msg.detail, width=2)
+
+
+def _get_error(r: Reader, env: m.Envelope, limits: Limits) -> m.ErrorReport:
+    return m.ErrorReport(env, r.text("code"), r.text("detail", width=2))
+
+
+def _put_chunk(w: Writer, msg: m.Chunk) -> None:
+    w.u64(msg.message_id)
+    w.u32(msg.index)
+    w.u32(msg.count)
+    w.u32(msg.total_size)
+    w.u32(len(msg.data))
+    w.raw(msg.data)
+
+
+def _get_chunk(r: Reader, env: m.Envelope, limits: Limits) -> m.Chunk:
+    message_id, index, count, total = r.u64("message_id"), r.u32("index"), r.u32("count"), r.u32("total_size")
+    if count == 0 or index >= count:
+        raise MalformedError(f"chunk index {index} of {count}")
+    if count > limits.max_chunks or count > total:
+        raise LimitError(f"a set of {count} chunks for {total} bytes exceeds the limits")
+    if total > limits.max_frame_bytes:
+        raise LimitError(f"chunked message of {total} bytes exceeds the limit of {limits.max_frame_bytes}")
+    size = r.u32("chunk size")
+    if size == 0 or size > total:
+        raise MalformedError(f"chunk of {size} bytes in a message of {total}")
+    return m.Chunk(env, message_id, index, count, total, bytes(r.take(size, "chunk data")))
+
+
+def _flag(r: Reader, field: str) -> bool:
+    value = r.u8(field)
+    if value > 1:
+        raise MalformedError(f"{field} must be 0 or 1, got {value}")
+    return bool(value)
+
+
+Encoder = Callable[[Writer, m.Message], None]
+Decoder = Callable[[Reader, m.Envelope, Limits], m.Message]
+
+# type -> (wire code, encoder, decoder). Codes are part of the protocol: never renumber.
+CODECS: dict[type[m.Message], tuple[int, Encoder, Decoder]] = {
+    m.Hello: (1, _put_hello, _get_hello),
+    m.Status: (2, _put_status, _get_status),
+    m.RoundPlan: (3, _put_plan, _get_plan),
+    m.ModelWeights: (4, _put_model, _get_model),
+    m.Activations: (5, _put_activations, _get_activations),
+    m.Gradient: (6, _put_gradient, _get_gradient),
+    m.RoundUpdate: (7, _put_update, _get_update),
+    m.ErrorReport: (8, _put_error, _get_error),
+    m.Chunk: (9, _put_chunk, _get_chunk),
+}
+_BY_CODE = {code: (cls, dec) for cls, (code, _, dec) in CODECS.items()}
+
+
+def type_code(cls: type[m.Message]) -> int:
+    """The wire code of a message class."""
+    return CODECS[cls][0]
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+
+def encode(message: m.Message) -> bytes:
+    """One complete frame for ``message`` (chunk it with ``chunking.split`` when too large)."""
+    try:
+        code, put, _ = CODECS[type(message)]
+    except KeyError:
+        raise UnknownTypeError(f"no encoder for {type(message).__name__}") from None
+    head, body = Writer(), Writer()
+    _put_envelope(head, message.envelope)
+    try:
+        put(body, message)
+    except (struct.error, ValueError) as exc:  # out-of-range ints, unknown enum values
+        raise MalformedError(f"cannot encode {type(message).__name__}: {exc}") from exc
+    header, payload = head.getvalue(), body.getvalue()
+    frame = _PREFIX.pack(MAGIC, VERSION, code, len(header), len(payload)) + header + payload
+    return frame + struct.pack("<I", zlib.crc32(frame))
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> m.Message:
+    """Parse and validate one frame; any problem raises a ``ProtocolError`` subclass."""
+    view = memoryview(data)
+    code, header_len, body_len = _check_prefix(view, limits)
+    frame_len = PREFIX_SIZE + header_len + body_len
+    (crc,) = struct.unpack_from("<I", view, frame_len)
+    if zlib.crc32(view[:frame_len]) != crc:
+        raise IntegrityError("CRC-32 mismatch: the frame was corrupted or altered")
+    if code not in _BY_CODE:
+        raise UnknownTypeError(f"unknown message type code {code}")
+    cls, get = _BY_CODE[code]
+    head = Reader(view[PREFIX_SIZE : PREFIX_SIZE + header_len], "header")
+    envelope = _get_envelope(head)
+    head.finish()
+    body = Reader(view[PREFIX_SIZE + header_len : frame_len], f"{cls.__name__} body")
+    message = get(body, envelope, limits)
+    body.finish()
+    return message
+
+
+def _check_prefix(view: memoryview, limits: Limits) -> tuple[int, int, int]:
+    if len(view) > limits.max_frame_bytes:
+        raise LimitError(f"frame of {len(view)} bytes exceeds the limit of {limits.max_frame_bytes}")
+    if len(view) < PREFIX_SIZE + CRC_SIZE:
+        raise TruncatedError(f"{len(view)} bytes is shorter than the smallest frame ({PREFIX_SIZE + CRC_SIZE})")
+    magic, version, code, header_len, body_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise BadMagicError(f"not an sflam frame (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise VersionError(f"protocol version {version} is not supported (this side speaks {VERSION})")
+    declared = PREFIX_SIZE + header_len + body_len + CRC_SIZE
+    if declared > len(view):
+        raise TruncatedError(f"frame declares {declared} bytes, received {len(view)}")
+    if declared < len(view):
+        raise TrailingBytesError(f"{len(view) - declared} bytes after the end of the frame")
+    return code, header_len, body_len
