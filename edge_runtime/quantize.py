@@ -19,6 +19,8 @@ PACKED_BITS = tuple(range(1, 9))
 FLOAT_BITS = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 VALID_BITS = (*PACKED_BITS, *FLOAT_BITS)
 GRANULARITIES = ("tensor", "token")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class QuantizeError(ValueError):
@@ -104,20 +106,57 @@ def quantize(
 ) -> QuantizedTensor:
     """Quantize and pack ``x``; ``noise`` (U[0,1), x's shape) replaces drawing from ``rng``."""
     bits = check_bits(bits)
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise QuantizeError("cannot quantize a tensor with NaN or inf values")
+    x = _checked_input(x, bits, per)
     shape = tuple(int(s) for s in x.shape)
-    if x.size == 0:
-        raise QuantizeError(f"cannot quantize an empty tensor of shape {shape}")
     if bits in FLOAT_BITS:
         empty = np.empty(0, np.float32)
         return QuantizedTensor(bits, shape, per, empty, empty, x.astype(FLOAT_BITS[bits]).tobytes())
     lo, hi = ranges(x, per)
-    if stochastic and noise is None:
+    check_ranges(lo, hi)
+    if not stochastic:
+        noise = None
+    elif noise is None:
         noise = (rng or np.random.default_rng()).random(x.shape, dtype=np.float32)
-    codes = encode_codes(x, lo, hi, bits, noise if stochastic else None, per)
+    else:
+        noise = _checked_noise(noise, x.shape)
+    codes = encode_codes(x, lo, hi, bits, noise, per)
     return QuantizedTensor(bits, shape, per, lo, hi, pack_codes(codes, bits))
+
+
+def _checked_input(x: np.ndarray, bits: int, per: str) -> np.ndarray:
+    """``x`` as float32, or QuantizeError for what cannot be quantized."""
+    num_groups(np.shape(x), per)  # validates ``per`` for every bit width
+    values = np.asarray(x)
+    if values.size == 0:
+        raise QuantizeError(f"cannot quantize an empty tensor of shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise QuantizeError("cannot quantize a tensor with NaN or inf values")
+    limit = _FLOAT16_MAX if bits == 16 else _FLOAT32_MAX
+    if np.abs(values).max() > limit:
+        raise QuantizeError(f"values beyond +-{limit:.6g} cannot travel at {bits} bits")
+    return values.astype(np.float32, copy=False)
+
+
+def _checked_noise(noise: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Caller-supplied U[0,1) noise of exactly ``shape``."""
+    noise = np.asarray(noise, dtype=np.float32)
+    if noise.shape != shape:
+        raise QuantizeError(f"noise must have the shape of x {shape}, got {noise.shape}")
+    if noise.size and not (noise.min() >= 0 and noise.max() < 1):
+        raise QuantizeError("noise must lie in [0, 1)")
+    return noise
+
+
+def check_ranges(lo: np.ndarray, hi: np.ndarray) -> None:
+    """QuantizeError unless every range is finite, ordered and its width fits float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        width = hi.astype(np.float32) - lo.astype(np.float32)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise QuantizeError("quantization ranges must be finite")
+    if (width < 0).any():
+        raise QuantizeError("a quantization range has lo > hi")
+    if not np.isfinite(width).all():
+        raise QuantizeError("a quantization range is wider than float32 can represent (hi - lo overflows)")
 
 
 def encode_codes(
@@ -131,7 +170,6 @@ def encode_codes(
     scaled = (flat - lo[:, None]) / safe
     offset = np.float32(0.5) if noise is None else np.asarray(noise, np.float32).reshape(groups, -1)
     codes = np.floor(scaled + offset)
-    codes = np.where(delta > 0, codes, 0)
     return np.clip(codes, 0, 2**bits - 1).astype(np.uint8).reshape(-1)
 
 
@@ -142,7 +180,11 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     elements: q in {1, 2, 4} packs 8/q codes per byte in uint8; other q pack eight codes
     into q bytes through a uint64 word.
     """
+    if bits not in PACKED_BITS:
+        raise QuantizeError(f"only 1..8-bit codes are packed, got {bits}")
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if codes.size and int(codes.max()) >= 2**bits:
+        raise QuantizeError(f"a code of {int(codes.max())} does not fit in {bits} bits")
     if bits == 8:
         return codes.tobytes()
     per_word, word_type = (8 // bits, np.uint8) if 8 % bits == 0 else (8, np.uint64)
@@ -160,6 +202,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 
 def unpack_codes(payload: bytes, bits: int, count: int) -> np.ndarray:
     """The inverse of :func:`pack_codes`: ``count`` uint8 codes."""
+    if bits not in PACKED_BITS:
+        raise QuantizeError(f"only 1..8-bit codes are packed, got {bits}")
     if len(payload) != payload_nbytes(count, bits):
         raise QuantizeError(f"{count} codes of {bits} bits need {payload_nbytes(count, bits)} bytes, got {len(payload)}")
     raw = np.frombuffer(payload, dtype=np.uint8)
@@ -190,7 +234,8 @@ def _padded(values: np.ndarray, width: int, dtype: type) -> np.ndarray:
 def check_consistent(q: QuantizedTensor) -> None:
     """QuantizeError unless bits, shape, ranges and payload size agree with each other."""
     bits = check_bits(q.bits)
-    expected_groups = 0 if bits in FLOAT_BITS else num_groups(q.shape, q.per)
+    groups = num_groups(q.shape, q.per)  # also validates the granularity
+    expected_groups = 0 if bits in FLOAT_BITS else groups
     if q.lo.shape != (expected_groups,) or q.hi.shape != (expected_groups,):
         raise QuantizeError(
             f"shape {q.shape} per {q.per} at {bits} bits needs {expected_groups} ranges, "
@@ -201,6 +246,9 @@ def check_consistent(q: QuantizedTensor) -> None:
             f"{q.num_elements} values at {bits} bits need {payload_nbytes(q.num_elements, bits)} "
             f"payload bytes, got {len(q.payload)}"
         )
+    if q.lo.dtype != np.float32 or q.hi.dtype != np.float32:
+        raise QuantizeError(f"ranges must be float32, got {q.lo.dtype} and {q.hi.dtype}")
+    check_ranges(q.lo, q.hi)
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:

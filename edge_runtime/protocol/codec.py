@@ -121,6 +121,9 @@ def _get_qtensor(r: Reader, limits: Limits, field: str) -> QuantizedTensor:
         raise MalformedError(f"{field}: NaN or infinite quantization range")
     if (lo > hi).any():
         raise MalformedError(f"{field}: a range has lo > hi")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(hi - lo).all():
+            raise MalformedError(f"{field}: a range is wider than float32 can represent")
     size, expected = r.u32(f"{field} payload size"), payload_nbytes(math.prod(shape), bits)
     if size != expected:
         raise MalformedError(f"{field}: {math.prod(shape)} values at {bits} bits need {expected} bytes, header says {size}")
@@ -348,8 +351,8 @@ def encode(message: m.Message) -> bytes:
     except KeyError:
         raise UnknownTypeError(f"no encoder for {type(message).__name__}") from None
     head, body = Writer(), Writer()
-    _put_envelope(head, message.envelope)
     try:
+        _put_envelope(head, message.envelope)
         put(body, message)
     except (struct.error, ValueError) as exc:  # out-of-range ints, unknown enum values
         raise MalformedError(f"cannot encode {type(message).__name__}: {exc}") from exc
