@@ -162,15 +162,19 @@ def check_ranges(lo: np.ndarray, hi: np.ndarray) -> None:
 def encode_codes(
     x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, noise: np.ndarray | None, per: str = "tensor"
 ) -> np.ndarray:
-    """Integer codes in [0, 2^q - 1] (uint8); ``noise`` None means round to nearest."""
+    """Integer codes in [0, 2^q - 1] (uint8); ``noise`` None means round to nearest.
+
+    floor((x - lo) / delta + u), computed in place in one float32 buffer (a range of zero
+    width gives code 0, as x - lo is then 0).
+    """
     groups = num_groups(x.shape, per)
-    flat = x.reshape(groups, -1)
     delta = step_sizes(lo, hi, bits)[:, None]
-    safe = np.where(delta > 0, delta, np.float32(1))
-    scaled = (flat - lo[:, None]) / safe
-    offset = np.float32(0.5) if noise is None else np.asarray(noise, np.float32).reshape(groups, -1)
-    codes = np.floor(scaled + offset)
-    return np.clip(codes, 0, 2**bits - 1).astype(np.uint8).reshape(-1)
+    scaled = np.subtract(x.reshape(groups, -1), lo[:, None], dtype=np.float32)
+    scaled /= np.where(delta > 0, delta, np.float32(1))
+    scaled += np.float32(0.5) if noise is None else np.asarray(noise, np.float32).reshape(groups, -1)
+    np.floor(scaled, out=scaled)
+    np.clip(scaled, 0, 2**bits - 1, out=scaled)
+    return scaled.astype(np.uint8).reshape(-1)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -262,6 +266,11 @@ def dequantize(q: QuantizedTensor) -> np.ndarray:
 
 
 def decode_codes(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
-    """Grouped codes (groups, n) -> float32 values; the formula every runtime must match."""
-    delta = step_sizes(lo, hi, bits)[:, None]
-    return (lo[:, None] + codes.astype(np.float32) * delta).astype(np.float32)
+    """Grouped codes (groups, n) -> float32 values; the formula every runtime must match.
+
+    lo + code * delta in float32, as a multiply then an add (no fused multiply-add).
+    """
+    values = codes.astype(np.float32)
+    values *= step_sizes(lo, hi, bits)[:, None]
+    values += lo[:, None]
+    return values

@@ -18,14 +18,14 @@ from edge_runtime.protocol.errors import TopicError
 
 ROOT = "sflam/v1"
 QOS = 1
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RETAINED = frozenset({"plan", "model", "status"})
 DEVICE_KINDS = ("up", "down", "status")
 
 
 def check_id(value: str, what: str) -> str:
     """A run or device id usable as one topic level: 1-64 of [A-Za-z0-9_.-]."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise TopicError(f"{what} must be 1-64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
     return value
 

@@ -1,0 +1,557 @@
+"""Every way a frame can be wrong is refused with a specific ProtocolError and a clear message.
+
+Frames are built by hand from the layout in codec.py's docstring (``_frame`` adds the prefix and
+a valid CRC-32), so each test changes exactly one field of an otherwise valid frame and the
+refusal reaches the check it is about. ``test_hand_built_frames_equal_the_encoders_bytes``
+proves the builders write what the encoder writes.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from edge_runtime.protocol import (
+    Activations,
+    Allocation,
+    BadMagicError,
+    Chunk,
+    Envelope,
+    Gradient,
+    IntegrityError,
+    LimitError,
+    Limits,
+    MalformedError,
+    ModelWeights,
+    ProtocolError,
+    RoundPlan,
+    Status,
+    Tensor,
+    TrailingBytesError,
+    TruncatedError,
+    UnknownTypeError,
+    VersionError,
+    decode,
+    encode,
+)
+from edge_runtime.quantize import QuantizedTensor, quantize
+
+NAN, INF = float("nan"), float("inf")
+HELLO, STATUS, PLAN, MODEL, ACTIVATIONS, GRADIENT, UPDATE, ERROR, CHUNK = range(1, 10)
+ENV = Envelope("run", 2, "dev", 3, 1.5)
+
+
+# --- frame builders (the documented layout, little-endian) ---------------------------------------
+
+
+def _u8(value: int) -> bytes:
+    return struct.pack("<B", value)
+
+
+def _u16(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+def _text(value: str | bytes, width: int = 1) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return (_u8 if width == 1 else _u16)(len(data)) + data
+
+
+def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev") -> bytes:
+    return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, 1.5)
+
+
+def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 1, magic: bytes = b"SFLM") -> bytes:
+    header = _header() if header is None else header
+    frame = struct.pack("<4sBBHI", magic, version, code, len(header), len(body)) + header + body
+    return frame + _u32(zlib.crc32(frame))
+
+
+def _with_crc(frame: bytes | bytearray) -> bytes:
+    """``frame`` with its CRC-32 trailer recomputed, so a patch gets past the integrity check."""
+    return bytes(frame[:-4]) + _u32(zlib.crc32(bytes(frame[:-4])))
+
+
+def _shape(shape: tuple[int, ...]) -> bytes:
+    return _u8(len(shape)) + b"".join(_u32(d) for d in shape)
+
+
+def _tensor(dtype_code: int = 3, shape: tuple[int, ...] = (2,), size: int | None = None, data: bytes | None = None) -> bytes:
+    itemsize = {1: 4, 2: 2, 3: 8, 4: 4, 5: 1, 6: 1, 7: 2, 8: 8}.get(dtype_code, 1)
+    count = int(np.prod(shape)) if shape else 1
+    data = bytes(count * itemsize) if data is None else data
+    return _u8(dtype_code) + _shape(shape) + _u32(len(data) if size is None else size) + data
+
+
+def _qtensor(
+    bits: int = 8,
+    per: int = 0,
+    shape: tuple[int, ...] = (2, 3),
+    groups: int | None = None,
+    lo: list[float] | None = None,
+    hi: list[float] | None = None,
+    payload_size: int | None = None,
+    payload: bytes | None = None,
+) -> bytes:
+    if groups is None:
+        groups = 0 if bits in (16, 32) else (1 if per == 0 else int(np.prod(shape[:-1])))
+    lo = [-1.0] * groups if lo is None else lo
+    hi = [1.0] * groups if hi is None else hi
+    if payload is None:
+        count = int(np.prod(shape))
+        payload = bytes(count * bits // 8 if bits in (16, 32) else (count * bits + 7) // 8)
+    return (
+        _u8(bits) + _u8(per) + _shape(shape) + _u32(groups)
+        + np.asarray(lo, "<f4").tobytes() + np.asarray(hi, "<f4").tobytes()
+        + _u32(len(payload) if payload_size is None else payload_size) + payload
+    )
+
+
+def _activations_body(labels: bytes | None = None, **qtensor: object) -> bytes:
+    return _qtensor(**qtensor) + (_tensor(3, (2,)) if labels is None else labels)
+
+
+def _allocation(device: str = "d", up: int = 8, down: int = 8, power: float = 0.5, bandwidth: float = 1e6, per_token: int = 0) -> bytes:
+    return _text(device) + _u8(up) + _u8(down) + struct.pack("<fd", power, bandwidth) + _u8(per_token)
+
+
+def _plan_body(deadline: float = 30.0, lr: float = 0.5, allocations: tuple[bytes, ...] | None = None, count: int | None = None) -> bytes:
+    allocations = (_allocation(),) if allocations is None else allocations
+    head = _u32(4) + struct.pack("<d", deadline) + _u16(1) + _u32(16) + struct.pack("<f", lr)
+    return head + _u16(len(allocations) if count is None else count) + b"".join(allocations)
+
+
+def _weights(*tensors: tuple[str, bytes], count: int | None = None) -> bytes:
+    items = b"".join(_text(name, 2) + tensor for name, tensor in tensors)
+    return _u16(len(tensors) if count is None else count) + items
+
+
+def _model_body(*tensors: tuple[str, bytes], count: int | None = None) -> bytes:
+    return _u32(7) + _weights(*(tensors or (("w", _tensor(1, (2,))),)), count=count)
+
+
+def _update_body(times: tuple[float, float, float] = (1.0, 2.0, 3.0), source: int = 0) -> bytes:
+    return _u32(7) + _u32(100) + _weights() + struct.pack("<3d", *times) + _u8(source) + struct.pack("<QQI", 10, 20, 5)
+
+
+def _chunk_body(index: int = 0, count: int = 2, total: int = 100, size: int | None = None, data: bytes = b"x" * 50) -> bytes:
+    return struct.pack("<QIII", 99, index, count, total) + _u32(len(data) if size is None else size) + data
+
+
+def _status_body(online: int = 1, reason: bytes = b"ok") -> bytes:
+    return _u8(online) + _text(reason, 2)
+
+
+def _hello_body(heartbeat: int = 0) -> bytes:
+    return _text("pi-4") + _text("onnx") + _text("0.1") + _u32(10) + _u8(heartbeat)
+
+
+# --- the builders are right (otherwise every rejection below could be an accident) --------------
+
+
+def test_hand_built_frames_equal_the_encoders_bytes() -> None:
+    # Prepare
+    quantized = QuantizedTensor(8, (2, 3), "tensor", np.array([-1.0], np.float32), np.array([1.0], np.float32), bytes(6))
+    labels = Tensor.from_numpy(np.zeros(2, np.int64))
+    expected = {
+        ACTIVATIONS: Activations(ENV, quantized, labels),
+        STATUS: Status(ENV, True, "ok"),
+        PLAN: RoundPlan(ENV, 4, 30.0, 1, 16, 0.5, (Allocation("d", 8, 8, 0.5, 1e6),)),
+        MODEL: ModelWeights(ENV, 7, (("w", Tensor.from_numpy(np.zeros(2, np.float32))),)),
+        CHUNK: Chunk(ENV, 99, 0, 2, 100, b"x" * 50),
+    }
+    built = {
+        ACTIVATIONS: _frame(ACTIVATIONS, _activations_body()),
+        STATUS: _frame(STATUS, _status_body()),
+        PLAN: _frame(PLAN, _plan_body()),
+        MODEL: _frame(MODEL, _model_body()),
+        CHUNK: _frame(CHUNK, _chunk_body()),
+    }
+    # Assert
+    for code, message in expected.items():
+        assert built[code] == encode(message), code
+        assert decode(built[code]) == message, code
+    for code, body in ((HELLO, _hello_body()), (UPDATE, _update_body())):
+        assert type(decode(_frame(code, body))).__name__ in ("Hello", "RoundUpdate")
+
+
+# --- frame prefix --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_unknown_protocol_version_is_refused(version: int) -> None:
+    frame = _frame(STATUS, _status_body(), version=version)
+    with pytest.raises(VersionError, match=f"protocol version {version} is not supported"):
+        decode(frame)
+
+
+@pytest.mark.parametrize("magic", [b"SFLN", b"sflm", b"\x00\x00\x00\x00", b"MQTT"])
+def test_bad_magic_is_refused(magic: bytes) -> None:
+    with pytest.raises(BadMagicError, match="not an sflam frame"):
+        decode(_frame(STATUS, _status_body(), magic=magic))
+
+
+@pytest.mark.parametrize("code", [0, 10, 200, 255])
+def test_unknown_type_code_with_a_valid_crc_is_refused(code: int) -> None:
+    with pytest.raises(UnknownTypeError, match=f"unknown message type code {code}"):
+        decode(_frame(code, _status_body()))
+
+
+def test_a_frame_over_the_size_limit_is_refused_before_parsing() -> None:
+    frame = _frame(STATUS, _status_body(reason=b"r" * 200))
+    with pytest.raises(LimitError, match=f"frame of {len(frame)} bytes exceeds the limit of 100"):
+        decode(frame, Limits(max_frame_bytes=100))
+
+
+def _expected_for_flipped_byte(offset: int) -> tuple[type[ProtocolError], ...]:
+    if offset < 4:
+        return (BadMagicError,)
+    if offset == 4:
+        return (VersionError,)
+    if 6 <= offset < 12:  # header_len / body_len: the declared size no longer matches
+        return (TruncatedError, TrailingBytesError)
+    return (IntegrityError,)  # type code, header, body and the CRC itself are all covered
+
+
+FLIP_FRAMES = {
+    "status": encode(Status(ENV, True, "connected")),
+    "activations": encode(
+        Activations(ENV, quantize(np.linspace(-1, 1, 12).reshape(2, 6), 3, per="token"), Tensor.from_numpy(np.array([3, 4], np.uint8)))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FLIP_FRAMES))
+def test_every_single_bit_flip_is_refused_with_the_right_error(name: str) -> None:
+    frame = FLIP_FRAMES[name]
+    for offset in range(len(frame)):
+        expected = _expected_for_flipped_byte(offset)
+        for bit in range(8):
+            # Prepare
+            corrupted = bytearray(frame)
+            corrupted[offset] ^= 1 << bit
+            # Execute / Assert
+            with pytest.raises(expected):
+                decode(bytes(corrupted))
+
+
+def test_a_crc_mismatch_says_so() -> None:
+    frame = bytearray(FLIP_FRAMES["status"])
+    frame[-1] ^= 0x80
+    with pytest.raises(IntegrityError, match="CRC-32 mismatch"):
+        decode(bytes(frame))
+
+
+@pytest.mark.parametrize("name", list(FLIP_FRAMES))
+def test_every_truncation_is_refused_as_truncated(name: str) -> None:
+    frame = FLIP_FRAMES[name]
+    for length in range(len(frame)):
+        with pytest.raises(TruncatedError):
+            decode(frame[:length])
+
+
+def test_truncation_messages_give_the_sizes() -> None:
+    frame = FLIP_FRAMES["status"]
+    with pytest.raises(TruncatedError, match="5 bytes is shorter than the smallest frame"):
+        decode(frame[:5])
+    with pytest.raises(TruncatedError, match=f"frame declares {len(frame)} bytes, received {len(frame) - 1}"):
+        decode(frame[:-1])
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"SFLM", bytes(100)])
+def test_bytes_after_the_frame_are_refused(extra: bytes) -> None:
+    with pytest.raises(TrailingBytesError, match=f"{len(extra)} bytes after the end of the frame"):
+        decode(FLIP_FRAMES["status"] + extra)
+
+
+def test_body_longer_than_its_content_is_refused() -> None:
+    # Prepare: body_len covers one byte more than the Status fields use; CRC valid.
+    frame = _frame(STATUS, _status_body() + b"\x00")
+    # Execute / Assert
+    with pytest.raises(TrailingBytesError, match="Status body: 1 unexpected trailing bytes"):
+        decode(frame)
+
+
+def test_header_longer_than_the_envelope_is_refused() -> None:
+    frame = _frame(STATUS, _status_body(), header=_header() + b"\x00\x00")
+    with pytest.raises(TrailingBytesError, match="header: 2 unexpected trailing bytes"):
+        decode(frame)
+
+
+def test_body_shorter_than_its_fields_is_refused() -> None:
+    frame = _frame(STATUS, _status_body()[:-1])
+    with pytest.raises(TruncatedError, match="Status body: reason needs 2 bytes, only 1 left"):
+        decode(frame)
+
+
+def test_patching_a_field_with_the_crc_recomputed_reaches_the_body_check() -> None:
+    # Prepare: a valid encoded Status whose online byte (the first body byte) becomes 2.
+    frame = bytearray(encode(Status(ENV, True, "ok")))
+    header_len = struct.unpack_from("<H", frame, 6)[0]
+    frame[12 + header_len] = 2
+    # Execute / Assert
+    with pytest.raises(IntegrityError):
+        decode(bytes(frame))
+    with pytest.raises(MalformedError, match="online must be 0 or 1, got 2"):
+        decode(_with_crc(frame))
+
+
+# --- sizes claimed, not sent ---------------------------------------------------------------------
+
+
+def _peak_traced_bytes(action: Callable[[], object]) -> tuple[BaseException | None, int]:
+    """Run ``action``; the exception it raised and the peak memory traced while it ran."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test, which asserts its type
+            error = exc
+        else:
+            error = None
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return error, peak
+
+
+TERA_FRAMES = {
+    "model weights": _frame(MODEL, _model_body(("w", _tensor(1, (10**6, 10**6), size=0, data=b"")))),
+    "activations": _frame(ACTIVATIONS, _activations_body(shape=(10**6, 10**6), groups=1, payload_size=0, payload=b"")),
+    "per-token ranges": _frame(ACTIVATIONS, _activations_body(per=1, shape=(10**6, 10**6), groups=10**6, lo=[], hi=[], payload=b"")),
+}
+
+
+@pytest.mark.parametrize("name", list(TERA_FRAMES))
+def test_a_header_claiming_a_trillion_elements_is_refused_without_allocating(name: str) -> None:
+    # Prepare
+    frame = TERA_FRAMES[name]
+    assert len(frame) < 200
+    # Execute
+    started = time.perf_counter()
+    error, peak = _peak_traced_bytes(lambda: decode(frame))
+    elapsed = time.perf_counter() - started
+    # Assert
+    assert isinstance(error, LimitError), repr(error)
+    assert "declares 1000000000000 elements, limit is 67108864" in str(error)
+    assert peak < 1_000_000
+    assert elapsed < 1.0
+
+
+CLAIMED_FRAMES = {
+    # 60M float32 elements (within max_elements) and a matching 240 MB size, but no data.
+    "tensor data": _frame(MODEL, _model_body(("w", _tensor(1, (60_000_000,), size=240_000_000, data=b"")))),
+    # Zero elements, so no element limit applies, but 2**24 per-token ranges claimed.
+    "ranges": _frame(ACTIVATIONS, _activations_body(per=1, shape=(2**24, 0), lo=[], hi=[], payload=b"")),
+    "payload": _frame(ACTIVATIONS, _activations_body(bits=32, shape=(2, 2**24), payload_size=2**27, payload=b"")),
+}
+
+
+@pytest.mark.parametrize("name", list(CLAIMED_FRAMES))
+def test_sizes_claimed_but_not_received_are_refused_before_allocating(name: str) -> None:
+    error, peak = _peak_traced_bytes(lambda: decode(CLAIMED_FRAMES[name]))
+    assert isinstance(error, TruncatedError), repr(error)
+    assert "needs" in str(error) and "left" in str(error)
+    assert peak < 1_000_000
+
+
+def test_more_weight_tensors_than_the_limit_are_refused() -> None:
+    frame = _frame(MODEL, _model_body(*[(f"w{i}", _tensor(5, (1,))) for i in range(3)]))
+    assert len(decode(frame, Limits(max_tensors=3)).weights) == 3
+    with pytest.raises(LimitError, match="3 weight tensors exceed the limit of 2"):
+        decode(frame, Limits(max_tensors=2))
+
+
+def test_weights_over_the_element_limit_in_all_are_refused() -> None:
+    # Each tensor is within max_elements; together they are not.
+    frame = _frame(MODEL, _model_body(("a", _tensor(5, (60,))), ("b", _tensor(5, (60,)))))
+    assert len(decode(frame, Limits(max_elements=120)).weights) == 2
+    with pytest.raises(LimitError, match="weights exceed 100 elements in all"):
+        decode(frame, Limits(max_elements=100))
+
+
+def test_more_allocations_than_the_limit_are_refused() -> None:
+    frame = _frame(PLAN, _plan_body(allocations=(_allocation("a"), _allocation("b"), _allocation("c"))))
+    assert len(decode(frame, Limits(max_allocations=3)).allocations) == 3
+    with pytest.raises(LimitError, match="3 allocations exceed the limit of 2"):
+        decode(frame, Limits(max_allocations=2))
+
+
+# --- field rules: one change to a valid body each ------------------------------------------------
+
+LABELS_3 = _tensor(3, (3,))
+MALFORMED = {
+    # quantization ranges
+    "lo NaN": (ACTIVATIONS, _activations_body(lo=[NAN]), "NaN or infinite quantization range"),
+    "hi NaN": (ACTIVATIONS, _activations_body(hi=[NAN]), "NaN or infinite quantization range"),
+    "lo -inf": (ACTIVATIONS, _activations_body(lo=[-INF]), "NaN or infinite quantization range"),
+    "hi +inf": (ACTIVATIONS, _activations_body(hi=[INF]), "NaN or infinite quantization range"),
+    "token range NaN": (ACTIVATIONS, _activations_body(per=1, lo=[0.0, NAN], hi=[1.0, 1.0]), "NaN or infinite"),
+    "lo > hi": (ACTIVATIONS, _activations_body(lo=[2.0], hi=[1.0]), r"a range has lo > hi"),
+    "token lo > hi": (ACTIVATIONS, _activations_body(per=1, lo=[0.0, 1.5], hi=[1.0, 1.0]), r"lo > hi"),
+    "range wider than float32": (ACTIVATIONS, _activations_body(lo=[-3e38], hi=[3e38]), "wider than float32 can represent"),
+    "gradient lo > hi": (GRADIENT, _qtensor(lo=[1.0], hi=[0.0]) + struct.pack("<f", 0.5), r"lo > hi"),
+    # shape / bits / groups / payload agreement
+    "two ranges per tensor": (ACTIVATIONS, _activations_body(groups=2), r"per tensor at 8 bits has 1 ranges, header says 2"),
+    "one range for two tokens": (ACTIVATIONS, _activations_body(per=1, groups=1), r"per token at 8 bits has 2 ranges, header says 1"),
+    "ranges at 16 bits": (ACTIVATIONS, _activations_body(bits=16, groups=1), r"at 16 bits has 0 ranges, header says 1"),
+    "payload too long": (ACTIVATIONS, _activations_body(bits=3, payload=bytes(6)), r"6 values at 3 bits need 3 bytes, header says 6"),
+    "payload too short": (ACTIVATIONS, _activations_body(bits=32, payload=bytes(12)), r"6 values at 32 bits need 24 bytes, header says 12"),
+    "float16 payload": (ACTIVATIONS, _activations_body(bits=16, payload=bytes(6)), r"need 12 bytes, header says 6"),
+    "bits 0": (ACTIVATIONS, _activations_body(bits=0), "0 bits is not one of 1..8, 16, 32"),
+    "bits 9": (ACTIVATIONS, _activations_body(bits=9), "9 bits is not one of"),
+    "bits 17": (ACTIVATIONS, _activations_body(bits=17), "17 bits is not one of"),
+    "bits 33": (GRADIENT, _qtensor(bits=33) + struct.pack("<f", 0.5), "33 bits is not one of"),
+    "granularity 2": (ACTIVATIONS, _activations_body(per=2), "unknown granularity code 2"),
+    "nine dimensions": (ACTIVATIONS, _activations_body(shape=(1,) * 9), r"9 dimensions \(max 8\)"),
+    # labels
+    "3 labels for a batch of 2": (ACTIVATIONS, _activations_body(labels=LABELS_3), "3 labels for a batch of 2 activations"),
+    "labels 2-D": (ACTIVATIONS, _activations_body(labels=_tensor(3, (2, 1))), "labels must be a 1-D integer tensor"),
+    "labels float": (ACTIVATIONS, _activations_body(labels=_tensor(1, (2,))), "labels must be a 1-D integer tensor"),
+    "labels size": (
+        ACTIVATIONS, _activations_body(labels=_tensor(3, (2,), size=8, data=bytes(8))), r"int64 \(2,\) needs 16 bytes, header says 8"
+    ),
+    "dtype code 0": (ACTIVATIONS, _activations_body(labels=_tensor(0, (2,))), "unknown dtype code 0"),
+    "dtype code 9": (MODEL, _model_body(("w", _tensor(9, (2,)))), "unknown dtype code 9"),
+    # flags
+    "online 2": (STATUS, _status_body(online=2), "online must be 0 or 1, got 2"),
+    "heartbeat 2": (HELLO, _hello_body(heartbeat=2), "heartbeat must be 0 or 1, got 2"),
+    "per_token 255": (PLAN, _plan_body(allocations=(_allocation(per_token=255),)), "per_token must be 0 or 1, got 255"),
+    # text
+    "reason not UTF-8": (STATUS, _status_body(reason=b"\xff\xfe"), "reason is not valid UTF-8"),
+    "truncated UTF-8": (STATUS, _status_body(reason="é".encode()[:1]), "reason is not valid UTF-8"),
+    "surrogate in UTF-8": (ERROR, _text("c") + _text(b"\xed\xa0\x80", 2), "detail is not valid UTF-8"),
+    # plan and allocations
+    "deadline NaN": (PLAN, _plan_body(deadline=NAN), "deadline_s must be finite"),
+    "lr inf": (PLAN, _plan_body(lr=INF), "lr must be finite"),
+    "bits_up 0": (PLAN, _plan_body(allocations=(_allocation(up=0),)), "bits_up 0 is not one of"),
+    "bits_down 17": (PLAN, _plan_body(allocations=(_allocation(down=17),)), "bits_down 17 is not one of"),
+    "negative power": (PLAN, _plan_body(allocations=(_allocation(power=-1.0),)), "negative power or bandwidth"),
+    "bandwidth NaN": (PLAN, _plan_body(allocations=(_allocation(bandwidth=NAN),)), "bandwidth_hz must be finite"),
+    # telemetry
+    "energy source 2": (UPDATE, _update_body(source=2), "unknown energy source code 2"),
+    "negative compute time": (UPDATE, _update_body(times=(-1.0, 0.0, 0.0)), "must be >= 0"),
+    "energy NaN": (UPDATE, _update_body(times=(1.0, 1.0, NAN)), "energy_j must be finite"),
+    # chunks
+    "chunk index = count": (CHUNK, _chunk_body(index=2, count=2), "chunk index 2 of 2"),
+    "chunk count 0": (CHUNK, _chunk_body(index=0, count=0), "chunk index 0 of 0"),
+    "chunk size 0": (CHUNK, _chunk_body(data=b""), "chunk of 0 bytes in a message of 100"),
+    "chunk larger than its message": (CHUNK, _chunk_body(total=40), "chunk of 50 bytes in a message of 40"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_contradictory_fields_are_refused_as_malformed(name: str) -> None:
+    # Prepare
+    code, body, message = MALFORMED[name]
+    # Execute / Assert
+    with pytest.raises(MalformedError, match=message):
+        decode(_frame(code, body))
+
+
+def test_invalid_utf8_in_the_envelope_is_refused() -> None:
+    with pytest.raises(MalformedError, match="header: device_id is not valid UTF-8"):
+        decode(_frame(STATUS, _status_body(), header=_header(device_id=b"d\xc3")))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_chunk_body(count=200, total=100), "a set of 200 chunks for 100 bytes exceeds the limits"),
+        (_chunk_body(count=70_000, total=10**6), "a set of 70000 chunks"),
+        (_chunk_body(total=2**31), f"chunked message of {2**31} bytes exceeds the limit"),
+    ],
+)
+def test_chunk_sets_beyond_the_limits_are_refused(body: bytes, message: str) -> None:
+    with pytest.raises(LimitError, match=message):
+        decode(_frame(CHUNK, body))
+
+
+# --- encode refuses what it cannot write ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Status(Envelope("r", 1, "d", 0, "yesterday"), True),  # type: ignore[arg-type]
+        RoundPlan(ENV, 2**32, 1.0, 1, 1, 0.5, ()),
+        RoundPlan(ENV, 1, 1.0, 2**16, 1, 0.5, ()),
+        ModelWeights(ENV, 1, (("w", Tensor("bool", (1,), b"\x01")),)),
+        Activations(
+            ENV,
+            QuantizedTensor(8, (1,), "channel", np.zeros(1, np.float32), np.ones(1, np.float32), b"\x00"),
+            Tensor.from_numpy(np.zeros(1, np.int64)),
+        ),
+    ],
+    ids=["created_at text", "version 2**32", "epochs 2**16", "dtype bool", "granularity channel"],
+)
+def test_encode_refuses_values_the_wire_cannot_carry(message: object) -> None:
+    with pytest.raises(MalformedError, match="cannot encode|cannot travel"):
+        encode(message)  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="BUG: encode lets OverflowError escape for a float32 field beyond float32 range "
+    "(struct.pack('<f', 1e39) raises OverflowError, which codec.encode's "
+    "`except (struct.error, ValueError)` does not catch)",
+)
+@pytest.mark.parametrize(
+    "message",
+    [
+        RoundPlan(ENV, 1, 1.0, 1, 1, 1e39, ()),
+        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 1e39, 1e6),)),
+        Gradient(ENV, quantize(np.ones(3), 32), -1e39),
+    ],
+    ids=["lr", "tx_power_w", "loss"],
+)
+def test_encode_refuses_a_float32_field_out_of_range(message: object) -> None:
+    with pytest.raises(MalformedError, match="cannot encode"):
+        encode(message)  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: encode writes frames its own decoder refuses (no validation in the _put_* "
+    "functions), so the error surfaces at the receiver instead of the sender",
+)
+@pytest.mark.parametrize(
+    "message",
+    [
+        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 9, 8, 0.5, 1e6),)),
+        RoundPlan(ENV, 1, NAN, 1, 1, 0.5, ()),
+        ModelWeights(ENV, 1, (("w", Tensor("float32", (3,), bytes(4))),)),
+        Chunk(ENV, 1, 5, 5, 100, b"x"),
+    ],
+    ids=["bits_up 9", "deadline NaN", "tensor bytes != shape", "chunk index = count"],
+)
+def test_encode_refuses_what_decode_would_refuse(message: object) -> None:
+    with pytest.raises(MalformedError):
+        encode(message)  # type: ignore[arg-type]
+
+
+# --- checks the decoder is missing (documented as bugs) ------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: _get_weights accepts two tensors with the same name; weights_to_numpy then keeps "
+    "only the last one silently, so a weight set can lose a tensor on its way to the aggregate",
+)
+def test_duplicate_weight_names_are_refused() -> None:
+    frame = _frame(MODEL, _model_body(("w", _tensor(1, (2,))), ("w", _tensor(1, (3,)))))
+    with pytest.raises(MalformedError):
+        decode(frame)
