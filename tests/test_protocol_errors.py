@@ -8,8 +8,8 @@ proves the builders write what the encoder writes.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -23,15 +23,20 @@ from edge_runtime.protocol import (
     BadMagicError,
     Chunk,
     Envelope,
+    ErrorReport,
     Gradient,
+    Hello,
     IntegrityError,
     LimitError,
     Limits,
     MalformedError,
+    Message,
     ModelWeights,
     ProtocolError,
     RoundPlan,
+    RoundUpdate,
     Status,
+    Telemetry,
     Tensor,
     TrailingBytesError,
     TruncatedError,
@@ -40,6 +45,7 @@ from edge_runtime.protocol import (
     decode,
     encode,
 )
+from edge_runtime.protocol import codec
 from edge_runtime.quantize import QuantizedTensor, quantize
 
 NAN, INF = float("nan"), float("inf")
@@ -67,8 +73,8 @@ def _text(value: str | bytes, width: int = 1) -> bytes:
     return (_u8 if width == 1 else _u16)(len(data)) + data
 
 
-def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev") -> bytes:
-    return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, 1.5)
+def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev", created_at: float = 1.5) -> bytes:
+    return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, created_at)
 
 
 def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 1, magic: bytes = b"SFLM") -> bytes:
@@ -122,13 +128,25 @@ def _activations_body(labels: bytes | None = None, **qtensor: object) -> bytes:
 
 
 def _allocation(device: str = "d", up: int = 8, down: int = 8, power: float = 0.5, bandwidth: float = 1e6, per_token: int = 0) -> bytes:
-    return _text(device) + _u8(up) + _u8(down) + struct.pack("<fd", power, bandwidth) + _u8(per_token)
+    # tx_power_w and bandwidth_hz are both f64
+    return _text(device) + _u8(up) + _u8(down) + struct.pack("<dd", power, bandwidth) + _u8(per_token)
 
 
-def _plan_body(deadline: float = 30.0, lr: float = 0.5, allocations: tuple[bytes, ...] | None = None, count: int | None = None) -> bytes:
+def _plan_body(
+    deadline: float = 30.0,
+    lr: float = 0.5,
+    allocations: tuple[bytes, ...] | None = None,
+    count: int | None = None,
+    epochs: int = 1,
+    batch: int = 16,
+) -> bytes:
     allocations = (_allocation(),) if allocations is None else allocations
-    head = _u32(4) + struct.pack("<d", deadline) + _u16(1) + _u32(16) + struct.pack("<f", lr)
+    head = _u32(4) + struct.pack("<d", deadline) + _u16(epochs) + _u32(batch) + struct.pack("<d", lr)  # lr is f64
     return head + _u16(len(allocations) if count is None else count) + b"".join(allocations)
+
+
+def _gradient_body(loss: float = 0.5, **qtensor: object) -> bytes:
+    return _qtensor(**qtensor) + struct.pack("<d", loss)  # loss is f64
 
 
 def _weights(*tensors: tuple[str, bytes], count: int | None = None) -> bytes:
@@ -140,8 +158,9 @@ def _model_body(*tensors: tuple[str, bytes], count: int | None = None) -> bytes:
     return _u32(7) + _weights(*(tensors or (("w", _tensor(1, (2,))),)), count=count)
 
 
-def _update_body(times: tuple[float, float, float] = (1.0, 2.0, 3.0), source: int = 0) -> bytes:
-    return _u32(7) + _u32(100) + _weights() + struct.pack("<3d", *times) + _u8(source) + struct.pack("<QQI", 10, 20, 5)
+def _update_body(times: tuple[float, float, float] = (1.0, 2.0, 3.0), source: int = 0, weights: bytes | None = None) -> bytes:
+    weights = _weights() if weights is None else weights
+    return _u32(7) + _u32(100) + weights + struct.pack("<3d", *times) + _u8(source) + struct.pack("<QQI", 10, 20, 5)
 
 
 def _chunk_body(index: int = 0, count: int = 2, total: int = 100, size: int | None = None, data: bytes = b"x" * 50) -> bytes:
@@ -166,23 +185,27 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
     expected = {
         ACTIVATIONS: Activations(ENV, quantized, labels),
         STATUS: Status(ENV, True, "ok"),
-        PLAN: RoundPlan(ENV, 4, 30.0, 1, 16, 0.5, (Allocation("d", 8, 8, 0.5, 1e6),)),
+        PLAN: RoundPlan(ENV, 4, 30.0, 1, 16, 0.1, (Allocation("d", 8, 8, 0.1, 1e6), Allocation("e", 2, 16, 1e39, 0.0, True))),
         MODEL: ModelWeights(ENV, 7, (("w", Tensor.from_numpy(np.zeros(2, np.float32))),)),
+        GRADIENT: Gradient(ENV, quantized, 0.1),
         CHUNK: Chunk(ENV, 99, 0, 2, 100, b"x" * 50),
+        HELLO: Hello(ENV, "pi-4", "onnx", "0.1", 10),
+        UPDATE: RoundUpdate(ENV, 7, 100, (), Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)),
     }
     built = {
         ACTIVATIONS: _frame(ACTIVATIONS, _activations_body()),
         STATUS: _frame(STATUS, _status_body()),
-        PLAN: _frame(PLAN, _plan_body()),
+        PLAN: _frame(PLAN, _plan_body(lr=0.1, allocations=(_allocation(power=0.1), _allocation("e", 2, 16, 1e39, 0.0, 1)))),
         MODEL: _frame(MODEL, _model_body()),
+        GRADIENT: _frame(GRADIENT, _gradient_body(loss=0.1)),
         CHUNK: _frame(CHUNK, _chunk_body()),
+        HELLO: _frame(HELLO, _hello_body()),
+        UPDATE: _frame(UPDATE, _update_body()),
     }
     # Assert
     for code, message in expected.items():
         assert built[code] == encode(message), code
         assert decode(built[code]) == message, code
-    for code, body in ((HELLO, _hello_body()), (UPDATE, _update_body())):
-        assert type(decode(_frame(code, body))).__name__ in ("Hello", "RoundUpdate")
 
 
 # --- frame prefix --------------------------------------------------------------------------------
@@ -340,14 +363,11 @@ def test_a_header_claiming_a_trillion_elements_is_refused_without_allocating(nam
     frame = TERA_FRAMES[name]
     assert len(frame) < 200
     # Execute
-    started = time.perf_counter()
     error, peak = _peak_traced_bytes(lambda: decode(frame))
-    elapsed = time.perf_counter() - started
-    # Assert
+    # Assert: refused from the header alone, without allocating what it declares
     assert isinstance(error, LimitError), repr(error)
     assert "declares 1000000000000 elements, limit is 67108864" in str(error)
     assert peak < 1_000_000
-    assert elapsed < 1.0
 
 
 CLAIMED_FRAMES = {
@@ -392,6 +412,8 @@ def test_more_allocations_than_the_limit_are_refused() -> None:
 # --- field rules: one change to a valid body each ------------------------------------------------
 
 LABELS_3 = _tensor(3, (3,))
+F32_NAN, F32_INF = np.array([NAN], "<f4").tobytes(), np.array([INF], "<f4").tobytes()
+F16_INF, F64_NAN = np.array([INF], "<f2").tobytes(), np.array([NAN], "<f8").tobytes()
 MALFORMED = {
     # quantization ranges
     "lo NaN": (ACTIVATIONS, _activations_body(lo=[NAN]), "NaN or infinite quantization range"),
@@ -402,7 +424,7 @@ MALFORMED = {
     "lo > hi": (ACTIVATIONS, _activations_body(lo=[2.0], hi=[1.0]), r"a range has lo > hi"),
     "token lo > hi": (ACTIVATIONS, _activations_body(per=1, lo=[0.0, 1.5], hi=[1.0, 1.0]), r"lo > hi"),
     "range wider than float32": (ACTIVATIONS, _activations_body(lo=[-3e38], hi=[3e38]), "wider than float32 can represent"),
-    "gradient lo > hi": (GRADIENT, _qtensor(lo=[1.0], hi=[0.0]) + struct.pack("<f", 0.5), r"lo > hi"),
+    "gradient lo > hi": (GRADIENT, _gradient_body(lo=[1.0], hi=[0.0]), r"lo > hi"),
     # shape / bits / groups / payload agreement
     "two ranges per tensor": (ACTIVATIONS, _activations_body(groups=2), r"per tensor at 8 bits has 1 ranges, header says 2"),
     "one range for two tokens": (ACTIVATIONS, _activations_body(per=1, groups=1), r"per token at 8 bits has 2 ranges, header says 1"),
@@ -413,18 +435,38 @@ MALFORMED = {
     "bits 0": (ACTIVATIONS, _activations_body(bits=0), "0 bits is not one of 1..8, 16, 32"),
     "bits 9": (ACTIVATIONS, _activations_body(bits=9), "9 bits is not one of"),
     "bits 17": (ACTIVATIONS, _activations_body(bits=17), "17 bits is not one of"),
-    "bits 33": (GRADIENT, _qtensor(bits=33) + struct.pack("<f", 0.5), "33 bits is not one of"),
+    "bits 33": (GRADIENT, _gradient_body(bits=33), "33 bits is not one of"),
     "granularity 2": (ACTIVATIONS, _activations_body(per=2), "unknown granularity code 2"),
     "nine dimensions": (ACTIVATIONS, _activations_body(shape=(1,) * 9), r"9 dimensions \(max 8\)"),
+    # quantized tensors: not empty, a batch dimension, float payloads finite
+    "empty activations": (ACTIVATIONS, _activations_body(shape=(0, 3), labels=_tensor(3, (0,))), r"empty quantized tensor of shape \(0, 3\)"),
+    "empty gradient": (GRADIENT, _gradient_body(shape=(2, 0)), r"gradient: empty quantized tensor of shape \(2, 0\)"),
+    "activations without a batch dimension": (ACTIVATIONS, _activations_body(shape=()), "activations need a batch dimension"),
+    "q=32 payload NaN": (ACTIVATIONS, _activations_body(bits=32, payload=bytes(20) + F32_NAN), "activations: contains NaN or infinite"),
+    "q=32 payload inf": (GRADIENT, _gradient_body(bits=32, payload=F32_INF + bytes(20)), "gradient: contains NaN or infinite"),
+    "q=16 payload inf": (ACTIVATIONS, _activations_body(bits=16, payload=bytes(10) + F16_INF), "activations: contains NaN or infinite"),
     # labels
     "3 labels for a batch of 2": (ACTIVATIONS, _activations_body(labels=LABELS_3), "3 labels for a batch of 2 activations"),
-    "labels 2-D": (ACTIVATIONS, _activations_body(labels=_tensor(3, (2, 1))), "labels must be a 1-D integer tensor"),
-    "labels float": (ACTIVATIONS, _activations_body(labels=_tensor(1, (2,))), "labels must be a 1-D integer tensor"),
+    "labels 2-D": (ACTIVATIONS, _activations_body(labels=_tensor(3, (2, 1))), "labels: must be a 1-D integer tensor, got int64"),
+    "labels float": (ACTIVATIONS, _activations_body(labels=_tensor(1, (2,))), "labels: must be a 1-D integer tensor, got float32"),
+    "labels negative int64": (
+        ACTIVATIONS, _activations_body(labels=_tensor(3, (2,), data=np.array([1, -1], "<i8").tobytes())), "labels: negative class index"
+    ),
+    "labels negative int32": (
+        ACTIVATIONS, _activations_body(labels=_tensor(4, (2,), data=np.array([-5, 0], "<i4").tobytes())), "labels: negative class index"
+    ),
     "labels size": (
         ACTIVATIONS, _activations_body(labels=_tensor(3, (2,), size=8, data=bytes(8))), r"int64 \(2,\) needs 16 bytes, header says 8"
     ),
     "dtype code 0": (ACTIVATIONS, _activations_body(labels=_tensor(0, (2,))), "unknown dtype code 0"),
     "dtype code 9": (MODEL, _model_body(("w", _tensor(9, (2,)))), "unknown dtype code 9"),
+    # weights: unique non-empty names, finite floats
+    "duplicate weight names": (MODEL, _model_body(("w", _tensor(1, (2,))), ("w", _tensor(1, (3,)))), "names appear twice: w"),
+    "empty weight name": (MODEL, _model_body(("", _tensor(1, (2,)))), "a tensor name must be a non-empty string"),
+    "float32 weight NaN": (MODEL, _model_body(("w", _tensor(1, (2,), data=bytes(4) + F32_NAN))), "weights 'w': contains NaN or infinite"),
+    "float16 weight inf": (MODEL, _model_body(("w", _tensor(2, (1,), data=F16_INF))), "weights 'w': contains NaN or infinite"),
+    "float64 weight NaN": (MODEL, _model_body(("w", _tensor(8, (1,), data=F64_NAN))), "weights 'w': contains NaN or infinite"),
+    "update weight NaN": (UPDATE, _update_body(weights=_weights(("w", _tensor(1, (1,), data=F32_NAN)))), "weights 'w': contains NaN"),
     # flags
     "online 2": (STATUS, _status_body(online=2), "online must be 0 or 1, got 2"),
     "heartbeat 2": (HELLO, _hello_body(heartbeat=2), "heartbeat must be 0 or 1, got 2"),
@@ -434,19 +476,33 @@ MALFORMED = {
     "truncated UTF-8": (STATUS, _status_body(reason="é".encode()[:1]), "reason is not valid UTF-8"),
     "surrogate in UTF-8": (ERROR, _text("c") + _text(b"\xed\xa0\x80", 2), "detail is not valid UTF-8"),
     # plan and allocations
-    "deadline NaN": (PLAN, _plan_body(deadline=NAN), "deadline_s must be finite"),
-    "lr inf": (PLAN, _plan_body(lr=INF), "lr must be finite"),
-    "bits_up 0": (PLAN, _plan_body(allocations=(_allocation(up=0),)), "bits_up 0 is not one of"),
-    "bits_down 17": (PLAN, _plan_body(allocations=(_allocation(down=17),)), "bits_down 17 is not one of"),
-    "negative power": (PLAN, _plan_body(allocations=(_allocation(power=-1.0),)), "negative power or bandwidth"),
-    "bandwidth NaN": (PLAN, _plan_body(allocations=(_allocation(bandwidth=NAN),)), "bandwidth_hz must be finite"),
+    "deadline NaN": (PLAN, _plan_body(deadline=NAN), "deadline_s: must be a finite number, got nan"),
+    "deadline 0": (PLAN, _plan_body(deadline=0.0), "deadline_s must be > 0 seconds, got 0.0"),
+    "deadline negative": (PLAN, _plan_body(deadline=-1.0), "deadline_s must be > 0 seconds"),
+    "epochs 0": (PLAN, _plan_body(epochs=0), r"local_epochs: must be an integer in \[1, 65535\], got 0"),
+    "batch 0": (PLAN, _plan_body(batch=0), r"batch_size: must be an integer in \[1, 4294967295\], got 0"),
+    "lr inf": (PLAN, _plan_body(lr=INF), "lr: must be a finite number, got inf"),
+    "lr NaN": (PLAN, _plan_body(lr=NAN), "lr: must be a finite number"),
+    "lr negative": (PLAN, _plan_body(lr=-0.5), "lr: must be >= 0, got -0.5"),
+    "bits_up 0": (PLAN, _plan_body(allocations=(_allocation(up=0),)), "allocation 'd' bits_up: 0 is not one of 1..8, 16, 32"),
+    "bits_down 17": (PLAN, _plan_body(allocations=(_allocation(down=17),)), "allocation 'd' bits_down: 17 is not one of"),
+    "negative power": (PLAN, _plan_body(allocations=(_allocation(power=-1.0),)), "allocation 'd' tx_power_w: must be >= 0"),
+    "power inf": (PLAN, _plan_body(allocations=(_allocation(power=INF),)), "tx_power_w: must be a finite number"),
+    "bandwidth NaN": (PLAN, _plan_body(allocations=(_allocation(bandwidth=NAN),)), "bandwidth_hz: must be a finite number"),
+    "negative bandwidth": (PLAN, _plan_body(allocations=(_allocation(bandwidth=-1.0),)), "bandwidth_hz: must be >= 0"),
+    "a device allocated twice": (PLAN, _plan_body(allocations=(_allocation("d"), _allocation("d"))), "a device appears twice"),
+    "allocation id with a slash": (PLAN, _plan_body(allocations=(_allocation("a/b"),)), "device_id must be 1-64 characters"),
+    "allocation id empty": (PLAN, _plan_body(allocations=(_allocation(""),)), "device_id must be 1-64 characters"),
     # telemetry
     "energy source 2": (UPDATE, _update_body(source=2), "unknown energy source code 2"),
-    "negative compute time": (UPDATE, _update_body(times=(-1.0, 0.0, 0.0)), "must be >= 0"),
-    "energy NaN": (UPDATE, _update_body(times=(1.0, 1.0, NAN)), "energy_j must be finite"),
+    "negative compute time": (UPDATE, _update_body(times=(-1.0, 0.0, 0.0)), "telemetry compute_time_s: must be >= 0"),
+    "negative uplink time": (UPDATE, _update_body(times=(0.0, -0.5, 0.0)), "telemetry uplink_time_s: must be >= 0"),
+    "energy NaN": (UPDATE, _update_body(times=(1.0, 1.0, NAN)), "telemetry energy_j: must be a finite number"),
+    "energy inf": (UPDATE, _update_body(times=(1.0, 1.0, INF)), "telemetry energy_j: must be a finite number"),
     # chunks
-    "chunk index = count": (CHUNK, _chunk_body(index=2, count=2), "chunk index 2 of 2"),
-    "chunk count 0": (CHUNK, _chunk_body(index=0, count=0), "chunk index 0 of 0"),
+    "chunk index = count": (CHUNK, _chunk_body(index=2, count=2), r"chunk index: must be an integer in \[0, 1\], got 2"),
+    "chunk count 0": (CHUNK, _chunk_body(index=0, count=0), r"chunk count: must be an integer in \[1, 4294967295\], got 0"),
+    "chunk count > total": (CHUNK, _chunk_body(count=200, total=100), r"chunk total_size: must be an integer in \[200, .*\], got 100"),
     "chunk size 0": (CHUNK, _chunk_body(data=b""), "chunk of 0 bytes in a message of 100"),
     "chunk larger than its message": (CHUNK, _chunk_body(total=40), "chunk of 50 bytes in a message of 40"),
 }
@@ -461,17 +517,75 @@ def test_contradictory_fields_are_refused_as_malformed(name: str) -> None:
         decode(_frame(code, body))
 
 
+# The controls for MALFORMED: the same builders one step inside each rule decode fine.
+ACCEPTED = {
+    "labels uint8": (ACTIVATIONS, _activations_body(labels=_tensor(5, (2,), data=bytes([0, 255])))),
+    "labels uint16": (ACTIVATIONS, _activations_body(labels=_tensor(7, (2,)))),
+    "labels int32 zero": (ACTIVATIONS, _activations_body(labels=_tensor(4, (2,)))),
+    "q=32 finite payload": (ACTIVATIONS, _activations_body(bits=32, payload=np.array([1e38] * 6, "<f4").tobytes())),
+    "q=16 largest float16": (ACTIVATIONS, _activations_body(bits=16, payload=np.array([65504.0] * 6, "<f2").tobytes())),
+    "weights float32 max": (MODEL, _model_body(("w", _tensor(1, (1,), data=np.array([3.4e38], "<f4").tobytes())))),
+    "empty plain weight": (MODEL, _model_body(("w", _tensor(1, (0,))))),
+    "two weight names": (MODEL, _model_body(("w", _tensor(1, (2,))), ("v", _tensor(1, (3,))))),
+    "integer weights negative": (MODEL, _model_body(("w", _tensor(3, (1,), data=np.array([-1], "<i8").tobytes())))),
+    "deadline tiny": (PLAN, _plan_body(deadline=5e-324)),
+    "lr 0": (PLAN, _plan_body(lr=0.0)),
+    "lr 1e39": (PLAN, _plan_body(lr=1e39)),
+    "epochs 65535": (PLAN, _plan_body(epochs=65535)),
+    "no allocations": (PLAN, _plan_body(allocations=())),
+    "two devices": (PLAN, _plan_body(allocations=(_allocation("d"), _allocation("D")))),
+    "zero power and bandwidth": (PLAN, _plan_body(allocations=(_allocation(power=0.0, bandwidth=0.0),))),
+    "zero telemetry": (UPDATE, _update_body(times=(0.0, 0.0, 0.0), source=1)),
+    "negative loss": (GRADIENT, _gradient_body(loss=-3.5)),
+    "chunk count = total": (CHUNK, _chunk_body(index=99, count=100, total=100, data=b"x")),
+    "chunk of the whole message": (CHUNK, _chunk_body(index=0, count=1, total=50)),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_values_at_the_edge_of_each_rule_are_accepted(name: str) -> None:
+    # Prepare
+    code, body = ACCEPTED[name]
+    frame = _frame(code, body)
+    # Execute
+    message = decode(frame)
+    # Assert: and the encoder writes the same bytes back
+    assert encode(message) == frame
+
+
 def test_invalid_utf8_in_the_envelope_is_refused() -> None:
     with pytest.raises(MalformedError, match="header: device_id is not valid UTF-8"):
         decode(_frame(STATUS, _status_body(), header=_header(device_id=b"d\xc3")))
 
 
+@pytest.mark.parametrize("bad", ["dév", "a/b", "+", "#", "", "x" * 65, "dev 1", "dev\n", "🦫"])
+@pytest.mark.parametrize("field", ["run_id", "device_id"])
+def test_an_envelope_id_outside_the_topic_rule_is_refused_at_decode(field: str, bad: str) -> None:
+    # Prepare: valid UTF-8, valid CRC, only the id breaks the rule
+    frame = _frame(STATUS, _status_body(), header=_header(**{field: bad}))
+    # Execute / Assert
+    with pytest.raises(MalformedError, match=f"envelope {field} must be 1-64 characters"):
+        decode(frame)
+
+
+def test_an_envelope_id_of_64_characters_is_accepted_at_decode() -> None:
+    frame = _frame(STATUS, _status_body(), header=_header(run_id="r" * 64, device_id="A-z_0.9" * 9 + "d"))
+    assert decode(frame).envelope.device_id == "A-z_0.9" * 9 + "d"
+
+
+@pytest.mark.parametrize("created_at", [NAN, INF, -INF])
+def test_a_created_at_that_is_not_finite_is_refused_at_decode(created_at: float) -> None:
+    with pytest.raises(MalformedError, match="created_at: must be a finite number"):
+        decode(_frame(STATUS, _status_body(), header=_header(created_at=created_at)))
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (_chunk_body(count=200, total=100), "a set of 200 chunks for 100 bytes exceeds the limits"),
-        (_chunk_body(count=70_000, total=10**6), "a set of 70000 chunks"),
-        (_chunk_body(total=2**31), f"chunked message of {2**31} bytes exceeds the limit"),
+        (_chunk_body(count=70_000, total=10**6), "a set of 70000 chunks exceeds the limit of 65536"),
+        (_chunk_body(total=2**31), f"chunked message of {2**31} bytes exceeds the limit of {256 * 1024 * 1024}"),
+        # the limits are checked while parsing, before the (also broken) chunk rules
+        (_chunk_body(index=80_000, count=70_000, total=10**6), "a set of 70000 chunks exceeds the limit"),
     ],
 )
 def test_chunk_sets_beyond_the_limits_are_refused(body: bytes, message: str) -> None:
@@ -479,79 +593,186 @@ def test_chunk_sets_beyond_the_limits_are_refused(body: bytes, message: str) -> 
         decode(_frame(CHUNK, body))
 
 
-# --- encode refuses what it cannot write ---------------------------------------------------------
+def test_the_chunk_count_limit_is_configurable() -> None:
+    frame = _frame(CHUNK, _chunk_body(count=10, total=100))
+    assert decode(frame, Limits(max_chunks=10)).count == 10
+    with pytest.raises(LimitError, match="a set of 10 chunks exceeds the limit of 9"):
+        decode(frame, Limits(max_chunks=9))
+
+
+# --- encode refuses what it cannot write (always as MalformedError) ------------------------------
+
+QUANTIZED = quantize(np.ones((2, 3), np.float32), 8, rng=np.random.default_rng(0))
+LABELS = Tensor.from_numpy(np.zeros(2, np.int64))
+TELEMETRY = Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)
 
 
 @pytest.mark.parametrize(
-    "message",
+    ("message", "error"),
     [
-        Status(Envelope("r", 1, "d", 0, "yesterday"), True),  # type: ignore[arg-type]
-        RoundPlan(ENV, 2**32, 1.0, 1, 1, 0.5, ()),
-        RoundPlan(ENV, 1, 1.0, 2**16, 1, 0.5, ()),
-        ModelWeights(ENV, 1, (("w", Tensor("bool", (1,), b"\x01")),)),
-        Activations(
-            ENV,
-            QuantizedTensor(8, (1,), "channel", np.zeros(1, np.float32), np.ones(1, np.float32), b"\x00"),
-            Tensor.from_numpy(np.zeros(1, np.int64)),
+        (Status(Envelope("r", 1, "d", 0, "yesterday"), True), "created_at: must be a finite number, got 'yesterday'"),
+        (RoundPlan(ENV, 2**32, 1.0, 1, 1, 0.5, ()), "model_version: must be an integer"),
+        (RoundPlan(ENV, 1, 1.0, 2**16, 1, 0.5, ()), r"local_epochs: must be an integer in \[1, 65535\]"),
+        (ModelWeights(ENV, 1, (("w", Tensor("bool", (1,), b"\x01")),)), "dtype 'bool' cannot travel"),
+        (
+            Activations(
+                ENV,
+                QuantizedTensor(8, (1,), "channel", np.zeros(1, np.float32), np.ones(1, np.float32), b"\x00"),
+                Tensor.from_numpy(np.zeros(1, np.int64)),
+            ),
+            "per must be one of",
         ),
+        (Hello(ENV, "p", "b", "v", 2**32), "num_samples: must be an integer"),
+        (Chunk(ENV, 2**64, 0, 1, 1, b"x"), "message_id: must be an integer"),
+        (RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, bytes_sent=2**64)), "telemetry bytes_sent: must be an integer"),
+        (RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, energy_source="guessed")), "telemetry energy_source: must be one of"),
     ],
-    ids=["created_at text", "version 2**32", "epochs 2**16", "dtype bool", "granularity channel"],
+    ids=[
+        "created_at text", "version 2**32", "epochs 2**16", "dtype bool", "granularity channel", "samples 2**32",
+        "message_id 2**64", "bytes 2**64", "energy source",
+    ],
 )
-def test_encode_refuses_values_the_wire_cannot_carry(message: object) -> None:
-    with pytest.raises(MalformedError, match="cannot encode|cannot travel"):
+def test_encode_refuses_values_the_wire_cannot_carry(message: object, error: str) -> None:
+    with pytest.raises(MalformedError, match=error):
         encode(message)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG: encode lets OverflowError escape for a float32 field beyond float32 range "
-    "(struct.pack('<f', 1e39) raises OverflowError, which codec.encode's "
-    "`except (struct.error, ValueError)` does not catch)",
-)
 @pytest.mark.parametrize(
     "message",
     [
         RoundPlan(ENV, 1, 1.0, 1, 1, 1e39, ()),
         RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 1e39, 1e6),)),
-        Gradient(ENV, quantize(np.ones(3), 32), -1e39),
+        Gradient(ENV, QUANTIZED, -1e39),
     ],
     ids=["lr", "tx_power_w", "loss"],
 )
-def test_encode_refuses_a_float32_field_out_of_range(message: object) -> None:
-    with pytest.raises(MalformedError, match="cannot encode"):
-        encode(message)  # type: ignore[arg-type]
+def test_values_beyond_float32_range_travel_as_float64(message: object) -> None:
+    # These fields used to be float32 on the wire (where 1e39 overflows); they are float64 now.
+    assert decode(encode(message)) == message  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: encode writes frames its own decoder refuses (no validation in the _put_* "
-    "functions), so the error surfaces at the receiver instead of the sender",
-)
+# Exceptions from Python itself (struct.error, OverflowError, TypeError, AttributeError,
+# ValueError) while checking or writing come out of encode as MalformedError "cannot encode".
+WRAPPED = {
+    "lr int beyond float": (RoundPlan(ENV, 1, 1.0, 1, 1, 10**400, ()), OverflowError),
+    "bits_up 8.0": (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8.0, 8, 0.5, 1e6),)), struct.error),  # type: ignore[arg-type]
+    "profile None": (Hello(ENV, None, "b", "v", 1), AttributeError),  # type: ignore[arg-type]
+    "reason bytes": (Status(ENV, True, b"ok"), AttributeError),  # type: ignore[arg-type]
+    "lone surrogate": (ErrorReport(ENV, "c", "\ud800"), UnicodeEncodeError),
+    "weights None": (ModelWeights(ENV, 1, None), TypeError),  # type: ignore[arg-type]
+    "weight not a pair": (ModelWeights(ENV, 1, (("w",),)), ValueError),  # type: ignore[arg-type]
+    "telemetry None": (RoundUpdate(ENV, 1, 1, (), None), AttributeError),  # type: ignore[arg-type]
+    "allocation None": (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (None,)), AttributeError),  # type: ignore[arg-type]
+    "labels None": (Activations(ENV, QUANTIZED, None), AttributeError),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_every_failure_during_encode_is_a_malformed_error(name: str) -> None:
+    # Prepare
+    message, cause = WRAPPED[name]
+    # Execute
+    with pytest.raises(MalformedError, match=f"cannot encode {type(message).__name__}") as caught:
+        encode(message)
+    # Assert: the original error is kept as the cause
+    assert isinstance(caught.value.__cause__, cause), repr(caught.value.__cause__)
+
+
+def _float_payload(bits: int, values: list[float]) -> QuantizedTensor:
+    """A q=16/q=32 tensor carrying ``values`` as is (the quantizer itself refuses NaN and inf)."""
+    payload = np.array(values, "<f2" if bits == 16 else "<f4").tobytes()
+    return QuantizedTensor(bits, (1, len(values)), "tensor", np.zeros(0, np.float32), np.zeros(0, np.float32), payload)
+
+
+# Messages breaking one rule each that the writer could put on the wire; encode must refuse them
+# as the decoder would, and with the rules switched off the decoder does refuse what is written.
+BROKEN = {
+    "bits_up 9": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 9, 8, 0.5, 1e6),)),
+    "deadline NaN": RoundPlan(ENV, 1, NAN, 1, 1, 0.5, ()),
+    "deadline 0": RoundPlan(ENV, 1, 0.0, 1, 1, 0.5, ()),
+    "epochs 0": RoundPlan(ENV, 1, 1.0, 0, 1, 0.5, ()),
+    "batch 0": RoundPlan(ENV, 1, 1.0, 1, 0, 0.5, ()),
+    "lr negative": RoundPlan(ENV, 1, 1.0, 1, 1, -0.1, ()),
+    "lr inf": RoundPlan(ENV, 1, 1.0, 1, 1, INF, ()),
+    "device twice": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 0.5, 1e6), Allocation("d", 4, 4, 0.5, 1e6))),
+    "allocation id": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d/1", 8, 8, 0.5, 1e6),)),
+    "power NaN": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, NAN, 1e6),)),
+    "bandwidth negative": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 0.5, -1.0),)),
+    "tensor bytes != shape": ModelWeights(ENV, 1, (("w", Tensor("float32", (3,), bytes(4))),)),
+    "weight NaN": ModelWeights(ENV, 1, (("w", Tensor.from_numpy(np.array([1.0, NAN], np.float32))),)),
+    "weight inf": ModelWeights(ENV, 1, (("w", Tensor.from_numpy(np.array([INF], np.float64))),)),
+    "duplicate weight names": ModelWeights(ENV, 1, (("w", LABELS), ("w", LABELS))),
+    "empty weight name": ModelWeights(ENV, 1, (("", LABELS),)),
+    "q=32 NaN": Gradient(ENV, _float_payload(32, [1.0, NAN]), 0.5),
+    "q=16 inf": Gradient(ENV, _float_payload(16, [1.0, INF]), 0.5),
+    "empty quantized": Gradient(ENV, QuantizedTensor(8, (0, 3), "tensor", np.zeros(1, np.float32), np.ones(1, np.float32), b""), 0.5),
+    "loss NaN": Gradient(ENV, QUANTIZED, NAN),
+    "scalar activations": Activations(ENV, QuantizedTensor(8, (), "tensor", np.zeros(1, np.float32), np.ones(1, np.float32), b"\x00"), LABELS),
+    "labels count": Activations(ENV, QUANTIZED, Tensor.from_numpy(np.zeros(3, np.int64))),
+    "labels negative": Activations(ENV, QUANTIZED, Tensor.from_numpy(np.array([0, -1], np.int64))),
+    "labels float": Activations(ENV, QUANTIZED, Tensor.from_numpy(np.zeros(2, np.float32))),
+    "labels 2-D": Activations(ENV, QUANTIZED, Tensor.from_numpy(np.zeros((2, 1), np.int64))),
+    "energy negative": RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, energy_j=-1.0)),
+    "uplink inf": RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, uplink_time_s=INF)),
+    "chunk index = count": Chunk(ENV, 1, 5, 5, 100, b"x"),
+    "chunk count 0": Chunk(ENV, 1, 0, 0, 100, b"x"),
+    "chunk count > total": Chunk(ENV, 1, 0, 200, 100, b"x"),
+    "chunk empty": Chunk(ENV, 1, 0, 1, 100, b""),
+    "chunk data > total": Chunk(ENV, 1, 0, 1, 2, b"xyz"),
+    "run_id unicode": Status(Envelope("ран", 1, "d", 0, 1.0), True),
+    "device_id slash": Status(Envelope("r", 1, "a/b", 0, 1.0), True),
+    "device_id empty": Hello(Envelope("r", 1, "", 0, 1.0), "p", "b", "v", 1),
+    "created_at NaN": Status(Envelope("r", 1, "d", 0, NAN), True),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_encode_refuses_what_decode_would_refuse(name: str) -> None:
+    with pytest.raises(MalformedError):
+        encode(BROKEN[name])
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_decode_refuses_what_encode_refuses(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: write the broken message with the rules switched off (what an older or foreign
+    # encoder could send), then switch them back on.
+    with monkeypatch.context() as patched:
+        patched.setattr(codec, "check_message", lambda message: None)
+        frame = encode(BROKEN[name])
+    # Execute / Assert: the decoder applies the same rule
+    with pytest.raises(MalformedError):
+        decode(frame)
+
+
+def test_the_rules_switched_off_would_let_a_broken_message_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control for the test above: with the rules off on both sides the frame decodes, so the
+    # refusal there comes from the rules and not from the writer producing garbage.
+    monkeypatch.setattr(codec, "check_message", lambda message: None)
+    decoded = decode(encode(BROKEN["deadline 0"]))
+    assert decoded.deadline_s == 0.0
+
+
+def test_duplicate_weight_names_are_refused() -> None:
+    frame = _frame(MODEL, _model_body(("w", _tensor(1, (2,))), ("w", _tensor(1, (3,)))))
+    with pytest.raises(MalformedError, match="weights: names appear twice: w"):
+        decode(frame)
+    with pytest.raises(MalformedError, match="weights: names appear twice: w"):
+        encode(ModelWeights(ENV, 1, (("w", Tensor.from_numpy(np.zeros(2, np.float32))), ("w", Tensor.from_numpy(np.zeros(3, np.float32))))))
+
+
+# --- flags are real booleans on both sides -------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     "message",
     [
-        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 9, 8, 0.5, 1e6),)),
-        RoundPlan(ENV, 1, NAN, 1, 1, 0.5, ()),
-        ModelWeights(ENV, 1, (("w", Tensor("float32", (3,), bytes(4))),)),
-        Chunk(ENV, 1, 5, 5, 100, b"x"),
+        Status(ENV, 2, "x"),  # type: ignore[arg-type]
+        Status(ENV, 1.5, "x"),  # type: ignore[arg-type]
+        Hello(ENV, "p", "b", "v", 1, heartbeat=2),  # type: ignore[arg-type]
+        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 0.5, 1e6, per_token=2),)),  # type: ignore[arg-type]
     ],
-    ids=["bits_up 9", "deadline NaN", "tensor bytes != shape", "chunk index = count"],
+    ids=["online 2", "online 1.5", "heartbeat 2", "per_token 2"],
 )
-def test_encode_refuses_what_decode_would_refuse(message: object) -> None:
-    with pytest.raises(MalformedError):
-        encode(message)  # type: ignore[arg-type]
-
-
-# --- checks the decoder is missing (documented as bugs) ------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _get_weights accepts two tensors with the same name; weights_to_numpy then keeps "
-    "only the last one silently, so a weight set can lose a tensor on its way to the aggregate",
-)
-def test_duplicate_weight_names_are_refused() -> None:
-    frame = _frame(MODEL, _model_body(("w", _tensor(1, (2,))), ("w", _tensor(1, (3,)))))
-    with pytest.raises(MalformedError):
-        decode(frame)
+def test_encode_refuses_a_flag_that_is_not_a_bool(message: Message) -> None:
+    with pytest.raises(MalformedError, match="must be True or False"):
+        encode(message)

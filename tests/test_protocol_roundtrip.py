@@ -78,7 +78,8 @@ def _chunk_payload() -> bytes:
     return encode(ErrorReport(_env(), "late", "x" * 40))[:32]
 
 
-# Float fields that travel as float32 use values float32 represents exactly (0.25, 1e-3 would not).
+# lr, tx_power_w and loss travel as float64: the examples use values float32 cannot represent
+# (0.1, 1e-3, ln 10), so a field narrowed on the wire would fail every round trip below.
 EXAMPLES: dict[type[Message], Message] = {
     Hello: Hello(_env(step=0), "raspberry-pi-4", "onnxruntime", "0.3.1", 5_000, heartbeat=True),
     Status: Status(_env(step=0), online=False, reason="last will: connection lost"),
@@ -88,16 +89,16 @@ EXAMPLES: dict[type[Message], Message] = {
         deadline_s=90.5,
         local_epochs=2,
         batch_size=32,
-        lr=0.0625,
+        lr=1e-3,
         allocations=(
-            Allocation("jetson-07", bits_up=3, bits_down=8, tx_power_w=0.25, bandwidth_hz=1.25e6, per_token=True),
-            Allocation("pi-01", bits_up=1, bits_down=16, tx_power_w=0.125, bandwidth_hz=2.0e5),
+            Allocation("jetson-07", bits_up=3, bits_down=8, tx_power_w=0.1, bandwidth_hz=1.25e6, per_token=True),
+            Allocation("pi-01", bits_up=1, bits_down=16, tx_power_w=0.2, bandwidth_hz=2.0e5),
             Allocation("phone-3", bits_up=32, bits_down=32, tx_power_w=0.0, bandwidth_hz=0.0),
         ),
     ),
     ModelWeights: ModelWeights(_env(device_id="server", step=0), version=41, weights=_mixed_weights()),
     Activations: _activations(3, "token"),
-    Gradient: Gradient(_env(device_id="server"), quantize(_activation_batch(), 8, rng=np.random.default_rng(1)), loss=2.3125),
+    Gradient: Gradient(_env(device_id="server"), quantize(_activation_batch(), 8, rng=np.random.default_rng(1)), loss=2.302585092994046),
     RoundUpdate: RoundUpdate(
         _env(step=40),
         model_version=41,
@@ -211,27 +212,65 @@ def test_frame_carries_magic_version_and_type_code(cls: type[Message]) -> None:
     assert frame[5] == codec.type_code(cls)
 
 
-# --- strings ------------------------------------------------------------------------------------
+# --- strings and ids ----------------------------------------------------------------------------
 
-UNICODE_IDS = ["капибара-🦫", "设备-七", "ü", "a/b+#"]  # the codec carries any UTF-8; topics restrict ids
+# Free texts carry any UTF-8 (including characters that could never be a topic level).
+UNICODE_TEXTS = ["капибара-🦫", "设备-七", "ü", "a/b+#", "line\nbreak", "\x00"]
 
 
-@pytest.mark.parametrize("text", UNICODE_IDS)
-def test_unicode_ids_and_texts_round_trip(text: str) -> None:
+@pytest.mark.parametrize("text", UNICODE_TEXTS)
+def test_unicode_free_texts_round_trip(text: str) -> None:
     # Prepare
-    message = ErrorReport(Envelope(text, 1, text, 2, CREATED_AT), code=text, detail=text * 3)
+    messages = [
+        ErrorReport(_env(), code=text, detail=text * 3),
+        Hello(_env(), profile=text, backend=text, software_version=text, num_samples=1),
+        Status(_env(), online=False, reason=text),
+    ]
     # Execute
-    decoded = decode(encode(message))
+    decoded = [decode(encode(message)) for message in messages]
     # Assert
-    assert decoded == message
-    assert decoded.envelope.run_id == text and decoded.envelope.device_id == text
+    assert decoded == messages
+    assert decoded[0].detail == text * 3 and decoded[1].profile == text and decoded[2].reason == text
 
 
-def test_empty_strings_round_trip() -> None:
-    message = Hello(Envelope("", 0, "", 0, 0.0), "", "", "", 0)
+def test_empty_free_texts_round_trip() -> None:
+    # Prepare
+    messages = [Hello(_env(), "", "", "", 0), Status(_env(), True, ""), ErrorReport(_env(), "", "")]
+    # Execute
+    decoded = [decode(encode(message)) for message in messages]
+    # Assert
+    assert decoded == messages
+    assert decoded[0].profile == "" and decoded[1].reason == "" and decoded[2].detail == ""
+
+
+# Ids are topic levels: 1-64 of [A-Za-z0-9_.-] (topics.check_id), refused by encode otherwise.
+BAD_IDS = ["капибара-🦫", "设备-七", "ü", "a/b", "+", "#", "", "x" * 65, "dev 1", "dev\n", "$SYS"]
+GOOD_IDS = ["a", "Z", "0", "run-2024.a", "pi_4.b", "-", ".", "x" * 64]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("field", ["run_id", "device_id"])
+def test_an_envelope_id_outside_the_topic_rule_is_refused_at_encode(field: str, bad: str) -> None:
+    # Prepare
+    env = dataclasses.replace(_env(), **{field: bad})
+    # Execute / Assert
+    with pytest.raises(MalformedError, match=f"envelope {field} must be 1-64 characters"):
+        encode(ErrorReport(env, "c", "d"))
+
+
+@pytest.mark.parametrize("good", GOOD_IDS)
+def test_envelope_ids_within_the_topic_rule_round_trip(good: str) -> None:
+    message = ErrorReport(Envelope(good, 1, good, 2, CREATED_AT), "c", "d")
     decoded = decode(encode(message))
     assert decoded == message
-    assert decoded.profile == "" and decoded.envelope.run_id == ""
+    assert decoded.envelope.run_id == good and decoded.envelope.device_id == good
+
+
+@pytest.mark.parametrize("bad", ["ü", "a/b", "", "x" * 65])
+def test_an_allocation_device_id_outside_the_topic_rule_is_refused_at_encode(bad: str) -> None:
+    plan = RoundPlan(_env(), 1, 1.0, 1, 1, 0.5, (Allocation(bad, 8, 8, 0.5, 1.0),))
+    with pytest.raises(MalformedError, match=r"allocation .*device_id must be 1-64 characters"):
+        encode(plan)
 
 
 def _text_of_bytes(size: int) -> str:
@@ -244,11 +283,9 @@ def _text_of_bytes(size: int) -> str:
 def _with_text(field: str, text: str) -> Message:
     env = _env()
     makers = {
-        "run_id": lambda: Status(Envelope(text, 1, "d", 0, 1.0), True),
-        "device_id": lambda: Status(Envelope("r", 1, text, 0, 1.0), True),
         "profile": lambda: Hello(env, text, "b", "v", 1),
+        "backend": lambda: Hello(env, "p", text, "v", 1),
         "software_version": lambda: Hello(env, "p", "b", text, 1),
-        "allocation device_id": lambda: RoundPlan(env, 1, 1.0, 1, 1, 0.5, (Allocation(text, 8, 8, 0.5, 1.0),)),
         "error code": lambda: ErrorReport(env, text, ""),
         "status reason": lambda: Status(env, False, text),
         "error detail": lambda: ErrorReport(env, "c", text),
@@ -257,7 +294,8 @@ def _with_text(field: str, text: str) -> Message:
     return makers[field]()
 
 
-U8_FIELDS = ["run_id", "device_id", "profile", "software_version", "allocation device_id", "error code"]
+# Ids never reach their u8 field's 255 bytes: the 64-character id rule refuses them first.
+U8_FIELDS = ["profile", "backend", "software_version", "error code"]
 U16_FIELDS = ["status reason", "error detail", "weight name"]
 LIMITS = [(field, 255) for field in U8_FIELDS] + [(field, 65535) for field in U16_FIELDS]
 
@@ -279,8 +317,15 @@ def test_string_limits_count_utf8_bytes_not_characters() -> None:
     # 200 characters, 400 bytes: fits a u16 field, not a u8 one.
     text = "é" * 200
     assert decode(encode(_with_text("status reason", text))).reason == text
-    with pytest.raises(MalformedError):
-        encode(_with_text("device_id", text))
+    with pytest.raises(MalformedError, match="string of 400 bytes exceeds the 255-byte field"):
+        encode(_with_text("profile", text))
+
+
+def test_an_id_of_64_characters_fits_and_65_do_not() -> None:
+    longest = "d" * 64
+    assert decode(encode(Status(Envelope("r" * 64, 1, longest, 0, 1.0), True))).envelope.device_id == longest
+    with pytest.raises(MalformedError, match="device_id must be 1-64 characters"):
+        encode(Status(Envelope("r", 1, longest + "d", 0, 1.0), True))
 
 
 # --- envelope -----------------------------------------------------------------------------------
@@ -295,6 +340,12 @@ def test_created_at_round_trips_bit_exactly(created_at: float) -> None:
     assert struct.pack("<d", decoded.envelope.created_at) == struct.pack("<d", created_at)
 
 
+@pytest.mark.parametrize("created_at", [float("nan"), float("inf"), float("-inf")])
+def test_a_created_at_that_is_not_finite_is_refused_at_encode(created_at: float) -> None:
+    with pytest.raises(MalformedError, match="created_at: must be a finite number"):
+        encode(Status(Envelope("r", 1, "d", 2, created_at), True))
+
+
 @pytest.mark.parametrize(("round_", "step"), [(0, 0), (2**32 - 1, 2**32 - 1), (1, 2**31), (2**31 + 5, 7)])
 def test_round_and_step_round_trip_up_to_u32_max(round_: int, step: int) -> None:
     message = Gradient(Envelope("r", round_, "d", step, 1.0), EXAMPLES[Gradient].tensor, 0.5)
@@ -303,9 +354,12 @@ def test_round_and_step_round_trip_up_to_u32_max(round_: int, step: int) -> None
     assert decoded == message
 
 
-@pytest.mark.parametrize(("round_", "step"), [(2**32, 0), (0, 2**32), (-1, 0), (0, -1)])
-def test_round_or_step_outside_u32_is_refused_at_encode(round_: int, step: int) -> None:
-    with pytest.raises(MalformedError, match="cannot encode Status"):
+@pytest.mark.parametrize(
+    ("round_", "step", "field"),
+    [(2**32, 0, "round"), (0, 2**32, "step"), (-1, 0, "round"), (0, -1, "step"), (1.0, 0, "round"), (True, 0, "round")],
+)
+def test_round_or_step_outside_u32_is_refused_at_encode(round_: int, step: int, field: str) -> None:
+    with pytest.raises(MalformedError, match=rf"^{field}: must be an integer in \[0, 4294967295\]"):
         encode(Status(Envelope("r", round_, "d", step, 1.0), True))
 
 
@@ -342,21 +396,72 @@ def test_status_frame_matches_the_documented_bytes() -> None:
     assert decode(golden) == message
 
 
-def test_float32_fields_round_trip_exactly_when_representable() -> None:
+# RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), model_version 2, deadline 30 s, 1 epoch, batch 16,
+# lr 0.1, one Allocation("d7", up 4, down 8, 0.1 W, 1 MHz, per_token)), by hand: lr and
+# tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
+GOLDEN_PLAN_HEX = (
+    "53464c4d" "01" "03"  # magic, version 1, type: RoundPlan
+    "1700"  # header_len u16 = 23
+    "32000000"  # body_len u32 = 50
+    "02" "7231"  # run_id "r1"
+    "03" "737276"  # device_id "srv"
+    "03000000" "00000000"  # round 3, step 0
+    "000000000000f83f"  # created_at f64 = 1.5
+    "02000000"  # model_version u32 = 2
+    "0000000000003e40"  # deadline_s f64 = 30.0
+    "0100"  # local_epochs u16 = 1
+    "10000000"  # batch_size u32 = 16
+    "9a9999999999b93f"  # lr f64 = 0.1
+    "0100"  # allocation count u16 = 1
+    "02" "6437"  # allocation device_id "d7"
+    "04" "08"  # bits_up 4, bits_down 8
+    "9a9999999999b93f"  # tx_power_w f64 = 0.1
+    "0000000080842e41"  # bandwidth_hz f64 = 1e6
+    "01"  # per_token = true
+    "4a1b9709"  # crc32 (zlib), u32
+)
+
+
+def test_round_plan_frame_matches_the_documented_bytes() -> None:
+    # Prepare
+    message = RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), 2, 30.0, 1, 16, 0.1, (Allocation("d7", 4, 8, 0.1, 1e6, per_token=True),))
+    golden = bytes.fromhex(GOLDEN_PLAN_HEX)
+    # Execute
+    frame = encode(message)
+    # Assert
+    assert frame.hex() == golden.hex()
+    assert struct.unpack("<I", golden[-4:])[0] == zlib.crc32(golden[:-4])
+    assert decode(golden) == message
+
+
+def test_float64_fields_of_the_examples_round_trip_exactly() -> None:
     message = EXAMPLES[RoundPlan]
     decoded = decode(encode(message))
-    assert decoded.lr == message.lr
-    assert [a.tx_power_w for a in decoded.allocations] == [a.tx_power_w for a in message.allocations]
-    assert decode(encode(EXAMPLES[Gradient])).loss == 2.3125
+    assert decoded.lr == message.lr == 1e-3
+    assert [a.tx_power_w for a in decoded.allocations] == [a.tx_power_w for a in message.allocations] == [0.1, 0.2, 0.0]
+    assert decode(encode(EXAMPLES[Gradient])).loss == 2.302585092994046
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RoundPlan.lr, Allocation.tx_power_w and Gradient.loss are Python floats but travel as "
-    "float32 (codec.py _put_plan w.f32(msg.lr), w.f32(a.tx_power_w); _put_gradient w.f32(msg.loss)), "
-    "so lr=0.1 decodes as 0.10000000149011612: the round trip changes the value",
-)
 def test_learning_rate_of_one_tenth_round_trips_unchanged() -> None:
     message = RoundPlan(_env(), 1, 10.0, 1, 32, 0.1, (Allocation("d", 8, 8, 0.1, 1e6),))
     decoded = decode(encode(message))
     assert decoded == message
+    assert decoded.lr == 0.1 and decoded.allocations[0].tx_power_w == 0.1
+
+
+# Values float32 would change (or overflow to inf): 1e39 and 1.7976931348623157e308 are beyond its range.
+FLOAT64_VALUES = [0.1, 1e-3, 1 / 3, 5e-324, 1e39, 1.7976931348623157e308, 0.0]
+
+
+@pytest.mark.parametrize("value", FLOAT64_VALUES)
+def test_lr_tx_power_and_loss_round_trip_bit_exactly(value: float) -> None:
+    # Prepare
+    plan = RoundPlan(_env(), 1, 10.0, 1, 32, value, (Allocation("d", 8, 8, value, 1e6),))
+    gradient = Gradient(_env(), EXAMPLES[Gradient].tensor, -value)
+    # Execute
+    decoded_plan, decoded_gradient = decode(encode(plan)), decode(encode(gradient))
+    # Assert
+    bits = struct.pack("<d", value)
+    assert struct.pack("<d", decoded_plan.lr) == bits
+    assert struct.pack("<d", decoded_plan.allocations[0].tx_power_w) == bits
+    assert struct.pack("<d", decoded_gradient.loss) == struct.pack("<d", -value)

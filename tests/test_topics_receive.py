@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -10,12 +11,18 @@ import pytest
 from edge_runtime.protocol import (
     Activations,
     BadMagicError,
+    Chunk,
     Envelope,
+    ForeignRunError,
     Gradient,
     Hello,
     IntegrityError,
+    Message,
     ModelWeights,
+    ProtocolError,
+    Reassembler,
     Receiver,
+    RoundPlan,
     RoundUpdate,
     StaleMessageError,
     Status,
@@ -23,14 +30,16 @@ from edge_runtime.protocol import (
     Tensor,
     TopicError,
     Topics,
+    decode,
     encode,
     parse_topic,
     split,
     weights_from_numpy,
 )
-from edge_runtime.protocol.receive import Deduplicator
+from edge_runtime.protocol.receive import ALLOWED_ON, Deduplicator
 from edge_runtime.protocol.topics import TopicRef
 from edge_runtime.quantize import quantize
+from test_protocol_roundtrip import EXAMPLES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("edge_runtime", "server_runtime", "export", "allocator", "firmware_profiles", "sflam")
@@ -64,8 +73,12 @@ def test_subscription_filters_cover_every_device() -> None:
         (lambda t: t.up("dev"), TopicRef("run-1", "up", "dev")),
         (lambda t: t.down("dev"), TopicRef("run-1", "down", "dev")),
         (lambda t: t.status("dev"), TopicRef("run-1", "status", "dev")),
+        (lambda t: t.retained_part("plan", 0), TopicRef("run-1", "plan", None, part=0)),
+        (lambda t: t.retained_part("model", 3), TopicRef("run-1", "model", None, part=3)),
+        (lambda t: t.retained_part("model", 65535), TopicRef("run-1", "model", None, part=65535)),
+        (lambda t: t.retained_part("model", 999_999), TopicRef("run-1", "model", None, part=999_999)),
     ],
-    ids=["plan", "model", "up", "down", "status"],
+    ids=["plan", "model", "up", "down", "status", "plan part 0", "model part 3", "model part 65535", "model part 999999"],
 )
 def test_parse_topic_inverts_the_builders(build, expected: TopicRef) -> None:  # type: ignore[no-untyped-def]
     topics = Topics("run-1")
@@ -79,8 +92,79 @@ def test_retained_topics_are_plan_model_and_status() -> None:
     retained = {kind: parse_topic(topic).retained for kind, topic in [
         ("plan", topics.plan()), ("model", topics.model()), ("up", topics.up("d")),
         ("down", topics.down("d")), ("status", topics.status("d")),
+        ("plan part", topics.retained_part("plan", 1)), ("model part", topics.retained_part("model", 0)),
     ]}
-    assert retained == {"plan": True, "model": True, "up": False, "down": False, "status": True}
+    assert retained == {
+        "plan": True, "model": True, "up": False, "down": False, "status": True, "plan part": True, "model part": True,
+    }
+
+
+def test_chunks_of_a_retained_message_are_retained_on_numbered_sub_topics() -> None:
+    topics = Topics("exp-7")
+    assert topics.retained_part("model", 3) == "sflam/v1/exp-7/model/c/3"
+    assert topics.retained_part("plan", 0) == "sflam/v1/exp-7/plan/c/0"
+    assert parse_topic("sflam/v1/exp-7/model/c/3") == TopicRef("exp-7", "model", None, part=3)
+    assert parse_topic(topics.model()).part is None and parse_topic(topics.up("d")).part is None
+
+
+def test_the_retained_filter_covers_the_message_and_its_chunks() -> None:
+    topics = Topics("exp-7")
+    assert topics.retained_filter("model") == "sflam/v1/exp-7/model/#"
+    assert topics.retained_filter("plan") == "sflam/v1/exp-7/plan/#"
+    # '#' also matches its parent level, so the filter covers model itself and model/c/{i}
+    prefix = topics.retained_filter("model")[: -len("/#")]
+    assert topics.model() == prefix
+    assert all(topics.retained_part("model", i).startswith(prefix + "/") for i in (0, 7, 123))
+
+
+@pytest.mark.parametrize("kind", ["up", "down", "status", "", "PLAN", "models", "+", "#"])
+def test_only_plan_and_model_have_retained_parts(kind: str) -> None:
+    with pytest.raises(TopicError, match="only plan and model are chunked onto sub-topics"):
+        Topics("run").retained_part(kind, 0)
+    with pytest.raises(TopicError, match="retained kinds are plan and model"):
+        Topics("run").retained_filter(kind)
+
+
+@pytest.mark.parametrize("index", [-1, True, False, 1.0, "3", None, 1_000_000])
+def test_a_retained_part_index_must_be_a_non_negative_integer(index: object) -> None:
+    with pytest.raises(TopicError, match=r"chunk index must be an integer in \[0, 1000000\)"):
+        Topics("run").retained_part("model", index)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["-1", "03", "00", "x", "3a", "", " 3", "+", "#", "1234567", "0x3", "３", "3.0", "1e3"],
+)
+@pytest.mark.parametrize("kind", ["plan", "model"])
+def test_a_bad_chunk_sub_topic_is_refused(kind: str, part: str) -> None:
+    with pytest.raises(TopicError, match="not an sflam topic"):
+        parse_topic(f"sflam/v1/run/{kind}/c/{part}")
+
+
+def test_every_retained_part_topic_parses_back() -> None:
+    # The builder's range is exactly the parser's: the largest index round-trips, the next is refused.
+    topics = Topics("run")
+    assert topics.parse(topics.retained_part("model", 999_999)).part == 999_999
+    with pytest.raises(TopicError, match="chunk index must be an integer"):
+        topics.retained_part("model", 1_000_000)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "sflam/v1/run/model/c",
+        "sflam/v1/run/model/c/3/4",
+        "sflam/v1/run/model/x/3",
+        "sflam/v1/run/model/C/3",
+        "sflam/v1/run/up/c/3",
+        "sflam/v1/run/status/c/3",
+        "sflam/v1/run/d/dev/up/c/3",
+        "sflam/v1/run/c/3",
+    ],
+)
+def test_chunk_sub_topics_exist_only_under_plan_and_model(topic: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(topic)
 
 
 BAD_IDS = ["+", "#", "dev/1", "", "x" * 65, "dev 1", "$SYS", "dév", "dev\x00", "d+", "a#b"]
@@ -179,10 +263,10 @@ def _hello(round_: int = 0, run_id: str = RUN) -> Hello:
     return Hello(Envelope(run_id, round_, "dev", 0, 1.0), "pi", "onnx", "0.1", 10, heartbeat=True)
 
 
-def _update(round_: int, num_bytes: int = 6000) -> RoundUpdate:
+def _update(round_: int, num_bytes: int = 6000, run_id: str = RUN, device_id: str = "dev") -> RoundUpdate:
     weights = weights_from_numpy({"w": np.arange(num_bytes // 4, dtype=np.float32)})
     telemetry = Telemetry(1.0, 0.5, 2.0, "estimated", 100, 200, 4)
-    return RoundUpdate(Envelope(RUN, round_, "dev", 9, 1.0), 1, 64, weights, telemetry)
+    return RoundUpdate(Envelope(run_id, round_, device_id, 9, 1.0), 1, 64, weights, telemetry)
 
 
 def test_a_message_is_accepted_and_counted() -> None:
@@ -244,9 +328,36 @@ def test_a_hello_from_an_older_round_is_still_accepted() -> None:
 
 def test_another_run_is_refused_and_counted() -> None:
     receiver = Receiver(RUN)
-    with pytest.raises(StaleMessageError, match="message for run 'run-0', serving 'run-1'"):
+    with pytest.raises(ForeignRunError, match="message for run 'run-0', this is run 'run-1'"):
         receiver.accept(encode(_hello(run_id="run-0")))
-    assert receiver.counters["rejected.StaleMessageError"] == 1
+    assert receiver.counters == {"rejected.ForeignRunError": 1}
+
+
+def test_another_run_is_not_a_stale_message() -> None:
+    # Distinct classes, so a daemon can tell a misrouted run from a late round.
+    assert not issubclass(ForeignRunError, StaleMessageError)
+    assert issubclass(ForeignRunError, ProtocolError)
+
+
+def test_chunks_of_another_run_take_no_buffer_space() -> None:
+    # Prepare
+    receiver = Receiver(RUN)
+    frames = split(_update(round_=2, run_id="run-0"), 2000)
+    # Execute: the run is checked on each chunk frame, before the reassembler sees it
+    for frame in frames:
+        with pytest.raises(ForeignRunError):
+            receiver.accept(frame)
+    # Assert
+    assert receiver.counters == {"rejected.ForeignRunError": len(frames)}
+    assert receiver.reassembler.pending_sets == 0 and receiver.reassembler.buffered_bytes == 0
+
+
+def test_a_foreign_run_is_refused_whatever_the_round() -> None:
+    receiver = Receiver(RUN)
+    receiver.min_round = 5
+    with pytest.raises(ForeignRunError):
+        receiver.accept(encode(_activations(round_=1, run_id="run-0")))
+    assert receiver.counters == {"rejected.ForeignRunError": 1}
 
 
 def test_refusals_are_counted_by_error_class() -> None:
@@ -277,12 +388,29 @@ def test_a_partial_chunk_set_returns_none_and_the_last_chunk_the_message() -> No
     assert receiver.counters["accepted.RoundUpdate"] == 1
 
 
-def test_a_round_update_re_sent_in_chunks_is_dropped_as_a_duplicate() -> None:
+def test_a_round_update_re_sent_in_chunks_is_delivered_once() -> None:
+    # Prepare
     receiver = Receiver(RUN)
     frames = split(_update(round_=2), 2000)
+    # Execute
     results = [receiver.accept(frame) for frame in frames + frames]
+    # Assert: the re-sent set is dropped chunk by chunk (late), never reassembled a second time
     assert [r for r in results if r is not None] == [_update(round_=2)]
+    assert receiver.reassembler.counters["late_chunks"] == len(frames)
+    assert receiver.reassembler.counters["completed_sets"] == 1
+    assert receiver.counters["chunks"] == 2 * len(frames) - 1
+    assert receiver.counters["duplicates"] == 0
+
+
+def test_a_round_update_re_sent_whole_after_chunks_is_dropped_as_a_duplicate() -> None:
+    # A different frame (not chunked) of the same step: the deduplicator catches it.
+    receiver = Receiver(RUN, reassembler=Reassembler())
+    message = _update(round_=2)
+    for frame in split(message, 2000):
+        receiver.accept(frame)
+    assert receiver.accept(encode(message)) is None
     assert receiver.counters["duplicates"] == 1
+    assert receiver.counters["accepted.RoundUpdate"] == 1
 
 
 def test_a_chunked_message_for_a_stale_round_is_refused_when_complete() -> None:
@@ -311,3 +439,191 @@ def test_the_deduplicator_forgets_beyond_its_capacity() -> None:
     assert dedup.is_duplicate(third) and dedup.is_duplicate(second)
     assert not dedup.is_duplicate(first)  # evicted: the oldest of three with room for two
 
+
+
+# --- empty payloads -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", bytearray(), memoryview(b"")], ids=["bytes", "bytearray", "memoryview"])
+def test_an_empty_payload_clears_a_retained_topic_and_is_counted(data: bytes) -> None:
+    # MQTT clears a retained message with a zero-length publish: not a frame, not an error.
+    receiver = Receiver(RUN)
+    assert receiver.accept(data, Topics(RUN).model()) is None
+    assert receiver.accept(data) is None
+    assert receiver.counters == {"empty": 2}
+
+
+def test_a_one_byte_payload_is_a_frame_too_short_not_an_empty_one() -> None:
+    # The control for the test above: only zero bytes are "empty".
+    receiver = Receiver(RUN)
+    with pytest.raises(ProtocolError):
+        receiver.accept(b"\x00", Topics(RUN).model())
+    assert receiver.counters == {"rejected.TruncatedError": 1}
+
+
+# --- the topic a message arrived on -------------------------------------------------------------
+
+TOPICS = Topics(RUN)
+
+
+def _on(message: Message, device_id: str = "dev") -> Message:
+    """``message`` re-addressed to this run (and ``device_id``)."""
+    return dataclasses.replace(message, envelope=Envelope(RUN, 5, device_id, 1, 1.0))
+
+
+def _topic(kind: str, device_id: str = "dev") -> str:
+    return {"plan": TOPICS.plan(), "model": TOPICS.model()}.get(kind) or TOPICS.device(device_id, kind)
+
+
+def test_which_message_may_arrive_on_which_topic() -> None:
+    assert {kind: {cls.__name__ for cls in classes} for kind, classes in ALLOWED_ON.items()} == {
+        "up": {"Hello", "Activations", "RoundUpdate", "ErrorReport"},
+        "down": {"Gradient", "ErrorReport"},
+        "status": {"Status"},
+        "plan": {"RoundPlan"},
+        "model": {"ModelWeights"},
+    }
+
+
+CASES = [
+    (kind, cls)
+    for kind in ("up", "down", "status", "plan", "model")
+    for cls in EXAMPLES
+    if cls is not Chunk
+]
+
+
+@pytest.mark.parametrize(("kind", "cls"), CASES, ids=[f"{cls.__name__}-on-{kind}" for kind, cls in CASES])
+def test_a_message_is_accepted_only_on_a_topic_kind_that_carries_it(kind: str, cls: type[Message]) -> None:
+    # Prepare
+    receiver = Receiver(RUN)
+    message = _on(EXAMPLES[cls])
+    allowed = cls in ALLOWED_ON[kind]
+    # Execute / Assert
+    if allowed:
+        assert receiver.accept(encode(message), _topic(kind)) == message
+        assert receiver.counters == {f"accepted.{cls.__name__}": 1}
+    else:
+        with pytest.raises(TopicError, match=f"{cls.__name__} does not belong on a '{kind}' topic"):
+            receiver.accept(encode(message), _topic(kind))
+        assert receiver.counters == {"rejected.TopicError": 1}
+
+
+def test_without_a_topic_any_message_type_is_accepted() -> None:
+    receiver = Receiver(RUN)
+    for cls in EXAMPLES:
+        if cls is not Chunk:
+            assert receiver.accept(encode(_on(EXAMPLES[cls]))) is not None
+    assert sum(receiver.counters.values()) == len(EXAMPLES) - 1
+
+
+@pytest.mark.parametrize("kind", ["up", "down", "status"])
+def test_a_device_topic_must_carry_that_devices_messages(kind: str) -> None:
+    # Prepare: dev-2 publishes on dev's topic (a misconfigured client, or one spoofing another)
+    receiver = Receiver(RUN)
+    message = _on(EXAMPLES[{"up": Hello, "down": Gradient, "status": Status}[kind]], device_id="dev-2")
+    # Execute / Assert
+    with pytest.raises(TopicError, match="envelope claims device 'dev-2' on the topic of 'dev'"):
+        receiver.accept(encode(message), _topic(kind, "dev"))
+    assert receiver.accept(encode(message), _topic(kind, "dev-2")) == message
+    assert receiver.counters == {"rejected.TopicError": 1, f"accepted.{type(message).__name__}": 1}
+
+
+@pytest.mark.parametrize("kind", ["plan", "model"])
+def test_plan_and_model_topics_take_any_sender(kind: str) -> None:
+    message = _on(EXAMPLES[RoundPlan if kind == "plan" else ModelWeights], device_id="server-2")
+    assert Receiver(RUN).accept(encode(message), _topic(kind)) == message
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["sflam/v1/run-2/d/dev/up", "sflam/v1/run-2/model", "sflam/v1/run-1/d/dev/sideways", "sflam/v1/run-1/d/+/up", "not/a/topic"],
+)
+def test_a_topic_that_is_not_one_of_this_runs_is_refused(topic: str) -> None:
+    receiver = Receiver(RUN)
+    with pytest.raises(TopicError):
+        receiver.accept(encode(_hello()), topic)
+    assert receiver.counters == {"rejected.TopicError": 1}
+
+
+def test_the_topic_is_checked_before_the_envelopes_run() -> None:
+    # Another run's message on another run's topic: the topic alone tells it was misrouted.
+    receiver = Receiver(RUN)
+    with pytest.raises(TopicError, match="belongs to run 'run-0', not 'run-1'"):
+        receiver.accept(encode(_hello(run_id="run-0")), Topics("run-0").up("dev"))
+    with pytest.raises(ForeignRunError):
+        receiver.accept(encode(_hello(run_id="run-0")), TOPICS.up("dev"))
+    assert receiver.counters == {"rejected.TopicError": 1, "rejected.ForeignRunError": 1}
+
+
+def test_chunks_on_the_wrong_devices_topic_take_no_buffer_space() -> None:
+    # Prepare
+    receiver = Receiver(RUN)
+    frames = split(_update(round_=2, device_id="dev-2"), 2000)
+    # Execute
+    for frame in frames:
+        with pytest.raises(TopicError, match="envelope claims device 'dev-2'"):
+            receiver.accept(frame, TOPICS.up("dev"))
+    # Assert
+    assert receiver.reassembler.pending_sets == 0 and receiver.reassembler.buffered_bytes == 0
+    assert receiver.counters == {"rejected.TopicError": len(frames)}
+
+
+def test_a_chunked_message_is_checked_against_its_topic_once_reassembled() -> None:
+    # Prepare: a RoundUpdate belongs on up, not down; its chunks say nothing of the type
+    receiver = Receiver(RUN)
+    frames = split(_update(round_=2), 2000)
+    # Execute / Assert: the chunks are buffered, the reassembled message is refused
+    for frame in frames[:-1]:
+        assert receiver.accept(frame, TOPICS.down("dev")) is None
+    with pytest.raises(TopicError, match="RoundUpdate does not belong on a 'down' topic"):
+        receiver.accept(frames[-1], TOPICS.down("dev"))
+    assert receiver.counters == {"chunks": len(frames) - 1, "rejected.TopicError": 1}
+    assert receiver.reassembler.pending_sets == 0
+
+
+def test_a_chunked_round_update_on_its_devices_up_topic_is_accepted() -> None:
+    receiver = Receiver(RUN)
+    message = _update(round_=2)
+    results = [receiver.accept(frame, TOPICS.up("dev")) for frame in split(message, 2000)]
+    assert results[-1] == message
+    assert receiver.counters["accepted.RoundUpdate"] == 1
+
+
+def test_a_model_chunked_onto_retained_sub_topics_is_reassembled() -> None:
+    # Prepare: the server publishes each chunk retained on model/c/{index}
+    model = ModelWeights(Envelope(RUN, 8, "server", 0, 1.0), 3, weights_from_numpy({"w": np.ones(3000, np.float32)}))
+    frames = split(model, 4000)
+    assert len(frames) == 4
+    published = [(TOPICS.retained_part("model", decode(frame).index), frame) for frame in frames]
+    # Execute: a late subscriber to model/# receives them (in any order)
+    receiver = Receiver(RUN)
+    results = [receiver.accept(frame, topic) for topic, frame in reversed(published)]
+    # Assert
+    assert results == [None, None, None, model]
+    assert [parse_topic(topic).part for topic, _ in published] == [0, 1, 2, 3]
+    assert receiver.counters == {"chunks": 3, "accepted.ModelWeights": 1}
+
+
+def test_a_plan_chunked_onto_the_model_sub_topics_is_refused() -> None:
+    # Prepare: a plan large enough to need chunks (60 allocations)
+    plan = _on(EXAMPLES[RoundPlan])
+    plan = dataclasses.replace(plan, allocations=tuple(
+        dataclasses.replace(plan.allocations[0], device_id=f"dev-{i}") for i in range(60)
+    ))
+    frames = split(plan, 1000)
+    assert len(frames) > 1
+    receiver = Receiver(RUN)
+    for index, frame in enumerate(frames[:-1]):
+        assert receiver.accept(frame, TOPICS.retained_part("model", index)) is None
+    with pytest.raises(TopicError, match="RoundPlan does not belong on a 'model' topic"):
+        receiver.accept(frames[-1], TOPICS.retained_part("model", len(frames) - 1))
+    assert receiver.counters == {"chunks": len(frames) - 1, "rejected.TopicError": 1}
+
+
+def test_a_chunk_of_another_run_on_this_runs_topic_is_a_foreign_run() -> None:
+    receiver = Receiver(RUN)
+    frame = split(_update(round_=2, run_id="run-0"), 2000)[0]
+    with pytest.raises(ForeignRunError):
+        receiver.accept(frame, TOPICS.up("dev"))
+    assert receiver.reassembler.pending_sets == 0

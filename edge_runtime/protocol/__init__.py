@@ -9,6 +9,7 @@ from edge_runtime.protocol.codec import DEFAULT_LIMITS, MAGIC, VERSION, Limits, 
 from edge_runtime.protocol.errors import (
     BadMagicError,
     ChunkError,
+    ForeignRunError,
     IntegrityError,
     LimitError,
     MalformedError,
@@ -43,7 +44,7 @@ from edge_runtime.protocol.topics import Topics, parse_topic
 
 __all__ = [
     "Activations", "Allocation", "BadMagicError", "Chunk", "ChunkError", "DEFAULT_LIMITS",
-    "Deduplicator", "Envelope", "ErrorReport", "Gradient", "Hello", "IntegrityError",
+    "Deduplicator", "Envelope", "ErrorReport", "ForeignRunError", "Gradient", "Hello", "IntegrityError",
     "LimitError", "Limits", "MAGIC", "MalformedError", "Message", "ModelWeights",
     "ProtocolError", "Reassembler", "Receiver", "RoundPlan", "RoundUpdate", "StaleMessageError",
     "Status", "Telemetry", "Tensor", "TopicError", "Topics", "TrailingBytesError",

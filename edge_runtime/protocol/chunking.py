@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge_runtime.protocol import messages as m
-from edge_runtime.protocol.codec import DEFAULT_LIMITS, Limits, decode, encode
+from edge_runtime.protocol.codec import DEFAULT_LIMITS, Limits, check_chunk, decode, encode
 from edge_runtime.protocol.errors import ChunkError, LimitError
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,17 @@ class _PartialSet:
     count: int
     total_size: int
     started: float
+    received: int = 0
     pieces: dict[int, bytes] = field(default_factory=dict)
-
-    @property
-    def received(self) -> int:
-        return sum(len(p) for p in self.pieces.values())
 
 
 class Reassembler:
-    """Collects chunk sets; returns the inner message once a set is complete."""
+    """Collects chunk sets; returns the inner message once a set is complete.
+
+    Bounded: at most ``max_sets_per_device`` incomplete sets per device (the oldest is evicted),
+    ``max_buffered_bytes`` in all (a chunk beyond it is refused), sets older than ``expiry_s``
+    dropped. Sets completed recently are remembered, so a re-sent set is not decoded twice.
+    """
 
     def __init__(
         self,
@@ -60,20 +62,24 @@ class Reassembler:
         max_sets_per_device: int = 4,
         max_buffered_bytes: int = 512 * 1024 * 1024,
         expiry_s: float = 120.0,
+        remember_completed: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.max_sets_per_device = max_sets_per_device
         self.max_buffered_bytes = max_buffered_bytes
         self.expiry_s = expiry_s
+        self.remember_completed = remember_completed
         self._clock = clock
         self._sets: dict[tuple[str, int], _PartialSet] = {}
+        self._completed: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._buffered = 0
         self.counters: Counter[str] = Counter()
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes held in incomplete sets."""
-        return sum(s.received for s in self._sets.values())
+        return self._buffered
 
     @property
     def pending_sets(self) -> int:
@@ -88,19 +94,26 @@ class Reassembler:
 
     def add(self, chunk: m.Chunk) -> m.Message | None:
         """Store one decoded chunk; returns the message when its set completes."""
+        check_chunk(chunk)
         self.expire()
         key = (chunk.envelope.device_id, chunk.message_id)
-        partial = self._sets.get(key) or self._open(key, chunk)
-        if (chunk.count, chunk.total_size) != (partial.count, partial.total_size):
+        if key in self._completed:
+            self.counters["late_chunks"] += 1
+            return None
+        partial = self._sets.get(key)
+        if partial is not None and (chunk.count, chunk.total_size) != (partial.count, partial.total_size):
             raise ChunkError(f"chunk {chunk.index} disagrees with its set on count or total size")
-        if chunk.index in partial.pieces:
+        if partial is not None and chunk.index in partial.pieces:
             self.counters["duplicate_chunks"] += 1
             return None
+        self._reserve(len(chunk.data))
+        partial = partial or self._open(key, chunk)
         if partial.received + len(chunk.data) > partial.total_size:
             self._drop(key, "overflowing_sets")
             raise ChunkError(f"chunks of set {chunk.message_id:#x} exceed its declared {partial.total_size} bytes")
-        self._reserve(len(chunk.data))
         partial.pieces[chunk.index] = chunk.data
+        partial.received += len(chunk.data)
+        self._buffered += len(chunk.data)
         return self._complete(key, partial) if len(partial.pieces) == partial.count else None
 
     def expire(self) -> int:
@@ -120,16 +133,19 @@ class Reassembler:
         return partial
 
     def _reserve(self, size: int) -> None:
-        if self.buffered_bytes + size > self.max_buffered_bytes:
+        if self._buffered + size > self.max_buffered_bytes:
             self.counters["rejected_chunks"] += 1
-            raise LimitError(f"chunk buffer full ({self.buffered_bytes} of {self.max_buffered_bytes} bytes)")
+            raise LimitError(f"chunk buffer full ({self._buffered} of {self.max_buffered_bytes} bytes)")
 
     def _complete(self, key: tuple[str, int], partial: _PartialSet) -> m.Message:
-        del self._sets[key]
-        frame = b"".join(partial.pieces[i] for i in range(partial.count))
-        if len(frame) != partial.total_size:
+        self._drop(key, None)
+        self._completed[key] = None
+        if len(self._completed) > self.remember_completed:
+            self._completed.popitem(last=False)
+        if partial.received != partial.total_size:
             self.counters["incomplete_sets"] += 1
-            raise ChunkError(f"reassembled {len(frame)} bytes, set declared {partial.total_size}")
+            raise ChunkError(f"reassembled {partial.received} bytes, set declared {partial.total_size}")
+        frame = b"".join(partial.pieces[i] for i in range(partial.count))
         message = decode(frame, self.limits)
         if isinstance(message, m.Chunk):
             raise ChunkError("a chunk set must not contain another chunk")
@@ -138,7 +154,11 @@ class Reassembler:
         self.counters["completed_sets"] += 1
         return message
 
-    def _drop(self, key: tuple[str, int], reason: str) -> None:
-        if self._sets.pop(key, None) is not None:
+    def _drop(self, key: tuple[str, int], reason: str | None) -> None:
+        partial = self._sets.pop(key, None)
+        if partial is None:
+            return
+        self._buffered -= partial.received
+        if reason is not None:
             self.counters[reason] += 1
             log.debug("dropped chunk set %s of %s: %s", key[1], key[0], reason)

@@ -4,8 +4,9 @@ Frame layout (little-endian; docs/protocol.md has the full byte map)::
 
     magic "SFLM" | version u8 | type u8 | header_len u16 | body_len u32 | header | body | crc32 u32
 
-Each message type has a paired ``_put_x`` / ``_get_x``; decoding validates every declared size
-against what was received and against :class:`Limits` before allocating.
+Each message type has a paired ``_put_x`` / ``_get_x`` and its rules (``checks.py``), applied
+on both sides. Decoding validates every declared size against what was received and against
+:class:`Limits` before allocating.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.protocol import messages as m
+from edge_runtime.protocol.checks import (
+    check_allocation,
+    check_envelope,
+    check_finite,
+    check_flag,
+    check_labels,
+    check_qtensor,
+    check_telemetry,
+    check_uint,
+    check_weights,
+)
 from edge_runtime.protocol.errors import (
     BadMagicError,
     IntegrityError,
@@ -71,8 +83,6 @@ def _get_envelope(r: Reader) -> m.Envelope:
 
 
 def _put_tensor(w: Writer, t: m.Tensor) -> None:
-    if t.dtype not in m.DTYPE_CODES:
-        raise MalformedError(f"dtype {t.dtype} cannot travel")
     w.u8(m.DTYPE_CODES[t.dtype])
     w.shape(t.shape)
     w.u32(len(t.data))
@@ -115,8 +125,17 @@ def _get_qtensor(r: Reader, limits: Limits, field: str) -> QuantizedTensor:
     expected_groups = 0 if bits in FLOAT_BITS else num_groups(shape, per)
     if groups != expected_groups:
         raise MalformedError(f"{field}: {shape} per {per} at {bits} bits has {expected_groups} ranges, header says {groups}")
-    lo = r.array(groups, np.dtype("<f4"), f"{field} lo")
-    hi = r.array(groups, np.dtype("<f4"), f"{field} hi")
+    lo = r.array(groups, np.dtype("<f4"), f"{field} lo").astype(np.float32)
+    hi = r.array(groups, np.dtype("<f4"), f"{field} hi").astype(np.float32)
+    _check_ranges(lo, hi, field)
+    size, expected = r.u32(f"{field} payload size"), payload_nbytes(math.prod(shape), bits)
+    if size != expected:
+        raise MalformedError(f"{field}: {math.prod(shape)} values at {bits} bits need {expected} bytes, header says {size}")
+    payload = bytes(r.take(size, f"{field} payload"))
+    return QuantizedTensor(bits, shape, per, lo, hi, payload)
+
+
+def _check_ranges(lo: np.ndarray, hi: np.ndarray, field: str) -> None:
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise MalformedError(f"{field}: NaN or infinite quantization range")
     if (lo > hi).any():
@@ -124,11 +143,6 @@ def _get_qtensor(r: Reader, limits: Limits, field: str) -> QuantizedTensor:
     with np.errstate(over="ignore"):
         if not np.isfinite(hi - lo).all():
             raise MalformedError(f"{field}: a range is wider than float32 can represent")
-    size, expected = r.u32(f"{field} payload size"), payload_nbytes(math.prod(shape), bits)
-    if size != expected:
-        raise MalformedError(f"{field}: {math.prod(shape)} values at {bits} bits need {expected} bytes, header says {size}")
-    payload = bytes(r.take(size, f"{field} payload"))
-    return QuantizedTensor(bits, shape, per, lo.astype(np.float32), hi.astype(np.float32), payload)
 
 
 def _put_weights(w: Writer, weights: m.Weights) -> None:
@@ -153,13 +167,14 @@ def _get_weights(r: Reader, limits: Limits) -> m.Weights:
     return tuple(items)
 
 
-def _finite(value: float, field: str) -> float:
-    if not math.isfinite(value):
-        raise MalformedError(f"{field} must be finite, got {value}")
-    return value
+def _flag(r: Reader, field: str) -> bool:
+    value = r.u8(field)
+    if value > 1:
+        raise MalformedError(f"{field} must be 0 or 1, got {value}")
+    return bool(value)
 
 
-# --- message bodies (paired put/get) ----------------------------------------------------------
+# --- message bodies: _put_x writes, _get_x parses, _check_x states the rules (both sides) ------
 
 
 def _put_hello(w: Writer, msg: m.Hello) -> None:
@@ -175,6 +190,11 @@ def _get_hello(r: Reader, env: m.Envelope, limits: Limits) -> m.Hello:
     return m.Hello(env, profile, backend, software, r.u32("num_samples"), _flag(r, "heartbeat"))
 
 
+def _check_hello(msg: m.Hello) -> None:
+    check_uint(msg.num_samples, "num_samples")
+    check_flag(msg.heartbeat, "heartbeat")
+
+
 def _put_status(w: Writer, msg: m.Status) -> None:
     w.u8(int(msg.online))
     w.text(msg.reason, width=2)
@@ -184,25 +204,29 @@ def _get_status(r: Reader, env: m.Envelope, limits: Limits) -> m.Status:
     return m.Status(env, _flag(r, "online"), r.text("reason", width=2))
 
 
+def _check_status(msg: m.Status) -> None:
+    check_flag(msg.online, "online")
+
+
 def _put_plan(w: Writer, msg: m.RoundPlan) -> None:
     w.u32(msg.model_version)
     w.f64(msg.deadline_s)
     w.u16(msg.local_epochs)
     w.u32(msg.batch_size)
-    w.f32(msg.lr)
+    w.f64(msg.lr)
     w.u16(len(msg.allocations))
     for a in msg.allocations:
         w.text(a.device_id)
         w.u8(a.bits_up)
         w.u8(a.bits_down)
-        w.f32(a.tx_power_w)
+        w.f64(a.tx_power_w)
         w.f64(a.bandwidth_hz)
         w.u8(int(a.per_token))
 
 
 def _get_plan(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundPlan:
-    version, deadline = r.u32("model_version"), _finite(r.f64("deadline_s"), "deadline_s")
-    epochs, batch, lr = r.u16("local_epochs"), r.u32("batch_size"), _finite(r.f32("lr"), "lr")
+    version, deadline = r.u32("model_version"), r.f64("deadline_s")
+    epochs, batch, lr = r.u16("local_epochs"), r.u32("batch_size"), r.f64("lr")
     count = r.u16("allocation count")
     if count > limits.max_allocations:
         raise LimitError(f"{count} allocations exceed the limit of {limits.max_allocations}")
@@ -210,15 +234,24 @@ def _get_plan(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundPlan:
 
 
 def _get_allocation(r: Reader) -> m.Allocation:
-    device = r.text("allocation device_id")
-    up, down = r.u8("bits_up"), r.u8("bits_down")
-    for name, bits in (("bits_up", up), ("bits_down", down)):
-        if bits not in VALID_BITS:
-            raise MalformedError(f"allocation {device!r}: {name} {bits} is not one of 1..8, 16, 32")
-    power, bandwidth = _finite(r.f32("tx_power_w"), "tx_power_w"), _finite(r.f64("bandwidth_hz"), "bandwidth_hz")
-    if power < 0 or bandwidth < 0:
-        raise MalformedError(f"allocation {device!r}: negative power or bandwidth")
+    device, up, down = r.text("allocation device_id"), r.u8("bits_up"), r.u8("bits_down")
+    power, bandwidth = r.f64("tx_power_w"), r.f64("bandwidth_hz")
     return m.Allocation(device, up, down, power, bandwidth, _flag(r, "per_token"))
+
+
+def _check_plan(msg: m.RoundPlan) -> None:
+    check_uint(msg.model_version, "model_version")
+    check_finite(msg.deadline_s, "deadline_s")
+    if msg.deadline_s <= 0:
+        raise MalformedError(f"deadline_s must be > 0 seconds, got {msg.deadline_s}")
+    check_uint(msg.local_epochs, "local_epochs", minimum=1, maximum=0xFFFF)
+    check_uint(msg.batch_size, "batch_size", minimum=1)
+    check_finite(msg.lr, "lr", minimum=0)
+    devices = [a.device_id for a in msg.allocations]
+    if len(set(devices)) != len(devices):
+        raise MalformedError("a device appears twice in the plan's allocations")
+    for allocation in msg.allocations:
+        check_allocation(allocation)
 
 
 def _put_model(w: Writer, msg: m.ModelWeights) -> None:
@@ -230,28 +263,39 @@ def _get_model(r: Reader, env: m.Envelope, limits: Limits) -> m.ModelWeights:
     return m.ModelWeights(env, r.u32("version"), _get_weights(r, limits))
 
 
+def _check_model(msg: m.ModelWeights) -> None:
+    check_uint(msg.version, "version")
+    check_weights(msg.weights)
+
+
 def _put_activations(w: Writer, msg: m.Activations) -> None:
     _put_qtensor(w, msg.tensor)
     _put_tensor(w, msg.labels)
 
 
 def _get_activations(r: Reader, env: m.Envelope, limits: Limits) -> m.Activations:
-    tensor = _get_qtensor(r, limits, "activations")
-    labels = _get_tensor(r, limits, "labels")
-    if labels.dtype not in ("uint8", "uint16", "int32", "int64") or len(labels.shape) != 1:
-        raise MalformedError(f"labels must be a 1-D integer tensor, got {labels.dtype} {labels.shape}")
-    if tensor.shape and labels.shape[0] != tensor.shape[0]:
-        raise MalformedError(f"{labels.shape[0]} labels for a batch of {tensor.shape[0]} activations")
-    return m.Activations(env, tensor, labels)
+    return m.Activations(env, _get_qtensor(r, limits, "activations"), _get_tensor(r, limits, "labels"))
+
+
+def _check_activations(msg: m.Activations) -> None:
+    check_qtensor(msg.tensor, "activations")
+    if not msg.tensor.shape:
+        raise MalformedError("activations need a batch dimension")
+    check_labels(msg.labels, msg.tensor.shape[0])
 
 
 def _put_gradient(w: Writer, msg: m.Gradient) -> None:
     _put_qtensor(w, msg.tensor)
-    w.f32(msg.loss)
+    w.f64(msg.loss)
 
 
 def _get_gradient(r: Reader, env: m.Envelope, limits: Limits) -> m.Gradient:
-    return m.Gradient(env, _get_qtensor(r, limits, "gradient"), r.f32("loss"))
+    return m.Gradient(env, _get_qtensor(r, limits, "gradient"), r.f64("loss"))
+
+
+def _check_gradient(msg: m.Gradient) -> None:
+    check_qtensor(msg.tensor, "gradient")
+    check_finite(msg.loss, "loss")
 
 
 def _put_update(w: Writer, msg: m.RoundUpdate) -> None:
@@ -269,14 +313,19 @@ def _put_update(w: Writer, msg: m.RoundUpdate) -> None:
 
 def _get_update(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundUpdate:
     version, samples, weights = r.u32("model_version"), r.u32("num_samples"), _get_weights(r, limits)
-    times = [_finite(r.f64(name), name) for name in ("compute_time_s", "uplink_time_s", "energy_j")]
-    if min(times) < 0:
-        raise MalformedError("telemetry times and energy must be >= 0")
+    times = [r.f64(name) for name in ("compute_time_s", "uplink_time_s", "energy_j")]
     source = r.u8("energy_source")
     if source >= len(m.ENERGY_SOURCES):
         raise MalformedError(f"unknown energy source code {source}")
     telemetry = m.Telemetry(*times, m.ENERGY_SOURCES[source], r.u64("bytes_sent"), r.u64("bytes_received"), r.u32("steps"))
     return m.RoundUpdate(env, version, samples, weights, telemetry)
+
+
+def _check_update(msg: m.RoundUpdate) -> None:
+    check_uint(msg.model_version, "model_version")
+    check_uint(msg.num_samples, "num_samples")
+    check_weights(msg.weights)
+    check_telemetry(msg.telemetry)
 
 
 def _put_error(w: Writer, msg: m.ErrorReport) -> None:
@@ -299,65 +348,89 @@ def _put_chunk(w: Writer, msg: m.Chunk) -> None:
 
 def _get_chunk(r: Reader, env: m.Envelope, limits: Limits) -> m.Chunk:
     message_id, index, count, total = r.u64("message_id"), r.u32("index"), r.u32("count"), r.u32("total_size")
-    if count == 0 or index >= count:
-        raise MalformedError(f"chunk index {index} of {count}")
-    if count > limits.max_chunks or count > total:
-        raise LimitError(f"a set of {count} chunks for {total} bytes exceeds the limits")
     if total > limits.max_frame_bytes:
         raise LimitError(f"chunked message of {total} bytes exceeds the limit of {limits.max_frame_bytes}")
+    if count > limits.max_chunks:
+        raise LimitError(f"a set of {count} chunks exceeds the limit of {limits.max_chunks}")
     size = r.u32("chunk size")
-    if size == 0 or size > total:
-        raise MalformedError(f"chunk of {size} bytes in a message of {total}")
     return m.Chunk(env, message_id, index, count, total, bytes(r.take(size, "chunk data")))
 
 
-def _flag(r: Reader, field: str) -> bool:
-    value = r.u8(field)
-    if value > 1:
-        raise MalformedError(f"{field} must be 0 or 1, got {value}")
-    return bool(value)
+def check_chunk(msg: m.Chunk) -> None:
+    """A non-empty piece that fits its set: index < count <= total size."""
+    check_uint(msg.message_id, "message_id", maximum=2**64 - 1)
+    check_uint(msg.count, "chunk count", minimum=1)
+    check_uint(msg.index, "chunk index", maximum=msg.count - 1)
+    check_uint(msg.total_size, "chunk total_size", minimum=msg.count)
+    if not isinstance(msg.data, bytes):
+        raise MalformedError(f"chunk data must be bytes, got {type(msg.data).__name__}")
+    if not 0 < len(msg.data) <= msg.total_size:
+        raise MalformedError(f"chunk of {len(msg.data)} bytes in a message of {msg.total_size}")
 
 
-Encoder = Callable[[Writer, m.Message], None]
-Decoder = Callable[[Reader, m.Envelope, Limits], m.Message]
+def _no_rules(msg: m.Message) -> None:
+    """Types whose fields the parser already fully constrains."""
 
-# type -> (wire code, encoder, decoder). Codes are part of the protocol: never renumber.
-CODECS: dict[type[m.Message], tuple[int, Encoder, Decoder]] = {
-    m.Hello: (1, _put_hello, _get_hello),
-    m.Status: (2, _put_status, _get_status),
-    m.RoundPlan: (3, _put_plan, _get_plan),
-    m.ModelWeights: (4, _put_model, _get_model),
-    m.Activations: (5, _put_activations, _get_activations),
-    m.Gradient: (6, _put_gradient, _get_gradient),
-    m.RoundUpdate: (7, _put_update, _get_update),
-    m.ErrorReport: (8, _put_error, _get_error),
-    m.Chunk: (9, _put_chunk, _get_chunk),
+
+@dataclass(frozen=True)
+class Codec:
+    """How one message type travels: its wire code, writer, parser and rules."""
+
+    code: int
+    put: Callable[[Writer, m.Message], None]
+    get: Callable[[Reader, m.Envelope, Limits], m.Message]
+    check: Callable[[m.Message], None]
+
+
+# Codes are part of the protocol: never renumber, only add.
+CODECS: dict[type[m.Message], Codec] = {
+    m.Hello: Codec(1, _put_hello, _get_hello, _check_hello),
+    m.Status: Codec(2, _put_status, _get_status, _check_status),
+    m.RoundPlan: Codec(3, _put_plan, _get_plan, _check_plan),
+    m.ModelWeights: Codec(4, _put_model, _get_model, _check_model),
+    m.Activations: Codec(5, _put_activations, _get_activations, _check_activations),
+    m.Gradient: Codec(6, _put_gradient, _get_gradient, _check_gradient),
+    m.RoundUpdate: Codec(7, _put_update, _get_update, _check_update),
+    m.ErrorReport: Codec(8, _put_error, _get_error, _no_rules),
+    m.Chunk: Codec(9, _put_chunk, _get_chunk, check_chunk),
 }
-_BY_CODE = {code: (cls, dec) for cls, (code, _, dec) in CODECS.items()}
+_BY_CODE = {codec.code: (cls, codec) for cls, codec in CODECS.items()}
 
 
 def type_code(cls: type[m.Message]) -> int:
     """The wire code of a message class."""
-    return CODECS[cls][0]
+    return CODECS[cls].code
+
+
+def check_message(message: m.Message) -> None:
+    """Every rule of ``message``'s type and its envelope; MalformedError on the first broken one."""
+    check_envelope(message.envelope)
+    CODECS[type(message)].check(message)
 
 
 # --- frames -----------------------------------------------------------------------------------
 
 
 def encode(message: m.Message) -> bytes:
-    """One complete frame for ``message`` (chunk it with ``chunking.split`` when too large)."""
-    try:
-        code, put, _ = CODECS[type(message)]
-    except KeyError:
-        raise UnknownTypeError(f"no encoder for {type(message).__name__}") from None
+    """One complete frame for ``message`` (chunk it with ``chunking.split`` when too large).
+
+    The message is checked first against the rules the decoder applies, so nothing is written
+    that a receiver would refuse.
+    """
+    codec = CODECS.get(type(message))
+    if codec is None:
+        raise UnknownTypeError(f"no encoder for {type(message).__name__}")
     head, body = Writer(), Writer()
     try:
+        check_message(message)
         _put_envelope(head, message.envelope)
-        put(body, message)
-    except (struct.error, ValueError) as exc:  # out-of-range ints, unknown enum values
+        codec.put(body, message)
+    except MalformedError:
+        raise
+    except (struct.error, ValueError, OverflowError, TypeError, AttributeError, KeyError) as exc:
         raise MalformedError(f"cannot encode {type(message).__name__}: {exc}") from exc
     header, payload = head.getvalue(), body.getvalue()
-    frame = _PREFIX.pack(MAGIC, VERSION, code, len(header), len(payload)) + header + payload
+    frame = _PREFIX.pack(MAGIC, VERSION, codec.code, len(header), len(payload)) + header + payload
     return frame + struct.pack("<I", zlib.crc32(frame))
 
 
@@ -371,13 +444,14 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise IntegrityError("CRC-32 mismatch: the frame was corrupted or altered")
     if code not in _BY_CODE:
         raise UnknownTypeError(f"unknown message type code {code}")
-    cls, get = _BY_CODE[code]
+    cls, codec = _BY_CODE[code]
     head = Reader(view[PREFIX_SIZE : PREFIX_SIZE + header_len], "header")
     envelope = _get_envelope(head)
     head.finish()
     body = Reader(view[PREFIX_SIZE + header_len : frame_len], f"{cls.__name__} body")
-    message = get(body, envelope, limits)
+    message = codec.get(body, envelope, limits)
     body.finish()
+    check_message(message)
     return message
 
 

@@ -53,3 +53,7 @@ class StaleMessageError(ProtocolError):
 
 class TopicError(ProtocolError):
     """A topic outside the sflam layout, or an identifier that cannot be part of one."""
+
+
+class ForeignRunError(ProtocolError):
+    """A message of another run than the one being served."""

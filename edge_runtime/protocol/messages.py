@@ -24,7 +24,8 @@ ENERGY_SOURCES = ("measured", "estimated")
 
 @dataclass(frozen=True)
 class Envelope:
-    """Who sent a message, for which run, round and step, and when (Unix seconds)."""
+    """Which run, round and step a message belongs to, when it was made (Unix seconds), and the
+    device it is from or for (``server`` on the broadcast ``plan`` and ``model`` topics)."""
 
     run_id: str
     round: int
@@ -126,7 +127,11 @@ class Status(Message):
 
 @dataclass(frozen=True)
 class RoundPlan(Message):
-    """The server's plan for a round: who trains, with which allocation, by when."""
+    """The server's plan for a round: who trains, with which allocation, by when.
+
+    ``deadline_s`` is how many seconds the round may take, counted from when a device receives
+    the plan (relative, so device clocks need not agree).
+    """
 
     model_version: int
     deadline_s: float

@@ -1,7 +1,8 @@
-"""The receiving side in one place: reassembly, duplicate and stale filtering, counters.
+"""The receiving side in one place: reassembly, topic, run, duplicate and stale checks, counters.
 
-A daemon or device feeds every payload to :meth:`Receiver.accept` and gets a message, ``None``
-(a chunk or a duplicate, nothing to do), or a ``ProtocolError`` that it logs and moves past;
+A daemon or device feeds every payload (with the topic it arrived on) to
+:meth:`Receiver.accept` and gets a message, ``None`` (nothing to act on: a chunk, a duplicate,
+an empty retained-clear payload) or a ``ProtocolError`` that it logs and moves past;
 ``Receiver.counters`` tells what was refused and why.
 """
 
@@ -12,11 +13,21 @@ from collections import Counter, OrderedDict
 
 from edge_runtime.protocol import messages as m
 from edge_runtime.protocol.chunking import Reassembler
-from edge_runtime.protocol.errors import ProtocolError, StaleMessageError
+from edge_runtime.protocol.codec import decode
+from edge_runtime.protocol.errors import ForeignRunError, ProtocolError, StaleMessageError, TopicError
+from edge_runtime.protocol.topics import TopicRef, Topics
 
 log = logging.getLogger(__name__)
 # Messages whose (device, round, step) identifies one piece of work: applying one twice is a bug.
 STEP_KEYED = (m.Activations, m.Gradient, m.RoundUpdate)
+# Which messages may arrive on which kind of topic (chunks carry any of them).
+ALLOWED_ON = {
+    "up": (m.Hello, m.Activations, m.RoundUpdate, m.ErrorReport),
+    "down": (m.Gradient, m.ErrorReport),
+    "status": (m.Status,),
+    "plan": (m.RoundPlan,),
+    "model": (m.ModelWeights,),
+}
 
 
 class Deduplicator:
@@ -42,21 +53,26 @@ class Deduplicator:
 
 
 class Receiver:
-    """Decode, reassemble, drop duplicates and stale rounds; count every outcome."""
+    """Decode, reassemble, check topic/run/round, drop duplicates; count every outcome."""
 
     def __init__(self, run_id: str, reassembler: Reassembler | None = None, dedup: Deduplicator | None = None) -> None:
-        self.run_id = run_id
+        self.topics = Topics(run_id)
         self.reassembler = reassembler or Reassembler()
         self.dedup = dedup or Deduplicator()
         self.min_round = 0
         self.counters: Counter[str] = Counter()
 
-    def accept(self, data: bytes) -> m.Message | None:
+    @property
+    def run_id(self) -> str:
+        return self.topics.run_id
+
+    def accept(self, data: bytes, topic: str | None = None) -> m.Message | None:
         """The message in ``data``, None when there is nothing to act on, or a ProtocolError."""
+        if not data:  # an empty publish clears a retained topic: not an error
+            self.counters["empty"] += 1
+            return None
         try:
-            message = self.reassembler.feed(data)
-            if message is not None:
-                self._check(message)
+            message = self._receive(data, topic)
         except ProtocolError as exc:
             self.counters[f"rejected.{type(exc).__name__}"] += 1
             raise
@@ -69,9 +85,26 @@ class Receiver:
         self.counters[f"accepted.{type(message).__name__}"] += 1
         return message
 
-    def _check(self, message: m.Message) -> None:
+    def _receive(self, data: bytes, topic: str | None) -> m.Message | None:
+        ref = self.topics.parse(topic) if topic is not None else None
+        message = decode(data, self.reassembler.limits)
+        self._check_origin(message, ref)  # before a chunk takes buffer space
+        if isinstance(message, m.Chunk):
+            message = self.reassembler.add(message)
+            if message is None:
+                return None
+            self._check_origin(message, ref)
+        if ref is not None and not isinstance(message, ALLOWED_ON[ref.kind]):
+            raise TopicError(f"{type(message).__name__} does not belong on a {ref.kind!r} topic")
+        if isinstance(message, STEP_KEYED) and message.envelope.round < self.min_round:
+            raise StaleMessageError(
+                f"{type(message).__name__} for round {message.envelope.round}, serving round {self.min_round}"
+            )
+        return message
+
+    def _check_origin(self, message: m.Message, ref: TopicRef | None) -> None:
         env = message.envelope
         if env.run_id != self.run_id:
-            raise StaleMessageError(f"message for run {env.run_id!r}, serving {self.run_id!r}")
-        if isinstance(message, STEP_KEYED) and env.round < self.min_round:
-            raise StaleMessageError(f"{type(message).__name__} for round {env.round}, serving round {self.min_round}")
+            raise ForeignRunError(f"message for run {env.run_id!r}, this is run {self.run_id!r}")
+        if ref is not None and ref.device_id is not None and env.device_id != ref.device_id:
+            raise TopicError(f"envelope claims device {env.device_id!r} on the topic of {ref.device_id!r}")

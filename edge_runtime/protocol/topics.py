@@ -7,6 +7,10 @@ All topics live under ``sflam/v1/{run_id}/``::
     d/{device_id}/up       device -> server    QoS 1
     d/{device_id}/down     server -> device    QoS 1
     d/{device_id}/status   device (last will)  QoS 1, retained
+
+A retained message too large for one publish (plan or model) is chunked onto retained
+sub-topics ``plan/c/{i}`` / ``model/c/{i}`` so a late subscriber to ``model/#`` receives every
+chunk; non-retained chunks travel on the message's own topic.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from edge_runtime.protocol.errors import TopicError
 ROOT = "sflam/v1"
 QOS = 1
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
+MAX_PARTS = 1_000_000  # what _INDEX accepts; far above Limits.max_chunks
 RETAINED = frozenset({"plan", "model", "status"})
 DEVICE_KINDS = ("up", "down", "status")
 
@@ -37,6 +43,7 @@ class TopicRef:
     run_id: str
     kind: str
     device_id: str | None = None
+    part: int | None = None  # chunk index of a chunked retained message
 
     @property
     def retained(self) -> bool:
@@ -58,6 +65,20 @@ class Topics:
 
     def plan(self) -> str:
         return f"{self.prefix}/plan"
+
+    def retained_part(self, kind: str, index: int) -> str:
+        """Where chunk ``index`` of a chunked retained ``plan``/``model`` message is retained."""
+        if kind not in ("plan", "model"):
+            raise TopicError(f"only plan and model are chunked onto sub-topics, got {kind!r}")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_PARTS:
+            raise TopicError(f"chunk index must be an integer in [0, {MAX_PARTS}), got {index!r}")
+        return f"{self.prefix}/{kind}/c/{index}"
+
+    def retained_filter(self, kind: str) -> str:
+        """Subscription filter for a retained message and its chunk sub-topics (``model/#``)."""
+        if kind not in ("plan", "model"):
+            raise TopicError(f"retained kinds are plan and model, got {kind!r}")
+        return f"{self.prefix}/{kind}/#"
 
     def model(self) -> str:
         return f"{self.prefix}/model"
@@ -104,6 +125,8 @@ def parse_topic(topic: str) -> TopicRef:
     rest = parts[3:]
     if rest in (["plan"], ["model"]):
         return TopicRef(run_id, rest[0])
+    if len(rest) == 3 and rest[0] in ("plan", "model") and rest[1] == "c" and _INDEX.fullmatch(rest[2]):
+        return TopicRef(run_id, rest[0], None, int(rest[2]))
     if len(rest) == 3 and rest[0] == "d" and rest[2] in DEVICE_KINDS:
         return TopicRef(run_id, rest[2], check_id(rest[1], "device id"))
     raise TopicError(f"not an sflam topic: {topic!r}")
