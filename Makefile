@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 broker:
 	@scripts/ensure-broker.sh
+	@scripts/ensure-sshd.sh
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

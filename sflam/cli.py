@@ -88,6 +88,54 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     part.set_defaults(handler="server_runtime.data.cli:cmd_partition")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser(
+        "export", help="export a verified device bundle (ONNX / TFLite / TFLite Micro) for a profile"
+    )
+    exp.add_argument("--model", required=True, help="a preset (see `sflam models list`)")
+    exp.add_argument("--checkpoint", help="a local timm-layout checkpoint for the device weights")
+    exp.add_argument("--num-classes", type=_positive_int, help="class count of the fine-tuning task")
+    exp.add_argument("--profile", required=True, help="a device profile (see `sflam profiles list`)")
+    exp.add_argument("--batch", type=_positive_int, default=8, help="fixed batch of TFLite artifacts")
+    exp.add_argument(
+        "--formats", help="comma list of onnx,tflite,tflite-int8,tflite-micro (default: the profile's)"
+    )
+    exp.add_argument("--bits", type=_positive_int, default=8, help="default activation bits (1-8)")
+    exp.add_argument("--out", required=True, help="bundle directory to create")
+    exp.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    exp.set_defaults(handler="export.bundle:cmd_export")
+
+
+def _add_flash(sub: argparse._SubParsersAction) -> None:
+    flash = sub.add_parser(
+        "flash", help="copy a bundle to a device (ssh:// or adb://), verify it there and run its check"
+    )
+    flash.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
+    flash.add_argument(
+        "--target", required=True, help="ssh://user@host[:port]/abs/path or adb://SERIAL/abs/path"
+    )
+    flash.add_argument(
+        "--remote-python", metavar="PATH", help="an interpreter on the device that has sflam[edge] (no venv then)"
+    )
+    flash.add_argument("--no-venv", action="store_true", help="do not create <path>/.venv on the device")
+    flash.add_argument("--no-unit", action="store_true", help="do not install the systemd unit")
+    flash.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    flash.add_argument(
+        "--wheel", nargs="+", action="extend", metavar="PATH",
+        help="wheels to copy to the device for pip (e.g. one from `pip wheel --no-deps .`)",
+    )
+    flash.add_argument(
+        "--pip-arg", action="append", metavar="ARG", help="extra pip install argument, e.g. --pip-arg=--no-index"
+    )
+    flash.add_argument("-i", "--identity", metavar="FILE", help="ssh private key")
+    flash.add_argument("--known-hosts", metavar="FILE", help="ssh known_hosts file to use")
+    flash.add_argument("--ssh-config", metavar="FILE", help="ssh config file (-F)")
+    flash.add_argument(
+        "-o", "--ssh-option", action="append", metavar="KEY=VALUE", help="extra ssh -o option (repeatable)"
+    )
+    flash.set_defaults(handler="export.flash:cmd_flash")
+
+
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     quick = sub.add_parser(
         "quickstart",
@@ -118,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profiles(sub)
     _add_models(sub)
     _add_data(sub)
+    _add_export(sub)
+    _add_flash(sub)
     _add_quickstart(sub)
     return parser
 

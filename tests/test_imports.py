@@ -74,7 +74,7 @@ def test_the_cli_front_door_and_profiles_commands_do_not_import_torch() -> None:
 def test_sflam_help_lists_the_subcommands() -> None:
     result = subprocess.run([sys.executable, "-m", "sflam", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0
-    for command in ("profiles", "models", "data", "quickstart"):
+    for command in ("profiles", "models", "data", "export", "flash", "quickstart"):
         assert command in result.stdout
 
 
