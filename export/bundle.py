@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -172,6 +173,30 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
+def _signature_shapes(config: ViTConfig) -> dict[str, dict[str, dict[str, list]]]:
+    """Inputs and outputs of each device graph: shape ("B" = batch) and dtype (all float32)."""
+    c, p, d, n, h = config.in_chans, config.patch_size, config.embed_dim, config.num_patches, config.img_size
+    shapes = {
+        "images": ["B", c, h, h], "weight": [d, c, p, p], "bias": [d], "noise": ["B", n, d],
+        "levels": [], "per_token": [], "tokens": ["B", n, d], "codes": ["B", n, d], "lo": ["B", n, 1],
+        "hi": ["B", n, 1], "momentum_weight": [d, c, p, p], "momentum_bias": [d], "grad_tokens": ["B", n, d],
+        "lr": [], "momentum": [], "new_weight": [d, c, p, p], "new_bias": [d],
+        "new_momentum_weight": [d, c, p, p], "new_momentum_bias": [d],
+    }
+    names = {
+        "embed": (("images", "weight", "bias"), ("tokens",)),
+        "forward": (("images", "weight", "bias", "noise", "levels", "per_token"), ("codes", "lo", "hi")),
+        "train_step": (
+            ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
+            ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
+        ),
+    }
+    return {
+        sig: {side: {k: {"shape": shapes[k], "dtype": "float32"} for k in keys} for side, keys in zip(("inputs", "outputs"), io)}
+        for sig, io in names.items()
+    }
+
+
 def _write_manifest(
     out: Path, config: ViTConfig, profile: DeviceProfile, artifacts: list[Artifact], checkpoint: Path | None, bits: int
 ) -> None:
@@ -197,6 +222,7 @@ def _write_manifest(
         "opset": OPSET,
         "source_sha256": _source_hash(),
         "patch_layout": "conv weight (D, C, p, p); tokens (B, N, D), N row-major over the patch grid",
+        "signatures": _signature_shapes(config),
         "quantizer": {"default_bits": bits, "granularities": ["tensor", "token"], "noise": "input U[0,1)",
                       "rounding": "floor((x - lo) / delta + u)"},
         "frozen_embedding": not (profile.runtime.supports_training and any(a.trainable for a in artifacts)),
@@ -205,8 +231,19 @@ def _write_manifest(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
+def _quiet_converters(verbose: bool) -> None:
+    """Keep converter chatter (absl, torch.export notices) out of the CLI unless asked for."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for name in ("torch.utils._pytree", "torch.onnx", "torch._export", "onnxscript", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Handler of ``sflam export``."""
+    _quiet_converters(args.verbose)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     out = export_bundle(
         args.model, args.profile, Path(args.out), checkpoint=args.checkpoint, num_classes=args.num_classes,

@@ -72,7 +72,10 @@ class LiteRTBackend:
     def __init__(self, model_path: Path, io_names: Mapping[str, Any] | None = None, num_threads: int | None = None):
         """``io_names``: ``{"inputs": {sig: {arg: tensor}}, "outputs": {sig: {result: tensor}}}``
         (an exporter's ``Artifact.extra`` will do); None assumes litert-torch's positional names."""
-        from ai_edge_litert.interpreter import Interpreter
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:
+            raise BackendError(f"the LiteRT backend needs ai-edge-litert (pip install 'sflam[edge]'): {exc}") from None
 
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
