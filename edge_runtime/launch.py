@@ -66,13 +66,16 @@ def run_check(bundle: Path, backend_name: str) -> int:
         print(f"forward check: FAILED: {exc}", file=sys.stderr)
         return 1
     print("forward check: ok " + json.dumps(figures))
+    if figures["backend"] == "numpy":
+        print("note: no LiteRT or ONNX Runtime artifact ran here (missing runtime, or a tflite-micro-only "
+              "bundle): the forward check used the numpy reference backend")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m edge_runtime.launch`` (what ``launch.sh`` runs)."""
     parser = argparse.ArgumentParser(prog="launch.sh", description="Check or start an sflam device bundle.")
-    parser.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent, help="bundle directory")
+    parser.add_argument("--bundle", type=Path, default=Path("."), help="bundle directory (default: here)")
     parser.add_argument("--check", action="store_true", help="verify hashes and run one forward, then exit")
     parser.add_argument("--backend", default="auto", choices=("auto", "litert", "onnx", "numpy"))
     args = parser.parse_args(argv)

@@ -128,6 +128,7 @@ def _write_support_files(
     (out / "weights.safetensors").chmod(0o644)  # readable by a service running as another user
     trainable = profile.runtime.supports_training and any(a.trainable for a in artifacts)
     config = model.config
+    batch = _check_batch(artifacts, batch)  # a fixed-batch artifact (TFLite, Micro) decides
     device = {
         "preset": config.name, "profile": profile.name, "batch_size": batch,
         "image_size": config.img_size, "in_chans": config.in_chans, "patch_size": config.patch_size,
@@ -136,7 +137,7 @@ def _write_support_files(
         "lr": 0.01, "momentum": 0.9, "trainable": trainable,
     }
     (out / "device.json").write_text(json.dumps(device, indent=2) + "\n")
-    _write_check_vector(out, config, weight, bias, _check_batch(artifacts, batch), bits)
+    _write_check_vector(out, config, weight, bias, batch, bits)
     launcher = out / "launch.sh"
     launcher.write_text(_LAUNCHER)
     launcher.chmod(0o755)
@@ -219,9 +220,10 @@ def _write_manifest(
         "profile": profile.name,
         "checkpoint_sha256": file_sha256(Path(checkpoint)) if checkpoint else None,
         "created_at": time.time(),
-        "opset": OPSET,
+        "opset": OPSET if any(a.format == "onnx" for a in artifacts) else None,
         "source_sha256": _source_hash(),
         "patch_layout": "conv weight (D, C, p, p); tokens (B, N, D), N row-major over the patch grid",
+        # The float graphs; int8 and micro files bake their weights in (see each file's "extra").
         "signatures": _signature_shapes(config),
         "quantizer": {"default_bits": bits, "granularities": ["tensor", "token"], "noise": "input U[0,1)",
                       "rounding": "floor((x - lo) / delta + u)"},

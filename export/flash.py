@@ -447,9 +447,12 @@ def execute(steps: Sequence[Step], target: Target, progress: Progress = log.info
 def _report(step: Step, stdout: str, target: Target, progress: Progress) -> None:
     if step.name == "systemd unit":
         if _NO_SYSTEMD in stdout:
-            progress(f"    no systemd on {target.where}: unit not installed; run {target.path}/launch.sh yourself")
+            progress(f"    no systemd on {target.where}: unit not installed")
         else:
-            progress(f"    installed and enabled {UNIT_DIR}/{UNIT_NAME}; start it: systemctl start {UNIT_NAME}")
+            progress(
+                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME} (start it once this sflam version "
+                "has the device loop; today launch.sh only runs --check)"
+            )
     elif step.name == "launch.sh --check":
         for line in stdout.strip().splitlines():
             progress(f"    {line}")
