@@ -191,6 +191,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
         raise QuantizeError(f"a code of {int(codes.max())} does not fit in {bits} bits")
     if bits == 8:
         return codes.tobytes()
+    if bits == 1:
+        return np.packbits(codes).tobytes()  # the same MSB-first layout, in C
     per_word, word_type = (8 // bits, np.uint8) if 8 % bits == 0 else (8, np.uint64)
     matrix = _padded(codes, per_word, word_type)
     words = np.zeros(matrix.shape[0], dtype=word_type)
@@ -213,6 +215,8 @@ def unpack_codes(payload: bytes, bits: int, count: int) -> np.ndarray:
     raw = np.frombuffer(payload, dtype=np.uint8)
     if bits == 8:
         return raw.copy()
+    if bits == 1:
+        return np.unpackbits(raw, count=count)
     per_word, word_type = (8 // bits, np.uint8) if 8 % bits == 0 else (8, np.uint64)
     if word_type is np.uint8:
         words = raw
