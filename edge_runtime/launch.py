@@ -1,4 +1,5 @@
-"""The bundle launcher: ``launch.sh --check`` verifies a bundle where it was installed.
+"""The bundle launcher: ``launch.sh --check`` verifies a bundle where it was installed;
+``launch.sh --broker URL --device-id ID --data SPEC`` runs the device loop (``sflam device``).
 
 ``--check`` verifies every file's sha256 against the manifest, then runs one forward of the
 bundle's check vector on the chosen backend and compares it with the output torch computed at
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,12 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("."), help="bundle directory (default: here)")
     parser.add_argument("--check", action="store_true", help="verify hashes and run one forward, then exit")
     parser.add_argument("--backend", default="auto", choices=("auto", "litert", "onnx", "numpy"))
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.check:
+        if rest:
+            parser.error(f"--check takes no other options: {' '.join(rest)}")
         return run_check(args.bundle, args.backend)
-    print("the device training loop (`sflam device`) is not part of this sflam version yet; "
-          "use --check to verify the bundle", file=sys.stderr)
-    return 2
+    if not rest:
+        parser.error("give the device options (--broker URL --device-id ID --data SPEC), or --check")
+    # The device loop lives behind the sflam front door; run it in place of this process.
+    command = [sys.executable, "-m", "sflam", "device", "--bundle", str(args.bundle), "--backend", args.backend, *rest]
+    os.execv(sys.executable, command)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

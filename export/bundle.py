@@ -278,7 +278,9 @@ Wants=network-online.target
 Type=simple
 # Installed by `sflam flash`, which replaces @BUNDLE@ with the bundle's directory.
 WorkingDirectory=@BUNDLE@
-ExecStart=@BUNDLE@/launch.sh
+# SFLAM_DEVICE_ARGS="--broker mqtts://broker:8883 --device-id jetson-07 --data npz:/data/shard.npz"
+EnvironmentFile=-@BUNDLE@/device.env
+ExecStart=@BUNDLE@/launch.sh $SFLAM_DEVICE_ARGS
 Restart=on-failure
 RestartSec=5
 

@@ -450,8 +450,8 @@ def _report(step: Step, stdout: str, target: Target, progress: Progress) -> None
             progress(f"    no systemd on {target.where}: unit not installed")
         else:
             progress(
-                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME} (start it once this sflam version "
-                "has the device loop; today launch.sh only runs --check)"
+                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME}; put SFLAM_DEVICE_ARGS=\"--broker URL "
+                f"--device-id ID --data SPEC\" in {target.path}/device.env, then: systemctl start {UNIT_NAME}"
             )
     elif step.name == "launch.sh --check":
         for line in stdout.strip().splitlines():

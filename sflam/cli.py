@@ -136,6 +136,41 @@ def _add_flash(sub: argparse._SubParsersAction) -> None:
     flash.set_defaults(handler="export.flash:cmd_flash")
 
 
+def _add_profile_energy(sub: argparse._SubParsersAction) -> None:
+    pe = sub.add_parser(
+        "profile-energy",
+        help="run a bundle here, measure seconds and joules per sample, write a calibrated profile",
+    )
+    pe.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
+    pe.add_argument(
+        "--meter", choices=("auto", "rapl", "jetson", "android", "estimate"), default="auto",
+        help="energy meter (auto: RAPL, Jetson INA3221, Android battery, else the profile estimate)",
+    )
+    pe.add_argument("--samples", type=_positive_int, default=256, help="samples to run (whole batches)")
+    pe.add_argument("--backend", choices=("auto", "litert", "onnx", "numpy"), default="auto")
+    pe.add_argument("--out", required=True, help="calibrated profile .toml to write")
+    pe.add_argument("--base", help="profile to calibrate, name or .toml path (default: the bundle's)")
+    pe.add_argument("--sysfs-root", default="/", help=argparse.SUPPRESS)  # tests: a fixture sysfs tree
+    pe.set_defaults(handler="edge_runtime.profile_energy:cmd_profile_energy")
+
+
+def _add_device(sub: argparse._SubParsersAction) -> None:
+    dev = sub.add_parser("device", help="run the device training loop against an MQTT broker")
+    dev.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
+    dev.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
+    dev.add_argument("--device-id", required=True, help="1-64 of A-Z a-z 0-9 _ . -")
+    dev.add_argument("--data", required=True, help="npz:PATH with images uint8 (N,H,W,3) and labels")
+    dev.add_argument("--backend", default="auto", choices=("auto", "litert", "onnx", "numpy"))
+    dev.add_argument("--run-id", default="default", help="the run's id (topic level)")
+    dev.add_argument("--rounds", type=_positive_int, help="exit after N rounds (default: serve forever)")
+    dev.add_argument(
+        "--max-frame-bytes", type=_positive_int, default=256 * 1024, help="chunk frames larger than this"
+    )
+    dev.add_argument("--seed", type=int, default=0, help="seed of the shuffling and quantizer noise")
+    dev.add_argument("--ca-file", help="CA certificate for mqtts://")
+    dev.set_defaults(handler="edge_runtime.device:cmd_device")
+
+
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     quick = sub.add_parser(
         "quickstart",
@@ -168,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_export(sub)
     _add_flash(sub)
+    _add_device(sub)
+    _add_profile_energy(sub)
     _add_quickstart(sub)
     return parser
 

@@ -1,0 +1,332 @@
+"""The device loop (``sflam device``): wait for a plan that selects us, train, report.
+
+Per step: forward (embedding + stochastic quantizer) -> publish ``Activations(round, step)`` ->
+wait for its ``Gradient`` -> ``train_step`` (SGD, momentum 0.9). After a reconnect the current
+step's activations are sent again (the server deduplicates by (device, round, step)); a gradient
+is applied at most once (``applied`` set plus the Receiver's duplicate filter). Batches: the
+plan's ``batch_size``; a LiteRT backend has a fixed batch (device.json) and then a ragged last
+batch is dropped. ``num_samples`` is the number of distinct samples trained in an epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import protocol as p
+from edge_runtime.bundle import load_weights, open_backend, read_manifest
+from edge_runtime.data import DeviceData, Preprocess, load_data
+from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
+from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, dequantize, pack_codes, quantize
+
+log = logging.getLogger(__name__)
+SOFTWARE_VERSION = "0.1.0"
+MOMENTUM = 0.9
+WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
+FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
+FALLBACK_TX_POWER_W = 0.1
+
+
+class RoundAborted(RuntimeError):
+    """A round that cannot finish (deadline passed, weights never arrived)."""
+
+
+@dataclass
+class RoundStats:
+    """What one round measured."""
+
+    compute_time_s: float = 0.0
+    uplink_time_s: float = 0.0
+    cpu_time_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    steps: int = 0
+
+
+@dataclass
+class PowerModel:
+    """Estimated power draw: CPU (kappa f^3 from the profile) and radio transmit power."""
+
+    cpu_power_w: float
+    tx_power_w: float
+
+    @classmethod
+    def for_profile(cls, name: str | None) -> "PowerModel":
+        try:
+            from firmware_profiles import load_profile  # stdlib + TOML only; optional on a device
+
+            profile = load_profile(name)
+            c = profile.compute
+            return cls(c.effective_capacitance * c.cpu_freq_hz**3, profile.radio.max_tx_power_w)
+        except (ImportError, ValueError, OSError, TypeError) as exc:
+            log.warning("no profile %r for the energy estimate (%s): assuming %.1f W", name, exc, FALLBACK_CPU_POWER_W)
+            return cls(FALLBACK_CPU_POWER_W, FALLBACK_TX_POWER_W)
+
+
+@dataclass
+class DeviceClient:
+    """One device: bundle + backend + data + MQTT link; ``run(rounds)`` trains until done."""
+
+    bundle: Path
+    broker_url: str
+    device_id: str
+    data: DeviceData
+    backend: str = "auto"
+    run_id: str = "default"
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    seed: int = 0
+    ca_file: str | None = None
+    timeout_s: float = 10.0
+    resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
+    counters: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.bundle = Path(self.bundle)
+        self.manifest = read_manifest(self.bundle)
+        self.device_json = json.loads((self.bundle / "device.json").read_text())
+        self.engine = open_backend(self.bundle, self.backend)
+        self.weights = load_weights(self.bundle)
+        self.topics = p.Topics(self.run_id)
+        self.receiver = p.Receiver(self.run_id)
+        self.power = PowerModel.for_profile(self.manifest.get("profile"))
+        self.models: dict[int, dict[str, np.ndarray]] = {}
+        self.plan: p.RoundPlan | None = None
+        self.plan_received_at = 0.0
+        self.gradients: dict[tuple[int, int], p.Gradient] = {}
+        self.applied: set[tuple[int, int]] = set()
+        self.done_rounds: set[int] = set()
+        will = p.encode(p.Status(self._env(0), online=False, reason="connection lost"))
+        self.link = MqttLink(self.broker_url, LinkConfig(
+            client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
+            will_payload=will, ca_file=self.ca_file, max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
+        ))
+
+    def _env(self, round_: int, step: int = 0) -> p.Envelope:
+        return p.Envelope(self.run_id, round_, self.device_id, step)
+
+    # -- connection --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, announce ourselves on every (re)connect, subscribe plan/model/down."""
+        self.link.on_connect(self._announce)
+        self.link.subscribe([
+            self.topics.retained_filter("plan"), self.topics.retained_filter("model"), self.topics.down(self.device_id),
+        ])
+        self.link.start()
+
+    def _announce(self) -> None:
+        """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
+        status = p.encode(self._status(True, ""))
+        hello = p.Hello(self._env(0), str(self.manifest.get("profile", "unknown")), self.engine.name,
+                        SOFTWARE_VERSION, len(self.data))
+        self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
+        for frame in p.split(hello, self.max_frame_bytes):
+            self.link.publish_nowait(self.topics.up(self.device_id), frame)
+
+    def _status(self, online: bool, reason: str) -> p.Status:
+        return p.Status(self._env(0), online=online, reason=reason)
+
+    def close(self) -> None:
+        """Retained Status(offline), then disconnect."""
+        final = p.encode(self._status(False, "shutdown"))
+        self.link.close(final=(self.topics.status(self.device_id), final))
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def pump(self, timeout_s: float) -> bool:
+        """Handle at most one incoming publish; False if none came within ``timeout_s``."""
+        incoming = self.link.get(timeout_s)
+        if incoming is None:
+            return False
+        duplicates = self.receiver.counters["duplicates"]
+        try:
+            message = self.receiver.accept(incoming.payload, incoming.topic)
+        except p.ProtocolError as exc:
+            self.counters[f"protocol_errors.{type(exc).__name__}"] += 1
+            log.warning("refused a message on %s: %s", incoming.topic, exc)
+            return True
+        if message is None:
+            if self.receiver.counters["duplicates"] > duplicates:  # only Gradients are step-keyed here
+                self.counters["duplicate_gradients"] += 1
+            return True
+        self._dispatch(message)
+        return True
+
+    def _dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.ModelWeights):
+            self.models[message.version] = p.weights_to_numpy(message.weights)
+            for old in sorted(self.models)[:-4]:
+                del self.models[old]
+        elif isinstance(message, p.RoundPlan):
+            if self.plan is None or message.envelope.round >= self.plan.envelope.round:
+                if self.plan is None or message.envelope.round != self.plan.envelope.round:
+                    self.plan_received_at = time.monotonic()
+                self.plan = message
+        elif isinstance(message, p.Gradient):
+            key = (message.envelope.round, message.envelope.step)
+            if key in self.applied:
+                self.counters["duplicate_gradients"] += 1
+            else:
+                self.gradients[key] = message
+        elif isinstance(message, p.ErrorReport):
+            log.warning("server reported %s: %s", message.code, message.detail)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, rounds: int | None = None) -> int:
+        """Serve plans until ``rounds`` rounds are done (forever when None); returns rounds done."""
+        done = 0
+        while rounds is None or done < rounds:
+            plan = self._next_plan()
+            try:
+                self.train_round(plan)
+                done += 1
+            except RoundAborted as exc:
+                log.warning("round %d abandoned: %s", plan.envelope.round, exc)
+                self.counters["aborted_rounds"] += 1
+            self.done_rounds.add(plan.envelope.round)
+        return done
+
+    def _next_plan(self) -> p.RoundPlan:
+        """Block until a plan for a round not yet done selects this device."""
+        while True:
+            plan = self.plan
+            if plan is not None and plan.envelope.round not in self.done_rounds and self._allocation(plan):
+                return plan
+            self.pump(1.0)
+
+    def _allocation(self, plan: p.RoundPlan) -> p.Allocation | None:
+        return next((a for a in plan.allocations if a.device_id == self.device_id), None)
+
+    def _deadline(self, plan: p.RoundPlan) -> float:
+        return self.plan_received_at + plan.deadline_s
+
+    def _wait_model(self, plan: p.RoundPlan) -> dict[str, np.ndarray]:
+        deadline = min(self._deadline(plan), time.monotonic() + max(self.timeout_s, plan.deadline_s))
+        while plan.model_version not in self.models:
+            if time.monotonic() > deadline:
+                raise RoundAborted(f"model version {plan.model_version} never arrived")
+            self.pump(0.2)
+        return self.models[plan.model_version]
+
+    def train_round(self, plan: p.RoundPlan) -> p.RoundUpdate:
+        """Train one round as the plan says, publish the RoundUpdate, return it."""
+        round_, alloc = plan.envelope.round, self._allocation(plan)
+        self.receiver.min_round = max(self.receiver.min_round, round_)
+        start = self._wait_model(plan)
+        weight, bias = (np.array(start[name], np.float32) for name in WEIGHT_NAMES)
+        mw, mb = np.zeros_like(weight), np.zeros_like(bias)
+        fixed = self.engine.name == "litert"
+        batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
+        stats, cpu0 = RoundStats(), time.process_time()
+        sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
+        noise_rng = np.random.default_rng((self.seed, round_, 1))
+        step = 0
+        for epoch in range(plan.local_epochs):
+            shuffle_rng = np.random.default_rng((self.seed, round_, 0, epoch))
+            for images, labels in self.data.batches(batch, shuffle_rng, drop_last=fixed):
+                t0 = time.perf_counter()
+                tensor = self._quantized(images, weight, bias, alloc, noise_rng)
+                stats.compute_time_s += time.perf_counter() - t0
+                message = p.Activations(self._env(round_, step), tensor, p.Tensor.from_numpy(labels.astype(np.int64)))
+                grad = self._exchange(plan, message, stats)
+                t0 = time.perf_counter()
+                weight, bias, mw, mb = self.engine.train_step(weight, bias, mw, mb, images, grad, plan.lr, MOMENTUM)
+                stats.compute_time_s += time.perf_counter() - t0
+                self.applied.add((round_, step))
+                step += 1
+        stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
+        stats.bytes_sent, stats.bytes_received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
+        update = p.RoundUpdate(
+            self._env(round_, step), plan.model_version, self.data.samples_per_epoch(batch, drop_last=fixed),
+            p.weights_from_numpy(dict(zip(WEIGHT_NAMES, (weight, bias)))), self._telemetry(stats),
+        )
+        self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan))
+        self.counters["rounds"] += 1
+        self.gradients = {k: v for k, v in self.gradients.items() if k[0] > round_}
+        return update
+
+    def _quantized(self, images: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                   alloc: p.Allocation, rng: np.random.Generator) -> QuantizedTensor:
+        """Embedding forward + quantizer at the allocation's bits (16/32: embed, then cast)."""
+        per = "token" if alloc.per_token else "tensor"
+        if alloc.bits_up in FLOAT_BITS:
+            return quantize(self.engine.embed(images, weight, bias), alloc.bits_up, per=per)
+        shape = (images.shape[0], int(self.device_json["num_patches"]), int(self.device_json["embed_dim"]))
+        noise = rng.random(shape, dtype=np.float32)
+        codes, lo, hi = self.engine.forward(images, weight, bias, noise, float(2**alloc.bits_up - 1), alloc.per_token)
+        lo, hi = np.asarray(lo, np.float32).reshape(-1), np.asarray(hi, np.float32).reshape(-1)
+        if not alloc.per_token:
+            lo, hi = lo[:1].copy(), hi[:1].copy()
+        packed = pack_codes(np.asarray(codes).astype(np.uint8), alloc.bits_up)
+        return QuantizedTensor(alloc.bits_up, tuple(int(s) for s in codes.shape), per, lo, hi, packed)
+
+    def _exchange(self, plan: p.RoundPlan, message: p.Activations, stats: RoundStats) -> np.ndarray:
+        """Publish activations, wait for their gradient; re-send after every reconnect."""
+        key = (message.envelope.round, message.envelope.step)
+        deadline = self._deadline(plan)
+        topic = self.topics.up(self.device_id)
+        t0 = time.perf_counter()
+        generation, sent_at = self._send_reliably(topic, message, deadline), time.monotonic()
+        stats.uplink_time_s += time.perf_counter() - t0
+        while key not in self.gradients:
+            if time.monotonic() > deadline:
+                raise RoundAborted(f"no gradient for round {key[0]} step {key[1]} before the deadline")
+            reconnected = self.link.connections != generation and self.link.connected
+            if reconnected or time.monotonic() - sent_at > self.resend_after_s:
+                self.counters["resent_activations"] += 1
+                log.info("re-sending activations of round %d step %d", *key)
+                generation, sent_at = self._send_reliably(topic, message, deadline), time.monotonic()
+            self.pump(0.1)
+        grad = self.gradients.pop(key)
+        return dequantize(grad.tensor)
+
+    def _send_reliably(self, topic: str, message: p.Message, deadline: float) -> int:
+        """Send until PUBACKed, retrying across reconnects; returns the connection generation used."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RoundAborted(f"could not deliver {type(message).__name__} before the deadline")
+            try:
+                generation = self.link.connections
+                self.link.send(topic, message, timeout_s=min(remaining, self.timeout_s))
+                return generation
+            except TransportError as exc:
+                self.counters["send_retries"] += 1
+                log.info("send failed (%s); retrying", exc)
+
+    def _telemetry(self, stats: RoundStats) -> p.Telemetry:
+        """Energy is estimated (no meter wired yet): CPU time x profile CPU power + tx power x uplink time."""
+        energy_j = stats.cpu_time_s * self.power.cpu_power_w + stats.uplink_time_s * self.power.tx_power_w
+        return p.Telemetry(stats.compute_time_s, stats.uplink_time_s, energy_j, "estimated",
+                           stats.bytes_sent, stats.bytes_received, stats.steps)
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    """``sflam device``: run the device loop; prints a JSON summary line at exit."""
+    bundle = Path(args.bundle)
+    device_json = json.loads((bundle / "device.json").read_text())
+    data = load_data(args.data, Preprocess.from_device_json(device_json))
+    client = DeviceClient(
+        bundle, args.broker, args.device_id, data, backend=args.backend, run_id=args.run_id,
+        max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
+    )
+    client.start()
+    try:
+        done = client.run(args.rounds)
+    finally:
+        client.close()
+    summary = {
+        "rounds": done, "counters": dict(client.counters), "receiver": dict(client.receiver.counters),
+        "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
+    }
+    print("sflam-device-summary " + json.dumps(summary), flush=True)
+    return 0

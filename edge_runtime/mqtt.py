@@ -1,0 +1,260 @@
+"""A small typed layer over paho-mqtt 2 (MQTT 5): connect, subscribe, publish frames, receive.
+
+What the protocol asks of a client (docs/protocol.md 1.3) lives here: TCP_NODELAY on the
+socket, a retained last will, a persistent session (Clean Start 0 + session expiry), QoS 1
+everywhere, frames chunked with :func:`edge_runtime.protocol.split`, and reconnection with
+exponential backoff plus jitter. Every wait has a timeout; every failure is a ``TransportError``.
+Incoming publishes land on a thread-safe queue that the caller drains with :meth:`MqttLink.get`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_runtime.protocol import Message, split
+from edge_runtime.protocol.topics import QOS
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024
+_SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
+
+
+class TransportError(RuntimeError):
+    """The broker cannot be reached, or a wait on it timed out."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is: ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        """Parse a broker URL; ValueError naming what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme not in _SCHEMES:
+            raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"broker URL has no host: {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.username:
+            raise ValueError(f"broker URL takes only scheme://host[:port], got {url!r}")
+        try:
+            port = parts.port or _SCHEMES[parts.scheme][0]
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r}: {exc}") from None
+        return cls(parts.hostname, port, _SCHEMES[parts.scheme][1])
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How to talk to the broker; times in seconds."""
+
+    client_id: str
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    ca_file: str | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 600
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    timeout_s: float = 10.0
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received publish."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+
+
+class MqttLink:
+    """One MQTT 5 connection with automatic reconnection; thread-safe to publish from one thread."""
+
+    def __init__(self, url: str, config: LinkConfig) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.config = config
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connections = 0  # successful CONNACKs so far: a change means "reconnected"
+        self._filters: list[str] = []
+        self._on_connect_hooks: list[Callable[[], None]] = []
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
+            reconnect_on_failure=False,  # our own loop reconnects, with jitter
+        )
+        if self.address.tls:
+            client.tls_set(ca_certs=cfg.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if cfg.will_topic is not None:
+            client.will_set(cfg.will_topic, cfg.will_payload, qos=QOS, retain=True)
+        client.on_socket_open = _set_nodelay
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (from the network thread) after every successful (re)connect."""
+        self._on_connect_hooks.append(hook)
+
+    def start(self, timeout_s: float | None = None) -> None:
+        """Connect and keep connected in the background; TransportError if the first connect times out."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.config.client_id}", daemon=True)
+        self._thread.start()
+        self.wait_connected(timeout_s)
+
+    def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Block until connected; TransportError after ``timeout_s``."""
+        if not self._connected.wait(self.config.timeout_s if timeout_s is None else timeout_s):
+            raise TransportError(f"no connection to {self.address.host}:{self.address.port}")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def close(self, final: tuple[str, bytes] | None = None) -> None:
+        """Optionally publish ``final`` (topic, payload; retained), then disconnect cleanly."""
+        if final is not None and self.connected:
+            try:
+                self.publish(final[0], final[1], retain=True)
+            except TransportError as exc:
+                log.warning("final publish failed: %s", exc)
+        self._stop.set()
+        self._client.disconnect()
+        if hasattr(self, "_thread"):
+            self._thread.join(self.config.timeout_s)
+
+    def _run(self) -> None:
+        """Connect, serve, and on loss reconnect after exponential backoff with full jitter."""
+        delay = self.config.reconnect_min_s
+        while not self._stop.is_set():
+            try:
+                self._connect_once()
+            except (OSError, ssl.SSLError) as exc:
+                log.info("connect to %s:%s failed: %s", self.address.host, self.address.port, exc)
+            else:
+                while not self._stop.is_set():
+                    rc = self._client.loop(timeout=0.2)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        break
+                if self.connections:
+                    delay = self.config.reconnect_min_s
+            self._connected.clear()
+            if self._stop.is_set():
+                break
+            pause = random.uniform(self.config.reconnect_min_s, delay)
+            log.info("reconnecting in %.2f s", pause)
+            self._stop.wait(pause)
+            delay = min(self.config.reconnect_max_s, delay * 2)
+
+    def _connect_once(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        self._client.connect(
+            self.address.host, self.address.port, keepalive=self.config.keepalive_s,
+            clean_start=False, properties=props,
+        )
+
+    # -- paho callbacks (network thread) -----------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("broker refused the connection: %s", reason)
+            return
+        for topic in self._filters:
+            client.subscribe(topic, qos=QOS)
+        self.connections += 1
+        self._connected.set()
+        log.info("connected to %s:%s (connection %d)", self.address.host, self.address.port, self.connections)
+        for hook in self._on_connect_hooks:
+            hook()
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        self._connected.clear()
+        log.info("disconnected: %s", reason)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.bytes_received += len(msg.payload)
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def subscribe(self, filters: Iterable[str]) -> None:
+        """Subscribe (QoS 1) now and after every reconnect."""
+        for topic in filters:
+            self._filters.append(topic)
+            if self.connected:
+                self._client.subscribe(topic, qos=QOS)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Queue a QoS 1 publish without waiting (safe inside an on_connect hook)."""
+        self._client.publish(topic, payload, qos=QOS, retain=retain)
+        with self._lock:
+            self.bytes_sent += len(payload)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout_s: float | None = None) -> None:
+        """Publish one frame at QoS 1 and wait for its PUBACK; TransportError on timeout or loss."""
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        self.wait_connected(timeout_s)
+        generation = self.connections
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        while not info.is_published():
+            if self.connections != generation or not self.connected:
+                raise TransportError(f"connection lost while publishing to {topic}")
+            if time.monotonic() > deadline:
+                raise TransportError(f"no PUBACK for {topic} within {timeout_s:.1f} s")
+            time.sleep(0.002)
+        with self._lock:
+            self.bytes_sent += len(payload)
+
+    def send(self, topic: str, message: Message, *, retain: bool = False, timeout_s: float | None = None) -> int:
+        """Encode (chunked to ``max_frame_bytes``) and publish ``message``; returns bytes sent."""
+        frames = split(message, self.config.max_frame_bytes)
+        for frame in frames:
+            self.publish(topic, frame, retain=retain, timeout_s=timeout_s)
+        return sum(len(f) for f in frames)
+
+    def get(self, timeout_s: float) -> Incoming | None:
+        """The next received publish, or None after ``timeout_s``."""
+        try:
+            return self.inbox.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+
+
+def _set_nodelay(client: paho.Client, userdata: object, sock: object) -> None:
+    """Disable Nagle (docs/protocol.md 1.3): a QoS 1 exchange stalls 40-90 ms without it."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+    except (OSError, AttributeError) as exc:
+        log.warning("could not set TCP_NODELAY: %s", exc)
