@@ -6,6 +6,23 @@ step's activations are sent again (the server deduplicates by (device, round, st
 is applied at most once (``applied`` set plus the Receiver's duplicate filter). Batches: the
 plan's ``batch_size``; a LiteRT backend has a fixed batch (device.json) and then a ragged last
 batch is dropped. ``num_samples`` is the number of distinct samples trained in an epoch.
+
+Telemetry energy = compute + radio (DESIGN.md sections 5 and 7):
+
+- compute: an energy meter (``--meter``, ``edge_runtime.energy.open_meter``) spans each round's
+  training loop (forward, exchanges, train steps; the RoundUpdate publish is not inside it).
+  A measured meter (RAPL, Jetson rails, Android battery) labels the round ``measured``;
+  otherwise, or when the meter raises MeterError (logged), the estimate CPU seconds x kappa f^3
+  of the profile is used and the round is labelled ``estimated``. Never 0.
+- radio: the allocation's ``tx_power_w`` x uplink time. With ``--emulate-link`` the uplink
+  publishes (Activations and RoundUpdate) are paced by a TokenBucket (``edge_runtime.link``)
+  at r = B log2(1 + p h / (N0 B)) from this round's allocation and the channel gain
+  (``--distance-m`` path loss or ``--channel-gain``); the radio time is then the airtime
+  8 n / r of every uplink frame, including re-sends and the RoundUpdate's own (computed from
+  its encoded size before it is sent). ``uplink_time_s`` = measured publish time minus the time
+  the bucket slept plus the airtime. Without emulation the radio time is the measured wall time
+  of the activation publishes (the first send of each step), which is also ``uplink_time_s``;
+  the RoundUpdate's own publish is not counted (it carries the telemetry).
 """
 
 from __future__ import annotations
@@ -24,7 +41,8 @@ import numpy as np
 from edge_runtime import protocol as p
 from edge_runtime.bundle import load_weights, open_backend, read_manifest
 from edge_runtime.data import DeviceData, Preprocess, load_data
-from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
+from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
+from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError, read_password_file
 from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, dequantize, pack_codes, quantize
 
 log = logging.getLogger(__name__)
@@ -33,6 +51,7 @@ MOMENTUM = 0.9
 WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
 FALLBACK_TX_POWER_W = 0.1
+DEFAULT_DISTANCE_M = 100.0  # --emulate-link without --distance-m / --channel-gain
 
 
 class RoundAborted(RuntimeError):
@@ -49,6 +68,8 @@ class RoundStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     steps: int = 0
+    airtime_s: float = 0.0  # emulated link: 8 n / r over every paced uplink frame
+    pace_wait_s: float = 0.0  # emulated link: how long the bucket slept
 
 
 @dataclass
@@ -60,15 +81,39 @@ class PowerModel:
 
     @classmethod
     def for_profile(cls, name: str | None) -> "PowerModel":
-        try:
-            from firmware_profiles import load_profile  # stdlib + TOML only; optional on a device
-
-            profile = load_profile(name)
-            c = profile.compute
-            return cls(c.effective_capacitance * c.cpu_freq_hz**3, profile.radio.max_tx_power_w)
-        except (ImportError, ValueError, OSError, TypeError) as exc:
-            log.warning("no profile %r for the energy estimate (%s): assuming %.1f W", name, exc, FALLBACK_CPU_POWER_W)
+        profile = load_device_profile(name)
+        if profile is None:
+            log.warning("no profile %r for the energy estimate: assuming %.1f W", name, FALLBACK_CPU_POWER_W)
             return cls(FALLBACK_CPU_POWER_W, FALLBACK_TX_POWER_W)
+        c = profile.compute
+        return cls(c.effective_capacitance * c.cpu_freq_hz**3, profile.radio.max_tx_power_w)
+
+
+def load_device_profile(name: str | None):
+    """The firmware profile ``name``, or None when it (or firmware_profiles) is unavailable."""
+    try:
+        from firmware_profiles import load_profile  # stdlib + TOML only; optional on a device
+
+        return load_profile(name)
+    except (ImportError, ValueError, OSError, TypeError) as exc:
+        log.info("no device profile %r: %s", name, exc)
+        return None
+
+
+def open_compute_meter(kind: str, profile: object) -> object | None:
+    """``edge_runtime.energy.open_meter(kind)``, or None (logged) when it cannot be had."""
+    try:
+        from edge_runtime.energy import MeterError, open_meter
+    except ImportError as exc:  # edge_runtime.energy needs firmware_profiles
+        log.warning("energy meters unavailable (%s): using the estimate", exc)
+        return None
+    try:
+        meter = open_meter(kind, profile=profile)
+    except MeterError as exc:
+        log.warning("energy meter %r unavailable (%s): using the estimate", kind, exc)
+        return None
+    log.info("energy meter: %s (%s)", meter.name, meter.kind)
+    return meter
 
 
 @dataclass
@@ -84,6 +129,11 @@ class DeviceClient:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     seed: int = 0
     ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    meter: str = "auto"  # auto | rapl | jetson | android | estimate
+    emulate_link: bool = False
+    channel_gain: float | None = None  # emulated link; None: path loss at DEFAULT_DISTANCE_M
     timeout_s: float = 10.0
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
     counters: Counter = field(default_factory=Counter)
@@ -97,6 +147,10 @@ class DeviceClient:
         self.topics = p.Topics(self.run_id)
         self.receiver = p.Receiver(self.run_id)
         self.power = PowerModel.for_profile(self.manifest.get("profile"))
+        self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.manifest.get("profile")))
+        if self.emulate_link and self.channel_gain is None:
+            self.channel_gain = channel_gain_from_distance(DEFAULT_DISTANCE_M)
+        self.bucket: TokenBucket | None = None
         self.models: dict[int, dict[str, np.ndarray]] = {}
         self.plan: p.RoundPlan | None = None
         self.plan_received_at = 0.0
@@ -106,7 +160,8 @@ class DeviceClient:
         will = p.encode(p.Status(self._env(0), online=False, reason="connection lost"))
         self.link = MqttLink(self.broker_url, LinkConfig(
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
-            will_payload=will, ca_file=self.ca_file, max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
+            will_payload=will, ca_file=self.ca_file, username=self.username, password=self.password,
+            max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
         ))
 
     def _env(self, round_: int, step: int = 0) -> p.Envelope:
@@ -226,8 +281,10 @@ class DeviceClient:
         mw, mb = np.zeros_like(weight), np.zeros_like(bias)
         fixed = self.engine.name == "litert"
         batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
+        self.bucket = self._bucket_for(alloc)
         stats, cpu0 = RoundStats(), time.process_time()
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
+        metering = self._start_meter()
         noise_rng = np.random.default_rng((self.seed, round_, 1))
         step = 0
         for epoch in range(plan.local_epochs):
@@ -244,12 +301,22 @@ class DeviceClient:
                 self.applied.add((round_, step))
                 step += 1
         stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
+        compute_j, source = self._compute_energy(metering, stats)
         stats.bytes_sent, stats.bytes_received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
-        update = p.RoundUpdate(
-            self._env(round_, step), plan.model_version, self.data.samples_per_epoch(batch, drop_last=fixed),
-            p.weights_from_numpy(dict(zip(WEIGHT_NAMES, (weight, bias)))), self._telemetry(stats),
-        )
-        self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan))
+
+        def make_update(telemetry: p.Telemetry) -> p.RoundUpdate:
+            return p.RoundUpdate(
+                self._env(round_, step), plan.model_version, self.data.samples_per_epoch(batch, drop_last=fixed),
+                p.weights_from_numpy(dict(zip(WEIGHT_NAMES, (weight, bias)))), telemetry,
+            )
+
+        if self.bucket is not None:  # the update's own airtime, from its encoded size
+            frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
+            own = 8.0 * sum(len(f) for f in frames) / self.bucket.rate_bps
+            stats.airtime_s += own
+            stats.uplink_time_s += own
+        update = make_update(self._telemetry(stats, alloc, compute_j, source))
+        self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan), RoundStats())
         self.counters["rounds"] += 1
         self.gradients = {k: v for k, v in self.gradients.items() if k[0] > round_}
         return update
@@ -274,9 +341,10 @@ class DeviceClient:
         key = (message.envelope.round, message.envelope.step)
         deadline = self._deadline(plan)
         topic = self.topics.up(self.device_id)
-        t0 = time.perf_counter()
-        generation, sent_at = self._send_reliably(topic, message, deadline), time.monotonic()
-        stats.uplink_time_s += time.perf_counter() - t0
+        t0, air0, wait0 = time.perf_counter(), stats.airtime_s, stats.pace_wait_s
+        generation, sent_at = self._send_reliably(topic, message, deadline, stats), time.monotonic()
+        # emulated: loopback publish time without the bucket's sleeps, plus the airtime
+        stats.uplink_time_s += (time.perf_counter() - t0) - (stats.pace_wait_s - wait0) + (stats.airtime_s - air0)
         while key not in self.gradients:
             if time.monotonic() > deadline:
                 raise RoundAborted(f"no gradient for round {key[0]} step {key[1]} before the deadline")
@@ -284,29 +352,84 @@ class DeviceClient:
             if reconnected or time.monotonic() - sent_at > self.resend_after_s:
                 self.counters["resent_activations"] += 1
                 log.info("re-sending activations of round %d step %d", *key)
-                generation, sent_at = self._send_reliably(topic, message, deadline), time.monotonic()
+                air0 = stats.airtime_s
+                generation, sent_at = self._send_reliably(topic, message, deadline, stats), time.monotonic()
+                stats.uplink_time_s += stats.airtime_s - air0  # emulated radio busy again (0 otherwise)
             self.pump(0.1)
         grad = self.gradients.pop(key)
         return dequantize(grad.tensor)
 
-    def _send_reliably(self, topic: str, message: p.Message, deadline: float) -> int:
-        """Send until PUBACKed, retrying across reconnects; returns the connection generation used."""
+    def _send_reliably(self, topic: str, message: p.Message, deadline: float, stats: RoundStats) -> int:
+        """Send until PUBACKed, retrying across reconnects; returns the connection generation used.
+
+        With an emulated link every frame is paced by ``self.bucket``; its airtime and the time
+        the bucket slept are added to ``stats``.
+        """
+        pace = None
+        if self.bucket is not None:
+            bucket = self.bucket
+
+            def pace(nbytes: int) -> None:
+                stats.airtime_s += bucket.pace(nbytes)
+                stats.pace_wait_s += bucket.last_delay_s
+
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RoundAborted(f"could not deliver {type(message).__name__} before the deadline")
             try:
                 generation = self.link.connections
-                self.link.send(topic, message, timeout_s=min(remaining, self.timeout_s))
+                self.link.send(topic, message, timeout_s=min(remaining, self.timeout_s), pace=pace)
                 return generation
             except TransportError as exc:
                 self.counters["send_retries"] += 1
                 log.info("send failed (%s); retrying", exc)
 
-    def _telemetry(self, stats: RoundStats) -> p.Telemetry:
-        """Energy is estimated (no meter wired yet): CPU time x profile CPU power + tx power x uplink time."""
-        energy_j = stats.cpu_time_s * self.power.cpu_power_w + stats.uplink_time_s * self.power.tx_power_w
-        return p.Telemetry(stats.compute_time_s, stats.uplink_time_s, energy_j, "estimated",
+    def _bucket_for(self, alloc: p.Allocation) -> TokenBucket | None:
+        """This round's emulated uplink (one frame of burst), or None without --emulate-link."""
+        if not self.emulate_link:
+            return None
+        try:
+            rate = uplink_rate_bps(alloc.bandwidth_hz, alloc.tx_power_w, float(self.channel_gain))
+        except ValueError as exc:
+            raise RoundAborted(f"cannot emulate the uplink of this allocation: {exc}") from None
+        log.info("emulated uplink: %.3g bit/s (B=%.3g Hz, p=%.3g W, h=%.3g)",
+                 rate, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
+        return TokenBucket(rate, burst_bits=8.0 * self.max_frame_bytes)
+
+    def _start_meter(self) -> bool:
+        """Start the compute meter; False (logged) when there is none or it fails."""
+        if self.compute_meter is None:
+            return False
+        from edge_runtime.energy import MeterError
+
+        try:
+            self.compute_meter.start()
+            return True
+        except MeterError as exc:
+            log.warning("energy meter %s failed to start (%s): using the estimate", self.compute_meter.name, exc)
+            self.counters["meter_errors"] += 1
+            return False
+
+    def _compute_energy(self, metering: bool, stats: RoundStats) -> tuple[float, str]:
+        """(joules, "measured" | "estimated") of the round's compute; the estimate when the meter fails."""
+        if metering:
+            from edge_runtime.energy import MEASURED, MeterError
+
+            try:
+                reading = self.compute_meter.stop()
+                return reading.energy_j, ("measured" if reading.kind == MEASURED else "estimated")
+            except MeterError as exc:
+                log.warning("energy meter %s: %s; using the estimate", self.compute_meter.name, exc)
+                self.counters["meter_errors"] += 1
+        cpu_s = stats.cpu_time_s or stats.compute_time_s or 1e-6  # never a silent 0
+        return cpu_s * self.power.cpu_power_w, "estimated"
+
+    def _telemetry(self, stats: RoundStats, alloc: p.Allocation, compute_j: float, source: str) -> p.Telemetry:
+        """Energy = compute (meter or estimate) + the allocation's tx power x radio time (module doc)."""
+        radio_s = stats.airtime_s if self.emulate_link else stats.uplink_time_s
+        energy_j = compute_j + alloc.tx_power_w * radio_s
+        return p.Telemetry(stats.compute_time_s, stats.uplink_time_s, energy_j, source,
                            stats.bytes_sent, stats.bytes_received, stats.steps)
 
 
@@ -315,9 +438,15 @@ def cmd_device(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     device_json = json.loads((bundle / "device.json").read_text())
     data = load_data(args.data, Preprocess.from_device_json(device_json))
+    password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
+    gain = getattr(args, "channel_gain", None)
+    if gain is None and getattr(args, "distance_m", None) is not None:
+        gain = channel_gain_from_distance(args.distance_m)
     client = DeviceClient(
         bundle, args.broker, args.device_id, data, backend=args.backend, run_id=args.run_id,
         max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
+        username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
+        emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
     )
     client.start()
     try:
@@ -327,6 +456,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     summary = {
         "rounds": done, "counters": dict(client.counters), "receiver": dict(client.receiver.counters),
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
+        "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
     }
     print("sflam-device-summary " + json.dumps(summary), flush=True)
     return 0

@@ -17,7 +17,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -69,6 +70,8 @@ class LinkConfig:
     will_topic: str | None = None
     will_payload: bytes = b""
     ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # from a file (read_password_file), never argv
     keepalive_s: int = 30
     session_expiry_s: int = 600
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -109,6 +112,10 @@ class MqttLink:
             paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
             reconnect_on_failure=False,  # our own loop reconnects, with jitter
         )
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        elif cfg.password is not None:
+            raise ValueError("an MQTT password needs a username")
         if self.address.tls:
             client.tls_set(ca_certs=cfg.ca_file, cert_reqs=ssl.CERT_REQUIRED)
         if cfg.will_topic is not None:
@@ -237,10 +244,16 @@ class MqttLink:
         with self._lock:
             self.bytes_sent += len(payload)
 
-    def send(self, topic: str, message: Message, *, retain: bool = False, timeout_s: float | None = None) -> int:
-        """Encode (chunked to ``max_frame_bytes``) and publish ``message``; returns bytes sent."""
+    def send(self, topic: str, message: Message, *, retain: bool = False, timeout_s: float | None = None,
+             pace: Callable[[int], object] | None = None) -> int:
+        """Encode (chunked to ``max_frame_bytes``) and publish ``message``; returns bytes sent.
+
+        ``pace(nbytes)``, when given, is called before each frame and may block (link emulation).
+        """
         frames = split(message, self.config.max_frame_bytes)
         for frame in frames:
+            if pace is not None:
+                pace(len(frame))
             self.publish(topic, frame, retain=retain, timeout_s=timeout_s)
         return sum(len(f) for f in frames)
 
@@ -250,6 +263,18 @@ class MqttLink:
             return self.inbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
+
+
+def read_password_file(path: str | Path) -> str:
+    """The first line of ``path`` (without its line break); ValueError when missing or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read the MQTT password file {path}: {exc.strerror or exc}") from None
+    if not line:
+        raise ValueError(f"the MQTT password file {path} has an empty first line")
+    return line
 
 
 def _set_nodelay(client: paho.Client, userdata: object, sock: object) -> None:

@@ -168,6 +168,27 @@ def _add_device(sub: argparse._SubParsersAction) -> None:
     )
     dev.add_argument("--seed", type=int, default=0, help="seed of the shuffling and quantizer noise")
     dev.add_argument("--ca-file", help="CA certificate for mqtts://")
+    dev.add_argument("--username", help="MQTT username (with --password-file)")
+
+    def refuse_password(_text: str) -> str:
+        raise argparse.ArgumentTypeError("never on the command line: put the password in a file, --password-file")
+
+    # explicit, so that argparse does not take --password as an abbreviation of --password-file
+    dev.add_argument("--password", type=refuse_password, help=argparse.SUPPRESS)
+    dev.add_argument(
+        "--password-file", help="file whose first line is the MQTT password (never pass it on the command line)"
+    )
+    dev.add_argument(
+        "--meter", default="auto", choices=("auto", "rapl", "jetson", "android", "estimate"),
+        help="compute energy meter; auto: the first measured one readable here, else the profile estimate",
+    )
+    dev.add_argument(
+        "--emulate-link", action="store_true",
+        help="pace uplink publishes at the plan's rate B log2(1 + p h / (N0 B)) and count p x airtime",
+    )
+    gain = dev.add_mutually_exclusive_group()
+    gain.add_argument("--distance-m", type=_positive_float, help="emulated link: distance to the server (path loss)")
+    gain.add_argument("--channel-gain", type=_positive_float, help="emulated link: linear channel power gain h")
     dev.set_defaults(handler="edge_runtime.device:cmd_device")
 
 

@@ -126,6 +126,7 @@ class ServerPeer:
         self.errors: list[str] = []
         self.restarted = False
         self.doubled = 0
+        self.activation_bytes = 0  # payload bytes of (unchunked) Activations, re-sends included
         self.link = MqttLink(broker.url, LinkConfig(client_id="harness", reconnect_min_s=0.05, reconnect_max_s=0.5))
 
     def publish_round(self) -> None:
@@ -154,6 +155,7 @@ class ServerPeer:
             step = min(self.pending)  # the device re-sent a step we withheld: answer it now
             self.link.send(self.topics.down(DEVICE), self.pending.pop(step))
         elif isinstance(message, p.Activations):
+            self.activation_bytes += len(incoming.payload)
             self.on_activations(message)
         elif isinstance(message, p.RoundUpdate):
             self.update = message
@@ -186,20 +188,21 @@ class ServerPeer:
             self.link.send(self.topics.down(DEVICE), reply)
 
 
-def run_device(bundle: Path, broker: Broker, data_file: Path, max_frame_bytes: int) -> subprocess.Popen:
+def run_device(bundle: Path, broker: Broker, data_file: Path, max_frame_bytes: int,
+               extra: tuple[str, ...] = ("--meter", "estimate")) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker.url,
            "--device-id", DEVICE, "--data", f"npz:{data_file}", "--backend", "numpy", "--run-id", RUN,
-           "--rounds", "1", "--seed", str(SEED), "--max-frame-bytes", str(max_frame_bytes)]
+           "--rounds", "1", "--seed", str(SEED), "--max-frame-bytes", str(max_frame_bytes), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def round_trip(bundle: Path, broker: Broker, data_file: Path, restart_at_step: int | None,
-               max_frame_bytes: int) -> tuple[ServerPeer, dict]:
+               max_frame_bytes: int, extra: tuple[str, ...] = ("--meter", "estimate")) -> tuple[ServerPeer, dict]:
     peer = ServerPeer(broker, load_weights(bundle), expected_batches(bundle, data_file, 1), restart_at_step)
     thread = threading.Thread(target=peer.serve, daemon=True)
     thread.start()
-    device = run_device(bundle, broker, data_file, max_frame_bytes)
+    device = run_device(bundle, broker, data_file, max_frame_bytes, extra)
     out, err = device.communicate(timeout=60)
     thread.join(10)
     assert device.returncode == 0, err[-3000:]
@@ -240,3 +243,19 @@ def test_reconnect_mid_round(bundle: Path, broker: Broker, data_file: Path) -> N
     assert summary["counters"]["resent_activations"] >= 1
     assert peer.receiver.counters["duplicates"] >= 1  # the re-sent step 2 was deduplicated
     assert peer.steps_seen.count(2) == 1
+
+
+def test_emulated_link_paces_uplink_and_counts_radio_energy(bundle: Path, broker: Broker, data_file: Path) -> None:
+    from edge_runtime.link import channel_gain_from_distance, uplink_rate_bps
+
+    peer, summary = round_trip(bundle, broker, data_file, restart_at_step=None, max_frame_bytes=256 * 1024,
+                               extra=("--meter", "estimate", "--emulate-link", "--distance-m", "500"))
+    check_round(peer, summary)
+    assert summary["emulated_link"] is True
+    tx_power_w, bandwidth_hz = 0.1, 1e6  # the harness plan's Allocation(DEVICE, 4, 32, 0.1, 1e6, True)
+    rate = uplink_rate_bps(bandwidth_hz, tx_power_w, channel_gain_from_distance(500.0))
+    airtime = peer.activation_bytes * 8 / rate
+    assert peer.activation_bytes > 0
+    tel = peer.update.telemetry
+    assert tel.uplink_time_s >= airtime
+    assert tel.energy_j >= tx_power_w * airtime

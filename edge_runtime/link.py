@@ -1,0 +1,93 @@
+"""The uplink of the system model (DESIGN.md section 5) and a token bucket that emulates it.
+
+``uplink_rate_bps`` is r = B log2(1 + p h / (N0 B)); ``channel_gain_from_distance`` is the
+3GPP-style path loss 128.1 + 37.6 log10(d / km) dB as a linear gain; N0 defaults to -174 dBm/Hz.
+``TokenBucket`` paces bytes at a fixed rate so a device on loopback sends as if over that radio
+(``sflam device --emulate-link``). Standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+NOISE_PSD_DBM_PER_HZ = -174.0
+
+
+def dbm_per_hz_to_w_per_hz(dbm_per_hz: float) -> float:
+    """dBm/Hz -> W/Hz: 10^((dBm - 30) / 10)."""
+    return 10.0 ** ((dbm_per_hz - 30.0) / 10.0)
+
+
+NOISE_PSD_W_PER_HZ = dbm_per_hz_to_w_per_hz(NOISE_PSD_DBM_PER_HZ)  # ~3.98e-21 W/Hz
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def path_loss_db(distance_m: float) -> float:
+    """128.1 + 37.6 log10(d / 1 km) dB."""
+    return 128.1 + 37.6 * math.log10(_positive("distance_m", distance_m) / 1000.0)
+
+
+def channel_gain_from_distance(distance_m: float) -> float:
+    """Linear channel power gain 10^(-PL/10) at ``distance_m`` metres."""
+    return 10.0 ** (-path_loss_db(distance_m) / 10.0)
+
+
+def uplink_rate_bps(bandwidth_hz: float, tx_power_w: float, channel_gain: float,
+                    noise_psd_w_per_hz: float = NOISE_PSD_W_PER_HZ) -> float:
+    """Shannon rate B log2(1 + p h / (N0 B)) in bit/s; ValueError for non-positive inputs."""
+    b = _positive("bandwidth_hz", bandwidth_hz)
+    p = _positive("tx_power_w", tx_power_w)
+    h = _positive("channel_gain", channel_gain)
+    n0 = _positive("noise_psd_w_per_hz", noise_psd_w_per_hz)
+    return b * math.log2(1.0 + p * h / (n0 * b))
+
+
+class TokenBucket:
+    """Tokens (bits) accrue at ``rate_bps`` up to ``burst_bits``; ``pace`` waits for enough of them.
+
+    ``pace(n)`` returns once n bytes have "gone out": it sleeps for whatever part of 8 n the bucket
+    does not hold, so the long-run rate never exceeds ``rate_bps`` and n bytes sent from a full
+    bucket take max(0, 8 n - burst) / rate seconds. A sleep that returns early leaves the bucket in
+    debt, paid by the next call. ``clock`` and ``sleep`` are injectable so tests use simulated time.
+    """
+
+    def __init__(self, rate_bps: float, burst_bits: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rate_bps = _positive("rate_bps", rate_bps)
+        self.burst_bits = _positive("burst_bits", burst_bits)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = self.burst_bits
+        self._last = clock()
+        self.last_delay_s = 0.0  # how long the last pace() asked to sleep
+        self.total_airtime_s = 0.0
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst_bits, self._tokens + max(0.0, now - self._last) * self.rate_bps)
+        self._last = now
+
+    def pace(self, nbytes: int) -> float:
+        """Block until ``nbytes`` may go; returns their airtime nbytes * 8 / rate (seconds)."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        bits = 8.0 * nbytes
+        self._refill()
+        delay = max(0.0, bits - self._tokens) / self.rate_bps
+        if delay > 0:
+            self._sleep(delay)
+            now = self._clock()  # no cap while we waited: those tokens pay for these bits
+            self._tokens += max(0.0, now - self._last) * self.rate_bps
+            self._last = now
+        self.last_delay_s = delay
+        self._tokens = min(self.burst_bits, self._tokens - bits)
+        airtime = bits / self.rate_bps
+        self.total_airtime_s += airtime
+        return airtime
