@@ -137,6 +137,7 @@ class DeviceClient:
     timeout_s: float = 10.0
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
     counters: Counter = field(default_factory=Counter)
+    last_telemetry: p.Telemetry | None = None  # the last round's, sent in every Hello
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
@@ -181,7 +182,7 @@ class DeviceClient:
         """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
         status = p.encode(self._status(True, ""))
         hello = p.Hello(self._env(0), str(self.manifest.get("profile", "unknown")), self.engine.name,
-                        SOFTWARE_VERSION, len(self.data))
+                        SOFTWARE_VERSION, len(self.data), last_telemetry=self.last_telemetry)
         self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
         for frame in p.split(hello, self.max_frame_bytes):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
@@ -318,6 +319,7 @@ class DeviceClient:
         update = make_update(self._telemetry(stats, alloc, compute_j, source))
         self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan), RoundStats())
         self.counters["rounds"] += 1
+        self.last_telemetry = update.telemetry  # announced in the next Hello
         self.gradients = {k: v for k, v in self.gradients.items() if k[0] > round_}
         return update
 

@@ -167,7 +167,7 @@ def _add_device(sub: argparse._SubParsersAction) -> None:
         "--max-frame-bytes", type=_positive_int, default=256 * 1024, help="chunk frames larger than this"
     )
     dev.add_argument("--seed", type=int, default=0, help="seed of the shuffling and quantizer noise")
-    dev.add_argument("--ca-file", help="CA certificate for mqtts://")
+    dev.add_argument("--ca-file", "--cafile", dest="ca_file", help="CA certificate for mqtts://")
     dev.add_argument("--username", help="MQTT username (with --password-file)")
 
     def refuse_password(_text: str) -> str:

@@ -171,8 +171,12 @@ def _status_body(online: int = 1, reason: bytes = b"ok") -> bytes:
     return _u8(online) + _text(reason, 2)
 
 
-def _hello_body(heartbeat: int = 0) -> bytes:
-    return _text("pi-4") + _text("onnx") + _text("0.1") + _u32(10) + _u8(heartbeat)
+def _telemetry_bytes(times: tuple[float, float, float] = (1.0, 2.0, 3.0), source: int = 0) -> bytes:
+    return struct.pack("<3d", *times) + _u8(source) + struct.pack("<QQI", 10, 20, 5)
+
+
+def _hello_body(heartbeat: int = 0, has_telemetry: int = 0, telemetry: bytes = b"") -> bytes:
+    return _text("pi-4") + _text("onnx") + _text("0.1") + _u32(10) + _u8(heartbeat) + _u8(has_telemetry) + telemetry
 
 
 # --- the builders are right (otherwise every rejection below could be an accident) --------------
@@ -189,7 +193,7 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
         MODEL: ModelWeights(ENV, 7, (("w", Tensor.from_numpy(np.zeros(2, np.float32))),)),
         GRADIENT: Gradient(ENV, quantized, 0.1),
         CHUNK: Chunk(ENV, 99, 0, 2, 100, b"x" * 50),
-        HELLO: Hello(ENV, "pi-4", "onnx", "0.1", 10),
+        HELLO: Hello(ENV, "pi-4", "onnx", "0.1", 10, last_telemetry=Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)),
         UPDATE: RoundUpdate(ENV, 7, 100, (), Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)),
     }
     built = {
@@ -199,7 +203,7 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
         MODEL: _frame(MODEL, _model_body()),
         GRADIENT: _frame(GRADIENT, _gradient_body(loss=0.1)),
         CHUNK: _frame(CHUNK, _chunk_body()),
-        HELLO: _frame(HELLO, _hello_body()),
+        HELLO: _frame(HELLO, _hello_body(has_telemetry=1, telemetry=_telemetry_bytes())),
         UPDATE: _frame(UPDATE, _update_body()),
     }
     # Assert
@@ -470,6 +474,9 @@ MALFORMED = {
     # flags
     "online 2": (STATUS, _status_body(online=2), "online must be 0 or 1, got 2"),
     "heartbeat 2": (HELLO, _hello_body(heartbeat=2), "heartbeat must be 0 or 1, got 2"),
+    "has_telemetry 2": (HELLO, _hello_body(has_telemetry=2), "has_telemetry must be 0 or 1, got 2"),
+    "hello telemetry NaN": (HELLO, _hello_body(has_telemetry=1, telemetry=_telemetry_bytes((float("nan"), 0.0, 1.0))),
+                            "compute_time_s"),
     "per_token 255": (PLAN, _plan_body(allocations=(_allocation(per_token=255),)), "per_token must be 0 or 1, got 255"),
     # text
     "reason not UTF-8": (STATUS, _status_body(reason=b"\xff\xfe"), "reason is not valid UTF-8"),

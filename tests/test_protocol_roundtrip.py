@@ -81,7 +81,10 @@ def _chunk_payload() -> bytes:
 # lr, tx_power_w and loss travel as float64: the examples use values float32 cannot represent
 # (0.1, 1e-3, ln 10), so a field narrowed on the wire would fail every round trip below.
 EXAMPLES: dict[type[Message], Message] = {
-    Hello: Hello(_env(step=0), "raspberry-pi-4", "onnxruntime", "0.3.1", 5_000, heartbeat=True),
+    Hello: Hello(
+        _env(step=0), "raspberry-pi-4", "onnxruntime", "0.3.1", 5_000, heartbeat=True,
+        last_telemetry=Telemetry(12.5, 3.25, 41.0625, "estimated", 2_000_000, 30_000, 40),
+    ),
     Status: Status(_env(step=0), online=False, reason="last will: connection lost"),
     RoundPlan: RoundPlan(
         _env(device_id="server", step=0),

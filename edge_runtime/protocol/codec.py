@@ -183,16 +183,40 @@ def _put_hello(w: Writer, msg: m.Hello) -> None:
     w.text(msg.software_version)
     w.u32(msg.num_samples)
     w.u8(int(msg.heartbeat))
+    w.u8(int(msg.last_telemetry is not None))
+    if msg.last_telemetry is not None:
+        _put_telemetry(w, msg.last_telemetry)
 
 
 def _get_hello(r: Reader, env: m.Envelope, limits: Limits) -> m.Hello:
     profile, backend, software = r.text("profile"), r.text("backend"), r.text("software_version")
-    return m.Hello(env, profile, backend, software, r.u32("num_samples"), _flag(r, "heartbeat"))
+    samples, heartbeat = r.u32("num_samples"), _flag(r, "heartbeat")
+    telemetry = _get_telemetry(r) if _flag(r, "has_telemetry") else None
+    return m.Hello(env, profile, backend, software, samples, heartbeat, telemetry)
 
 
 def _check_hello(msg: m.Hello) -> None:
     check_uint(msg.num_samples, "num_samples")
     check_flag(msg.heartbeat, "heartbeat")
+    if msg.last_telemetry is not None:
+        check_telemetry(msg.last_telemetry)
+
+
+def _put_telemetry(w: Writer, t: m.Telemetry) -> None:
+    for value in (t.compute_time_s, t.uplink_time_s, t.energy_j):
+        w.f64(value)
+    w.u8(m.ENERGY_SOURCES.index(t.energy_source))
+    w.u64(t.bytes_sent)
+    w.u64(t.bytes_received)
+    w.u32(t.steps)
+
+
+def _get_telemetry(r: Reader) -> m.Telemetry:
+    times = [r.f64(name) for name in ("compute_time_s", "uplink_time_s", "energy_j")]
+    source = r.u8("energy_source")
+    if source >= len(m.ENERGY_SOURCES):
+        raise MalformedError(f"unknown energy source code {source}")
+    return m.Telemetry(*times, m.ENERGY_SOURCES[source], r.u64("bytes_sent"), r.u64("bytes_received"), r.u32("steps"))
 
 
 def _put_status(w: Writer, msg: m.Status) -> None:
@@ -302,23 +326,12 @@ def _put_update(w: Writer, msg: m.RoundUpdate) -> None:
     w.u32(msg.model_version)
     w.u32(msg.num_samples)
     _put_weights(w, msg.weights)
-    t = msg.telemetry
-    for value in (t.compute_time_s, t.uplink_time_s, t.energy_j):
-        w.f64(value)
-    w.u8(m.ENERGY_SOURCES.index(t.energy_source))
-    w.u64(t.bytes_sent)
-    w.u64(t.bytes_received)
-    w.u32(t.steps)
+    _put_telemetry(w, msg.telemetry)
 
 
 def _get_update(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundUpdate:
     version, samples, weights = r.u32("model_version"), r.u32("num_samples"), _get_weights(r, limits)
-    times = [r.f64(name) for name in ("compute_time_s", "uplink_time_s", "energy_j")]
-    source = r.u8("energy_source")
-    if source >= len(m.ENERGY_SOURCES):
-        raise MalformedError(f"unknown energy source code {source}")
-    telemetry = m.Telemetry(*times, m.ENERGY_SOURCES[source], r.u64("bytes_sent"), r.u64("bytes_received"), r.u32("steps"))
-    return m.RoundUpdate(env, version, samples, weights, telemetry)
+    return m.RoundUpdate(env, version, samples, weights, _get_telemetry(r))
 
 
 def _check_update(msg: m.RoundUpdate) -> None:

@@ -115,6 +115,7 @@ class Hello(Message):
     software_version: str
     num_samples: int
     heartbeat: bool = False
+    last_telemetry: "Telemetry | None" = None  # the device's last round, for the allocator
 
 
 @dataclass(frozen=True)
