@@ -394,12 +394,23 @@ def test_a_round_update_re_sent_in_chunks_is_delivered_once() -> None:
     frames = split(_update(round_=2), 2000)
     # Execute
     results = [receiver.accept(frame) for frame in frames + frames]
-    # Assert: the re-sent set is dropped chunk by chunk (late), never reassembled a second time
+    # Assert: the re-sent set is dropped chunk by chunk (late), never reassembled a second time,
+    # and counted as duplicates of the step it carries, so a server can re-answer it
     assert [r for r in results if r is not None] == [_update(round_=2)]
     assert receiver.reassembler.counters["late_chunks"] == len(frames)
     assert receiver.reassembler.counters["completed_sets"] == 1
-    assert receiver.counters["chunks"] == 2 * len(frames) - 1
-    assert receiver.counters["duplicates"] == 0
+    assert receiver.counters["chunks"] == len(frames) - 1
+    assert receiver.counters["duplicates"] == len(frames)
+    assert receiver.last_duplicate == _update(round_=2).envelope
+
+
+def test_the_last_duplicate_names_the_step_it_repeats() -> None:
+    receiver = Receiver(RUN)
+    message = _update(round_=3)
+    assert receiver.accept(encode(message)) == message and receiver.last_duplicate is None
+    assert receiver.accept(encode(message)) is None
+    assert receiver.last_duplicate == message.envelope
+    assert receiver.accept(encode(_update(round_=4))) is not None and receiver.last_duplicate is None
 
 
 def test_a_round_update_re_sent_whole_after_chunks_is_dropped_as_a_duplicate() -> None:

@@ -85,6 +85,10 @@ class Reassembler:
     def pending_sets(self) -> int:
         return len(self._sets)
 
+    def is_completed(self, chunk: m.Chunk) -> bool:
+        """Whether ``chunk`` belongs to a set this reassembler recently completed (a re-send)."""
+        return (chunk.envelope.device_id, chunk.message_id) in self._completed
+
     def feed(self, data: bytes) -> m.Message | None:
         """Decode a frame; a chunk completing its set yields the inner message, others None."""
         message = decode(data, self.limits)

@@ -61,6 +61,9 @@ class Receiver:
         self.dedup = dedup or Deduplicator()
         self.min_round = 0
         self.counters: Counter[str] = Counter()
+        # Envelope of the last duplicate dropped (a whole message, or a chunk of a set already
+        # delivered): lets a server re-answer a step whose reply was lost.
+        self.last_duplicate: m.Envelope | None = None
 
     @property
     def run_id(self) -> str:
@@ -71,16 +74,16 @@ class Receiver:
         if not data:  # an empty publish clears a retained topic: not an error
             self.counters["empty"] += 1
             return None
+        self.last_duplicate = None
         try:
             message = self._receive(data, topic)
         except ProtocolError as exc:
             self.counters[f"rejected.{type(exc).__name__}"] += 1
             raise
         if message is None:
-            self.counters["chunks"] += 1
             return None
         if self.dedup.is_duplicate(message):
-            self.counters["duplicates"] += 1
+            self._duplicate(message.envelope)
             return None
         self.counters[f"accepted.{type(message).__name__}"] += 1
         return message
@@ -90,8 +93,13 @@ class Receiver:
         message = decode(data, self.reassembler.limits)
         self._check_origin(message, ref)  # before a chunk takes buffer space
         if isinstance(message, m.Chunk):
-            message = self.reassembler.add(message)
+            late = self.reassembler.is_completed(message)
+            chunk, message = message, self.reassembler.add(message)
             if message is None:
+                if late:
+                    self._duplicate(chunk.envelope)
+                else:
+                    self.counters["chunks"] += 1
                 return None
             self._check_origin(message, ref)
         if ref is not None and not isinstance(message, ALLOWED_ON[ref.kind]):
@@ -101,6 +109,10 @@ class Receiver:
                 f"{type(message).__name__} for round {message.envelope.round}, serving round {self.min_round}"
             )
         return message
+
+    def _duplicate(self, envelope: m.Envelope) -> None:
+        self.counters["duplicates"] += 1
+        self.last_duplicate = envelope
 
     def _check_origin(self, message: m.Message, ref: TopicRef | None) -> None:
         env = message.envelope
