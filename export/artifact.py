@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edge_runtime.bundle import file_sha256
 
 FORMATS = ("onnx", "tflite", "tflite-int8", "tflite-micro")
 
@@ -37,12 +38,3 @@ class Artifact:
     def sha256(self) -> str:
         """Hex digest of the file as written."""
         return file_sha256(self.path)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

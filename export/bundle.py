@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import sflam
+from edge_runtime.backends.base import SIGNATURES
 from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, WEIGHT_KEYS, file_sha256
 from export.artifact import FORMATS, Artifact, ExportError
 from export.graphs import EmbedGraph, ForwardGraph
@@ -184,17 +185,9 @@ def _signature_shapes(config: ViTConfig) -> dict[str, dict[str, dict[str, list]]
         "lr": [], "momentum": [], "new_weight": [d, c, p, p], "new_bias": [d],
         "new_momentum_weight": [d, c, p, p], "new_momentum_bias": [d],
     }
-    names = {
-        "embed": (("images", "weight", "bias"), ("tokens",)),
-        "forward": (("images", "weight", "bias", "noise", "levels", "per_token"), ("codes", "lo", "hi")),
-        "train_step": (
-            ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
-            ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
-        ),
-    }
     return {
         sig: {side: {k: {"shape": shapes[k], "dtype": "float32"} for k in keys} for side, keys in zip(("inputs", "outputs"), io)}
-        for sig, io in names.items()
+        for sig, io in SIGNATURES.items()
     }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.backends.base import Backend
+from edge_runtime.backends.base import SIGNATURES, Backend
 from export.artifact import ParityError
 from export.graphs import EmbedGraph, ForwardGraph, TrainStepGraph
 from server_runtime.presets import ViTConfig
@@ -26,15 +26,7 @@ from server_runtime.vit import VisionTransformer
 
 Run = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray] | Mapping[str, np.ndarray]]
 
-# signature -> (input names, output names): the names every exported file carries.
-SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "embed": (("images", "weight", "bias"), ("tokens",)),
-    "forward": (("images", "weight", "bias", "noise", "levels", "per_token"), ("codes", "lo", "hi")),
-    "train_step": (
-        ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
-        ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
-    ),
-}
+# SIGNATURES (from edge_runtime.backends.base): signature -> (input names, output names).
 BATCH_INPUTS = frozenset({"images", "noise", "grad_tokens"})  # dimension 0 is the batch
 BATCH_OUTPUTS = frozenset({"tokens", "codes", "lo", "hi"})
 

@@ -8,6 +8,17 @@ import numpy as np
 
 Array = np.ndarray
 
+# signature -> (input names, output names) of the device graphs (``export.graphs``): the names
+# every exported file and every backend uses. Defined once here, on the device side.
+SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "embed": (("images", "weight", "bias"), ("tokens",)),
+    "forward": (("images", "weight", "bias", "noise", "levels", "per_token"), ("codes", "lo", "hi")),
+    "train_step": (
+        ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
+        ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
+    ),
+}
+
 
 class BackendError(RuntimeError):
     """A backend that cannot load or run a bundle's artifact."""

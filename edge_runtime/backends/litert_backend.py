@@ -17,21 +17,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_runtime.backends.base import Array, BackendError
+from edge_runtime.backends.base import SIGNATURES, Array, BackendError
 
 log = logging.getLogger(__name__)
 
 # Argument and result names of each device graph, in graph order (see ``export.graphs``).
-INPUTS = {
-    "embed": ("images", "weight", "bias"),
-    "forward": ("images", "weight", "bias", "noise", "levels", "per_token"),
-    "train_step": ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
-}
-OUTPUTS = {
-    "embed": ("tokens",),
-    "forward": ("codes", "lo", "hi"),
-    "train_step": ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
-}
+INPUTS = {sig: names[0] for sig, names in SIGNATURES.items()}
+OUTPUTS = {sig: names[1] for sig, names in SIGNATURES.items()}
 BAKED = ("weight", "bias")  # the inputs a frozen artifact holds as constants
 BATCHED = ("images", "noise", "grad_tokens")  # inputs whose first axis is the batch
 _POSITIONAL = re.compile(r"(args|output)_(\d+)$")

@@ -12,20 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends.base import Array, BackendError
+from edge_runtime.backends.base import SIGNATURES, Array, BackendError
 
 log = logging.getLogger(__name__)
 
 FILES = {"embed": "embed.onnx", "forward": "forward.onnx", "train_step": "train_step.onnx"}
-# signature -> (input names, output names), as ``export.onnx_export`` writes them.
-NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "embed": (("images", "weight", "bias"), ("tokens",)),
-    "forward": (("images", "weight", "bias", "noise", "levels", "per_token"), ("codes", "lo", "hi")),
-    "train_step": (
-        ("weight", "bias", "momentum_weight", "momentum_bias", "images", "grad_tokens", "lr", "momentum"),
-        ("new_weight", "new_bias", "new_momentum_weight", "new_momentum_bias"),
-    ),
-}
+NAMES = SIGNATURES  # as ``export.onnx_export`` writes them
 
 
 def _import_onnxruntime() -> Any:
