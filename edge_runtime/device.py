@@ -270,6 +270,7 @@ class DeviceClient:
         while plan.model_version not in self.models:
             if time.monotonic() > deadline:
                 raise RoundAborted(f"model version {plan.model_version} never arrived")
+            self._check_superseded(plan.envelope.round)
             self.pump(0.2)
         return self.models[plan.model_version]
 
@@ -350,6 +351,7 @@ class DeviceClient:
         while key not in self.gradients:
             if time.monotonic() > deadline:
                 raise RoundAborted(f"no gradient for round {key[0]} step {key[1]} before the deadline")
+            self._check_superseded(key[0])
             reconnected = self.link.connections != generation and self.link.connected
             if reconnected or time.monotonic() - sent_at > self.resend_after_s:
                 self.counters["resent_activations"] += 1
@@ -360,6 +362,11 @@ class DeviceClient:
             self.pump(0.1)
         grad = self.gradients.pop(key)
         return dequantize(grad.tensor)
+
+    def _check_superseded(self, round_: int) -> None:
+        """RoundAborted when the server has moved on to a later plan (e.g. it restarted)."""
+        if self.plan is not None and self.plan.envelope.round > round_:
+            raise RoundAborted(f"superseded by plan round {self.plan.envelope.round}")
 
     def _send_reliably(self, topic: str, message: p.Message, deadline: float, stats: RoundStats) -> int:
         """Send until PUBACKed, retrying across reconnects; returns the connection generation used.

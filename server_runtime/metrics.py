@@ -16,10 +16,12 @@ The daemon produces one record per round, a plain JSON-able dict::
                                      "bandwidth_hz": f}}},
      "counters": {name: int}}           # protocol rejections etc., cumulative over the run
 
-``round`` counts completed, counted training rounds; ``plan_round`` is the wire round number.
-Per-device byte, step and energy figures are for this round only. Other events (``"event"``
-other than ``"round"``) may share the log; those that carry a ``"round"`` are kept or dropped
-with it on resume.
+``round`` is the training round the attempt was for (it advances only when a round counts);
+``plan_round`` is the wire round number, unique per attempt, which is what resuming keys on:
+after ``--resume`` the log holds every plan round up to the checkpoint's exactly once. Per-device
+byte, step and energy figures are for this round only. Other events (``"event"`` other than
+``"round"``) may share the log; those that carry a ``"plan_round"`` are kept or dropped with it
+on resume.
 """
 
 from __future__ import annotations
@@ -72,19 +74,22 @@ def read_metrics(path: str | Path, *, strict: bool = True) -> list[dict]:
     return _parse_lines(Path(path), strict)
 
 
+RESUME_KEY = "plan_round"  # unique per round attempt, monotonic across restarts
+
+
 def _round_of(record: Mapping[str, Any]) -> int | None:
-    value = record.get("round")
+    value = record.get(RESUME_KEY)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _kept_for_resume(records: Iterable[dict], resume_after: int) -> list[dict]:
-    """Records up to ``resume_after``, only the last one per (event, round), in file order."""
+    """Records up to plan round ``resume_after``, only the last one per (event, plan round), in file order."""
     last_index: dict[tuple[Any, int], int] = {}
     kept: list[dict | None] = []
     for record in records:
         number = _round_of(record)
-        if record.get("round") is not None and number is None:
-            log.warning("dropping a metrics record with a non-integer round: %r", record.get("round"))
+        if record.get(RESUME_KEY) is not None and number is None:
+            log.warning("dropping a metrics record with a non-integer %s: %r", RESUME_KEY, record.get(RESUME_KEY))
             continue
         if number is not None and number > resume_after:
             continue
@@ -129,7 +134,7 @@ class MetricsLog:
     def __init__(
         self, path: str | Path, *, resume_after: int | None = None, last_record: dict | None = None
     ) -> None:
-        """Start ``path`` afresh, or with ``resume_after=R`` cut it back to rounds <= R."""
+        """Start ``path`` afresh, or with ``resume_after=P`` cut it back to plan rounds <= P."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is not None:
@@ -143,13 +148,13 @@ class MetricsLog:
         if resume_after < 0:
             raise ValueError(f"resume_after must be >= 0, got {resume_after}")
         if last_record is not None and _round_of(last_record) != resume_after:
-            raise ValueError(f"last_record is for round {last_record.get('round')!r}, not {resume_after}")
+            raise ValueError(f"last_record is for plan round {last_record.get(RESUME_KEY)!r}, not {resume_after}")
         records = _parse_lines(self.path, strict=False) if self.path.is_file() else []
         kept = _kept_for_resume(records, resume_after)
         if last_record is not None and not _has_round(kept, resume_after):
             kept.append(last_record)
         _replace_durably(self.path, "".join(_dump(record) + "\n" for record in kept))
-        log.info("metrics log %s resumed after round %d (%d records kept)", self.path, resume_after, len(kept))
+        log.info("metrics log %s resumed after plan round %d (%d records kept)", self.path, resume_after, len(kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` as one compact JSON line and make it durable."""

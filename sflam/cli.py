@@ -210,6 +210,15 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     quick.set_defaults(handler="server_runtime.quickstart:cmd_quickstart")
 
 
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    server = sub.add_parser("server", help="run the trainer daemon (coordinator, split training, checkpoints)")
+    server.add_argument("--config", required=True, help="the run's TOML file (see examples/run.toml)")
+    server.add_argument("--broker", help="broker URL mqtt://host:port or mqtts://host:port (overrides broker.url)")
+    server.add_argument("--resume", action="store_true", help="continue after the last checkpointed round")
+    server.add_argument("--check", action="store_true", help="validate the config, print it and exit")
+    server.set_defaults(handler="server_runtime.server_cli:cmd_server")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI; cheap to build (imports nothing beyond the standard library)."""
     parser = argparse.ArgumentParser(
@@ -227,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(sub)
     _add_profile_energy(sub)
     _add_quickstart(sub)
+    _add_server(sub)
     return parser
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +26,6 @@ from edge_runtime.data import Preprocess, load_data
 from edge_runtime.mqtt import LinkConfig, MqttLink
 from edge_runtime.quantize import dequantize, quantize, step_sizes
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 ROOT = Path(__file__).resolve().parents[1]
 RUN, DEVICE, SEED = "t1", "dev-a", 7
 NUM_SAMPLES, BATCH, EPOCHS, LR = 10, 4, 2, 0.05  # 3 batches per epoch (last ragged), 6 steps
@@ -37,59 +33,9 @@ NUM_SAMPLES, BATCH, EPOCHS, LR = 10, 4, 2, 0.05  # 3 batches per epoch (last rag
 pytestmark = pytest.mark.broker
 
 
-class Broker:
-    """A mosquitto on a free loopback port, restartable on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-        )
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle("vit_quick_patch4_16", "raspberry-pi-5", out, batch=4, formats=("onnx",))
-    return out
-
-
 @pytest.fixture()
-def broker(tmp_path: Path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
+def bundle(quick_bundle: Path) -> Path:
+    return quick_bundle
 
 
 @pytest.fixture()
@@ -113,7 +59,7 @@ def expected_batches(bundle: Path, data_file: Path, round_: int) -> list[tuple[n
 class ServerPeer:
     """Scripted server: retained model + plan, checks activations, replies gradients, replays them."""
 
-    def __init__(self, broker: Broker, weights: dict, batches: list, restart_at_step: int | None = None) -> None:
+    def __init__(self, broker, weights: dict, batches: list, restart_at_step: int | None = None) -> None:
         self.broker, self.batches, self.restart_at = broker, batches, restart_at_step
         self.w, self.b = weights["patch_embed.proj.weight"].copy(), weights["patch_embed.proj.bias"].copy()
         self.start_weights = weights
@@ -188,7 +134,7 @@ class ServerPeer:
             self.link.send(self.topics.down(DEVICE), reply)
 
 
-def run_device(bundle: Path, broker: Broker, data_file: Path, max_frame_bytes: int,
+def run_device(bundle: Path, broker, data_file: Path, max_frame_bytes: int,
                extra: tuple[str, ...] = ("--meter", "estimate")) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker.url,
            "--device-id", DEVICE, "--data", f"npz:{data_file}", "--backend", "numpy", "--run-id", RUN,
@@ -197,7 +143,7 @@ def run_device(bundle: Path, broker: Broker, data_file: Path, max_frame_bytes: i
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def round_trip(bundle: Path, broker: Broker, data_file: Path, restart_at_step: int | None,
+def round_trip(bundle: Path, broker, data_file: Path, restart_at_step: int | None,
                max_frame_bytes: int, extra: tuple[str, ...] = ("--meter", "estimate")) -> tuple[ServerPeer, dict]:
     peer = ServerPeer(broker, load_weights(bundle), expected_batches(bundle, data_file, 1), restart_at_step)
     thread = threading.Thread(target=peer.serve, daemon=True)
@@ -228,7 +174,7 @@ def check_round(peer: ServerPeer, summary: dict) -> None:
     assert summary["counters"]["duplicate_gradients"] >= peer.doubled - 1
 
 
-def test_one_round(bundle: Path, broker: Broker, data_file: Path) -> None:
+def test_one_round(bundle: Path, broker, data_file: Path) -> None:
     peer, summary = round_trip(bundle, broker, data_file, restart_at_step=None, max_frame_bytes=1500)
     check_round(peer, summary)
     assert peer.steps_seen == list(range(EPOCHS * 3))  # every step exactly once, in order
@@ -236,7 +182,7 @@ def test_one_round(bundle: Path, broker: Broker, data_file: Path) -> None:
     assert peer.receiver.counters["chunks"] > 0  # 1500-byte frames: activations travel chunked
 
 
-def test_reconnect_mid_round(bundle: Path, broker: Broker, data_file: Path) -> None:
+def test_reconnect_mid_round(bundle: Path, broker, data_file: Path) -> None:
     peer, summary = round_trip(bundle, broker, data_file, restart_at_step=2, max_frame_bytes=256 * 1024)
     check_round(peer, summary)
     assert peer.restarted
@@ -245,7 +191,7 @@ def test_reconnect_mid_round(bundle: Path, broker: Broker, data_file: Path) -> N
     assert peer.steps_seen.count(2) == 1
 
 
-def test_emulated_link_paces_uplink_and_counts_radio_energy(bundle: Path, broker: Broker, data_file: Path) -> None:
+def test_emulated_link_paces_uplink_and_counts_radio_energy(bundle: Path, broker, data_file: Path) -> None:
     from edge_runtime.link import channel_gain_from_distance, uplink_rate_bps
 
     peer, summary = round_trip(bundle, broker, data_file, restart_at_step=None, max_frame_bytes=256 * 1024,

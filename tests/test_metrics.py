@@ -94,7 +94,7 @@ def test_write_after_close_raises(tmp_path: Path) -> None:
 
 def test_resume_keeps_each_round_once(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    records = [_record(1), _record(2), _record(3, accuracy=0.1), {"event": "start", "round": 3},
+    records = [_record(1), _record(2), _record(3, accuracy=0.1), {"event": "start", "plan_round": 3, "round": 3},
                _record(3, accuracy=0.2), {"event": "note"}, _record(4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "round", "rou')
 
@@ -122,7 +122,7 @@ def test_resume_appends_last_record_when_round_is_missing(tmp_path: Path) -> Non
 
 
 def test_resume_rejects_last_record_of_another_round(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="round 5"):
+    with pytest.raises(ValueError, match="plan round 5"):
         MetricsLog(tmp_path / "m.jsonl", resume_after=4, last_record=_record(5))
 
 

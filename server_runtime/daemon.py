@@ -1,0 +1,456 @@
+"""``sflam server``: the long-running trainer daemon (DESIGN.md sections 1-3).
+
+Every round: wait until enough devices are online, select K of them (seeded), allocate, publish
+the global device weights and the plan (retained), serve every activation batch on a worker
+thread (the MQTT network loop runs on its own thread and is never blocked by training), collect
+the round updates, fail the devices that miss the deadline or go offline, apply the
+minimum-completion policy, aggregate, evaluate, checkpoint, and write a metrics line.
+
+Plan rounds (the envelope's ``round`` on the wire) are unique per attempt and never reused, even
+across a restart (``issued.json``); the training round advances only when a round counts. A
+device that already tried plan round r therefore joins the retry r' > r like any new round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime import protocol as p
+from edge_runtime.data import Preprocess, preprocess
+from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_password_file
+from server_runtime.checkpoint import create_model
+from server_runtime.config import RunConfig
+from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
+from server_runtime.data import load_dataset
+from server_runtime.metrics import MetricsLog, PrometheusExporter
+from server_runtime.retained import Lease, RetainedPublisher
+from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
+from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, pick_device, use_bf16
+
+log = logging.getLogger(__name__)
+SERVER_ID = "server"
+DEADLINE_GRACE_S = 2.0  # devices count the deadline from when they receive the plan
+IDENTITY_KEYS = ("model", "training.mode")  # what a resumed run must share with its checkpoint
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start or go on (no devices in time, checkpoint clash, broker gone)."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended."""
+
+    rounds: int
+    plan_rounds: int
+    accuracy: float | None
+    counters: dict[str, int]
+
+
+class ServerDaemon:
+    """One run: broker link, coordinator, trainer, checkpoints and metrics."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False,
+                 on_round: Callable[[dict], None] | None = None) -> None:
+        self.config, self.on_round = config, on_round
+        cfg = config
+        if cfg.quant.bits == "auto":
+            raise DaemonError("quant.bits = \"auto\" needs the allocator, which is not available yet; "
+                              "set a fixed bit-width (1-8, 16 or 32)")
+        self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
+        self.registry = DeviceRegistry()
+        self.counters: Counter[str] = Counter()
+        self.allocation = FixedAllocation(int(cfg.quant.bits), cfg.quant.gradient_bits, cfg.quant.per_token,
+                                          cfg.round.total_bandwidth_hz)
+        self.eval_set = load_dataset(cfg.data.eval, seed=cfg.seed).test
+        device = pick_device(cfg.compute.device)
+        model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
+                             num_classes=self.eval_set.num_classes, seed=cfg.seed)
+        spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
+        self.trainer = SplitTrainer(model, cfg.training.mode, spec, device, use_bf16(cfg.compute.amp, device))
+        self.round, self.plan_round, self.last_accuracy = 0, 0, None
+        last_record = self._restore(resume)
+        self.metrics = MetricsLog(cfg.metrics_path, resume_after=self.plan_round if resume else None,
+                                  last_record=last_record)
+        self.lease = Lease.read(cfg.checkpoint_dir)
+        self.plan_round = max(self.plan_round, self.lease.plan_round)  # never reuse an issued plan round
+        self.current: RoundState | None = None
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        self._replies: dict[str, p.Gradient] = {}
+        self._stop = threading.Event()
+        self.pool = ThreadPoolExecutor(cfg.compute.workers, thread_name_prefix="sflam-step")
+        self.link = self._make_link()
+        self.publisher = RetainedPublisher(self.link, self.topics, cfg.broker.max_frame_bytes, self.lease,
+                                           cfg.checkpoint_dir)
+        self.prometheus = (PrometheusExporter(cfg.metrics.prometheus_port, cfg.metrics.prometheus_addr)
+                           if cfg.metrics.prometheus_port else None)
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _restore(self, resume: bool) -> dict | None:
+        """Load the checkpoint when resuming; refuse to overwrite a run otherwise."""
+        state = load_run_state(self.config.checkpoint_dir)
+        if state is None:
+            if resume:
+                log.warning("--resume: no checkpoint in %s; starting the run from round 0", self.config.checkpoint_dir)
+            return None
+        if not resume:
+            raise DaemonError(f"{self.config.checkpoint_dir} already holds a run at round {state.round}; "
+                              "pass --resume to continue it, or set another checkpoint.dir")
+        self._check_identity(state.config)
+        self.trainer.load(state.model, state.optimizer)
+        if state.rng:
+            restore_rng(state.rng)
+        self.round, self.plan_round = state.round, state.plan_round
+        self.last_accuracy = (state.record or {}).get("accuracy")
+        log.info("resuming after round %d (plan round %d)", state.round, state.plan_round)
+        return state.record
+
+    def _check_identity(self, saved: dict) -> None:
+        now = self.config.to_dict()
+        for key in IDENTITY_KEYS:
+            section, _, name = key.partition(".")
+            old, new = saved.get(section, {}), now.get(section, {})
+            if name:
+                old, new = old.get(name), new.get(name)
+            if old != new:
+                raise DaemonError(f"cannot resume: {key} was {old!r} in the checkpoint, the config says {new!r}")
+
+    def _make_link(self) -> MqttLink:
+        b = self.config.broker
+        password = read_password_file(b.password_file) if b.password_file else None
+        return MqttLink(b.url, LinkConfig(
+            client_id=f"sflam-{b.run_id}-server", ca_file=b.ca_file, username=b.username, password=password,
+            max_frame_bytes=b.max_frame_bytes, reconnect_max_s=5.0,
+        ))
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the run to end after the current round (thread- and signal-safe)."""
+        self._stop.set()
+
+    def run(self) -> RunSummary:
+        """Train until ``training.rounds`` rounds have counted (or :meth:`stop`)."""
+        self.link.subscribe([self.topics.all_devices("up"), self.topics.all_devices("status")])
+        try:
+            self.link.start(timeout_s=30.0)
+        except TransportError as exc:
+            raise DaemonError(f"cannot reach the broker at {self.config.broker.url}: {exc}") from None
+        try:
+            while self.round < self.config.training.rounds and not self._stop.is_set():
+                self.run_round()
+            if self.round >= self.config.training.rounds:
+                self.publisher.clear("plan")
+        finally:
+            self.close()
+        return RunSummary(self.round, self.plan_round, self.last_accuracy, dict(self.all_counters()))
+
+    def close(self) -> None:
+        """Stop workers, the metrics endpoint and the broker link."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.prometheus is not None:
+            self.prometheus.close()
+        self.metrics.close()
+        self.link.close()
+
+    def all_counters(self) -> Counter[str]:
+        """The daemon's counters and the receiver's, merged."""
+        merged = Counter(self.counters)
+        merged.update({f"receiver.{k}": v for k, v in self.receiver.counters.items()})
+        merged.update({f"reassembler.{k}": v for k, v in self.receiver.reassembler.counters.items()})
+        return merged
+
+    def run_round(self) -> dict:
+        """One attempt at the next training round; returns its metrics record."""
+        cfg, t0 = self.config, time.monotonic()
+        online = self.wait_for_devices()
+        phases = {"wait_devices": time.monotonic() - t0}
+        plan_round = self.plan_round + 1
+        self.publisher.issue(plan_round)
+        self.plan_round = plan_round
+        selected = select_devices(online, cfg.training.devices_per_round, cfg.seed, plan_round)
+        allocations = self.allocation.allocate(selected, self.registry)
+        self.trainer.begin_round(selected)
+        deadline = time.monotonic() + cfg.round.deadline_s + DEADLINE_GRACE_S
+        state = RoundState(self.round + 1, plan_round, {a.device_id: DeviceRound(a) for a in allocations}, deadline)
+        self.receiver.min_round = plan_round
+        with self._lock:
+            self.current, self._replies = state, {}
+        t1 = time.monotonic()
+        broadcast = self._publish_round(state, allocations)
+        self._serve(state)
+        phases["train"] = time.monotonic() - t1
+        record = self._conclude(state, phases, broadcast, t0)
+        return record
+
+    def wait_for_devices(self) -> list[str]:
+        """Pump messages until ``min_devices`` are online; DaemonError after ``wait_for_devices_s``."""
+        cfg = self.config
+        need = cfg.training.min_devices or cfg.training.devices_per_round
+        deadline, next_note = time.monotonic() + cfg.round.wait_for_devices_s, 0.0
+        while True:
+            online = self.registry.online()
+            if len(online) >= need:
+                return online
+            now = time.monotonic()
+            if self._stop.is_set():
+                raise DaemonError("stopped while waiting for devices")
+            if now > deadline:
+                raise DaemonError(f"only {len(online)} of the {need} devices needed came online within "
+                                  f"{cfg.round.wait_for_devices_s:g} s (online: {', '.join(online) or 'none'})")
+            if now >= next_note:
+                log.info("waiting for devices: %d/%d online", len(online), need)
+                next_note = now + 10.0
+            self.pump(0.2)
+
+    def _publish_round(self, state: RoundState, allocations: tuple[p.Allocation, ...]) -> int:
+        cfg = self.config
+        env = p.Envelope(cfg.broker.run_id, state.plan_round, SERVER_ID)
+        model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(self.trainer.device_weights()))
+        plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, cfg.training.local_epochs,
+                           cfg.training.batch_size, cfg.training.lr, allocations)
+        sent = self.publisher.publish("model", model)
+        sent += self.publisher.publish("plan", plan)
+        log.info("round %d (plan round %d): %s", state.round, state.plan_round, ", ".join(state.devices))
+        return sent
+
+    def _serve(self, state: RoundState) -> None:
+        """Pump messages until every selected device finished or failed."""
+        while True:
+            with self._lock:
+                state.expire(time.monotonic())
+                if state.done:
+                    break
+            self.pump(0.05)
+        for future in self._futures:
+            future.result()
+        self._futures = []
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def pump(self, timeout_s: float) -> None:
+        """Handle at most one incoming publish."""
+        incoming = self.link.get(timeout_s)
+        if incoming is None:
+            return
+        self._count_bytes(incoming)
+        try:
+            message = self.receiver.accept(incoming.payload, incoming.topic)
+        except p.ProtocolError as exc:
+            log.warning("refused a message on %s: %s", incoming.topic, exc)
+            return
+        if message is None:
+            if self.receiver.last_duplicate is not None:
+                self._reanswer(self.receiver.last_duplicate)
+            return
+        self._dispatch(message)
+
+    def _count_bytes(self, incoming) -> None:
+        try:
+            ref = self.topics.parse(incoming.topic)
+        except p.ProtocolError:
+            return
+        with self._lock:
+            state = self.current
+            if state is not None and ref.kind == "up" and ref.device_id in state.devices:
+                state.devices[ref.device_id].bytes_up += len(incoming.payload)
+
+    def _dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Hello):
+            self.registry.on_hello(message)
+        elif isinstance(message, p.Status):
+            info = self.registry.on_status(message)
+            if not info.online:
+                with self._lock:
+                    if self.current is not None:
+                        self.current.fail(info.device_id, f"offline ({message.reason or 'no reason'})")
+        elif isinstance(message, p.Activations):
+            self._on_activations(message)
+        elif isinstance(message, p.RoundUpdate):
+            self._on_update(message)
+        elif isinstance(message, p.ErrorReport):
+            self.counters[f"device_errors.{message.code}"] += 1
+            log.warning("device %s reported %s: %s", message.envelope.device_id, message.code, message.detail)
+
+    def _round_member(self, message: p.Message, what: str) -> DeviceRound | None:
+        """The sender's DeviceRound when ``message`` belongs to the round in flight, else None (counted)."""
+        env, state = message.envelope, self.current
+        member = None
+        if state is not None and env.round == state.plan_round:
+            member = state.devices.get(env.device_id)
+        if member is None or member.finished:
+            self.counters[f"unexpected.{what}"] += 1
+            self._report(env.device_id, env.round, "not_in_round",
+                         f"{what} for plan round {env.round}: this device is not training in the round in flight")
+            return None
+        return member
+
+    def _on_activations(self, message: p.Activations) -> None:
+        with self._lock:
+            member = self._round_member(message, "activations")
+            if member is None:
+                return
+            self._futures.append(self.pool.submit(self._serve_step, self.current, message, member))
+
+    def _serve_step(self, state: RoundState, message: p.Activations, member: DeviceRound) -> None:
+        """Worker thread: one server step and the gradient back."""
+        env, alloc = message.envelope, member.allocation
+        try:
+            result = self.trainer.step(env.device_id, message.tensor, message.labels.to_numpy(), alloc.bits_down,
+                                       "token" if alloc.per_token else "tensor")
+        except (StepError, ValueError) as exc:
+            with self._lock:
+                self.counters["rejected.activations"] += 1
+                state.fail(env.device_id, f"bad activations: {exc}")
+            self._report(env.device_id, env.round, "bad_activations", str(exc))
+            return
+        reply = p.Gradient(p.Envelope(env.run_id, env.round, env.device_id, env.step), result.gradient, result.loss)
+        with self._lock:
+            member.server_time_s += result.server_time_s
+            member.steps += 1
+            self._replies[env.device_id] = reply
+        t0 = time.perf_counter()
+        try:
+            sent = self.link.send(self.topics.down(env.device_id), reply)
+        except TransportError as exc:  # the device re-sends the step; we answer from _replies
+            log.info("gradient for %s step %d not delivered: %s", env.device_id, env.step, exc)
+            return
+        with self._lock:
+            member.downlink_time_s += time.perf_counter() - t0
+            member.bytes_down += sent
+
+    def _reanswer(self, duplicate: p.Envelope) -> None:
+        """A device re-sent a step we answered: send the same gradient again (the reply was lost)."""
+        with self._lock:
+            reply = self._replies.get(duplicate.device_id)
+            if reply is None or (reply.envelope.round, reply.envelope.step) != (duplicate.round, duplicate.step):
+                return
+            self.counters["reanswered_steps"] += 1
+            self._futures.append(self.pool.submit(self._resend, reply))
+
+    def _resend(self, reply: p.Gradient) -> None:
+        try:
+            self.link.send(self.topics.down(reply.envelope.device_id), reply)
+        except TransportError as exc:
+            log.info("re-answer to %s not delivered: %s", reply.envelope.device_id, exc)
+
+    def _on_update(self, message: p.RoundUpdate) -> None:
+        env = message.envelope
+        with self._lock:
+            member = self._round_member(message, "round_updates")
+            if member is None:
+                return
+            problem = self._update_problem(message)
+            if problem is not None:
+                self.counters["rejected.round_updates"] += 1
+                self.current.fail(env.device_id, f"bad update: {problem}")
+            else:
+                member.update = message
+                self.registry.on_update(message)
+        if problem is not None:
+            self._report(env.device_id, env.round, "bad_update", problem)
+
+    def _update_problem(self, message: p.RoundUpdate) -> str | None:
+        if message.model_version != self.current.plan_round:
+            return f"trained model version {message.model_version}, the round's is {self.current.plan_round}"
+        if message.num_samples < 1:
+            return f"num_samples must be >= 1, got {message.num_samples}"
+        try:
+            self.trainer.check_device_weights(p.weights_to_numpy(message.weights))
+        except StepError as exc:
+            return str(exc)
+        return None
+
+    def _report(self, device_id: str, round_: int, code: str, detail: str) -> None:
+        """Tell a device why its message was refused (best effort, never blocks the caller long)."""
+        try:
+            report = p.ErrorReport(p.Envelope(self.config.broker.run_id, round_, device_id), code, detail[:500])
+            self.link.publish_nowait(self.topics.down(device_id), p.encode(report))
+        except (p.ProtocolError, ValueError) as exc:
+            log.info("could not report %s to %r: %s", code, device_id, exc)
+
+    # -- round end -------------------------------------------------------------------------------
+
+    def _conclude(self, state: RoundState, phases: dict[str, float], broadcast: int, t0: float) -> dict:
+        cfg = self.config
+        with self._lock:
+            self.current = None
+        completed = state.completed()
+        counted = state.counts(cfg.round.min_completed)
+        train_loss = self.trainer.train_loss(completed or sorted(state.devices))
+        t = time.monotonic()
+        if counted:
+            self.trainer.finish_round({d: (p.weights_to_numpy(state.devices[d].update.weights),
+                                           state.devices[d].update.num_samples) for d in completed})
+            self.round += 1
+        else:
+            log.warning("round %d does not count: %d of %d devices completed", state.round, len(completed),
+                        len(state.devices))
+            self.trainer.abort_round()
+        phases["aggregate"] = time.monotonic() - t
+        accuracy = test_loss = None
+        t = time.monotonic()
+        if counted and (self.round % cfg.data.eval_every == 0 or self.round == cfg.training.rounds):
+            accuracy, test_loss = self.trainer.evaluate(self._eval_batches())
+            self.last_accuracy = accuracy
+        phases["evaluate"] = time.monotonic() - t
+        record = self._record(state, counted, (accuracy, test_loss, train_loss), phases, broadcast, t0)
+        t = time.monotonic()
+        save_run_state(cfg.checkpoint_dir, RunState(
+            self.round, self.plan_round, self.trainer.state_dict(), self.trainer.optimizer_state(),
+            capture_rng(), record, cfg.to_dict()), keep=cfg.checkpoint.keep)
+        record["phases_s"]["checkpoint"] = time.monotonic() - t
+        self.metrics.write(record)
+        if self.prometheus is not None:
+            self.prometheus.observe_round(record)
+            self.prometheus.set_online(len(self.registry.online()))
+            self.prometheus.set_counters(self.all_counters())
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    def _eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The evaluation set, preprocessed batch by batch exactly as devices preprocess theirs."""
+        cfg = self.trainer.model.config
+        spec = Preprocess(cfg.img_size, tuple(cfg.mean), tuple(cfg.std))
+        data, size = self.eval_set, self.config.data.eval_batch_size
+        for start in range(0, len(data), size):
+            yield preprocess(data.images[start:start + size], spec), data.labels[start:start + size]
+
+    def _record(self, state: RoundState, counted: bool, losses: tuple[float | None, float | None, float | None],
+                phases: dict[str, float], broadcast: int, t0: float) -> dict:
+        """The round's metrics line (schema in server_runtime.metrics)."""
+        accuracy, test_loss, train_loss = losses
+        completed = state.completed()
+        devices = {}
+        for device_id, member in state.devices.items():
+            tel = member.update.telemetry if member.update is not None else None
+            a = member.allocation
+            devices[device_id] = {
+                "bytes_up": member.bytes_up, "bytes_down": member.bytes_down, "steps": member.steps,
+                "server_time_s": member.server_time_s, "downlink_time_s": member.downlink_time_s,
+                "compute_time_s": tel.compute_time_s if tel else None,
+                "uplink_time_s": tel.uplink_time_s if tel else None,
+                "energy_j": tel.energy_j if tel else None, "energy_source": tel.energy_source if tel else None,
+                "allocation": {"bits_up": a.bits_up, "bits_down": a.bits_down, "tx_power_w": a.tx_power_w,
+                               "bandwidth_hz": a.bandwidth_hz},
+            }
+        samples = sum(state.devices[d].update.num_samples for d in completed)
+        return {
+            "event": "round", "round": state.round, "plan_round": state.plan_round,
+            "counted": counted, "mode": self.config.training.mode, "time": time.time(),
+            "selected": sorted(state.devices), "completed": completed, "failed": state.failures(),
+            "accuracy": accuracy, "test_loss": test_loss, "train_loss": train_loss,
+            "samples": samples, "duration_s": time.monotonic() - t0, "phases_s": dict(phases),
+            "bytes_broadcast": broadcast, "devices": devices, "counters": dict(self.all_counters()),
+        }

@@ -1,0 +1,46 @@
+"""``sflam server``: run the trainer daemon from a run.toml, printing a progress line per round."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from server_runtime.config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C: the round in flight is dropped and redone on --resume."""
+    raise KeyboardInterrupt
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Handler of ``sflam server``."""
+    overrides = {"broker.url": args.broker} if args.broker else None
+    config = load_config(args.config, overrides)
+    if args.check:
+        print(json.dumps(config.to_dict(), indent=2))
+        print(f"{args.config}: valid", file=sys.stderr)
+        return 0
+    from server_runtime.daemon import ServerDaemon
+    from server_runtime.metrics import progress_line
+
+    def show(record: dict) -> None:
+        if config.metrics.progress:
+            print(progress_line(record, config.training.rounds), flush=True)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    daemon = ServerDaemon(config, resume=args.resume, on_round=show)
+    print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} SFL-{config.training.mode.upper()}, "
+          f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
+          + (f", resuming after round {daemon.round}" if args.resume else ""), flush=True)
+    summary = daemon.run()
+    print("sflam-server-summary " + json.dumps({
+        "rounds": summary.rounds, "plan_rounds": summary.plan_rounds, "accuracy": summary.accuracy,
+        "counters": summary.counters,
+    }), flush=True)
+    return 0
