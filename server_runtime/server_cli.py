@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 
-from server_runtime.config import load_config
-
-log = logging.getLogger(__name__)
+from server_runtime.config import RunConfig, load_config
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -26,6 +23,18 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         print(f"{args.config}: valid", file=sys.stderr)
         return 0
+    from server_runtime.daemon import DaemonError
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _serve(config, resume=args.resume)
+    except DaemonError as exc:
+        print(f"sflam server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(config: RunConfig, *, resume: bool) -> int:
+    """Build the daemon, run it to the end, print the summary line."""
     from server_runtime.daemon import ServerDaemon
     from server_runtime.metrics import progress_line
 
@@ -33,11 +42,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         if config.metrics.progress:
             print(progress_line(record, config.training.rounds), flush=True)
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    daemon = ServerDaemon(config, resume=args.resume, on_round=show)
+    daemon = ServerDaemon(config, resume=resume, on_round=show)
     print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} SFL-{config.training.mode.upper()}, "
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
-          + (f", resuming after round {daemon.round}" if args.resume else ""), flush=True)
+          + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
     summary = daemon.run()
     print("sflam-server-summary " + json.dumps({
         "rounds": summary.rounds, "plan_rounds": summary.plan_rounds, "accuracy": summary.accuracy,

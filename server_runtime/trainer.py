@@ -142,7 +142,7 @@ class SplitTrainer:
         start = time.perf_counter()
         with server.lock:
             x = dequantize_torch(activations, self.device).requires_grad_(True)
-            y = torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=self.device)
+            y = torch.as_tensor(np.array(labels, dtype=np.int64), device=self.device)
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
             with autocast:
                 logits = server.part(x)
@@ -205,7 +205,7 @@ class SplitTrainer:
             raise StepError(f"device weights must be {sorted(expected)}, got {sorted(weights)}")
         out = {}
         for name, ref in expected.items():
-            value = torch.as_tensor(np.asarray(weights[name], dtype=np.float32), device=self.device)
+            value = torch.as_tensor(np.array(weights[name], dtype=np.float32), device=self.device)
             if tuple(value.shape) != tuple(ref.shape):
                 raise StepError(f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
             if not torch.isfinite(value).all():

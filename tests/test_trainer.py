@@ -173,3 +173,28 @@ def test_round_state_deadline_failures_and_completion_policy() -> None:
     state.expire(100.0)
     assert state.done and state.failures() == {"b": "offline", "c": "deadline"}
     assert state.counts(0.3) and not state.counts(0.5)
+
+
+def test_bf16_autocast_step_trains_and_returns_float32_gradients() -> None:
+    trainer = SplitTrainer(create_model(PRESET, num_classes=10, seed=0), "v2", OptimizerSpec("sgd", 0.05, 0.9), bf16=True)
+    trainer.begin_round(["a"])
+    tensor, labels = batch(trainer, 6)
+    before = trainer.state_dict()["head.weight"].clone()
+    result = trainer.step("a", tensor, labels, 32)
+    grad = dequantize(result.gradient)
+    assert grad.dtype == np.float32 and np.isfinite(grad).all() and np.abs(grad).max() > 0
+    assert np.isfinite(result.loss)
+    assert not torch.equal(trainer.state_dict()["head.weight"], before)
+    assert trainer.state_dict()["head.weight"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_pick_device_and_bf16_policy() -> None:
+    from server_runtime.trainer import pick_device, use_bf16
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            pick_device("cuda")
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("auto", torch.device("cpu"))
+    assert use_bf16("auto", torch.device("cuda")) and not use_bf16("off", torch.device("cuda"))
