@@ -219,8 +219,9 @@ class PrometheusExporter:
 
     def observe_round(self, record: Mapping[str, Any]) -> None:
         """Update every metric from one round record; None values leave a metric as it is."""
+        if record.get("counted", True) and record.get("round") is not None:
+            self._round.set(record["round"])
         for gauge, key in (
-            (self._round, "round"),
             (self._accuracy, "accuracy"),
             (self._test_loss, "test_loss"),
             (self._train_loss, "train_loss"),

@@ -148,7 +148,7 @@ def test_prometheus_endpoint_serves_round_metrics() -> None:
         exporter.close()
 
     for line in (
-        "sflam_round 2.0",
+        "sflam_round 1.0",  # round 2 did not count
         "sflam_accuracy 0.9",
         'sflam_bytes_up_total{device="dev-a"} 2468.0',
         'sflam_bytes_down_total{device="dev-b"} 1e+06',
