@@ -230,32 +230,44 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout_s: float | None = None) -> None:
         """Publish one frame at QoS 1 and wait for its PUBACK; TransportError on timeout or loss."""
-        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        self.wait_connected(timeout_s)
-        generation = self.connections
-        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
-        while not info.is_published():
-            if self.connections != generation or not self.connected:
-                raise TransportError(f"connection lost while publishing to {topic}")
-            if time.monotonic() > deadline:
-                raise TransportError(f"no PUBACK for {topic} within {timeout_s:.1f} s")
-            time.sleep(0.002)
-        with self._lock:
-            self.bytes_sent += len(payload)
+        self._publish_all(topic, [payload], retain=retain, timeout_s=timeout_s)
 
     def send(self, topic: str, message: Message, *, retain: bool = False, timeout_s: float | None = None,
              pace: Callable[[int], object] | None = None) -> int:
         """Encode (chunked to ``max_frame_bytes``) and publish ``message``; returns bytes sent.
 
-        ``pace(nbytes)``, when given, is called before each frame and may block (link emulation).
+        Every frame is handed to the client before any PUBACK is awaited (a chunked message
+        costs one round trip, not one per chunk). ``pace(nbytes)``, when given, is called
+        before each frame and may block (link emulation).
         """
         frames = split(message, self.config.max_frame_bytes)
+        self._publish_all(topic, frames, retain=retain, timeout_s=timeout_s, pace=pace)
+        return sum(len(f) for f in frames)
+
+    def _publish_all(self, topic: str, frames: list[bytes], *, retain: bool, timeout_s: float | None,
+                     pace: Callable[[int], object] | None = None) -> None:
+        """Publish ``frames`` at QoS 1, then wait until all are PUBACKed; TransportError on timeout or loss."""
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        self.wait_connected(timeout_s)
+        generation = self.connections
+        pending = []
         for frame in frames:
             if pace is not None:
                 pace(len(frame))
-            self.publish(topic, frame, retain=retain, timeout_s=timeout_s)
-        return sum(len(f) for f in frames)
+            pending.append(self._client.publish(topic, frame, qos=QOS, retain=retain))
+        for info in pending:
+            while not info.is_published():
+                if self.connections != generation or not self.connected:
+                    raise TransportError(f"connection lost while publishing to {topic}")
+                if time.monotonic() > deadline:
+                    raise TransportError(f"no PUBACK for {topic} within {timeout_s:.1f} s")
+                try:
+                    info.wait_for_publish(0.02)  # wakes on the PUBACK, re-checks the link otherwise
+                except (RuntimeError, ValueError) as exc:
+                    raise TransportError(f"publish to {topic} failed: {exc}") from None
+        with self._lock:
+            self.bytes_sent += sum(len(f) for f in frames)
 
     def get(self, timeout_s: float) -> Incoming | None:
         """The next received publish, or None after ``timeout_s``."""
