@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +109,15 @@ def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp
     lr, batch, seed = 0.05, 8, 11
     cfg = parse_config(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=1,
                                    training__mode="v2", training__batch_size=batch, training__lr=lr,
-                                   quant__bits=32, quant__gradient_bits=32))
-    daemon = ServerDaemon(cfg)
+                                   quant__bits=32, quant__gradient_bits=32, metrics__prometheus_port=free_port()))
+    scraped: list[str] = []
+
+    def scrape(record: dict) -> None:  # the daemon's Prometheus endpoint, read while the run is live
+        url = f"http://127.0.0.1:{cfg.metrics.prometheus_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            scraped.append(response.read().decode())
+
+    daemon = ServerDaemon(cfg, on_round=scrape)
     start = daemon.trainer.state_dict()
     # Execute: the round over the broker
     runner = threading.Thread(target=daemon.run, daemon=True)
@@ -139,6 +148,15 @@ def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp
                                    err_msg=name)
         moved = max(moved, float((value - start[name]).abs().max()))
     assert moved > 1e-3  # training really changed the weights
+    lines = scraped[0].splitlines()
+    assert "sflam_round 1.0" in lines and 'sflam_rounds_total{counted="true"} 1.0' in lines
+    assert any(line.startswith('sflam_bytes_up_total{device="dev-0"}') for line in lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
