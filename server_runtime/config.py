@@ -131,6 +131,19 @@ class ComputeSection:
     workers: int = 4
 
 
+@dataclass(frozen=True)
+class AllocatorSection:
+    """The allocator behind ``quant.bits = "auto"`` (docs/allocator.md): weights and limits."""
+
+    lambda_energy: float = 1.0  # per joule of device energy
+    lambda_time: float = 0.0  # per second of round latency
+    lambda_quant: float = 1e-3  # per unit of the quantization-variance term Phi
+    allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    t_max_s: float = 0.0  # latency cap per round; 0: round.deadline_s
+    default_distance_m: float = 100.0  # a device's channel before its telemetry calibrates it
+    downlink_rate_bps: float = 100e6  # the server's downlink per device
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "data": DataSection,
@@ -141,6 +154,7 @@ _SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointSection,
     "metrics": MetricsSection,
     "compute": ComputeSection,
+    "allocator": AllocatorSection,
 }
 
 
@@ -158,6 +172,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     compute: ComputeSection = field(default_factory=ComputeSection)
+    allocator: AllocatorSection = field(default_factory=AllocatorSection)
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -392,6 +407,17 @@ def _activation_bits(value: object) -> int | str:
     return value
 
 
+def _bit_set(value: object) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid(f"must be a non-empty list of bit-widths ({_BIT_TEXT}), got {_show(value)}")
+    bad = [v for v in value if not _is_bit_width(v)]
+    if bad:
+        raise _Invalid(f"every entry must be {_BIT_TEXT}; not {', '.join(_show(v) for v in bad)}")
+    if len(set(value)) != len(value):
+        raise _Invalid(f"has repeated entries: {_show(value)}")
+    return tuple(sorted(value))
+
+
 def _preset(value: object) -> str:
     from server_runtime.presets import preset_names
 
@@ -489,5 +515,14 @@ _RULES: dict[str, dict[str, Check]] = {
         "device": _compute_device,
         "amp": _choice("auto", "bf16", "off"),
         "workers": _at_least(1),
+    },
+    "allocator": {
+        "lambda_energy": _number(lambda v: v >= 0, "a finite number >= 0"),
+        "lambda_time": _number(lambda v: v >= 0, "a finite number >= 0"),
+        "lambda_quant": _number(lambda v: v >= 0, "a finite number >= 0"),
+        "allowed_bits": _bit_set,
+        "t_max_s": _number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: round.deadline_s)"),
+        "default_distance_m": _number(lambda v: v > 0, "a finite number of metres > 0"),
+        "downlink_rate_bps": _number(lambda v: v > 0, "a finite number of bit/s > 0"),
     },
 }
