@@ -13,6 +13,7 @@ device that already tried plan round r therefore joins the retry r' > r like any
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ import numpy as np
 from edge_runtime import protocol as p
 from edge_runtime.data import Preprocess, preprocess
 from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_password_file
+from server_runtime.auto_allocation import AutoAllocation, DeviceCalibration
 from server_runtime.checkpoint import create_model
 from server_runtime.config import RunConfig
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
@@ -62,20 +64,18 @@ class ServerDaemon:
                  on_round: Callable[[dict], None] | None = None) -> None:
         self.config, self.on_round = config, on_round
         cfg = config
-        if cfg.quant.bits == "auto":
-            raise DaemonError("quant.bits = \"auto\" needs the allocator, which is not available yet; "
-                              "set a fixed bit-width (1-8, 16 or 32)")
         self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
         self.registry = DeviceRegistry()
         self.counters: Counter[str] = Counter()
-        self.allocation = FixedAllocation(int(cfg.quant.bits), cfg.quant.gradient_bits, cfg.quant.per_token,
-                                          cfg.round.total_bandwidth_hz)
         self.eval_set = load_dataset(cfg.data.eval, seed=cfg.seed).test
         device = pick_device(cfg.compute.device)
         model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
                              num_classes=self.eval_set.num_classes, seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
         self.trainer = SplitTrainer(model, cfg.training.mode, spec, device, use_bf16(cfg.compute.amp, device))
+        self.auto = AutoAllocation(cfg, model.config) if cfg.quant.bits == "auto" else None
+        self.allocation = self.auto or FixedAllocation(int(cfg.quant.bits), cfg.quant.gradient_bits,
+                                                       cfg.quant.per_token, cfg.round.total_bandwidth_hz)
         self.round, self.plan_round, self.last_accuracy = 0, 0, None
         last_record = self._restore(resume)
         self.metrics = MetricsLog(cfg.metrics_path, resume_after=self.plan_round if resume else None,
@@ -111,6 +111,8 @@ class ServerDaemon:
         if state.rng:
             restore_rng(state.rng)
         self.round, self.plan_round = state.round, state.plan_round
+        if self.auto is not None:
+            self.auto.calibration = {d: DeviceCalibration(**c) for d, c in state.extra.get("calibration", {}).items()}
         self.last_accuracy = (state.record or {}).get("accuracy")
         log.info("resuming after round %d (plan round %d)", state.round, state.plan_round)
         return state.record
@@ -300,6 +302,8 @@ class ServerDaemon:
             member = self._round_member(message, "activations")
             if member is None:
                 return
+            if self.auto is not None:
+                self.auto.observe_activations(message.envelope.device_id, message.tensor)
             self._futures.append(self.pool.submit(self._serve_step, self.current, message, member))
 
     def _serve_step(self, state: RoundState, message: p.Activations, member: DeviceRound) -> None:
@@ -357,6 +361,9 @@ class ServerDaemon:
             else:
                 member.update = message
                 self.registry.on_update(message)
+                if self.auto is not None:
+                    self.auto.observe_round(env.device_id, self.registry.devices[env.device_id].profile, message,
+                                            member.allocation, member.server_time_s)
         if problem is not None:
             self._report(env.device_id, env.round, "bad_update", problem)
 
@@ -408,7 +415,7 @@ class ServerDaemon:
         t = time.monotonic()
         save_run_state(cfg.checkpoint_dir, RunState(
             self.round, self.plan_round, self.trainer.state_dict(), self.trainer.optimizer_state(),
-            capture_rng(), record, cfg.to_dict()), keep=cfg.checkpoint.keep)
+            capture_rng(), record, cfg.to_dict(), self._extra_state()), keep=cfg.checkpoint.keep)
         record["phases_s"]["checkpoint"] = time.monotonic() - t
         self.metrics.write(record)
         if self.prometheus is not None:
@@ -418,6 +425,12 @@ class ServerDaemon:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+    def _extra_state(self) -> dict:
+        """What else a resumed run needs: the allocator's per-device calibration."""
+        if self.auto is None:
+            return {}
+        return {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()}}
 
     def _eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The evaluation set, preprocessed batch by batch exactly as devices preprocess theirs."""
@@ -453,4 +466,5 @@ class ServerDaemon:
             "accuracy": accuracy, "test_loss": test_loss, "train_loss": train_loss,
             "samples": samples, "duration_s": time.monotonic() - t0, "phases_s": dict(phases),
             "bytes_broadcast": broadcast, "devices": devices, "counters": dict(self.all_counters()),
+            "allocator": self.auto.summary() if self.auto is not None else None,
         }

@@ -73,10 +73,10 @@ def config_text(broker_url: str, ckpt: Path, **overrides: object) -> str:
 
 
 def start_device(bundle: Path, broker_url: str, device_id: str, data: Path, seed: int,
-                 rounds: int | None = None, run_id: str = "srv") -> subprocess.Popen:
+                 rounds: int | None = None, run_id: str = "srv", extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker_url,
            "--device-id", device_id, "--data", f"npz:{data}", "--backend", "numpy", "--run-id", run_id,
-           "--seed", str(seed), "--meter", "estimate"]
+           "--seed", str(seed), "--meter", "estimate", *extra]
     if rounds is not None:
         cmd += ["--rounds", str(rounds)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,0 +1,171 @@
+"""``quant.bits = "auto"``: the SFLAM allocator every round, calibrated by what devices measured.
+
+Before a device has reported, its model comes from its firmware profile (clock, effective
+capacitance, cycles per MAC, maximum transmit power) and a path-loss channel at
+``allocator.default_distance_m``. Each RoundUpdate then recalibrates it (DESIGN.md section 5):
+
+- cycles per sample  = measured compute time x f / samples, so the model's T_cmp is the measured one;
+- kappa              = (energy - tx power x uplink time) / (cycles x f^2), the compute share of the energy;
+- channel gain       = the h that makes the Shannon rate at the round's (B, p) equal the measured
+  uplink rate (bytes sent x 8 / uplink time); with an emulated link that is the emulated channel;
+- activation range R = the mean hi - lo of the device's activations this round;
+- server seconds per sample = the server's measured step time / samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from allocator.system import Allocation, Fleet, Problem, SystemParams, noise_psd_w_per_hz, path_loss_db
+from edge_runtime import protocol as p
+from edge_runtime.quantize import QuantizedTensor
+from server_runtime.config import RunConfig
+from server_runtime.coordinator import DeviceRegistry
+from server_runtime.presets import ViTConfig
+
+log = logging.getLogger(__name__)
+FALLBACK = {"cpu_freq_hz": 1.0e9, "kappa": 1e-28, "cycles_per_mac": 1.0, "max_tx_power_w": 0.1}
+BACKWARD_FACTOR = 3.0  # forward + train_step of the patch embedding, in forward MACs
+GAIN_LIMITS = (1e-20, 1e2)  # a calibrated linear gain outside this is a measurement artefact
+
+
+@dataclass(frozen=True)
+class DeviceCalibration:
+    """One device's model parameters, from its profile and then from its telemetry."""
+
+    cycles_per_sample: float
+    cpu_freq_hz: float
+    kappa: float
+    gain: float
+    max_tx_power_w: float
+    activation_range: float = 1.0
+    calibrated: bool = False
+
+
+class AutoAllocation:
+    """Builds the allocation problem of the selected devices and solves it each round."""
+
+    def __init__(self, config: RunConfig, model: ViTConfig) -> None:
+        self.config = config
+        tokens = (model.img_size // model.patch_size) ** 2
+        patch_dim = model.in_chans * model.patch_size ** 2
+        self.macs_per_sample = float(tokens * model.embed_dim * patch_dim)
+        a, q = config.allocator, config.quant
+        self.params = SystemParams(
+            elements_per_sample=tokens * model.embed_dim, label_bits=64,
+            weight_bits=32.0 * (model.embed_dim * patch_dim + model.embed_dim), gradient_bits=q.gradient_bits,
+            server_cycles_per_sample=0.0, server_freq_hz=1.0, downlink_rate_bps=a.downlink_rate_bps,
+            noise_psd_w_per_hz=noise_psd_w_per_hz(), total_bandwidth_hz=config.round.total_bandwidth_hz,
+            t_max_s=a.t_max_s or config.round.deadline_s, lambda_energy=a.lambda_energy,
+            lambda_time=a.lambda_time, lambda_quant=a.lambda_quant, allowed_bits=tuple(a.allowed_bits),
+        )
+        self.calibration: dict[str, DeviceCalibration] = {}
+        self.ranges: dict[str, list[float]] = {}
+        self.server_s_per_sample = 0.0
+        self.last_result = None
+
+    # -- calibration -----------------------------------------------------------------------------
+
+    def from_profile(self, profile: str) -> DeviceCalibration:
+        """The uncalibrated model of a device with firmware profile ``profile``."""
+        values = dict(FALLBACK)
+        try:
+            from firmware_profiles import load_profile
+
+            prof = load_profile(profile)
+            values.update(cpu_freq_hz=prof.compute.cpu_freq_hz, kappa=prof.compute.effective_capacitance,
+                          cycles_per_mac=prof.compute.cycles_per_mac, max_tx_power_w=prof.radio.max_tx_power_w)
+        except (ImportError, ValueError, OSError) as exc:
+            log.info("allocator: no profile %r (%s); generic device assumed", profile, exc)
+        gain = 10 ** (-float(path_loss_db(np.array([self.config.allocator.default_distance_m]))[0]) / 10)
+        return DeviceCalibration(BACKWARD_FACTOR * self.macs_per_sample * values["cycles_per_mac"],
+                                 values["cpu_freq_hz"], values["kappa"], gain, values["max_tx_power_w"])
+
+    def observe_activations(self, device_id: str, tensor: QuantizedTensor) -> None:
+        """Remember the range of a device's activations (R in the quantization term)."""
+        lo, hi = np.asarray(tensor.lo, np.float64), np.asarray(tensor.hi, np.float64)
+        if lo.size and np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
+            self.ranges.setdefault(device_id, []).append(float(np.mean(hi - lo)))
+
+    def observe_round(self, device_id: str, profile: str, update: p.RoundUpdate, allocation: p.Allocation,
+                      server_time_s: float) -> DeviceCalibration:
+        """Recalibrate a device from its RoundUpdate telemetry (module docstring)."""
+        old = self.calibration.get(device_id) or self.from_profile(profile)
+        tel = update.telemetry
+        samples = max(1, update.num_samples * self.config.training.local_epochs)
+        new = old
+        if tel.compute_time_s > 0:
+            new = replace(new, cycles_per_sample=tel.compute_time_s * old.cpu_freq_hz / samples)
+            compute_j = tel.energy_j - allocation.tx_power_w * tel.uplink_time_s
+            if compute_j > 0:
+                new = replace(new, kappa=compute_j / (new.cycles_per_sample * samples * old.cpu_freq_hz ** 2))
+        gain = self._measured_gain(tel, allocation)
+        if gain is not None:
+            new = replace(new, gain=gain)
+        ranges = self.ranges.pop(device_id, [])
+        if ranges:
+            new = replace(new, activation_range=float(np.mean(ranges)))
+        self.server_s_per_sample = max(self.server_s_per_sample, server_time_s / samples)
+        self.calibration[device_id] = replace(new, calibrated=True)
+        return self.calibration[device_id]
+
+    def _measured_gain(self, tel: p.Telemetry, allocation: p.Allocation) -> float | None:
+        """h such that B log2(1 + p h / (N0 B)) equals the measured uplink rate, or None."""
+        b, power = allocation.bandwidth_hz, allocation.tx_power_w
+        if tel.uplink_time_s <= 0 or tel.bytes_sent <= 0 or b <= 0 or power <= 0:
+            return None
+        spectral = 8.0 * tel.bytes_sent / tel.uplink_time_s / b
+        if spectral > 60:  # faster than any radio: a loopback link, not a channel
+            return GAIN_LIMITS[1]
+        gain = math.expm1(spectral * math.log(2)) * self.params.noise_psd_w_per_hz * b / power
+        return float(min(max(gain, GAIN_LIMITS[0]), GAIN_LIMITS[1]))
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def problem(self, selected: tuple[str, ...], registry: DeviceRegistry) -> Problem:
+        """The allocation problem of this round's devices."""
+        cals, samples = [], []
+        for device_id in selected:
+            info = registry.devices.get(device_id)
+            profile = info.profile if info is not None else "unknown"
+            cals.append(self.calibration.get(device_id) or self.from_profile(profile))
+            samples.append(max(1, (info.num_samples if info is not None else 0) * self.config.training.local_epochs))
+        d = np.asarray(samples, np.float64)
+        fleet = Fleet(
+            ids=tuple(selected), samples=d,
+            cycles_per_sample=np.array([c.cycles_per_sample for c in cals]),
+            cpu_freq_hz=np.array([c.cpu_freq_hz for c in cals]), kappa=np.array([c.kappa for c in cals]),
+            gain=np.array([c.gain for c in cals]), max_tx_power_w=np.array([c.max_tx_power_w for c in cals]),
+            activation_range=np.array([c.activation_range for c in cals]), weight=d / d.sum(),
+            profiles=tuple(registry.devices[i].profile if i in registry.devices else "unknown" for i in selected),
+        )
+        params = replace(self.params, server_cycles_per_sample=self.server_s_per_sample)
+        return Problem(fleet, params)
+
+    def allocate(self, selected: tuple[str, ...], registry: DeviceRegistry) -> tuple[p.Allocation, ...]:
+        """Solve this round's problem; the fallback allocation when it is infeasible (logged)."""
+        from allocator.bcd import solve
+
+        result = solve(self.problem(selected, registry))
+        self.last_result = result
+        if result.status == "infeasible":
+            log.warning("allocator: infeasible (%s); using its fallback", result.message)
+        alloc: Allocation = result.allocation
+        per_token = self.config.quant.per_token
+        return tuple(
+            p.Allocation(d, int(alloc.bits[i]), self.config.quant.gradient_bits, float(alloc.tx_power_w[i]),
+                         float(alloc.bandwidth_hz[i]), per_token)
+            for i, d in enumerate(selected)
+        )
+
+    def summary(self) -> dict | None:
+        """The last solve for the metrics line: status, objective, solve time, iterations."""
+        r = self.last_result
+        if r is None:
+            return None
+        return {"status": r.status, "objective": float(r.evaluation.objective), "solve_time_s": r.solve_time_s,
+                "iterations": r.iterations, "predicted_round_latency_s": float(r.evaluation.round_latency_s)}
