@@ -40,6 +40,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _add_profiles(sub: argparse._SubParsersAction) -> None:
     profiles = sub.add_parser("profiles", help="list and show device hardware profiles")
     actions = profiles.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -219,6 +241,29 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     server.set_defaults(handler="server_runtime.server_cli:cmd_server")
 
 
+def _add_allocate(sub: argparse._SubParsersAction) -> None:
+    alloc = sub.add_parser(
+        "allocate", help="solve one round's bits/power/bandwidth allocation and compare it with the baselines"
+    )
+    gen = alloc.add_argument_group("generated scenario (default: 10 devices, seed 0)")
+    gen.add_argument("--devices", type=_positive_int, metavar="N", help="devices in the round (default 10)")
+    gen.add_argument("--seed", type=int, metavar="S", help="seed of positions, fading and sample counts (default 0)")
+    gen.add_argument("--profiles", metavar="A,B,...", help="comma list of firmware profiles, assigned round-robin")
+    gen.add_argument("--model", metavar="PRESET", help="ViT preset whose split sizes the traffic (default vit_base_patch32_224)")
+    gen.add_argument("--radius-m", type=_positive_float, metavar="R", help="cell radius in metres (default 500)")
+    gen.add_argument("--local-epochs", type=_positive_int, metavar="E", help="passes over each device's data per round")
+    prm = alloc.add_argument_group("problem parameters (override the scenario's)")
+    prm.add_argument("--t-max", type=_positive_float, metavar="SEC", help="latency cap per round (default: 1.5 x fixed's)")
+    prm.add_argument("--lambda-energy", type=_non_negative_float, metavar="W", help="weight per joule (default 1)")
+    prm.add_argument("--lambda-time", type=_non_negative_float, metavar="W", help="weight per second of round latency (default 0)")
+    prm.add_argument("--lambda-quant", type=_non_negative_float, metavar="W", help="weight of the quantization term (default 1e-3)")
+    prm.add_argument("--subchannels", type=_non_negative_int, metavar="N", help="N equal subchannels (0: continuous bandwidth)")
+    alloc.add_argument("--scenario", metavar="FILE", help="a scenario JSON file instead of a generated one")
+    alloc.add_argument("--dump-scenario", metavar="FILE", help="write the problem as a scenario JSON file")
+    alloc.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    alloc.set_defaults(handler="allocator.cli:cmd_allocate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI; cheap to build (imports nothing beyond the standard library)."""
     parser = argparse.ArgumentParser(
@@ -237,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_energy(sub)
     _add_quickstart(sub)
     _add_server(sub)
+    _add_allocate(sub)
     return parser
 
 
