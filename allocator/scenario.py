@@ -265,7 +265,7 @@ def _params(shape: ModelShape | None, overrides: Mapping[str, object] | None) ->
     values: dict[str, object] = dict(SCENARIO_DEFAULTS)
     if shape is not None:
         values.update(elements_per_sample=shape.elements_per_sample, weight_bits=shape.device_weight_bits)
-    values.update((key, value) for key, value in given.items() if key in known)
+    values.update((key, math.inf if value == "inf" else value) for key, value in given.items() if key in known)
     if isinstance(values.get("allowed_bits"), list):
         values["allowed_bits"] = tuple(values["allowed_bits"])
     if "elements_per_sample" not in values:
@@ -294,6 +294,7 @@ def problem_to_dict(problem: Problem) -> dict[str, object]:
     fleet = problem.fleet
     params = dataclasses.asdict(problem.params)
     params["allowed_bits"] = list(problem.params.allowed_bits)
+    params.update((key, "inf") for key, value in params.items() if value == math.inf)  # no cap / unlimited
     devices = [
         {
             "id": fleet.ids[k],
@@ -310,6 +311,9 @@ def problem_to_dict(problem: Problem) -> dict[str, object]:
         for k in range(len(fleet))
     ]
     data: dict[str, object] = {"format": FORMAT, "params": params, "devices": devices}
+    model = infer_model(problem.params)
+    if model is not None:
+        data = {"format": FORMAT, "model": model, "params": params, "devices": devices}
     if problem.subchannel_gain is not None:
         data["subchannel_gain"] = problem.subchannel_gain.tolist()
     return data

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from allocator import baselines
 from allocator.system import (
     Allocation,
     Fleet,
@@ -214,3 +215,50 @@ def test_evaluate_is_vectorized_for_ten_thousand_devices() -> None:
     ev = evaluate(problem, a)
     assert time.perf_counter() - start < 0.1
     assert ev.energy_j.shape == (n,) and ev.feasible
+
+
+# --- baselines -----------------------------------------------------------------------------------
+
+
+def two_devices() -> Problem:
+    fleet = Fleet(
+        ids=("a", "b"), samples=[100.0, 200.0], cycles_per_sample=[1e6, 2e6], cpu_freq_hz=[1e9, 2e9],
+        kappa=[1e-28] * 2, gain=[1e-10, 1e-11], max_tx_power_w=[0.2, 0.1], activation_range=[1.0] * 2,
+        weight=[1 / 3, 2 / 3], profiles=("x", "y"),
+    )
+    return Problem(fleet, params(allowed_bits=(2, 4), t_max_s=100.0))
+
+
+def test_fixed_and_fp32_use_max_power_and_an_equal_band_even_outside_the_allowed_bits() -> None:
+    problem = two_devices()
+    for result, bits in ((baselines.fixed(problem), 8), (baselines.fp32_sfl(problem), 32)):
+        assert result.allocation.bits.tolist() == [bits, bits]
+        assert result.allocation.tx_power_w.tolist() == [0.2, 0.1]
+        assert result.allocation.bandwidth_hz.tolist() == [5e5, 5e5]
+        assert result.evaluation.energy_j == pytest.approx(
+            compute_energy_j(problem.fleet) + uplink_energy_j(problem, result.allocation)
+        )
+    assert baselines.fp32_sfl(problem).evaluation.phi == 0.0
+
+
+def test_sequential_sl_takes_the_sum_of_whole_band_latencies() -> None:
+    problem = two_devices()
+    result = baselines.sequential_sl(problem)
+    alone = Allocation(np.array([32, 32]), np.array([0.2, 0.1]), np.array([1e6, 1e6]))
+    per_device = device_latency_s(Problem(problem.fleet, params(t_max_s=100.0)), alone)
+    assert result.evaluation.round_latency_s == pytest.approx(per_device.sum(), rel=1e-12)
+    tight = dataclasses.replace(problem, params=dataclasses.replace(problem.params, t_max_s=per_device.max() * 1.01))
+    assert baselines.sequential_sl(tight).evaluation.feasible is False  # each fits alone, not in turn
+
+
+def test_fl_trains_the_whole_model_and_uploads_its_weights() -> None:
+    problem = two_devices()
+    result = baselines.fl(problem, model_to_device_compute_ratio=10.0, model_weight_bits=1e6)
+    rate = shannon_rate_bps(np.array([5e5] * 2), np.array([0.2, 0.1]), problem.fleet.gain, N0)
+    uplink_s = (1e6 + 24) / rate
+    expected_latency = 10.0 * compute_time_s(problem.fleet) + uplink_s + 1e6 / 1e6
+    assert result.evaluation.latency_s == pytest.approx(expected_latency, rel=1e-12)
+    assert result.evaluation.energy_j == pytest.approx(10.0 * compute_energy_j(problem.fleet) + [0.2, 0.1] * uplink_s)
+    assert baselines.FL_COMPUTE_RATIO_VIT_B32 == pytest.approx(38.14, abs=0.01)
+    with pytest.raises(ModelError, match="model_to_device_compute_ratio"):
+        baselines.fl(problem, model_to_device_compute_ratio=0.0)

@@ -122,7 +122,14 @@ def test_json_round_trip_is_exact(tmp_path: Path, subchannels: int) -> None:
     dump_scenario(problem, path)
     loaded = load_scenario(path)
     assert_same_problem(problem, loaded)
-    assert json.loads(path.read_text())["format"] == 1
+    data = json.loads(path.read_text())
+    assert (data["format"], data["model"]) == (1, "vit_base_patch32_224")
+
+
+def test_an_uncapped_round_survives_the_file(tmp_path: Path) -> None:
+    problem = generate_scenario(2, 0, t_max_s=float("inf"))
+    dump_scenario(problem, tmp_path / "s.json")
+    assert load_scenario(tmp_path / "s.json").params.t_max_s == float("inf")
 
 
 def test_a_hand_written_file_takes_hardware_from_profiles(tmp_path: Path) -> None:
