@@ -274,8 +274,9 @@ class Allocation:
                 object.__setattr__(self, name, value)
                 problems.extend(_problems_of_array(name, value, n, 0.0, False))
         if self.subchannels is not None:
-            object.__setattr__(self, "subchannels", np.asarray(self.subchannels).astype(np.int64))
-            problems.extend(_assignment_problems(np.asarray(self.subchannels), n))
+            assignment = np.asarray(self.subchannels)
+            problems.extend(_assignment_problems(assignment, n))
+            object.__setattr__(self, "subchannels", assignment.astype(np.int64))
         if problems:
             raise ModelError("allocation", problems)
 
