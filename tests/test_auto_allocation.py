@@ -1,0 +1,98 @@
+"""quant.bits = "auto": the allocator in the server's loop, recalibrated by device telemetry."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allocator.system import compute_energy_j, compute_time_s, shannon_rate_bps
+from edge_runtime import protocol as p
+from server_runtime.auto_allocation import AutoAllocation
+from server_runtime.config import parse_config
+from server_runtime.coordinator import DeviceRegistry
+from server_runtime.metrics import read_metrics
+from server_runtime.presets import get_preset
+from test_server import config_text, start_device, start_server, stop, write_shards
+
+needs_solver = pytest.mark.skipif(importlib.util.find_spec("allocator.bcd") is None,
+                                  reason="allocator.bcd (the solver) is not written yet")
+AUTO = '[quant]\nbits = "auto"\n[training]\nlocal_epochs = 2\n'
+
+
+def registry_with(*devices: tuple[str, str, int]) -> DeviceRegistry:
+    registry = DeviceRegistry()
+    for device_id, profile, samples in devices:
+        registry.on_hello(p.Hello(p.Envelope("r", 0, device_id), profile, "numpy", "0.1.0", samples))
+    return registry
+
+
+def test_telemetry_recalibrates_compute_energy_and_channel() -> None:
+    # Prepare
+    auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
+    registry = registry_with(("a", "raspberry-pi-5", 100))
+    allocation = p.Allocation("a", 4, 32, 0.1, 1e6)
+    telemetry = p.Telemetry(compute_time_s=0.5, uplink_time_s=0.1, energy_j=2.0, energy_source="estimated",
+                            bytes_sent=100_000, bytes_received=1, steps=8)
+    update = p.RoundUpdate(p.Envelope("r", 1, "a", 8), 1, 100, (), telemetry)
+    before = auto.problem(("a",), registry)
+    # Execute
+    auto.observe_round("a", "raspberry-pi-5", update, allocation, server_time_s=0.3)
+    after = auto.problem(("a",), registry)
+    # Assert: the model now predicts what the device measured
+    assert not np.isclose(compute_time_s(before.fleet)[0], 0.5)
+    assert compute_time_s(after.fleet)[0] == pytest.approx(0.5, rel=1e-9)
+    assert compute_energy_j(after.fleet)[0] == pytest.approx(2.0 - 0.1 * 0.1, rel=1e-9)
+    rate = shannon_rate_bps(np.array([1e6]), np.array([0.1]), after.fleet.gain, after.params.noise_psd_w_per_hz)
+    assert rate[0] == pytest.approx(8 * 100_000 / 0.1, rel=1e-9)
+    assert after.params.server_cycles_per_sample * 1.0 == pytest.approx(0.3 / 200)  # seconds per sample (f_S = 1)
+
+
+def test_uncalibrated_devices_come_from_their_profiles() -> None:
+    auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
+    problem = auto.problem(("a", "b"), registry_with(("a", "raspberry-pi-5", 100), ("b", "no-such-profile", 50)))
+    fleet = problem.fleet
+    assert list(fleet.samples) == [200, 100]  # samples x local epochs
+    assert fleet.cpu_freq_hz[0] == 2.4e9 and fleet.max_tx_power_w[0] == 0.1
+    assert fleet.cpu_freq_hz[1] == 1.0e9  # the generic fallback, logged
+    assert problem.params.t_max_s == 120.0  # round.deadline_s when allocator.t_max_s is 0
+    assert set(problem.params.allowed_bits) == {2, 3, 4, 5, 6, 7, 8}
+
+
+@needs_solver
+def test_allocate_returns_a_feasible_allocation_per_device() -> None:
+    auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
+    registry = registry_with(("a", "raspberry-pi-5", 300), ("b", "raspberry-pi-5", 300), ("c", "jetson-orin-nano", 300))
+    allocations = auto.allocate(("a", "b", "c"), registry)
+    assert [a.device_id for a in allocations] == ["a", "b", "c"]
+    assert all(a.bits_up in range(2, 9) and a.bits_down == 32 for a in allocations)
+    assert sum(a.bandwidth_hz for a in allocations) <= 20e6 * (1 + 1e-6)
+    assert all(0 < a.tx_power_w <= 0.1 + 1e-12 for a in allocations[:2])
+    assert auto.summary()["status"] in ("optimal", "feasible")
+
+
+@needs_solver
+@pytest.mark.broker
+def test_server_with_bits_auto_trains_over_the_broker(quick_bundle: Path, broker, tmp_path: Path) -> None:
+    shards = write_shards(tmp_path, 3, 160)
+    ckpt = tmp_path / "ckpt"
+    config = tmp_path / "run.toml"
+    config.write_text(config_text(broker.url, ckpt, training__rounds=2, quant__bits="auto"))
+    server = start_server(config)
+    devices = [start_device(quick_bundle, broker.url, f"dev-{i}", shard, seed=i, rounds=2,
+                            extra=("--emulate-link", "--distance-m", str(100 + 150 * i)))
+               for i, shard in enumerate(shards)]
+    try:
+        out, err = server.communicate(timeout=240)
+    finally:
+        stop(devices)
+    assert server.returncode == 0, err[-3000:]
+    records = read_metrics(ckpt / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2] and all(r["counted"] for r in records)
+    for record in records:
+        assert record["allocator"]["status"] in ("optimal", "feasible")
+        allocs = [d["allocation"] for d in record["devices"].values()]
+        assert all(a["bits_up"] in range(2, 9) for a in allocs)
+        assert sum(a["bandwidth_hz"] for a in allocs) <= 20e6 * (1 + 1e-6)
