@@ -85,3 +85,29 @@ def test_dump_scenario_writes_the_generated_problem(tmp_path: Path) -> None:
     expected = generate_scenario(4, 9, t_max_s=80.0, params={"subchannels": 8})
     assert loaded.params == expected.params
     assert loaded.subchannel_gain.shape == (4, 8)
+
+
+def test_report_keys_with_a_stand_in_solver(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a solver that returns the fixed baseline, so the report is checked without allocator.bcd
+    import types
+
+    from allocator.baselines import fixed
+
+    def solve(problem: object) -> types.SimpleNamespace:
+        base = fixed(problem)
+        return types.SimpleNamespace(status="feasible", allocation=base.allocation, evaluation=base.evaluation,
+                                     iterations=1, solve_time_s=0.002, message="")
+
+    monkeypatch.setitem(sys.modules, "allocator.bcd", types.SimpleNamespace(solve=solve))
+    # Execute
+    assert main(["allocate", "--devices", "4", "--seed", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["allocate", "--devices", "4", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    # Assert
+    assert [d["id"] for d in report["devices"]] == ["d0", "d1", "d2", "d3"]
+    assert {d["bits"] for d in report["devices"]} == {8}
+    assert report["baselines"]["fixed"]["objective"] == pytest.approx(report["objective"])
+    assert report["improvement_over_fixed_pct"] == pytest.approx(0.0)
+    assert report["baselines"]["fl"]["energy_j"] > report["baselines"]["fixed"]["energy_j"]
+    assert "status feasible" in text and "0.0% below fixed" in text and text.count("\nd") == 4
