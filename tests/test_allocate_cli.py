@@ -55,6 +55,18 @@ def test_text_report_shows_devices_totals_and_baselines(capsys: pytest.CaptureFi
     assert "below fixed" in out and "status" in out
 
 
+@needs_solver
+def test_an_infeasible_cap_is_reported_not_compared_with_fixed(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: 30 s is below what 1 bit at max power over the whole band needs (about 30.06 s)
+    assert main(["allocate", "--devices", "5", "--t-max", "30", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["allocate", "--devices", "5", "--t-max", "30"]) == 0
+    text = capsys.readouterr().out
+    # Assert
+    assert report["status"] == "infeasible" and report["improvement_over_fixed_pct"] is None
+    assert "no allocation meets t_max" in text and "below fixed" not in text
+
+
 def test_a_bad_profile_name_is_an_error_with_exit_2() -> None:
     result = sflam("allocate", "--devices", "3", "--profiles", "raspberry-pi-5,raspbery-pi-6")
     assert result.returncode == 2
