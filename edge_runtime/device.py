@@ -134,6 +134,7 @@ class DeviceClient:
     meter: str = "auto"  # auto | rapl | jetson | android | estimate
     emulate_link: bool = False
     channel_gain: float | None = None  # emulated link; None: path loss at DEFAULT_DISTANCE_M
+    profile: str | None = None  # hardware profile to announce and estimate energy with; None: the bundle's
     timeout_s: float = 10.0
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
     counters: Counter = field(default_factory=Counter)
@@ -147,8 +148,9 @@ class DeviceClient:
         self.weights = load_weights(self.bundle)
         self.topics = p.Topics(self.run_id)
         self.receiver = p.Receiver(self.run_id)
-        self.power = PowerModel.for_profile(self.manifest.get("profile"))
-        self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.manifest.get("profile")))
+        self.profile = self.profile or self.manifest.get("profile")
+        self.power = PowerModel.for_profile(self.profile)
+        self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.profile))
         if self.emulate_link and self.channel_gain is None:
             self.channel_gain = channel_gain_from_distance(DEFAULT_DISTANCE_M)
         self.bucket: TokenBucket | None = None
@@ -181,7 +183,7 @@ class DeviceClient:
     def _announce(self) -> None:
         """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
         status = p.encode(self._status(True, ""))
-        hello = p.Hello(self._env(0), str(self.manifest.get("profile", "unknown")), self.engine.name,
+        hello = p.Hello(self._env(0), str(self.profile or "unknown"), self.engine.name,
                         SOFTWARE_VERSION, len(self.data), last_telemetry=self.last_telemetry)
         self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
         for frame in p.split(hello, self.max_frame_bytes):
@@ -448,6 +450,9 @@ def cmd_device(args: argparse.Namespace) -> int:
     device_json = json.loads((bundle / "device.json").read_text())
     data = load_data(args.data, Preprocess.from_device_json(device_json))
     password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
+    profile = getattr(args, "profile", None)
+    if profile is not None and load_device_profile(profile) is None:
+        raise ValueError(f"--profile {profile!r}: no such hardware profile here (see `sflam profiles list`)")
     gain = getattr(args, "channel_gain", None)
     if gain is None and getattr(args, "distance_m", None) is not None:
         gain = channel_gain_from_distance(args.distance_m)
@@ -456,6 +461,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
         username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
         emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
+        profile=profile,
     )
     client.start()
     try:

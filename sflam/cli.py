@@ -208,6 +208,10 @@ def _add_device(sub: argparse._SubParsersAction) -> None:
         "--emulate-link", action="store_true",
         help="pace uplink publishes at the plan's rate B log2(1 + p h / (N0 B)) and count p x airtime",
     )
+    dev.add_argument(
+        "--profile", metavar="NAME",
+        help="hardware profile to announce and estimate energy with (default: the bundle's); for emulated fleets",
+    )
     gain = dev.add_mutually_exclusive_group()
     gain.add_argument("--distance-m", type=_positive_float, help="emulated link: distance to the server (path loss)")
     gain.add_argument("--channel-gain", type=_positive_float, help="emulated link: linear channel power gain h")
