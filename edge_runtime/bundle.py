@@ -99,21 +99,24 @@ def artifacts_for(manifest: dict[str, Any], backend: str) -> list[str]:
     return [name for name, e in manifest["files"].items() if _BACKEND_OF_FORMAT.get(e.get("format")) == backend]
 
 
-def open_backend(bundle: Path, name: str = "auto") -> Backend:
-    """The backend ``name`` (onnx | litert | numpy | auto) loaded on this bundle's artifacts."""
+def open_backend(bundle: Path, name: str = "auto", threads: int | None = None) -> Backend:
+    """The backend ``name`` (onnx | litert | numpy | auto) loaded on this bundle's artifacts.
+
+    ``threads`` caps the runtime's intra-op threads (None: the runtime's default, all cores).
+    """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     order = ("litert", "onnx", "numpy") if name == "auto" else (name,)
     errors = []
     for candidate in order:
         try:
-            return _open(bundle, manifest, candidate)
+            return _open(bundle, manifest, candidate, threads)
         except BackendError as exc:
             errors.append(f"{candidate}: {exc}")
     raise BackendError("no usable backend: " + "; ".join(errors))
 
 
-def _open(bundle: Path, manifest: dict[str, Any], name: str) -> Backend:
+def _open(bundle: Path, manifest: dict[str, Any], name: str, threads: int | None = None) -> Backend:
     if name == "numpy":
         from edge_runtime.backends.numpy_backend import NumpyBackend
 
@@ -124,11 +127,11 @@ def _open(bundle: Path, manifest: dict[str, Any], name: str) -> Backend:
     if name == "onnx":
         from edge_runtime.backends.onnx_backend import OnnxBackend
 
-        return OnnxBackend(bundle)
+        return OnnxBackend(bundle, threads=threads)
     if name == "litert":
         from edge_runtime.backends.litert_backend import LiteRTBackend
 
         trainable = [f for f in files if manifest["files"][f].get("trainable", True)]
         chosen = (trainable or files)[0]
-        return LiteRTBackend(bundle / chosen, manifest["files"][chosen].get("extra") or None)
+        return LiteRTBackend(bundle / chosen, manifest["files"][chosen].get("extra") or None, num_threads=threads)
     raise BackendError(f"unknown backend {name!r} (onnx, litert, numpy, auto)")

@@ -134,6 +134,7 @@ class DeviceClient:
     meter: str = "auto"  # auto | rapl | jetson | android | estimate
     emulate_link: bool = False
     channel_gain: float | None = None  # emulated link; None: path loss at DEFAULT_DISTANCE_M
+    threads: int | None = None  # backend intra-op threads; None: the runtime's default
     profile: str | None = None  # hardware profile to announce and estimate energy with; None: the bundle's
     timeout_s: float = 10.0
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
@@ -144,7 +145,7 @@ class DeviceClient:
         self.bundle = Path(self.bundle)
         self.manifest = read_manifest(self.bundle)
         self.device_json = json.loads((self.bundle / "device.json").read_text())
-        self.engine = open_backend(self.bundle, self.backend)
+        self.engine = open_backend(self.bundle, self.backend, self.threads)
         self.weights = load_weights(self.bundle)
         self.topics = p.Topics(self.run_id)
         self.receiver = p.Receiver(self.run_id)
@@ -461,7 +462,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
         username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
         emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
-        profile=profile,
+        profile=profile, threads=getattr(args, "threads", None),
     )
     client.start()
     try:

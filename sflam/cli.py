@@ -208,6 +208,7 @@ def _add_device(sub: argparse._SubParsersAction) -> None:
         "--emulate-link", action="store_true",
         help="pace uplink publishes at the plan's rate B log2(1 + p h / (N0 B)) and count p x airtime",
     )
+    dev.add_argument("--threads", type=_positive_int, help="backend intra-op threads (default: the runtime's, all cores)")
     dev.add_argument(
         "--profile", metavar="NAME",
         help="hardware profile to announce and estimate energy with (default: the bundle's); for emulated fleets",
