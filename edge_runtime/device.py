@@ -51,6 +51,7 @@ MOMENTUM = 0.9
 WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
 FALLBACK_TX_POWER_W = 0.1
+HEARTBEAT_S = 10.0  # an idle device re-sends its Hello this often
 DEFAULT_DISTANCE_M = 100.0  # --emulate-link without --distance-m / --channel-gain
 
 
@@ -161,6 +162,7 @@ class DeviceClient:
         self.gradients: dict[tuple[int, int], p.Gradient] = {}
         self.applied: set[tuple[int, int]] = set()
         self.done_rounds: set[int] = set()
+        self._last_hello = time.monotonic()
         will = p.encode(p.Status(self._env(0), online=False, reason="connection lost"))
         self.link = MqttLink(self.broker_url, LinkConfig(
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
@@ -184,9 +186,14 @@ class DeviceClient:
     def _announce(self) -> None:
         """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
         status = p.encode(self._status(True, ""))
-        hello = p.Hello(self._env(0), str(self.profile or "unknown"), self.engine.name,
-                        SOFTWARE_VERSION, len(self.data), last_telemetry=self.last_telemetry)
         self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
+        self._hello(heartbeat=False)
+
+    def _hello(self, heartbeat: bool) -> None:
+        """Publish a Hello (profile, backend, samples, last telemetry) without waiting."""
+        hello = p.Hello(self._env(0), str(self.profile or "unknown"), self.engine.name,
+                        SOFTWARE_VERSION, len(self.data), heartbeat=heartbeat, last_telemetry=self.last_telemetry)
+        self._last_hello = time.monotonic()
         for frame in p.split(hello, self.max_frame_bytes):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
 
@@ -260,6 +267,9 @@ class DeviceClient:
             plan = self.plan
             if plan is not None and plan.envelope.round not in self.done_rounds and self._allocation(plan):
                 return plan
+            if time.monotonic() - self._last_hello >= HEARTBEAT_S:
+                # a server that (re)started after our Hello knows us only by the retained Status
+                self._hello(heartbeat=True)
             self.pump(1.0)
 
     def _allocation(self, plan: p.RoundPlan) -> p.Allocation | None:

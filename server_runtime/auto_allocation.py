@@ -70,8 +70,8 @@ class AutoAllocation:
 
     # -- calibration -----------------------------------------------------------------------------
 
-    def from_profile(self, profile: str) -> DeviceCalibration:
-        """The uncalibrated model of a device with firmware profile ``profile``."""
+    def from_profile(self, profile: str, device_id: str | None = None) -> DeviceCalibration:
+        """The uncalibrated model of a device with firmware profile ``profile`` (and its known gain)."""
         values = dict(FALLBACK)
         try:
             from firmware_profiles import load_profile
@@ -81,7 +81,9 @@ class AutoAllocation:
                           cycles_per_mac=prof.compute.cycles_per_mac, max_tx_power_w=prof.radio.max_tx_power_w)
         except (ImportError, ValueError, OSError) as exc:
             log.info("allocator: no profile %r (%s); generic device assumed", profile, exc)
-        gain = 10 ** (-float(path_loss_db(np.array([self.config.allocator.default_distance_m]))[0]) / 10)
+        gain = self.config.allocator.channel_gains.get(device_id or "")
+        if gain is None:
+            gain = 10 ** (-float(path_loss_db(np.array([self.config.allocator.default_distance_m]))[0]) / 10)
         return DeviceCalibration(BACKWARD_FACTOR * self.macs_per_sample * values["cycles_per_mac"],
                                  values["cpu_freq_hz"], values["kappa"], gain, values["max_tx_power_w"])
 
@@ -94,7 +96,7 @@ class AutoAllocation:
     def observe_round(self, device_id: str, profile: str, update: p.RoundUpdate, allocation: p.Allocation,
                       server_time_s: float) -> DeviceCalibration:
         """Recalibrate a device from its RoundUpdate telemetry (module docstring)."""
-        old = self.calibration.get(device_id) or self.from_profile(profile)
+        old = self.calibration.get(device_id) or self.from_profile(profile, device_id)
         tel = update.telemetry
         samples = max(1, update.num_samples * self.config.training.local_epochs)
         new = old
@@ -132,7 +134,7 @@ class AutoAllocation:
         for device_id in selected:
             info = registry.devices.get(device_id)
             profile = info.profile if info is not None else "unknown"
-            cals.append(self.calibration.get(device_id) or self.from_profile(profile))
+            cals.append(self.calibration.get(device_id) or self.from_profile(profile, device_id))
             samples.append(max(1, (info.num_samples if info is not None else 0) * self.config.training.local_epochs))
         d = np.asarray(samples, np.float64)
         fleet = Fleet(

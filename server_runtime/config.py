@@ -142,6 +142,9 @@ class AllocatorSection:
     t_max_s: float = 0.0  # latency cap per round; 0: round.deadline_s
     default_distance_m: float = 100.0  # a device's channel before its telemetry calibrates it
     downlink_rate_bps: float = 100e6  # the server's downlink per device
+    # known linear uplink channel gains by device id (channel estimates, or a simulation's scenario);
+    # a device not listed starts from the path loss at default_distance_m
+    channel_gains: Mapping[str, float] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type] = {
@@ -274,10 +277,14 @@ def _read_section(data: Mapping[str, object], name: str, problems: list[str]) ->
         if key not in rules:
             problems.append(f"{name}.{key}: unknown key{_suggest(key, rules, name)}")
     values = {
-        f.name: _read_value(table, f.name, rules[f.name], f.default, f"{name}.", problems)
+        f.name: _read_value(table, f.name, rules[f.name], _default(f), f"{name}.", problems)
         for f in dataclasses.fields(cls)
     }
     return cls(**values)
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _read_value(
@@ -418,6 +425,16 @@ def _bit_set(value: object) -> tuple[int, ...]:
     return tuple(sorted(value))
 
 
+def _gain_table(value: object) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"must be a table of device id = linear gain, got {_show(value)}")
+    bad = [f"{k} = {_show(v)}" for k, v in value.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= 1e2)]
+    if bad:
+        raise _Invalid(f"every gain must be a number in (0, 100]; not {', '.join(bad)}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def _preset(value: object) -> str:
     from server_runtime.presets import preset_names
 
@@ -524,5 +541,6 @@ _RULES: dict[str, dict[str, Check]] = {
         "t_max_s": _number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: round.deadline_s)"),
         "default_distance_m": _number(lambda v: v > 0, "a finite number of metres > 0"),
         "downlink_rate_bps": _number(lambda v: v > 0, "a finite number of bit/s > 0"),
+        "channel_gains": _gain_table,
     },
 }

@@ -31,6 +31,7 @@ class DeviceInfo:
     num_samples: int = 0
     last_seen: float = 0.0
     last_telemetry: p.Telemetry | None = None
+    announced: bool = False  # a Hello came: profile and sample count are the device's own
 
 
 class DeviceRegistry:
@@ -47,6 +48,7 @@ class DeviceRegistry:
         info = self._get(hello.envelope.device_id)
         info.online, info.last_seen = True, time.time()
         info.profile, info.backend, info.num_samples = hello.profile, hello.backend, hello.num_samples
+        info.announced = True
         if hello.last_telemetry is not None:
             info.last_telemetry = hello.last_telemetry
         return info
@@ -63,8 +65,10 @@ class DeviceRegistry:
         info.online, info.last_seen, info.last_telemetry = True, time.time(), update.telemetry
 
     def online(self) -> list[str]:
-        """Ids of the devices online now, sorted (selection is seeded over this order)."""
-        return sorted(d for d, info in self.devices.items() if info.online)
+        """Ids of the devices online now and announced by a Hello, sorted (selection is seeded over
+        this order). One known only by its retained Status (a server that started after the device's
+        Hello) waits for the device's next heartbeat Hello, which brings its profile and samples."""
+        return sorted(d for d, info in self.devices.items() if info.online and info.announced)
 
 
 def select_devices(online: list[str], k: int, seed: int, plan_round: int) -> tuple[str, ...]:

@@ -237,6 +237,53 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     quick.set_defaults(handler="server_runtime.quickstart:cmd_quickstart")
 
 
+def _bits(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 1..8, 16, 32, got {text!r}") from None
+    if value not in (*range(1, 9), 16, 32):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 1..8, 16, 32, got {value}")
+    return value
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser(
+        "simulate",
+        help="a whole run on this machine: broker, server daemon and device processes over MQTT",
+        description="Export the bundle, start a broker (unless given), the server daemon and one device "
+                    "process per device, train, then write summary.json, plots and a result table. "
+                    "Flags override --config; defaults are the quickstart (make demo).",
+    )
+    sim.add_argument("--config", metavar="FILE", help="TOML with a [simulate] table (and [server.*] run.toml overrides)")
+    sim.add_argument("--devices", type=_positive_int, metavar="N", help="devices in the fleet (default 10)")
+    sim.add_argument("--per-round", type=_positive_int, metavar="K", help="devices per round (default 5)")
+    sim.add_argument("--rounds", type=_positive_int, metavar="R", help="rounds (default 40)")
+    sim.add_argument("--alpha", type=_positive_float, metavar="A", help="Dirichlet concentration of the split (default 0.5)")
+    sim.add_argument("--bits", type=_bits, metavar="auto|Q", help="activation bits; auto: the allocator (default)")
+    sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
+    sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
+    sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")
+    sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from")
+    sim.add_argument("--broker", metavar="URL|embedded", help="an mqtt:// URL, or embedded (default): a private loopback broker")
+    sim.add_argument("--out", metavar="DIR", help="a new output directory (default runs/sim-<scheme>-<time>)")
+    sim.add_argument("--seed", type=int, metavar="S", help="seed of data split, scenario, selection (default 0)")
+    sim.add_argument("--local-epochs", type=_positive_int, metavar="E", help="local epochs per round (default 5)")
+    sim.add_argument("--batch-size", type=_positive_int, metavar="B", help="device batch (default 32)")
+    sim.add_argument("--lr", type=_positive_float, help="learning rate (default 0.05)")
+    sim.add_argument("--mode", choices=("v1", "v2"), help="SFL-V1 (default) or V2 for the split schemes")
+    sim.add_argument("--profiles", metavar="A,B,...", help="hardware profiles, assigned round-robin")
+    sim.add_argument("--radius-m", type=_positive_float, metavar="R", help="cell radius in metres (default 500)")
+    sim.add_argument("--t-max", dest="t_max_s", type=_positive_float, metavar="SEC",
+                     help="the allocator's latency cap per round with --bits auto (default 5)")
+    sim.add_argument("--backend", choices=("onnx", "numpy", "litert", "auto"), help="device backend (default onnx)")
+    sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
+                     help="do not pace uplinks at their allocated rate")
+    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
+
+
 def _add_server(sub: argparse._SubParsersAction) -> None:
     server = sub.add_parser("server", help="run the trainer daemon (coordinator, split training, checkpoints)")
     server.add_argument("--config", required=True, help="the run's TOML file (see examples/run.toml)")
@@ -287,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_energy(sub)
     _add_quickstart(sub)
     _add_server(sub)
+    _add_simulate(sub)
     _add_allocate(sub)
     return parser
 

@@ -150,7 +150,9 @@ def test_registry_follows_hello_status_and_will() -> None:
     env = p.Envelope("r", 0, "a")
     registry.on_hello(p.Hello(env, "raspberry-pi-5", "numpy", "0.1.0", 120))
     registry.on_status(p.Status(p.Envelope("r", 0, "b"), online=True))
-    assert registry.online() == ["a", "b"]
+    assert registry.online() == ["a"]  # b is online by its retained Status, but has not said who it is
+    registry.on_hello(p.Hello(p.Envelope("r", 0, "b"), "jetson-orin-nano", "onnx", "0.1.0", 80, heartbeat=True))
+    assert registry.online() == ["a", "b"] and registry.devices["b"].profile == "jetson-orin-nano"
     registry.on_status(p.Status(p.Envelope("r", 0, "b"), online=False, reason="connection lost"))
     assert registry.online() == ["a"] and registry.devices["a"].num_samples == 120
 

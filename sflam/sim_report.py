@@ -1,0 +1,339 @@
+"""What a simulation measured: ``summary.json``, the plots and the result table.
+
+Two kinds of figures, kept apart because they answer different questions:
+
+- **measured**, from the daemon's ``metrics.jsonl``: accuracy, the bytes that crossed the broker,
+  the devices' reported compute and (emulated) uplink time and energy, the server's step time and
+  the downlink time. On one machine every device's compute runs on the same CPU, so measured
+  compute time is this host's, not the profile's.
+- **modeled**, by the allocator's system model (DESIGN.md section 5) on the run's own scenario
+  (``scenario.json``: each device's profile, channel and sample count): the round latency and the
+  device energy the scheme costs on the hardware and radios it emulates. Every scheme is scored by
+  the same model, which is what makes the comparison across schemes fair.
+
+``bytes_up_fp32`` is what the uplink would have carried with float32 activations: the measured
+bytes plus, per device and round, (32 - q) / 8 bytes for every activation value sent at q bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY_KEYS = ("final_accuracy", "rounds", "bytes_up", "bytes_down", "bytes_up_fp32", "device_energy_j",
+                "mean_round_latency_s", "scheme")
+PHASES = ("compute", "uplink", "server", "downlink")
+
+
+def read_records(path: Path) -> list[dict]:
+    """The round records of a metrics.jsonl (missing file: none; a torn last line is skipped)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "round":
+            records.append(record)
+    return records
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
+def _options(opts: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(opts):
+        data = dataclasses.asdict(opts)
+        data["profiles"] = list(data.get("profiles", ()))
+        return data
+    return dict(opts)
+
+
+def summarize(opts: Any, records: Sequence[Mapping[str, Any]], out: Path, *, wall_s: float,
+              status: str = "completed") -> dict[str, Any]:
+    """The run's summary (see the module docstring for measured vs modeled)."""
+    options = _options(opts)
+    scheme = options["scheme"]
+    turns = options["per_round"] if scheme == "sl" else 1
+    counted = [r for r in records if r.get("counted")]
+    groups = [counted[i:i + turns] for i in range(0, len(counted) - turns + 1, turns)]
+    accuracy = [(k + 1, g[-1]["accuracy"]) for k, g in enumerate(groups) if g[-1].get("accuracy") is not None]
+    elements = _elements_per_sample(options["model"])
+    bytes_up = bytes_down = 0
+    extra_fp32 = 0.0
+    energy = 0.0
+    for record in records:  # every attempt's traffic and energy was spent, counted or not
+        bytes_down += int(_num(record.get("bytes_broadcast")))
+        for figures in record.get("devices", {}).values():
+            bytes_up += int(_num(figures.get("bytes_up")))
+            bytes_down += int(_num(figures.get("bytes_down")))
+            energy += _num(figures.get("energy_j"))
+            bits = int((figures.get("allocation") or {}).get("bits_up", 32))
+            if scheme in ("sflam", "sfl") and bits < 32:
+                values = _activation_values(figures, elements, options)
+                extra_fp32 += values * (32 - bits) / 8.0
+    per_round = [_round_breakdown(g) for g in groups]
+    modeled = _modeled(out, scheme, groups, options)
+    latencies = [sum(_num(r.get("phases_s", {}).get("train")) for r in g) for g in groups]
+    summary: dict[str, Any] = {
+        "scheme": scheme,
+        "bits": options["bits"] if scheme == "sflam" else 32,
+        "status": status,
+        "rounds": len(groups),
+        "final_accuracy": accuracy[-1][1] if accuracy else None,
+        "best_accuracy": max((a for _, a in accuracy), default=None),
+        "accuracy_per_round": [a for _, a in accuracy],
+        "accuracy_rounds": [k for k, _ in accuracy],
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_up_fp32": int(round(bytes_up + extra_fp32)),
+        "device_energy_j": energy,
+        "mean_round_latency_s": float(np.mean(latencies)) if latencies else None,
+        "latency_breakdown_s": {p: float(np.mean([b[p] for b in per_round])) if per_round else None for p in PHASES},
+        "per_round": {
+            "latency_s": latencies,
+            "bytes_up": [sum(_device_sum(r, "bytes_up") for r in g) for g in groups],
+            "energy_j": [sum(_device_sum(r, "energy_j") for r in g) for g in groups],
+            **{f"{p}_s": [b[p] for b in per_round] for p in PHASES},
+        },
+        "modeled": modeled,
+        "attempts": len(records),
+        "failed_attempts": len(records) - len(counted),
+        "wall_s": wall_s,
+        "options": options,
+    }
+    return summary
+
+
+def _device_sum(record: Mapping[str, Any], key: str) -> float:
+    return sum(_num(f.get(key)) for f in record.get("devices", {}).values())
+
+
+def _elements_per_sample(model: str) -> int:
+    from allocator.scenario import model_shape
+
+    return int(model_shape(model).elements_per_sample)
+
+
+def _activation_values(figures: Mapping[str, Any], elements: int, options: Mapping[str, Any]) -> float:
+    """Activation values a device sent in a round: its steps x batch x values per sample (upper bound
+    on the last partial batch, so the fp32 figure is, if anything, slightly high)."""
+    return _num(figures.get("steps")) * options["batch_size"] * elements
+
+
+def _round_breakdown(group: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per phase, the mean over the round's devices (summed over an SL round's turns)."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    keys = {"compute": "compute_time_s", "uplink": "uplink_time_s", "server": "server_time_s",
+            "downlink": "downlink_time_s"}
+    for record in group:
+        devices = [f for d, f in record.get("devices", {}).items() if d in record.get("completed", [])]
+        for phase, key in keys.items():
+            if devices:
+                totals[phase] += float(np.mean([_num(f.get(key)) for f in devices]))
+    return totals
+
+
+def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[Mapping[str, Any]]],
+             options: Mapping[str, Any]) -> dict[str, Any]:
+    """The system model's round latency and device energy for each counted round of the scheme."""
+    path = Path(out) / "scenario.json"
+    if not path.is_file() or not groups:
+        return {"round_latency_s": None, "energy_j": None, "per_round_latency_s": [], "per_round_energy_j": []}
+    from allocator.scenario import load_scenario
+
+    problem = load_scenario(path)
+    latency, energy = [], []
+    for group in groups:
+        ids = [d for record in group for d in record.get("selected", [])]
+        lat, en = modeled_round(problem, scheme, ids, group, options["model"])
+        latency.append(lat)
+        energy.append(en)
+    return {"round_latency_s": float(np.mean(latency)), "energy_j": float(np.mean(energy)),
+            "per_round_latency_s": latency, "per_round_energy_j": energy,
+            "note": "allocator system model on scenario.json: the emulated hardware and radios"}
+
+
+def subset(problem: Any, ids: Sequence[str]) -> Any:
+    """The problem restricted to the devices ``ids`` (in that order)."""
+    fleet = problem.fleet
+    index = [fleet.ids.index(d) for d in ids]
+    arrays = {f.name: getattr(fleet, f.name)[index] for f in dataclasses.fields(fleet)
+              if isinstance(getattr(fleet, f.name), np.ndarray)}
+    sub = dataclasses.replace(fleet, ids=tuple(ids), profiles=tuple(fleet.profiles[k] for k in index), **arrays)
+    return dataclasses.replace(problem, fleet=sub, subchannel_gain=None)
+
+
+def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence[Mapping[str, Any]],
+                  model: str) -> tuple[float, float]:
+    """(round latency s, device energy J) of one round of ``scheme`` by the system model."""
+    from allocator.baselines import fl, fp32_sfl, sequential_sl
+    from allocator.scenario import full_model_macs_per_sample, full_model_params, model_shape
+    from allocator.system import Allocation, evaluate
+
+    sub = subset(problem, ids)
+    if scheme == "sflam":
+        allocs = {d: f["allocation"] for r in group for d, f in r.get("devices", {}).items()}
+        alloc = Allocation(
+            np.array([int(allocs[d]["bits_up"]) for d in ids], dtype=np.int64),
+            np.array([float(allocs[d]["tx_power_w"]) for d in ids]),
+            np.array([float(allocs[d]["bandwidth_hz"]) for d in ids]),
+        )
+        ev = evaluate(sub, alloc)
+    elif scheme == "sfl":
+        ev = fp32_sfl(sub).evaluation
+    elif scheme == "sl":
+        ev = sequential_sl(sub).evaluation
+    else:
+        shape = model_shape(model)
+        ratio = full_model_macs_per_sample(shape) / shape.device_macs_per_sample
+        ev = fl(sub, ratio, 32.0 * full_model_params(shape)).evaluation
+    return float(ev.round_latency_s), float(np.sum(ev.energy_j))
+
+
+def write_summary(summary: Mapping[str, Any], out: Path) -> Path:
+    """``summary.json``, written atomically."""
+    path = Path(out) / "summary.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1, allow_nan=False, default=_nan_to_none)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# table and plots
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _sec(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g} s"
+
+
+def _joule(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g} J"
+
+
+def render_table(summary: Mapping[str, Any]) -> str:
+    """One scheme's result table."""
+    return render_comparison([summary])
+
+
+def render_comparison(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """A column per run: accuracy, traffic, energy and latency, measured and modeled."""
+    rows = [
+        ("scheme", lambda s: f"{s['scheme']}" + (f" (q={s['bits']})" if s["scheme"] == "sflam" else "")),
+        ("rounds", lambda s: str(s["rounds"])),
+        ("final accuracy", lambda s: _pct(s["final_accuracy"])),
+        ("best accuracy", lambda s: _pct(s.get("best_accuracy"))),
+        ("bytes up", lambda s: _mb(s["bytes_up"])),
+        ("bytes up if fp32", lambda s: _mb(s["bytes_up_fp32"])),
+        ("up / fp32", lambda s: f"{s['bytes_up'] / s['bytes_up_fp32']:.3f}" if s["bytes_up_fp32"] else "-"),
+        ("bytes down", lambda s: _mb(s["bytes_down"])),
+        ("device energy (reported)", lambda s: _joule(s["device_energy_j"])),
+        ("round latency (measured)", lambda s: _sec(s["mean_round_latency_s"])),
+        ("  compute/uplink/server/down", lambda s: "/".join(
+            "-" if s["latency_breakdown_s"][p] is None else f"{s['latency_breakdown_s'][p]:.2g}" for p in PHASES)),
+        ("round latency (model)", lambda s: _sec(s["modeled"]["round_latency_s"])),
+        ("energy / round (model)", lambda s: _joule(s["modeled"]["energy_j"])),
+        ("wall time", lambda s: _sec(s["wall_s"])),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    cols = [[fmt(s) for _, fmt in rows] for s in summaries]
+    col_width = max(14, *(len(c) for col in cols for c in col)) + 2
+    lines = []
+    for i, (name, _) in enumerate(rows):
+        lines.append(f"{name:<{width}}" + "".join(f"{col[i]:>{col_width}}" for col in cols))
+        if i == 0:
+            lines.append("-" * (width + col_width * len(cols)))
+    return "\n".join(lines)
+
+
+def plot_run(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+    """accuracy.png, bytes.png, energy.png and latency.png under ``out/plots``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = Path(out) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    label = f"{summary['scheme']}" + (f" q={summary['bits']}" if summary["scheme"] == "sflam" else "")
+    rounds = np.arange(1, summary["rounds"] + 1)
+    per = summary["per_round"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(summary["accuracy_rounds"], [100 * a for a in summary["accuracy_per_round"]], marker=".", label=label)
+    ax.set(xlabel="round", ylabel="test accuracy [%]", title="accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, plots / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    up = np.cumsum(per["bytes_up"]) / 1e6
+    ax.plot(rounds, up, label=f"uplink ({label})")
+    if summary["bytes_up_fp32"] and summary["bytes_up"]:
+        ax.plot(rounds, up * summary["bytes_up_fp32"] / summary["bytes_up"], ls="--", label="uplink if fp32")
+    ax.set(xlabel="round", ylabel="cumulative MB", title="uplink bytes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, plots / "bytes.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(rounds, per["energy_j"], marker=".", label="reported by devices")
+    if summary["modeled"]["per_round_energy_j"]:
+        ax.plot(rounds, summary["modeled"]["per_round_energy_j"], marker=".", label="system model")
+    ax.set(xlabel="round", ylabel="device energy per round [J]", title="energy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, plots / "energy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bottom = np.zeros(len(rounds))
+    for phase in PHASES:
+        values = np.asarray(per[f"{phase}_s"], dtype=float)
+        ax.bar(rounds, values, bottom=bottom, label=phase)
+        bottom += values
+    ax.plot(rounds, per["latency_s"], color="k", marker=".", lw=1, label="round wall time")
+    ax.set(xlabel="round", ylabel="seconds (mean device)", title="latency per round")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    written.append(_save(fig, plots / "latency.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

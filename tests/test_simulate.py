@@ -1,0 +1,190 @@
+"""``sflam simulate``: options, the generated server config, and whole runs through real processes.
+
+The end-to-end tests run ``python -m sflam simulate`` as a user does: it starts its own mosquitto
+on a free loopback port, exports a bundle, starts the server daemon and one process per device,
+and must leave no process behind, whether the run completes or is interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server_runtime.config import parse_config
+from sflam import sim_report
+from sflam.simulate import (
+    SimOptions,
+    SimulateError,
+    build_options,
+    read_new_records,
+    resolve_options,
+    scheme_plan,
+    server_config_text,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("--devices", "4", "--per-round", "2", "--rounds", "2", "--local-epochs", "1", "--batch-size", "16")
+
+
+def _args(**values: object) -> argparse.Namespace:
+    from sflam.cli import build_parser
+
+    args = build_parser().parse_args(["simulate"])
+    for key, value in values.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_defaults_are_the_quickstart() -> None:
+    opts = resolve_options(_args())
+    assert (opts.devices, opts.per_round, opts.alpha, opts.bits, opts.scheme, opts.dataset) == (
+        10, 5, 0.5, "auto", "sflam", "digits")
+
+
+def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    # Prepare
+    config = tmp_path / "sim.toml"
+    config.write_text('[simulate]\ndevices = 6\nrounds = 7\nbits = 4\nprofiles = "raspberry-pi-5,stm32h7"\n'
+                      '[server.round]\nmin_completed = 1.0\n')
+    # Execute
+    opts = resolve_options(_args(config=str(config), rounds=3))
+    # Assert
+    assert (opts.devices, opts.rounds, opts.bits) == (6, 3, 4)
+    assert opts.profiles == ("raspberry-pi-5", "stm32h7")
+    assert opts.server == {"round": {"min_completed": 1.0}}
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[simulate]\ndevcies = 3\nper_round = 9\ndevices = 4\nscheme = "sfll"\nbits = 12\n'
+                      'profiles = ["raspberry-pi-5", "no-such-board"]\nmodel = "vit_huge"\n[simulat]\n')
+    with pytest.raises(SimulateError) as caught:
+        resolve_options(_args(config=str(config)))
+    problems = caught.value.problems
+    text = str(caught.value)
+    assert "unknown table [simulat]" in text and "did you mean 'simulate'" in text
+    with pytest.raises(SimulateError) as caught:
+        build_options({"devcies": 3, "per_round": 9, "devices": 4, "scheme": "sfll", "bits": 12,
+                       "profiles": ["raspberry-pi-5", "no-such-board"], "model": "vit_huge"})
+    problems = caught.value.problems
+    text = "\n".join(problems)
+    assert "unknown option 'devcies' (did you mean 'devices'?)" in text
+    # the unknown key stops the rest; without it every value problem is listed together
+    with pytest.raises(SimulateError) as caught:
+        build_options({"per_round": 9, "devices": 4, "scheme": "sfll", "bits": 12,
+                       "profiles": ["raspberry-pi-5", "no-such-board"], "model": "vit_huge"})
+    text = "\n".join(caught.value.problems)
+    for needle in ("per_round 9 exceeds devices 4", "scheme: one of", "bits: 'auto' or one of",
+                   "'no-such-board'", "model:"):
+        assert needle in text
+    assert len(caught.value.problems) == 5
+
+
+def test_a_bad_flag_is_a_clear_error_with_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "sflam", "simulate", "--bits", "12"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "expected 'auto' or 1..8, 16, 32, got 12" in result.stderr
+
+
+def test_schemes_map_onto_the_daemon() -> None:
+    base = SimOptions(devices=6, per_round=3, rounds=4)
+    sl = scheme_plan(SimOptions(devices=6, per_round=3, rounds=4, scheme="sl"))
+    assert (sl.server_rounds, sl.turns_per_round, sl.devices_per_round, sl.mode) == (12, 3, 1, "v2")
+    assert scheme_plan(base).bits == "auto" and scheme_plan(SimOptions(scheme="sfl")).bits == 32
+    fl = scheme_plan(SimOptions(scheme="fl"))
+    assert (fl.mode, fl.device_command) == ("fl", "fl-device")
+
+
+def test_the_server_config_is_valid_and_carries_the_channels(tmp_path: Path) -> None:
+    opts = SimOptions(server={"round": {"min_completed": 1.0}})
+    text = server_config_text(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1", {"dev-0": 2.5e-12})
+    config = parse_config(text)
+    assert config.quant.bits == "auto" and config.training.devices_per_round == 5
+    assert config.allocator.channel_gains == {"dev-0": 2.5e-12}
+    assert config.round.min_completed == 1.0 and config.broker.run_id == "sim"
+
+
+def test_records_are_read_only_when_complete(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"event": "round", "round": 1}\n{"event": "round", "rou')
+    records, offset = read_new_records(path, 0)
+    assert [r["round"] for r in records] == [1]
+    with open(path, "ab") as handle:
+        handle.write(b'nd": 2}\n')
+    more, _ = read_new_records(path, offset)
+    assert [r["round"] for r in more] == [2]
+
+
+def _children_of(out: Path) -> list[str]:
+    """Command lines of live processes that mention ``out`` (our broker, server and devices do)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(out) in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def _simulate(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "sflam", "simulate", *TINY, "--out", str(out), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.broker
+def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
+    # Execute: 4 device processes, 2 per round, 2 rounds, q = 8, over a private mosquitto
+    out = tmp_path / "run"
+    proc = _simulate(out, "--bits", "8")
+    output, _ = proc.communicate(timeout=600)
+    # Assert
+    assert proc.returncode == 0, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(sim_report.SUMMARY_KEYS) <= set(summary)
+    assert summary["scheme"] == "sflam" and summary["rounds"] == 2 and summary["status"] == "completed"
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    # 8-bit activations: a quarter of float32, plus labels, the device weights and framing
+    assert 0.24 < summary["bytes_up"] / summary["bytes_up_fp32"] < 0.40
+    assert summary["bytes_down"] > 0 and summary["device_energy_j"] > 0
+    assert summary["mean_round_latency_s"] > 0 and summary["modeled"]["round_latency_s"] > 0
+    records = sim_report.read_records(out / "metrics.jsonl")
+    assert len([r for r in records if r["counted"]]) == 2
+    assert all(f["allocation"]["bits_up"] == 8 for r in records for f in r["devices"].values())
+    for name in ("accuracy", "bytes", "energy", "latency"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "final accuracy" in output and "bytes up if fp32" in output
+    assert _children_of(out) == []  # broker, server and devices all gone
+
+
+@pytest.mark.broker
+def test_ctrl_c_stops_every_process_and_keeps_the_partial_results(tmp_path: Path) -> None:
+    # Prepare: a run long enough to interrupt
+    out = tmp_path / "run"
+    proc = _simulate(out, "--rounds", "50")
+    deadline = time.monotonic() + 300
+    while not sim_report.read_records(out / "metrics.jsonl"):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    # Execute
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    # Assert
+    assert proc.returncode == 130, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["rounds"] < 50
+    assert _children_of(out) == []
