@@ -267,7 +267,11 @@ def check_options(opts: SimOptions) -> list[str]:
     except (KeyError, ValueError) as exc:
         problems.append(f"model: {exc}")
     if opts.checkpoint is not None and not Path(opts.checkpoint).expanduser().is_file():
-        problems.append(f"checkpoint: no such file {opts.checkpoint}")
+        problems.append(f"checkpoint: no such file {opts.checkpoint} (weights are never downloaded: "
+                        "put a timm-layout .safetensors, .pth or .npz there)")
+    kind, sep, location = opts.dataset.partition(":")
+    if sep and kind in ("cifar10", "folder") and not Path(location).expanduser().is_dir():
+        problems.append(f"dataset: no directory {location} for {opts.dataset!r} (data sets are never downloaded)")
     if opts.broker != "embedded" and not opts.broker.startswith(("mqtt://", "mqtts://")):
         problems.append(f"broker: 'embedded' or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
     return problems

@@ -188,3 +188,23 @@ def test_ctrl_c_stops_every_process_and_keeps_the_partial_results(tmp_path: Path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 1 <= summary["rounds"] < 50
     assert _children_of(out) == []
+
+
+def test_the_paper_scale_config_names_what_is_missing_and_is_complete(tmp_path: Path, monkeypatch) -> None:
+    # Execute: from a directory without the data and weights
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SimulateError) as caught:
+        resolve_options(_args(config=str(ROOT / "examples" / "paper_vit_b32.toml")))
+    text = str(caught.value)
+    assert "checkpoint: no such file weights/vit_base_patch32_224.npz" in text
+    assert "no directory data/cifar-10-batches-bin" in text
+    # ... and with them in place (only their presence is checked here), the paper's settings
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "vit_base_patch32_224.npz").write_bytes(b"stand-in")
+    (tmp_path / "data" / "cifar-10-batches-bin").mkdir(parents=True)
+    opts = resolve_options(_args(config=str(ROOT / "examples" / "paper_vit_b32.toml")))
+    assert (opts.model, opts.devices, opts.per_round, opts.batch_size, opts.local_epochs, opts.alpha) == (
+        "vit_base_patch32_224", 50, 10, 128, 5, 0.5)
+    config = parse_config(server_config_text(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1"))
+    assert config.model.preset == "vit_base_patch32_224" and config.training.batch_size == 128
+    assert config.compute.device == "auto" and config.compute.amp == "auto"
