@@ -2,9 +2,11 @@
 
 ``--data npz:PATH``: an ``.npz`` with ``images`` uint8 (N, H, W, 3) and ``labels`` integer (N,).
 Images become float32 NCHW: ``/ 255``, resized to the bundle's image size, normalized with the
-bundle's mean and std. Resizing is **nearest neighbour** (source pixel ``floor((i + 0.5) * H /
-size)``): exact for the integer up/down scales that data sets for the quick presets use and free of
-any image library; the server's bilinear resize differs from it only when sizes do not divide.
+bundle's mean and std. Resizing is **bilinear** with half-pixel centres (``align_corners=False``),
+antialiased (a triangle filter as wide as the scale) when shrinking: the resize torch's
+``F.interpolate(mode="bilinear", antialias=shrinking)`` does for the server's data loaders, written
+as two small weight matrices so no image library is needed. Nearest neighbour upsampling of 8 x 8
+digits to 16 x 16 cost the quickstart ViT about 20 points of accuracy after 40 rounds.
 """
 
 from __future__ import annotations
@@ -69,11 +71,36 @@ def resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
     return images[:, rows][:, :, cols]
 
 
+def _linear_weights(source: int, size: int) -> np.ndarray:
+    """(size, source) interpolation weights: bilinear with half-pixel centres, antialiased when
+    shrinking (triangle of half-width ``source / size``); every row sums to one."""
+    scale = source / size
+    support = max(scale, 1.0)
+    centres = (np.arange(size, dtype=np.float64) + 0.5) * scale  # in source pixel units
+    pixels = np.arange(source, dtype=np.float64) + 0.5
+    weights = np.clip(1.0 - np.abs(pixels[None, :] - centres[:, None]) / support, 0.0, None)
+    if scale < 1.0:  # upsampling: outside the first/last pixel centre, hold the edge pixel
+        weights[centres < 0.5] = np.eye(1, source, 0)
+        weights[centres > source - 0.5] = np.eye(1, source, source - 1)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) -> float32 (N, size, size, C) on the 0..255 scale of the input."""
+    height, width = images.shape[1:3]
+    x = images.astype(np.float32)
+    if (height, width) == (size, size):
+        return x
+    rows = _linear_weights(height, size).astype(np.float32)
+    cols = _linear_weights(width, size).astype(np.float32)
+    return np.einsum("ih,nhwc,jw->nijc", rows, x, cols, optimize=True).astype(np.float32)
+
+
 def preprocess(images: np.ndarray, spec: Preprocess) -> np.ndarray:
     """uint8 (N, H, W, C) -> normalized float32 (N, C, size, size)."""
     if images.ndim != 4 or images.shape[-1] != len(spec.mean):
         raise DataError(f"images must be (N, H, W, {len(spec.mean)}), got {images.shape}")
-    x = resize_nearest(images, spec.image_size).astype(np.float32) / np.float32(255)
+    x = resize_bilinear(images, spec.image_size) / np.float32(255)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
