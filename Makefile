@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.sflam-installed
 EXTRAS := edge,server,export,dev
 PIP_QUIET ?= -q
 
-.PHONY: all setup broker test demo lock clean
+.PHONY: all setup broker sshd test demo lock clean
 
 all: test
 
@@ -26,13 +26,17 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 broker:
 	@scripts/ensure-broker.sh
+
+# the flash tests drive a real sshd; the demo does not need one
+sshd:
 	@scripts/ensure-sshd.sh
 
-test: setup
+test: setup sshd
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: a split federated run over a private broker, with a server and 10 device processes.
 demo: setup
-	$(VENV)/bin/sflam quickstart
+	$(VENV)/bin/sflam simulate $(DEMO_ARGS)
 
 # Re-pin every transitive dependency after changing a pin in pyproject.toml.
 lock: $(STAMP)
