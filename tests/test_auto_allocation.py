@@ -50,6 +50,24 @@ def test_telemetry_recalibrates_compute_energy_and_channel() -> None:
     assert after.params.server_cycles_per_sample * 1.0 == pytest.approx(0.3 / 200)  # seconds per sample (f_S = 1)
 
 
+def test_known_channel_gains_replace_the_default_path_loss() -> None:
+    # Prepare: a gain for a, none for b
+    config = parse_config(AUTO + '[allocator]\nchannel_gains = { "a" = 2.5e-12 }\n')
+    auto = AutoAllocation(config, get_preset("vit_quick_patch4_16"))
+    # Execute
+    fleet = auto.problem(("a", "b"), registry_with(("a", "raspberry-pi-5", 100), ("b", "raspberry-pi-5", 100))).fleet
+    # Assert: b is at allocator.default_distance_m (100 m): 128.1 + 37.6 log10(0.1) dB
+    assert fleet.gain[0] == 2.5e-12
+    assert fleet.gain[1] == pytest.approx(10 ** (-(128.1 - 37.6) / 10), rel=1e-12)
+
+
+def test_bad_channel_gains_are_listed() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_config('[allocator]\nchannel_gains = { "a" = -1.0, "b" = "far", "c" = 1e-9 }\n')
+    assert "allocator.channel_gains" in str(caught.value) and "a = -1.0" in str(caught.value)
+    assert "b = 'far'" in str(caught.value) or 'b = "far"' in str(caught.value)
+
+
 def test_uncalibrated_devices_come_from_their_profiles() -> None:
     auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
     problem = auto.problem(("a", "b"), registry_with(("a", "raspberry-pi-5", 100), ("b", "no-such-profile", 50)))
