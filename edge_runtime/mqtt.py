@@ -1,10 +1,19 @@
-"""A small typed layer over paho-mqtt 2 (MQTT 5): connect, subscribe, publish frames, receive.
+"""A small typed layer over paho-mqtt 2 (MQTT 5, or 3.1.1): connect, subscribe, publish frames, receive.
 
 What the protocol asks of a client (docs/protocol.md 1.3) lives here: TCP_NODELAY on the
 socket, a retained last will, a persistent session (Clean Start 0 + session expiry), QoS 1
 everywhere, frames chunked with :func:`edge_runtime.protocol.split`, and reconnection with
 exponential backoff plus jitter. Every wait has a timeout; every failure is a ``TransportError``.
 Incoming publishes land on a thread-safe queue that the caller drains with :meth:`MqttLink.get`.
+
+Protocol version, chosen by the broker URL so that it reaches every process that is given it:
+``mqtt://host:port?protocol=3.1.1`` speaks MQTT 3.1.1 only (the embedded amqtt broker, whose
+:attr:`sflam.broker.AmqttBroker.url` says so: amqtt 0.12 never answers an MQTT 5 CONNECT that
+carries properties, so no fallback could detect it); ``?protocol=5`` speaks MQTT 5 only; no query
+speaks MQTT 5 and, when a broker answers CONNACK "unsupported protocol version" (a 3.1.1-only
+broker that reads the protocol level first), reconnects at once with 3.1.1 and keeps it. Under
+3.1.1 the persistent session is Clean Session 0 without an expiry (3.1.1 has none); QoS 1,
+retained messages, the retained last will, chunking and TCP_NODELAY are the same.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from edge_runtime.protocol.topics import QOS
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024
+PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
 _SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 
 
@@ -39,11 +50,12 @@ class TransportError(RuntimeError):
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where the broker is: ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS)."""
+    """Where the broker is: ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS), ``?protocol=5|3.1.1``."""
 
     host: str
     port: int
     tls: bool
+    protocol: str | None = None  # None: MQTT 5, falling back to 3.1.1 when the broker refuses 5
 
     @classmethod
     def parse(cls, url: str) -> "BrokerAddress":
@@ -53,13 +65,13 @@ class BrokerAddress:
             raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
         if not parts.hostname:
             raise ValueError(f"broker URL has no host: {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.username:
-            raise ValueError(f"broker URL takes only scheme://host[:port], got {url!r}")
+        if parts.path not in ("", "/") or parts.fragment or parts.username:
+            raise ValueError(f"broker URL takes only scheme://host[:port][?protocol=5|3.1.1], got {url!r}")
         try:
             port = parts.port or _SCHEMES[parts.scheme][0]
         except ValueError as exc:
             raise ValueError(f"broker URL {url!r}: {exc}") from None
-        return cls(parts.hostname, port, _SCHEMES[parts.scheme][1])
+        return cls(parts.hostname, port, _SCHEMES[parts.scheme][1], _protocol_from_query(url, parts.query))
 
 
 @dataclass(frozen=True)
@@ -90,11 +102,13 @@ class Incoming:
 
 
 class MqttLink:
-    """One MQTT 5 connection with automatic reconnection; thread-safe to publish from one thread."""
+    """One MQTT connection with automatic reconnection; thread-safe to publish from one thread."""
 
     def __init__(self, url: str, config: LinkConfig) -> None:
         self.address = BrokerAddress.parse(url)
         self.config = config
+        self.protocol = self.address.protocol or "5"  # the version spoken now
+        self._downgrade = False  # set when MQTT 5 was refused and the URL did not pin it
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -108,9 +122,11 @@ class MqttLink:
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
+        session = {} if self.protocol == "5" else {"clean_session": False}  # 5: clean_start at connect
         client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
+            paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=PROTOCOLS[self.protocol],
             reconnect_on_failure=False,  # our own loop reconnects, with jitter
+            **session,
         )
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
@@ -168,7 +184,7 @@ class MqttLink:
             except (OSError, ssl.SSLError) as exc:
                 log.info("connect to %s:%s failed: %s", self.address.host, self.address.port, exc)
             else:
-                while not self._stop.is_set():
+                while not self._stop.is_set() and not self._downgrade:
                     rc = self._client.loop(timeout=0.2)
                     if rc != paho.MQTT_ERR_SUCCESS:
                         break
@@ -177,12 +193,18 @@ class MqttLink:
             self._connected.clear()
             if self._stop.is_set():
                 break
+            if self._downgrade:
+                self._fall_back_to_311()
+                continue
             pause = random.uniform(self.config.reconnect_min_s, delay)
             log.info("reconnecting in %.2f s", pause)
             self._stop.wait(pause)
             delay = min(self.config.reconnect_max_s, delay * 2)
 
     def _connect_once(self) -> None:
+        if self.protocol == "3.1.1":
+            self._client.connect(self.address.host, self.address.port, keepalive=self.config.keepalive_s)
+            return
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry_s
         self._client.connect(
@@ -190,10 +212,24 @@ class MqttLink:
             clean_start=False, properties=props,
         )
 
+    def _fall_back_to_311(self) -> None:
+        """Drop the refused MQTT 5 client and build a 3.1.1 one (network thread, while disconnected)."""
+        old = self._client
+        sock = old.socket()
+        if sock is not None:
+            sock.close()
+        self.protocol, self._downgrade = "3.1.1", False
+        self._client = self._make_client()
+        log.warning("%s:%s refused MQTT 5; speaking MQTT 3.1.1 from now on", self.address.host, self.address.port)
+
     # -- paho callbacks (network thread) -----------------------------------------------------
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
+            if (getattr(reason, "value", None) == UNSUPPORTED_PROTOCOL_VERSION
+                    and self.address.protocol is None and self.protocol == "5"):
+                self._downgrade = True  # _run rebuilds the client as 3.1.1 and reconnects at once
+                return
             log.warning("broker refused the connection: %s", reason)
             return
         for topic in self._filters:
@@ -275,6 +311,16 @@ class MqttLink:
             return self.inbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
+
+
+def _protocol_from_query(url: str, query: str) -> str | None:
+    """The ``protocol`` of a broker URL's query (``5`` or ``3.1.1``), None without a query."""
+    if not query:
+        return None
+    key, _, value = query.partition("=")
+    if key != "protocol" or value not in PROTOCOLS:
+        raise ValueError(f"broker URL query must be protocol=5 or protocol=3.1.1, got {url!r}")
+    return value
 
 
 def read_password_file(path: str | Path) -> str:

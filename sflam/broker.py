@@ -1,8 +1,15 @@
-"""A private mosquitto on a free loopback port, for tests, benchmarks and one-machine demos.
+"""A private MQTT broker on a free loopback port, for tests, benchmarks and one-machine demos.
 
-The broker writes its own ``mosquitto.conf`` (one listener on 127.0.0.1, anonymous, no
-persistence, TCP_NODELAY) into a work directory, logs to ``mosquitto.log`` there, is stopped by
-its PID (never by name) and can be restarted on the same port. It never listens beyond loopback.
+:class:`MosquittoBroker` writes its own ``mosquitto.conf`` (one listener on 127.0.0.1, anonymous,
+no persistence, TCP_NODELAY) into a work directory and logs to ``mosquitto.log`` there.
+:class:`AmqttBroker` is the fallback when mosquitto is not installed: amqtt 0.12's broker in a
+Python subprocess of its own (one loopback listener, anonymous, in memory; asyncio sets TCP_NODELAY
+on every connection), configured by ``amqtt.yaml`` and logging to ``amqtt.log``. amqtt speaks only
+MQTT 3.1.1, so its URL says ``?protocol=3.1.1`` (read by :mod:`edge_runtime.mqtt`), and it keeps
+no session of a disconnected anonymous client: QoS 1 messages sent while a client is away are lost
+(mosquitto queues them for the session's expiry). Either broker is stopped by its PID (never by
+name), can be restarted on the same port and never listens beyond loopback.
+:func:`start_local_broker` picks one and starts it.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -23,6 +33,31 @@ FALLBACK_PATH = "/usr/sbin/mosquitto"  # Debian/Ubuntu install it outside a user
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_BYTES = 2000
+BROKER_KINDS = ("auto", "mosquitto", "amqtt")
+# amqtt's own script (amqtt.scripts.broker_script) keeps running, not listening, when a listener
+# fails to bind, and falls back to 0.0.0.0:1883 on an unreadable config; this one exits instead.
+AMQTT_RUNNER = """\
+import asyncio, logging, signal, sys
+import yaml
+from amqtt.broker import Broker
+
+async def serve(config):
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.shutdown()
+
+with open(sys.argv[1], encoding="utf-8") as f:
+    config = yaml.safe_load(f)
+if not isinstance(config, dict):
+    sys.exit(f"{sys.argv[1]}: not a YAML mapping")
+logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+logging.getLogger("transitions").setLevel(logging.WARNING)
+asyncio.run(serve(config))
+"""
 
 
 def find_mosquitto() -> str | None:
@@ -47,21 +82,43 @@ def config_text(port: int) -> str:
     return f"listener {port} {HOST}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
 
 
-class MosquittoBroker:
-    """A mosquitto on a loopback port of its own; ``with MosquittoBroker(dir) as b: ... b.url``."""
+def amqtt_config_text(port: int) -> str:
+    """The amqtt broker's YAML config: one loopback TCP listener, anonymous, no $SYS or packet logging."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    return (f"listeners:\n  default:\n    type: tcp\n    bind: {HOST}:{port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
 
-    def __init__(self, workdir: str | Path, *, executable: str | None = None) -> None:
-        self.workdir = Path(workdir)
-        self.executable = executable or find_mosquitto()
-        if self.executable is None:
-            raise FileNotFoundError("mosquitto not found on PATH or at /usr/sbin/mosquitto; "
-                                    "install it (apt-get install mosquitto) or pass executable=")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text(config_text(self.port))
-        self.log_path = self.workdir / "mosquitto.log"
-        self.proc: subprocess.Popen | None = None
+
+def start_local_broker(workdir: str | Path, kind: str = "auto") -> MosquittoBroker | AmqttBroker:
+    """A started private broker: ``"mosquitto"``, ``"amqtt"``, or ``"auto"`` (mosquitto when installed)."""
+    if kind not in BROKER_KINDS:
+        raise ValueError(f"broker kind must be one of {', '.join(BROKER_KINDS)}; got {kind!r}")
+    if kind == "auto":
+        found = find_mosquitto()
+        if found is not None:
+            log.info("local broker: mosquitto (%s)", found)
+            kind = "mosquitto"
+        else:
+            log.info("local broker: embedded amqtt (mosquitto not found on PATH or at %s)", FALLBACK_PATH)
+            kind = "amqtt"
+    broker = MosquittoBroker(workdir) if kind == "mosquitto" else AmqttBroker(workdir)
+    broker.start()
+    return broker
+
+
+class _LocalBroker:
+    """A broker subprocess on a loopback port of its own, started and stopped by PID."""
+
+    name = "broker"
+    workdir: Path
+    port: int
+    conf: Path
+    log_path: Path
+    proc: subprocess.Popen | None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
@@ -74,23 +131,23 @@ class MosquittoBroker:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Start mosquitto and wait until the port accepts connections; RuntimeError if it does not."""
+        """Start the broker and wait until the port accepts connections; RuntimeError if it does not."""
         if self.running:
             return
         with open(self.log_path, "ab") as log_file:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([self.executable, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with status {self.proc.returncode} before listening on "
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode} before listening on "
                                    f"{HOST}:{self.port} (config {self.conf}):\n{self.log_tail()}")
             if _accepts(self.port) and self.proc.poll() is None:
-                log.info("mosquitto (pid %d) listening on %s", self.proc.pid, self.url)
+                log.info("%s (pid %d) listening on %s", self.name, self.proc.pid, self.url)
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {HOST}:{self.port} within {START_TIMEOUT_S:g} s "
+        raise RuntimeError(f"{self.name} did not listen on {HOST}:{self.port} within {START_TIMEOUT_S:g} s "
                            f"(config {self.conf}):\n{self.log_tail()}")
 
     def stop(self) -> None:
@@ -102,7 +159,7 @@ class MosquittoBroker:
         try:
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            log.warning("mosquitto (pid %d) ignored SIGTERM for %g s; killing it", proc.pid, STOP_TIMEOUT_S)
+            log.warning("%s (pid %d) ignored SIGTERM for %g s; killing it", self.name, proc.pid, STOP_TIMEOUT_S)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(STOP_TIMEOUT_S)
 
@@ -112,22 +169,71 @@ class MosquittoBroker:
         self.start()
 
     def log_tail(self, max_bytes: int = LOG_TAIL_BYTES) -> str:
-        """The end of mosquitto's output (stdout and stderr), for error messages."""
+        """The end of the broker's output (stdout and stderr), for error messages."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
                 text = f.read().decode("utf-8", errors="replace").strip()
         except OSError as exc:
             return f"(no log: {exc.strerror or exc})"
-        return text or "(mosquitto printed nothing)"
+        return text or f"({self.name} printed nothing)"
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class MosquittoBroker(_LocalBroker):
+    """A mosquitto on a loopback port of its own; ``with MosquittoBroker(dir) as b: ... b.url``."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: str | Path, *, executable: str | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.executable = executable or find_mosquitto()
+        if self.executable is None:
+            raise FileNotFoundError("mosquitto not found on PATH or at /usr/sbin/mosquitto; "
+                                    "install it (apt-get install mosquitto) or pass executable=")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.workdir / "mosquitto.conf"
+        self.conf.write_text(config_text(self.port))
+        self.log_path = self.workdir / "mosquitto.log"
+        self.proc = None
+
+    def _command(self) -> list[str]:
+        return [self.executable, "-c", str(self.conf)]
+
+
+class AmqttBroker(_LocalBroker):
+    """amqtt's broker (MQTT 3.1.1) in a subprocess on a loopback port of its own; MosquittoBroker's API."""
+
+    name = "amqtt"
+
+    def __init__(self, workdir: str | Path, *, python: str | None = None) -> None:
+        self.python = python or sys.executable
+        if python is None and find_spec("amqtt") is None:
+            raise ModuleNotFoundError("amqtt is not installed in this Python; install mosquitto "
+                                      "(apt-get install mosquitto) or amqtt (pip install amqtt)")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.workdir / "amqtt.yaml"
+        self.conf.write_text(amqtt_config_text(self.port))
+        self.log_path = self.workdir / "amqtt.log"
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:PORT?protocol=3.1.1``: amqtt speaks only MQTT 3.1.1 (see edge_runtime.mqtt)."""
+        return f"mqtt://{HOST}:{self.port}?protocol=3.1.1"
+
+    def _command(self) -> list[str]:
+        return [self.python, "-c", AMQTT_RUNNER, str(self.conf)]
 
 
 def _accepts(port: int) -> bool:
