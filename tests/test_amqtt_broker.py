@@ -112,8 +112,11 @@ def test_a_port_in_use_fails_fast_with_amqtts_words(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", broker.port))
         started = time.monotonic()
         # Execute
-        with pytest.raises(RuntimeError) as caught:
-            broker.start()
+        try:
+            with pytest.raises(RuntimeError) as caught:
+                broker.start()
+        finally:
+            broker.stop()  # should it have started after all
     # Assert: the child exited (no 10 s wait on a broker that never listens) and says why
     assert time.monotonic() - started < 8
     assert "exited" in str(caught.value) and "address already in use" in str(caught.value).lower()
