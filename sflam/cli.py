@@ -267,7 +267,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
     sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")
     sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from")
-    sim.add_argument("--broker", metavar="URL|embedded", help="an mqtt:// URL, or embedded (default): a private loopback broker")
+    sim.add_argument("--broker", metavar="URL|embedded",
+                     help="an mqtt:// URL, or a private loopback broker: embedded (default: mosquitto when "
+                          "installed, else amqtt), mosquitto or amqtt")
     sim.add_argument("--out", metavar="DIR", help="a new output directory (default runs/sim-<scheme>-<time>)")
     sim.add_argument("--seed", type=int, metavar="S", help="seed of data split, scenario, selection (default 0)")
     sim.add_argument("--local-epochs", type=_positive_int, metavar="E", help="local epochs per round (default 5)")

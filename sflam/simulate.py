@@ -49,6 +49,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SCHEMES = ("sflam", "sfl", "sl", "fl")
+LOCAL_BROKERS = {"embedded": "auto", "mosquitto": "mosquitto", "amqtt": "amqtt"}
 RUN_ID = "sim"
 DEVICE_STOP_TIMEOUT_S = 15.0
 SERVER_STOP_TIMEOUT_S = 30.0
@@ -81,7 +82,8 @@ class SimOptions:
     dataset: str = "digits"
     model: str = "vit_quick_patch4_16"
     checkpoint: str | None = None  # timm-layout weights to start from (local file)
-    broker: str = "embedded"  # a URL, or "embedded": a private broker on a free loopback port
+    broker: str = "embedded"  # a URL, or a private broker on a free loopback port: embedded (mosquitto
+    # when installed, else amqtt), mosquitto or amqtt
     out: str | None = None  # default runs/sim-<scheme>-<time>
     seed: int = 0
     local_epochs: int = 5
@@ -272,8 +274,8 @@ def check_options(opts: SimOptions) -> list[str]:
     kind, sep, location = opts.dataset.partition(":")
     if sep and kind in ("cifar10", "folder") and not Path(location).expanduser().is_dir():
         problems.append(f"dataset: no directory {location} for {opts.dataset!r} (data sets are never downloaded)")
-    if opts.broker != "embedded" and not opts.broker.startswith(("mqtt://", "mqtts://")):
-        problems.append(f"broker: 'embedded' or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
+    if opts.broker not in LOCAL_BROKERS and not opts.broker.startswith(("mqtt://", "mqtts://")):
+        problems.append(f"broker: embedded, mosquitto, amqtt or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
     return problems
 
 
@@ -707,16 +709,11 @@ def _jsonable(opts: SimOptions) -> dict[str, Any]:
 
 def _start_broker(opts: SimOptions, out: Path) -> tuple[Any, str]:
     """(broker object or None, its URL): a private loopback broker unless a URL was given."""
-    if opts.broker != "embedded":
+    if opts.broker not in LOCAL_BROKERS:
         return None, opts.broker
-    from sflam import broker as brokers
+    from sflam.broker import start_local_broker
 
-    start_local = getattr(brokers, "start_local_broker", None)
-    if start_local is not None:
-        b = start_local(out / "broker")
-    else:
-        b = brokers.MosquittoBroker(out / "broker")
-        b.start()
+    b = start_local_broker(out / "broker", LOCAL_BROKERS[opts.broker])
     return b, b.url
 
 

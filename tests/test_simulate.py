@@ -171,6 +171,18 @@ def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
+def test_the_embedded_amqtt_fallback_runs_the_same_simulation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _simulate(out, "--broker", "amqtt", "--rounds", "1")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    assert "AmqttBroker" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["final_accuracy"] is not None
+    assert _children_of(out) == []
+
+
+@pytest.mark.broker
 def test_ctrl_c_stops_every_process_and_keeps_the_partial_results(tmp_path: Path) -> None:
     # Prepare: a run long enough to interrupt
     out = tmp_path / "run"
