@@ -260,7 +260,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--config", metavar="FILE", help="TOML with a [simulate] table (and [server.*] run.toml overrides)")
     sim.add_argument("--devices", type=_positive_int, metavar="N", help="devices in the fleet (default 10)")
     sim.add_argument("--per-round", type=_positive_int, metavar="K", help="devices per round (default 5)")
-    sim.add_argument("--rounds", type=_positive_int, metavar="R", help="rounds (default 50)")
+    sim.add_argument("--rounds", type=_positive_int, metavar="R", help="rounds (default 60)")
     sim.add_argument("--alpha", type=_positive_float, metavar="A", help="Dirichlet concentration of the split (default 0.5)")
     sim.add_argument("--bits", type=_bits, metavar="auto|Q", help="activation bits; auto: the allocator (default)")
     sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")

@@ -75,7 +75,7 @@ class SimOptions:
 
     devices: int = 10
     per_round: int = 5
-    rounds: int = 50
+    rounds: int = 60
     alpha: float = 0.5
     bits: int | str = "auto"
     scheme: str = "sflam"
