@@ -198,11 +198,9 @@ def test_vit_b32_on_stm32h7_refused_before_converting(monkeypatch, tmp_path):
     monkeypatch.setattr(micro_export, "_build_int8_model", no_conversion)
     config = get_preset("vit_base_patch32_224")
     weight, bias = np.zeros((768, 3, 32, 32), np.float32), np.zeros(768, np.float32)
-    started = time.perf_counter()
     message = r"vit_base_patch32_224 patch embedding: 2\.36 MB of int8 weights .*> 2\.00 MiB flash .*of stm32h7"
     with pytest.raises(ExportRefused, match=message):
         micro_export.export_tflite_micro(tmp_path, config, weight, bias, load_profile("stm32h7"))
-    assert time.perf_counter() - started < 1.0
     assert not list(tmp_path.iterdir())
 
 
