@@ -137,6 +137,7 @@ class MqttLink:
         if cfg.will_topic is not None:
             client.will_set(cfg.will_topic, cfg.will_payload, qos=QOS, retain=True)
         client.on_socket_open = _set_nodelay
+        client.on_socket_register_write = _network_thread_writes
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -170,8 +171,8 @@ class MqttLink:
                 self.publish(final[0], final[1], retain=True)
             except TransportError as exc:
                 log.warning("final publish failed: %s", exc)
+        self._client.disconnect()  # queued; the network thread writes it before it stops
         self._stop.set()
-        self._client.disconnect()
         if hasattr(self, "_thread"):
             self._thread.join(self.config.timeout_s)
 
@@ -188,6 +189,8 @@ class MqttLink:
                     rc = self._client.loop(timeout=0.2)
                     if rc != paho.MQTT_ERR_SUCCESS:
                         break
+                if self._stop.is_set():
+                    self._client.loop_write()  # what close() queued (DISCONNECT) before setting _stop
                 if self.connections:
                     delay = self.config.reconnect_min_s
             self._connected.clear()
@@ -333,6 +336,15 @@ def read_password_file(path: str | Path) -> str:
     if not line:
         raise ValueError(f"the MQTT password file {path} has an empty first line")
     return line
+
+
+def _network_thread_writes(client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's write hook: leave queued packets to the network thread (``MqttLink._run``).
+
+    Without a hook paho writes a publish from the caller's thread while the network thread may be
+    reading; two threads in one TLS connection corrupt its records (the broker drops the client:
+    "decryption failed or bad record mac"). paho's socket pair wakes the loop, which writes them.
+    """
 
 
 def _set_nodelay(client: paho.Client, userdata: object, sock: object) -> None:
