@@ -192,16 +192,21 @@ class MosquittoBroker(_LocalBroker):
 
     name = "mosquitto"
 
-    def __init__(self, workdir: str | Path, *, executable: str | None = None) -> None:
+    def __init__(self, workdir: str | Path, *, executable: str | None = None,
+                 conf: str | Path | None = None, port: int | None = None) -> None:
+        """``conf``/``port``: run that mosquitto.conf (e.g. a provisioned TLS one) listening on 127.0.0.1:port."""
+        if (conf is None) != (port is None):
+            raise ValueError("conf= and port= go together: port= is the port the given conf listens on")
         self.workdir = Path(workdir)
         self.executable = executable or find_mosquitto()
         if self.executable is None:
             raise FileNotFoundError("mosquitto not found on PATH or at /usr/sbin/mosquitto; "
                                     "install it (apt-get install mosquitto) or pass executable=")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text(config_text(self.port))
+        self.port = free_port() if port is None else port
+        self.conf = self.workdir / "mosquitto.conf" if conf is None else Path(conf)
+        if conf is None:
+            self.conf.write_text(config_text(self.port))
         self.log_path = self.workdir / "mosquitto.log"
         self.proc = None
 

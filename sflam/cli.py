@@ -318,6 +318,28 @@ def _add_allocate(sub: argparse._SubParsersAction) -> None:
     alloc.set_defaults(handler="allocator.cli:cmd_allocate")
 
 
+def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    fleet = sub.add_parser("fleet", help="provision a TLS broker with per-device credentials (docs/security.md)")
+    actions = fleet.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prov = actions.add_parser(
+        "provision", help="CA + server certificate, device passwords, mosquitto passwd/ACL/conf, fleet.json",
+    )
+    prov.add_argument("--devices", type=_positive_int, required=True, metavar="N", help="devices in the fleet")
+    prov.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write into")
+    prov.add_argument("--hostname", action="append", metavar="H",
+                      help="name or IP address devices reach the broker by; repeat for more names in the "
+                           "certificate (the first is the broker URL's; default 127.0.0.1)")
+    prov.add_argument("--run-id", default="default", help="the run whose topics the ACL grants (default: default)")
+    prov.add_argument("--device-prefix", default="dev-", help="device ids are PREFIX + index (default: dev-)")
+    prov.add_argument("--port", type=_positive_int, default=8883, help="the TLS listener's port (default 8883)")
+    prov.add_argument("--days", type=_positive_int, default=365, help="certificate validity in days (default 365)")
+    prov.add_argument("--bind", metavar="ADDR",
+                      help="listener address (default: 127.0.0.1 when every --hostname is loopback, else all)")
+    prov.add_argument("--broker-user", metavar="USER",
+                      help="user mosquitto switches to when started as root (default: the user running this)")
+    prov.set_defaults(handler="sflam.fleet:cmd_fleet_provision")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI; cheap to build (imports nothing beyond the standard library)."""
     parser = argparse.ArgumentParser(
@@ -338,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(sub)
     _add_simulate(sub)
     _add_allocate(sub)
+    _add_fleet(sub)
     return parser
 
 
