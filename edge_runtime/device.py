@@ -455,7 +455,7 @@ class DeviceClient:
                            stats.bytes_sent, stats.bytes_received, stats.steps)
 
 
-def cmd_device(args: argparse.Namespace) -> int:
+def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
     """``sflam device``: run the device loop; prints a JSON summary line at exit."""
     bundle = Path(args.bundle)
     device_json = json.loads((bundle / "device.json").read_text())
@@ -467,7 +467,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     gain = getattr(args, "channel_gain", None)
     if gain is None and getattr(args, "distance_m", None) is not None:
         gain = channel_gain_from_distance(args.distance_m)
-    client = DeviceClient(
+    client = client_class(
         bundle, args.broker, args.device_id, data, backend=args.backend, run_id=args.run_id,
         max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
         username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),

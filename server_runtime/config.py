@@ -500,7 +500,7 @@ _RULES: dict[str, dict[str, Check]] = {
         "min_devices": _at_least(0),
         "local_epochs": _at_least(1),
         "batch_size": _at_least(1),
-        "mode": _choice("v1", "v2"),
+        "mode": _choice("v1", "v2", "fl"),
         "optimizer": _choice("sgd", "adam", "adamw"),
         "lr": _number(lambda v: v > 0, "a finite number > 0"),
         "momentum": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -9,6 +9,10 @@ which rebuilds the optimizer every batch and so never lets momentum act.
 Round end: :meth:`SplitTrainer.finish_round` averages the device parts the devices uploaded
 and, in V1, the server copies of the devices that completed (FedAvg by sample count); devices
 that failed contribute nothing. A round that does not count restores the round-start state.
+
+Mode ``fl`` is the federated-learning baseline through the same daemon: the "device part" is the
+whole model, devices (``sflam fl-device``) train it locally and upload it, the server only
+averages; it trains nothing and refuses activations.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from server_runtime.split import ServerPart, split
 from server_runtime.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
-MODES = ("v1", "v2")
+MODES = ("v1", "v2", "fl")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -105,6 +109,8 @@ class SplitTrainer:
         self.mode, self.spec, self.bf16 = mode, optimizer, bf16
         self.halves = split(self.model)
         self.tokens_shape = self.halves.device.output_shape
+        # what devices download, train and upload: the patch embedding, or (FL) the whole model
+        self.device_module: torch.nn.Module = self.model if mode == "fl" else self.halves.device
         self.num_classes = int(self.model.config.num_classes)
         self.copies: dict[str, ServerCopy] = {}
         self.shared: ServerCopy | None = None
@@ -116,11 +122,13 @@ class SplitTrainer:
 
     def device_weights(self) -> dict[str, np.ndarray]:
         """The global device part as float32 numpy arrays (what ``ModelWeights`` carries)."""
-        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.halves.device.state_dict().items()}
+        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.device_module.state_dict().items()}
 
     def begin_round(self, device_ids: Sequence[str]) -> None:
         """Prepare the server copies of the selected devices (V1) or snapshot the shared one (V2)."""
         self.copies = {}
+        if self.mode == "fl":
+            return
         if self.mode == "v1":
             for device_id in device_ids:
                 part = copy.deepcopy(self.halves.server).train()
@@ -135,6 +143,8 @@ class SplitTrainer:
     def step(self, device_id: str, activations: QuantizedTensor, labels: np.ndarray, gradient_bits: int,
              per: str = "tensor", generator: torch.Generator | None = None) -> StepResult:
         """Train the device's server copy on one batch; return the (quantized) activation gradient."""
+        if self.mode == "fl":
+            raise StepError("federated learning (mode fl): devices train the whole model; no activations")
         server = self.copies.get(device_id)
         if server is None:
             raise StepError(f"device {device_id!r} is not training in this round")
@@ -185,7 +195,7 @@ class SplitTrainer:
         ids = sorted(updates)
         counts = [int(updates[d][1]) for d in ids]
         device_states = [self._device_state(updates[d][0]) for d in ids]
-        self.halves.device.load_state_dict(fedavg(device_states, counts))
+        self.device_module.load_state_dict(fedavg(device_states, counts))
         if self.mode == "v1":
             states = [self.copies[d].part.state_dict() for d in ids]
             self.halves.server.load_state_dict(fedavg(states, counts))
@@ -200,7 +210,7 @@ class SplitTrainer:
 
     def _device_state(self, weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Uploaded device weights as tensors, checked against the device part's names and shapes."""
-        expected = self.halves.device.state_dict()
+        expected = self.device_module.state_dict()
         if set(weights) != set(expected):
             raise StepError(f"device weights must be {sorted(expected)}, got {sorted(weights)}")
         out = {}

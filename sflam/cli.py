@@ -178,6 +178,21 @@ def _add_profile_energy(sub: argparse._SubParsersAction) -> None:
 
 def _add_device(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser("device", help="run the device training loop against an MQTT broker")
+    _device_options(dev)
+    dev.set_defaults(handler="edge_runtime.device:cmd_device")
+
+
+def _add_fl_device(sub: argparse._SubParsersAction) -> None:
+    fl = sub.add_parser(
+        "fl-device",
+        help="federated-learning baseline device: trains the whole model with torch "
+             "(for `sflam simulate --scheme fl`, not an edge runtime)",
+    )
+    _device_options(fl)
+    fl.set_defaults(handler="sflam.fl_device:cmd_fl_device")
+
+
+def _device_options(dev: argparse.ArgumentParser) -> None:
     dev.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
     dev.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
     dev.add_argument("--device-id", required=True, help="1-64 of A-Z a-z 0-9 _ . -")
@@ -216,7 +231,6 @@ def _add_device(sub: argparse._SubParsersAction) -> None:
     gain = dev.add_mutually_exclusive_group()
     gain.add_argument("--distance-m", type=_positive_float, help="emulated link: distance to the server (path loss)")
     gain.add_argument("--channel-gain", type=_positive_float, help="emulated link: linear channel power gain h")
-    dev.set_defaults(handler="edge_runtime.device:cmd_device")
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -355,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_flash(sub)
     _add_device(sub)
+    _add_fl_device(sub)
     _add_profile_energy(sub)
     _add_quickstart(sub)
     _add_server(sub)

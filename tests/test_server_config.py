@@ -205,7 +205,7 @@ def test_bad_bit_widths_are_rejected(key: str, value: str, problem: str) -> None
         ("compute", 'device = "cuda:x"', "device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("compute", 'amp = "fp16"', "amp: must be one of 'auto', 'bf16', 'off', got 'fp16'"),
         ("training", "momentum = 1.0", "momentum: must be a number in [0, 1), got 1.0"),
-        ("training", 'mode = "v3"', "mode: must be one of 'v1', 'v2', got 'v3'"),
+        ("training", 'mode = "v3"', "mode: must be one of 'v1', 'v2', 'fl', got 'v3'"),
     ],
 )
 def test_out_of_range_and_ill_formed_values_are_rejected(

@@ -1,0 +1,96 @@
+"""``sflam fl-device``: the federated-learning baseline's device, for ``sflam simulate --scheme fl``.
+
+It is the split device loop of :mod:`edge_runtime.device` (Hello and heartbeats, retained status
+and last will, plans, model versions, the emulated uplink, telemetry and energy accounting) with
+one round replaced: the device downloads the **whole** global model, trains it locally for the
+plan's epochs with SGD and momentum on its own batches (the same shuffling and preprocessing as a
+split device), and uploads the whole model for the server to average (``training.mode = "fl"``).
+There are no activations and no gradients on the wire.
+
+It runs the model with torch, so it is a simulation baseline, not an edge runtime: the point of
+SFLAM is that a real device does not have to do this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_runtime import protocol as p
+from edge_runtime.device import MOMENTUM, DeviceClient, RoundStats, cmd_device
+from server_runtime.checkpoint import create_model
+
+
+@dataclass
+class FLDeviceClient(DeviceClient):
+    """A device that trains and uploads the whole model each round."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        torch.set_num_threads(self.threads or 1)
+        self.preset = str(self.manifest["preset"])
+        self.model: torch.nn.Module | None = None
+
+    def _model_for(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The local model (built once, from the head's class count) holding ``weights``."""
+        if self.model is None:
+            head = weights.get("head.weight")
+            if head is None:
+                raise p.ProtocolError("FL model weights carry no head.weight: is the server in training.mode = 'fl'?")
+            self.model = create_model(self.preset, num_classes=int(np.shape(head)[0]))
+        state = {name: torch.from_numpy(np.array(value, np.float32)) for name, value in weights.items()}
+        self.model.load_state_dict(state)
+        return self.model.train()
+
+    def train_round(self, plan: p.RoundPlan) -> p.RoundUpdate:
+        """Train the whole model locally, then publish it in a RoundUpdate."""
+        round_, alloc = plan.envelope.round, self._allocation(plan)
+        self.receiver.min_round = max(self.receiver.min_round, round_)
+        model = self._model_for(self._wait_model(plan))
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=MOMENTUM)
+        self.bucket = self._bucket_for(alloc)
+        stats, cpu0 = RoundStats(), time.process_time()
+        sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
+        metering = self._start_meter()
+        step = 0
+        t0 = time.perf_counter()
+        for epoch in range(plan.local_epochs):
+            shuffle_rng = np.random.default_rng((self.seed, round_, 0, epoch))
+            for images, labels in self.data.batches(plan.batch_size, shuffle_rng):
+                loss = F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+            self._check_superseded(round_)
+        stats.compute_time_s = time.perf_counter() - t0
+        stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
+        compute_j, source = self._compute_energy(metering, stats)
+        stats.bytes_sent, stats.bytes_received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
+        weights = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
+
+        def make_update(telemetry: p.Telemetry) -> p.RoundUpdate:
+            return p.RoundUpdate(self._env(round_, step), plan.model_version, len(self.data),
+                                 p.weights_from_numpy(weights), telemetry)
+
+        if self.bucket is not None:  # the upload's airtime: the whole model over the emulated radio
+            frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
+            own = 8.0 * sum(len(f) for f in frames) / self.bucket.rate_bps
+            stats.airtime_s += own
+            stats.uplink_time_s += own
+        update = make_update(self._telemetry(stats, alloc, compute_j, source))
+        self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan), RoundStats())
+        self.counters["rounds"] += 1
+        self.last_telemetry = update.telemetry
+        return update
+
+
+def cmd_fl_device(args: argparse.Namespace) -> int:
+    """Handler of ``sflam fl-device``: the device loop with whole-model rounds (numpy backend unused)."""
+    args.backend = "numpy"  # the bundle's graphs are not used; no runtime session to open
+    return cmd_device(args, client_class=FLDeviceClient)
