@@ -153,9 +153,7 @@ def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[Mapping[str, Any]
     path = Path(out) / "scenario.json"
     if not path.is_file() or not groups:
         return {"round_latency_s": None, "energy_j": None, "per_round_latency_s": [], "per_round_energy_j": []}
-    from allocator.scenario import load_scenario
-
-    problem = load_scenario(path)
+    problem = load_problem(out)
     latency, energy = [], []
     for group in groups:
         ids = [d for record in group for d in record.get("selected", [])]
@@ -165,6 +163,13 @@ def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[Mapping[str, Any]
     return {"round_latency_s": float(np.mean(latency)), "energy_j": float(np.mean(energy)),
             "per_round_latency_s": latency, "per_round_energy_j": energy,
             "note": "allocator system model on scenario.json: the emulated hardware and radios"}
+
+
+def load_problem(out: Path) -> Any:
+    """The run's scenario (``out/scenario.json``) as an allocator Problem."""
+    from allocator.scenario import load_scenario
+
+    return load_scenario(Path(out) / "scenario.json")
 
 
 def subset(problem: Any, ids: Sequence[str]) -> Any:
@@ -184,6 +189,9 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
     from allocator.scenario import full_model_macs_per_sample, full_model_params, model_shape
     from allocator.system import Allocation, evaluate
 
+    if scheme == "sl":  # turns one after another (a device may take more than one turn)
+        turns = [sequential_sl(subset(problem, [d])).evaluation for d in ids]
+        return float(sum(t.round_latency_s for t in turns)), float(sum(np.sum(t.energy_j) for t in turns))
     sub = subset(problem, ids)
     if scheme == "sflam":
         allocs = {d: f["allocation"] for r in group for d, f in r.get("devices", {}).items()}
@@ -195,8 +203,6 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
         ev = evaluate(sub, alloc)
     elif scheme == "sfl":
         ev = fp32_sfl(sub).evaluation
-    elif scheme == "sl":
-        ev = sequential_sl(sub).evaluation
     else:
         shape = model_shape(model)
         ratio = full_model_macs_per_sample(shape) / shape.device_macs_per_sample

@@ -476,8 +476,10 @@ class Fleet:
         handle = open(self.logs / f"{name}.log", "wb")
         self._files.append(handle)
         # a session of its own: a Ctrl-C reaches us, and we stop the children in order
+        # SIGINT is how children are stopped: a shell that started us in the background (`cmd &`)
+        # left it ignored, and an ignored signal is inherited, so restore its default first
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
 
     def start_server(self, config: Path) -> None:
         env = _env()
@@ -535,6 +537,10 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(procs: Sequence[subprocess.Popen]) -> None:

@@ -220,3 +220,26 @@ def test_the_paper_scale_config_names_what_is_missing_and_is_complete(tmp_path: 
     config = parse_config(server_config_text(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1"))
     assert config.model.preset == "vit_base_patch32_224" and config.training.batch_size == 128
     assert config.compute.device == "auto" and config.compute.amp == "auto"
+
+
+def test_an_sl_round_may_give_one_device_two_turns(tmp_path: Path) -> None:
+    # Prepare: a scenario and an SL round of 3 turns in which dev-1 trains twice
+    import dataclasses
+
+    from allocator.scenario import dump_scenario, generate_scenario
+
+    problem = generate_scenario(3, 0, model="vit_quick_patch4_16")
+    fleet = dataclasses.replace(problem.fleet, ids=("dev-0", "dev-1", "dev-2"))
+    dump_scenario(dataclasses.replace(problem, fleet=fleet), tmp_path / "scenario.json")
+    turns = [{"event": "round", "round": k + 1, "counted": True, "selected": [d], "completed": [d],
+              "accuracy": 0.5 if k == 2 else None, "devices": {}, "phases_s": {"train": 1.0}}
+             for k, d in enumerate(("dev-1", "dev-0", "dev-1"))]
+    opts = dataclasses.asdict(SimOptions(devices=3, per_round=3, rounds=1, scheme="sl"))
+    # Execute
+    summary = sim_report.summarize(opts, turns, tmp_path, wall_s=1.0)
+    # Assert: the modeled round is the three turns in sequence
+    one, zero = (sim_report.modeled_round(sim_report.load_problem(tmp_path), "sl", [d], [], "vit_quick_patch4_16")
+                 for d in ("dev-1", "dev-0"))
+    assert summary["rounds"] == 1 and summary["final_accuracy"] == 0.5
+    assert summary["modeled"]["round_latency_s"] == pytest.approx(2 * one[0] + zero[0])
+    assert summary["modeled"]["energy_j"] == pytest.approx(2 * one[1] + zero[1])
