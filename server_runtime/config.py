@@ -66,7 +66,7 @@ class TrainingSection:
     min_devices: int = 0  # online before a round starts; 0 means devices_per_round
     local_epochs: int = 1
     batch_size: int = 32
-    mode: str = "v1"
+    mode: str = "v1"  # v1 | v2 | fl (the FedAvg baseline: devices train the whole model)
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -334,6 +334,11 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
     if isinstance(broker, dict):
         if broker.get("password_file") is not None and broker.get("username") is None:
             problems.append("broker.password_file: is set but broker.username is not")
+    training, quant = data.get("training"), data.get("quant")
+    if isinstance(training, dict) and isinstance(quant, dict):
+        if training.get("mode") == "fl" and quant.get("bits") == "auto":
+            problems.append("quant.bits: 'auto' allocates for split activations, which training.mode = 'fl' does "
+                            "not send (devices upload the whole model); set a fixed bit-width")
 
 
 # ---------------------------------------------------------------- value checks

@@ -2,7 +2,7 @@
 
 The daemon produces one record per round, a plain JSON-able dict::
 
-    {"event": "round", "round": int, "plan_round": int, "counted": bool, "mode": "v1"|"v2",
+    {"event": "round", "round": int, "plan_round": int, "counted": bool, "mode": "v1"|"v2"|"fl",
      "time": unix float,
      "selected": [ids], "completed": [ids], "failed": {id: reason},
      "accuracy": float|None,            # fraction in [0, 1]

@@ -33,6 +33,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 2
 
 
+def _scheme(mode: str) -> str:
+    """How the start line names ``training.mode``: ``SFL-V1``, ``SFL-V2`` or the ``FL`` baseline."""
+    return "FL (FedAvg baseline)" if mode == "fl" else f"SFL-{mode.upper()}"
+
+
 def _serve(config: RunConfig, *, resume: bool) -> int:
     """Build the daemon, run it to the end, print the summary line."""
     from server_runtime.daemon import ServerDaemon
@@ -43,7 +48,7 @@ def _serve(config: RunConfig, *, resume: bool) -> int:
             print(progress_line(record, config.training.rounds), flush=True)
 
     daemon = ServerDaemon(config, resume=resume, on_round=show)
-    print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} SFL-{config.training.mode.upper()}, "
+    print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} {_scheme(config.training.mode)}, "
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
           + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
     summary = daemon.run()

@@ -44,7 +44,10 @@ class FLDeviceClient(DeviceClient):
                 raise p.ProtocolError("FL model weights carry no head.weight: is the server in training.mode = 'fl'?")
             self.model = create_model(self.preset, num_classes=int(np.shape(head)[0]))
         state = {name: torch.from_numpy(np.array(value, np.float32)) for name, value in weights.items()}
-        self.model.load_state_dict(state)
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:  # missing/unexpected names or shapes: another preset on the server
+            raise p.ProtocolError(f"the global model does not fit this bundle's preset {self.preset!r}: {exc}") from None
         return self.model.train()
 
     def train_round(self, plan: p.RoundPlan) -> p.RoundUpdate:
@@ -75,8 +78,8 @@ class FLDeviceClient(DeviceClient):
         weights = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
 
         def make_update(telemetry: p.Telemetry) -> p.RoundUpdate:
-            return p.RoundUpdate(self._env(round_, step), plan.model_version, len(self.data),
-                                 p.weights_from_numpy(weights), telemetry)
+            return p.RoundUpdate(self._env(round_, step), plan.model_version,
+                                 self.data.samples_per_epoch(plan.batch_size), p.weights_from_numpy(weights), telemetry)
 
         if self.bucket is not None:  # the upload's airtime: the whole model over the emulated radio
             frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
