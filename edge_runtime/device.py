@@ -33,6 +33,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,7 +326,15 @@ class DeviceClient:
                 p.weights_from_numpy(dict(zip(WEIGHT_NAMES, (weight, bias)))), telemetry,
             )
 
-        if self.bucket is not None:  # the update's own airtime, from its encoded size
+        update = self._publish_update(plan, make_update, stats, alloc, compute_j, source)
+        self.gradients = {k: v for k, v in self.gradients.items() if k[0] > round_}
+        return update
+
+    def _publish_update(self, plan: p.RoundPlan, make_update: Callable[[p.Telemetry], p.RoundUpdate],
+                        stats: RoundStats, alloc: p.Allocation, compute_j: float, source: str) -> p.RoundUpdate:
+        """Send the round's RoundUpdate; with an emulated link its own airtime (from its encoded
+        size) is counted in the telemetry it carries. The telemetry is announced in the next Hello."""
+        if self.bucket is not None:
             frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
             own = 8.0 * sum(len(f) for f in frames) / self.bucket.rate_bps
             stats.airtime_s += own
@@ -333,8 +342,7 @@ class DeviceClient:
         update = make_update(self._telemetry(stats, alloc, compute_j, source))
         self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan), RoundStats())
         self.counters["rounds"] += 1
-        self.last_telemetry = update.telemetry  # announced in the next Hello
-        self.gradients = {k: v for k, v in self.gradients.items() if k[0] > round_}
+        self.last_telemetry = update.telemetry
         return update
 
     def _quantized(self, images: np.ndarray, weight: np.ndarray, bias: np.ndarray,

@@ -81,16 +81,7 @@ class FLDeviceClient(DeviceClient):
             return p.RoundUpdate(self._env(round_, step), plan.model_version,
                                  self.data.samples_per_epoch(plan.batch_size), p.weights_from_numpy(weights), telemetry)
 
-        if self.bucket is not None:  # the upload's airtime: the whole model over the emulated radio
-            frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
-            own = 8.0 * sum(len(f) for f in frames) / self.bucket.rate_bps
-            stats.airtime_s += own
-            stats.uplink_time_s += own
-        update = make_update(self._telemetry(stats, alloc, compute_j, source))
-        self._send_reliably(self.topics.up(self.device_id), update, self._deadline(plan), RoundStats())
-        self.counters["rounds"] += 1
-        self.last_telemetry = update.telemetry
-        return update
+        return self._publish_update(plan, make_update, stats, alloc, compute_j, source)
 
 
 def cmd_fl_device(args: argparse.Namespace) -> int:
