@@ -25,6 +25,8 @@ import pytest
 
 from edge_runtime.mqtt import BrokerAddress, LinkConfig, MqttLink, TransportError
 from sflam.broker import AmqttBroker, MosquittoBroker, find_mosquitto, start_local_broker
+from test_broker import accepts
+from test_device_loop import data_file  # noqa: F401  (the device-loop harness's data fixture)
 
 pytest.importorskip("amqtt", reason="amqtt is not installed: the embedded broker fallback cannot run")
 yaml = pytest.importorskip("yaml", reason="PyYAML (an amqtt dependency) is not installed")
@@ -53,14 +55,6 @@ def links():
     yield make
     for link in made:
         link.close()
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def alive(pid: int) -> bool:
@@ -321,33 +315,21 @@ def test_bad_protocol_queries_are_refused(url: str) -> None:
         BrokerAddress.parse(url)
 
 
-@pytest.fixture()
-def device_data(tmp_path: Path) -> Path:
-    """The device-loop harness's data: 10 random 32x32 images (test_device_loop.NUM_SAMPLES)."""
-    from test_device_loop import NUM_SAMPLES  # the test modules are imported lazily: test_server loads torch
-
-    rng = np.random.default_rng(0)
-    path = tmp_path / "data.npz"
-    np.savez(path, images=rng.integers(0, 256, (NUM_SAMPLES, 32, 32, 3), dtype=np.uint8),
-             labels=rng.integers(0, 10, NUM_SAMPLES))
-    return path
-
-
 @pytest.mark.slow
-def test_device_loop_round_over_amqtt(quick_bundle: Path, amqtt_broker: AmqttBroker, device_data: Path) -> None:
+def test_device_loop_round_over_amqtt(quick_bundle: Path, amqtt_broker: AmqttBroker, data_file: Path) -> None:
     from test_device_loop import check_round, round_trip
 
-    peer, summary = round_trip(quick_bundle, amqtt_broker, device_data, restart_at_step=None, max_frame_bytes=1500)
+    peer, summary = round_trip(quick_bundle, amqtt_broker, data_file, restart_at_step=None, max_frame_bytes=1500)
     check_round(peer, summary)  # every gradient applied once, in order: the final weights prove it
     assert peer.receiver.counters["chunks"] > 0  # 1500-byte frames: activations travel chunked
 
 
 @pytest.mark.slow
 def test_device_loop_survives_an_amqtt_restart(quick_bundle: Path, amqtt_broker: AmqttBroker,
-                                               device_data: Path) -> None:
+                                               data_file: Path) -> None:
     from test_device_loop import check_round, round_trip
 
-    peer, summary = round_trip(quick_bundle, amqtt_broker, device_data, restart_at_step=2,
+    peer, summary = round_trip(quick_bundle, amqtt_broker, data_file, restart_at_step=2,
                                max_frame_bytes=256 * 1024)
     check_round(peer, summary)
     assert peer.restarted and summary["counters"]["resent_activations"] >= 1
