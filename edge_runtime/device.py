@@ -161,49 +161,67 @@ class DeviceClient:
         self.plan: p.RoundPlan | None = None
         self.plan_received_at = 0.0
         self.gradients: dict[tuple[int, int], p.Gradient] = {}
+        self.awaiting: tuple[int, int] | None = None  # the (round, step) whose gradient may be kept
         self.applied: set[tuple[int, int]] = set()
         self.done_rounds: set[int] = set()
         self._last_hello = time.monotonic()
-        will = p.encode(p.Status(self._env(0), online=False, reason="connection lost"))
+        self._epoch = self._hello_at = 0.0  # presence stamps (PresenceOrder): strictly increasing
         self.link = MqttLink(self.broker_url, LinkConfig(
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
-            will_payload=will, ca_file=self.ca_file, username=self.username, password=self.password,
+            ca_file=self.ca_file, username=self.username, password=self.password,
             max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
         ))
 
-    def _env(self, round_: int, step: int = 0) -> p.Envelope:
-        return p.Envelope(self.run_id, round_, self.device_id, step)
+    def _env(self, round_: int, step: int = 0, created_at: float | None = None) -> p.Envelope:
+        if created_at is None:
+            return p.Envelope(self.run_id, round_, self.device_id, step)
+        return p.Envelope(self.run_id, round_, self.device_id, step, created_at)
+
+    def _now_after(self, last: float) -> float:
+        """Now, or just after ``last`` if the clock has not moved past it (stamps never repeat)."""
+        return max(time.time(), last + 1e-3)
 
     # -- connection --------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect, announce ourselves on every (re)connect, subscribe plan/model/down."""
+        self.link.before_connect(self._new_connection)
         self.link.on_connect(self._announce)
         self.link.subscribe([
             self.topics.retained_filter("plan"), self.topics.retained_filter("model"), self.topics.down(self.device_id),
         ])
         self.link.start()
 
+    def _new_connection(self) -> None:
+        """Before each connect: a new presence epoch, and the will that goes with it (network thread).
+
+        The connection's online Status is stamped (epoch, step 0) and its will (epoch, step 1):
+        the server orders a device's Status messages by that stamp, so the will supersedes the
+        online Status it was registered with, and neither can be replayed later (PresenceOrder).
+        """
+        self._epoch = self._now_after(self._epoch)
+        will = p.Status(self._env(0, 1, self._epoch), online=False, reason="connection lost")
+        self.link.set_will(p.encode(will))
+
     def _announce(self) -> None:
         """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
-        status = p.encode(self._status(True, ""))
+        status = p.encode(p.Status(self._env(0, 0, self._epoch), online=True, reason=""))
         self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
         self._hello(heartbeat=False)
 
     def _hello(self, heartbeat: bool) -> None:
         """Publish a Hello (profile, backend, samples, last telemetry) without waiting."""
-        hello = p.Hello(self._env(0), str(self.profile or "unknown"), self.engine.name,
+        self._hello_at = self._now_after(self._hello_at)
+        hello = p.Hello(self._env(0, 0, self._hello_at), str(self.profile or "unknown"), self.engine.name,
                         SOFTWARE_VERSION, len(self.data), heartbeat=heartbeat, last_telemetry=self.last_telemetry)
         self._last_hello = time.monotonic()
         for frame in p.split(hello, self.max_frame_bytes):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
 
-    def _status(self, online: bool, reason: str) -> p.Status:
-        return p.Status(self._env(0), online=online, reason=reason)
-
     def close(self) -> None:
-        """Retained Status(offline), then disconnect."""
-        final = p.encode(self._status(False, "shutdown"))
+        """Retained Status(offline), stamped after the connection's will, then disconnect."""
+        self._epoch = self._now_after(self._epoch)
+        final = p.encode(p.Status(self._env(0, 0, self._epoch), online=False, reason="shutdown"))
         self.link.close(final=(self.topics.status(self.device_id), final))
 
     # -- receiving ---------------------------------------------------------------------------
@@ -218,11 +236,12 @@ class DeviceClient:
             message = self.receiver.accept(incoming.payload, incoming.topic)
         except p.ProtocolError as exc:
             self.counters[f"protocol_errors.{type(exc).__name__}"] += 1
-            log.warning("refused a message on %s: %s", incoming.topic, exc)
+            self.receiver.log_refusal(incoming.topic, exc)
             return True
         if message is None:
-            if self.receiver.counters["duplicates"] > duplicates:  # only Gradients are step-keyed here
-                self.counters["duplicate_gradients"] += 1
+            if self.receiver.counters["duplicates"] > duplicates:
+                kind = "gradients" if incoming.topic == self.topics.down(self.device_id) else "broadcasts"
+                self.counters[f"duplicate_{kind}"] += 1
             return True
         self._dispatch(message)
         return True
@@ -233,14 +252,17 @@ class DeviceClient:
             for old in sorted(self.models)[:-4]:
                 del self.models[old]
         elif isinstance(message, p.RoundPlan):
-            if self.plan is None or message.envelope.round >= self.plan.envelope.round:
-                if self.plan is None or message.envelope.round != self.plan.envelope.round:
-                    self.plan_received_at = time.monotonic()
+            if self.plan is None or message.envelope.round > self.plan.envelope.round:
+                self.plan_received_at = time.monotonic()
                 self.plan = message
+            else:  # a new plan round every time (the server's lease): an older one is a replay
+                self.counters["stale_plans"] += 1
         elif isinstance(message, p.Gradient):
             key = (message.envelope.round, message.envelope.step)
             if key in self.applied:
                 self.counters["duplicate_gradients"] += 1
+            elif key != self.awaiting:  # not for the step in flight: nothing may wait on it
+                self.counters["unexpected_gradients"] += 1
             else:
                 self.gradients[key] = message
         elif isinstance(message, p.ErrorReport):
@@ -362,7 +384,7 @@ class DeviceClient:
 
     def _exchange(self, plan: p.RoundPlan, message: p.Activations, stats: RoundStats) -> np.ndarray:
         """Publish activations, wait for their gradient; re-send after every reconnect."""
-        key = (message.envelope.round, message.envelope.step)
+        key = self.awaiting = (message.envelope.round, message.envelope.step)
         deadline = self._deadline(plan)
         topic = self.topics.up(self.device_id)
         t0, air0, wait0 = time.perf_counter(), stats.airtime_s, stats.pace_wait_s
@@ -382,6 +404,7 @@ class DeviceClient:
                 stats.uplink_time_s += stats.airtime_s - air0  # emulated radio busy again (0 otherwise)
             self.pump(0.1)
         grad = self.gradients.pop(key)
+        self.awaiting = None
         return dequantize(grad.tensor)
 
     def _check_superseded(self, round_: int) -> None:
@@ -483,14 +506,21 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         profile=profile, threads=getattr(args, "threads", None),
     )
     client.start()
+    interrupted = False
     try:
-        done = client.run(args.rounds)
+        client.run(args.rounds)
+    except KeyboardInterrupt:  # Ctrl-C: still print what was done and counted
+        interrupted = True
     finally:
         client.close()
     summary = {
-        "rounds": done, "counters": dict(client.counters), "receiver": dict(client.receiver.counters),
+        "rounds": client.counters["rounds"], "interrupted": interrupted, "counters": dict(client.counters),
+        "receiver": dict(client.receiver.counters), "inbox": dict(client.link.inbox.counters),
+        "reassembler": dict(client.receiver.reassembler.counters),
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
         "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
     }
     print("sflam-device-summary " + json.dumps(summary), flush=True)
+    if interrupted:
+        raise KeyboardInterrupt  # exit 130, as for every interrupted sflam command
     return 0

@@ -4,7 +4,8 @@ What the protocol asks of a client (docs/protocol.md 1.3) lives here: TCP_NODELA
 socket, a retained last will, a persistent session (Clean Start 0 + session expiry), QoS 1
 everywhere, frames chunked with :func:`edge_runtime.protocol.split`, and reconnection with
 exponential backoff plus jitter. Every wait has a timeout; every failure is a ``TransportError``.
-Incoming publishes land on a thread-safe queue that the caller drains with :meth:`MqttLink.get`.
+Incoming publishes land in a bounded :class:`edge_runtime.inbox.Inbox` (per-source queues served
+round-robin, limits and expiry, every drop counted) that the caller drains with :meth:`MqttLink.get`.
 
 Protocol version, chosen by the broker URL so that it reaches every process that is given it:
 ``mqtt://host:port?protocol=3.1.1`` speaks MQTT 3.1.1 only (the embedded amqtt broker, whose
@@ -19,7 +20,6 @@ retained messages, the retained last will, chunking and TCP_NODELAY are the same
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 import ssl
@@ -34,6 +34,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_runtime.inbox import Inbox, InboxLimits, Incoming
 from edge_runtime.protocol import Message, split
 from edge_runtime.protocol.topics import QOS
 
@@ -90,15 +91,7 @@ class LinkConfig:
     timeout_s: float = 10.0
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One received publish."""
-
-    topic: str
-    payload: bytes
-    retained: bool
+    inbox: InboxLimits = field(default_factory=InboxLimits)
 
 
 class MqttLink:
@@ -109,12 +102,13 @@ class MqttLink:
         self.config = config
         self.protocol = self.address.protocol or "5"  # the version spoken now
         self._downgrade = False  # set when MQTT 5 was refused and the URL did not pin it
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox = Inbox(config.inbox)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.connections = 0  # successful CONNACKs so far: a change means "reconnected"
         self._filters: list[str] = []
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._before_connect_hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -148,6 +142,17 @@ class MqttLink:
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` (from the network thread) after every successful (re)connect."""
         self._on_connect_hooks.append(hook)
+
+    def before_connect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (from the network thread) before every connect attempt (e.g. to :meth:`set_will`)."""
+        self._before_connect_hooks.append(hook)
+
+    def set_will(self, payload: bytes) -> None:
+        """Replace the last will's payload; it takes effect at the next connect (call it from a
+        :meth:`before_connect` hook so that every connection registers its own)."""
+        if self.config.will_topic is None:
+            raise ValueError("this link has no will topic")
+        self._client.will_set(self.config.will_topic, payload, qos=QOS, retain=True)
 
     def start(self, timeout_s: float | None = None) -> None:
         """Connect and keep connected in the background; TransportError if the first connect times out."""
@@ -205,6 +210,8 @@ class MqttLink:
             delay = min(self.config.reconnect_max_s, delay * 2)
 
     def _connect_once(self) -> None:
+        for hook in self._before_connect_hooks:
+            hook()
         if self.protocol == "3.1.1":
             self._client.connect(self.address.host, self.address.port, keepalive=self.config.keepalive_s)
             return
@@ -310,10 +317,7 @@ class MqttLink:
 
     def get(self, timeout_s: float) -> Incoming | None:
         """The next received publish, or None after ``timeout_s``."""
-        try:
-            return self.inbox.get(timeout=max(0.0, timeout_s))
-        except queue.Empty:
-            return None
+        return self.inbox.get(timeout_s)
 
 
 def _protocol_from_query(url: str, query: str) -> str | None:

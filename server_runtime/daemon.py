@@ -170,10 +170,11 @@ class ServerDaemon:
         self.link.close()
 
     def all_counters(self) -> Counter[str]:
-        """The daemon's counters and the receiver's, merged."""
+        """The daemon's counters, the receiver's, its reassembler's and the link inbox's, merged."""
         merged = Counter(self.counters)
         merged.update({f"receiver.{k}": v for k, v in self.receiver.counters.items()})
         merged.update({f"reassembler.{k}": v for k, v in self.receiver.reassembler.counters.items()})
+        merged.update({f"inbox.{k}": v for k, v in self.link.inbox.counters.items()})
         return merged
 
     def run_round(self) -> dict:
@@ -253,7 +254,7 @@ class ServerDaemon:
         try:
             message = self.receiver.accept(incoming.payload, incoming.topic)
         except p.ProtocolError as exc:
-            log.warning("refused a message on %s: %s", incoming.topic, exc)
+            self.receiver.log_refusal(incoming.topic, exc)
             return
         if message is None:
             if self.receiver.last_duplicate is not None:
@@ -458,6 +459,7 @@ class ServerDaemon:
                 "server_time_s": member.server_time_s, "downlink_time_s": member.downlink_time_s,
                 "compute_time_s": tel.compute_time_s if tel else None,
                 "uplink_time_s": tel.uplink_time_s if tel else None,
+                "device_steps": tel.steps if tel else None,
                 "energy_j": tel.energy_j if tel else None, "energy_source": tel.energy_source if tel else None,
                 "allocation": {"bits_up": a.bits_up, "bits_down": a.bits_down, "tx_power_w": a.tx_power_w,
                                "bandwidth_hz": a.bandwidth_hz},

@@ -9,8 +9,10 @@ The daemon produces one record per round, a plain JSON-able dict::
      "test_loss": float|None, "train_loss": float|None, "samples": int, "duration_s": float,
      "phases_s": {"wait_devices": f, "train": f, "aggregate": f, "evaluate": f, "checkpoint": f},
      "bytes_broadcast": int,            # the global model/plan published once to all devices
-     "devices": {id: {"bytes_up": int, "bytes_down": int, "steps": int, "server_time_s": f,
-                      "downlink_time_s": f, "compute_time_s": f|None, "uplink_time_s": f|None,
+     "devices": {id: {"bytes_up": int, "bytes_down": int,
+                      "steps": int,               # steps the server trained (each exactly once)
+                      "device_steps": int|None,   # steps the device says it took (its telemetry)
+                      "server_time_s": f, "downlink_time_s": f, "compute_time_s": f|None, "uplink_time_s": f|None,
                       "energy_j": f|None, "energy_source": str|None,
                       "allocation": {"bits_up": int, "bits_down": int, "tx_power_w": f,
                                      "bandwidth_hz": f}}},

@@ -51,9 +51,17 @@ def _serve(config: RunConfig, *, resume: bool) -> int:
     print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} {_scheme(config.training.mode)}, "
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
           + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
-    summary = daemon.run()
-    print("sflam-server-summary " + json.dumps({
-        "rounds": summary.rounds, "plan_rounds": summary.plan_rounds, "accuracy": summary.accuracy,
-        "counters": summary.counters,
-    }), flush=True)
+    try:
+        summary = daemon.run()
+    except KeyboardInterrupt:  # still say what was done and counted, then exit 130 (sflam.cli)
+        _print_summary(daemon.round, daemon.plan_round, daemon.last_accuracy, dict(daemon.all_counters()), True)
+        raise
+    _print_summary(summary.rounds, summary.plan_rounds, summary.accuracy, summary.counters, False)
     return 0
+
+
+def _print_summary(rounds: int, plan_rounds: int, accuracy: float | None, counters: dict, interrupted: bool) -> None:
+    print("sflam-server-summary " + json.dumps({
+        "rounds": rounds, "plan_rounds": plan_rounds, "accuracy": accuracy, "counters": counters,
+        "interrupted": interrupted,
+    }), flush=True)

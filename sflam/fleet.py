@@ -22,6 +22,8 @@ import re
 import secrets
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,3 +315,86 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
               "provision as an unprivileged user or pass --broker-user (and chown the files to it)", file=sys.stderr)
     print(f"next steps: {root / 'README.txt'}")
     return 0
+
+
+def add_user(fleet_dir: Path, username: str, acl_lines: list[str]) -> Path:
+    """Give a provisioned fleet one more broker user (a fresh password, ``acl_lines`` as its rules);
+    returns its password file. Takes effect when mosquitto (re)starts. For tools and tests that
+    need an identity the provisioning does not make (a monitor, an attacker with chosen rights)."""
+    problem = _id_problem(username, "username")
+    if problem:
+        raise ValueError(problem)
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    path = fleet_dir / f"{username}.password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(password + "\n")
+    with open(fleet_dir / "passwd", "a", encoding="utf-8") as f:
+        f.write(f"{username}:{mosquitto_hash(password)}\n")
+    with open(fleet_dir / "acl", "a", encoding="utf-8") as f:
+        f.write(f"\nuser {username}\n" + "".join(line + "\n" for line in acl_lines))
+    return path
+
+
+@dataclass(frozen=True)
+class LocalFleet:
+    """A provisioned fleet and a mosquitto running its config on loopback (tests, benchmarks, trying it out).
+
+    ``with local_fleet(workdir, devices=2, run_id="r") as fleet:`` provisions into ``workdir/fleet``,
+    starts the broker, and stops it at the end; ``fleet.server_config()`` and
+    ``fleet.device_args(id)`` are what a server's run.toml and ``sflam device`` need to log in.
+    """
+
+    dir: Path
+    url: str
+    broker: object  # sflam.broker.MosquittoBroker
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.crt")
+
+    @property
+    def port(self) -> int:
+        return int(self.broker.port)
+
+    def password_file(self, user: str) -> Path:
+        if user == SERVER_USERNAME:
+            return self.dir / "server.password"
+        device = self.dir / "devices" / f"{user}.password"
+        return device if device.exists() else self.dir / f"{user}.password"
+
+    def link(self, user: str, client_id: str | None = None):
+        """A started ``edge_runtime.mqtt.MqttLink`` logged in as ``user`` (the caller closes it)."""
+        from edge_runtime.mqtt import LinkConfig, MqttLink, read_password_file
+
+        config = LinkConfig(client_id=client_id or f"sflam-{user}-{secrets.token_hex(3)}", ca_file=self.ca,
+                            username=user, password=read_password_file(self.password_file(user)), timeout_s=5.0)
+        link = MqttLink(self.url, config)
+        link.start()
+        return link
+
+    def server_config(self) -> dict[str, str]:
+        """The ``[broker]`` keys of a server's run.toml (besides url and run_id)."""
+        return {"username": SERVER_USERNAME, "password_file": str(self.password_file(SERVER_USERNAME)),
+                "ca_file": self.ca}
+
+    def device_args(self, device_id: str) -> tuple[str, ...]:
+        """The ``sflam device`` arguments that log ``device_id`` in (besides --broker)."""
+        return ("--ca-file", self.ca, "--username", device_id, "--password-file", str(self.password_file(device_id)))
+
+
+@contextmanager
+def local_fleet(workdir: Path, devices: int, run_id: str,
+                extra_users: dict[str, list[str]] | None = None) -> Iterator[LocalFleet]:
+    """Provision ``devices`` devices (plus ``extra_users``: name -> ACL lines) into ``workdir/fleet``
+    and run mosquitto on it on a free loopback port until the block ends (see LocalFleet)."""
+    from sflam.broker import MosquittoBroker, free_port
+
+    port = free_port()
+    out = Path(workdir) / "fleet"
+    provision(FleetSpec(devices=devices, out=out, run_id=run_id, port=port))
+    for user, rules in (extra_users or {}).items():
+        add_user(out.resolve(), user, rules)
+    url = json.loads((out / "fleet.json").read_text())["broker_url"]
+    with MosquittoBroker(Path(workdir) / "broker", conf=out / "mosquitto.conf", port=port) as broker:
+        yield LocalFleet(out.resolve(), url, broker)

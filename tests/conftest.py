@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from sflam.broker import MosquittoBroker
+from sflam.fleet import local_fleet
+
+FLEET_RUN = "srv"  # the run id of the `fleet` fixture (tests/test_server.config_text's)
 
 Broker = MosquittoBroker  # the name the broker tests have always used
 
@@ -16,6 +19,13 @@ def broker(tmp_path: Path):
     """A fresh mosquitto for one test."""
     with MosquittoBroker(tmp_path / "mosquitto") as b:
         yield b
+
+
+@pytest.fixture()
+def fleet(tmp_path: Path):
+    """Two provisioned devices (dev-0, dev-1) and a mosquitto running the provisioned TLS config."""
+    with local_fleet(tmp_path, devices=2, run_id=FLEET_RUN) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

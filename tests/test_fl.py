@@ -155,7 +155,7 @@ def test_server_in_fl_mode_averages_what_two_fl_devices_upload(quick_bundle: Pat
     model_bytes = 4 * sum(t.numel() for t in create_model(PRESET, num_classes=10).state_dict().values())
     for record in records:
         assert isinstance(record["accuracy"], float) and 0.0 <= record["accuracy"] <= 1.0
-        assert record["completed"] == ["dev-0", "dev-1"] and record["failed"] == {}
+        assert record["completed"] == ["dev-0", "dev-1"] and record["failed"] == {}, (record["selected"], record["failed"], record["counters"])
         for figures in record["devices"].values():
             assert figures["bytes_up"] >= model_bytes and figures["steps"] == 0
             assert figures["compute_time_s"] > 0 and figures["energy_j"] > 0

@@ -13,7 +13,6 @@ import socket
 import ssl
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -24,7 +23,7 @@ from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_passwor
 from edge_runtime.protocol.topics import Topics
 from sflam.broker import HOST, MosquittoBroker, free_port
 from sflam.cli import main
-from sflam.fleet import SERVER_USERNAME, FleetSpec, acl_text, mosquitto_hash, provision
+from sflam.fleet import SERVER_USERNAME, FleetSpec, LocalFleet, acl_text, mosquitto_hash, provision
 from server_runtime.metrics import read_metrics
 from test_server import config_text, start_device, start_server, stop, write_shards
 
@@ -32,41 +31,6 @@ pytestmark = pytest.mark.broker
 RUN = "srv"  # tests/test_server.config_text's run id
 T = Topics(RUN)
 QUIET_S = 1.0  # how long "nothing arrives" is watched for, after a control message did arrive
-
-
-@dataclass(frozen=True)
-class RunningFleet:
-    """A provisioned directory and the mosquitto serving it."""
-
-    dir: Path
-    port: int
-    url: str
-    broker: MosquittoBroker
-
-    @property
-    def ca(self) -> str:
-        return str(self.dir / "ca.crt")
-
-    def password_file(self, user: str) -> Path:
-        return self.dir / ("server.password" if user == SERVER_USERNAME else f"devices/{user}.password")
-
-    def link(self, user: str) -> MqttLink:
-        """A connected MqttLink logged in as ``user`` (closed by the caller)."""
-        config = LinkConfig(client_id=f"test-{user}", ca_file=self.ca, username=user,
-                            password=read_password_file(self.password_file(user)), timeout_s=5.0)
-        link = MqttLink(self.url, config)
-        link.start()
-        return link
-
-
-@pytest.fixture()
-def fleet(tmp_path: Path):
-    port = free_port()
-    out = tmp_path / "fleet"
-    provision(FleetSpec(devices=2, out=out, run_id=RUN, port=port))
-    url = json.loads((out / "fleet.json").read_text())["broker_url"]
-    with MosquittoBroker(tmp_path / "broker", conf=out / "mosquitto.conf", port=port) as broker:
-        yield RunningFleet(out, port, url, broker)
 
 
 def connack(port: int, username: str | None, password: str | None, *, ca_file: str | None,
@@ -187,7 +151,7 @@ def test_bad_arguments_are_refused_with_exit_2(tmp_path: Path, capsys: pytest.Ca
 # ---------------------------------------------------------------- the broker
 
 
-def test_wrong_password_unknown_user_and_anonymous_are_refused(fleet: RunningFleet) -> None:
+def test_wrong_password_unknown_user_and_anonymous_are_refused(fleet: LocalFleet) -> None:
     right = read_password_file(fleet.password_file("dev-0"))
     assert not connack(fleet.port, "dev-0", right, ca_file=fleet.ca).is_failure  # the control
     for username, password in [("dev-0", right[:-1] + "x"), ("dev-7", right), ("dev-0", None), (None, None)]:
@@ -196,7 +160,7 @@ def test_wrong_password_unknown_user_and_anonymous_are_refused(fleet: RunningFle
         assert reason.value in (0x86, 0x87), reason  # bad user name or password / not authorized
 
 
-def test_plaintext_mqtt_to_the_tls_port_gets_no_connack(fleet: RunningFleet) -> None:
+def test_plaintext_mqtt_to_the_tls_port_gets_no_connack(fleet: LocalFleet) -> None:
     right = read_password_file(fleet.password_file("dev-0"))
     assert connack(fleet.port, "dev-0", right, ca_file=None, timeout_s=3.0) is None
     with pytest.raises(TransportError):
@@ -204,7 +168,7 @@ def test_plaintext_mqtt_to_the_tls_port_gets_no_connack(fleet: RunningFleet) -> 
     assert fleet.broker.running
 
 
-def test_clients_check_the_fleet_ca_and_the_broker_name(fleet: RunningFleet, tmp_path: Path) -> None:
+def test_clients_check_the_fleet_ca_and_the_broker_name(fleet: LocalFleet, tmp_path: Path) -> None:
     # Prepare: a second fleet whose certificate names only broker.example, served on loopback
     port = free_port()
     named = tmp_path / "named"
@@ -227,7 +191,7 @@ def test_clients_check_the_fleet_ca_and_the_broker_name(fleet: RunningFleet, tmp
     assert "u'dev-0'" not in fleet.broker.log_tail(100_000)  # it never got as far as logging in
 
 
-def test_a_device_cannot_write_or_read_another_devices_topics(fleet: RunningFleet) -> None:
+def test_a_device_cannot_write_or_read_another_devices_topics(fleet: LocalFleet) -> None:
     # Prepare: the server watches every device's up and status and the retained plan
     server, a, b = fleet.link(SERVER_USERNAME), fleet.link("dev-0"), fleet.link("dev-1")
     try:
@@ -255,22 +219,19 @@ def test_a_device_cannot_write_or_read_another_devices_topics(fleet: RunningFlee
             link.close()
 
 
-def test_a_server_and_two_devices_train_over_tls(fleet: RunningFleet, quick_bundle: Path, tmp_path: Path) -> None:
+def test_a_server_and_two_devices_train_over_tls(fleet: LocalFleet, quick_bundle: Path, tmp_path: Path) -> None:
     # Prepare: the server logs in with the provisioned credentials and trusts only the fleet's CA
     shards = write_shards(tmp_path, 2, 64)
     ckpt = tmp_path / "ckpt"
     config = tmp_path / "run.toml"
     config.write_text(config_text(
         fleet.url, ckpt, training__rounds=2, training__devices_per_round=2, compute__workers=2,
-        broker__username=SERVER_USERNAME, broker__password_file=str(fleet.password_file(SERVER_USERNAME)),
-        broker__ca_file=fleet.ca,
+        **{f"broker__{key}": value for key, value in fleet.server_config().items()},
     ))
     # Execute
     server = start_server(config)
     devices = [
-        start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, rounds=2,
-                     extra=("--ca-file", fleet.ca, "--username", f"dev-{i}",
-                            "--password-file", str(fleet.password_file(f"dev-{i}"))))
+        start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, rounds=2, extra=fleet.device_args(f"dev-{i}"))
         for i, shard in enumerate(shards)
     ]
     try:

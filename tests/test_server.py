@@ -205,15 +205,17 @@ def test_server_and_three_devices_train_digits(quick_bundle: Path, broker, tmp_p
     assert summary["rounds"] == 3
 
 
-def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, broker, tmp_path: Path) -> None:
-    # Prepare: devices that serve forever; a 4-round run
+def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, fleet, tmp_path: Path) -> None:
+    # Prepare: devices that serve forever; a 4-round run; the provisioned TLS broker
     shards = write_shards(tmp_path, 2, 96)
     ckpt = tmp_path / "ckpt"
     config = tmp_path / "run.toml"
-    config.write_text(config_text(broker.url, ckpt, training__rounds=4, training__devices_per_round=2,
-                                  training__local_epochs=2))
+    login = {f"broker__{key}": value for key, value in fleet.server_config().items()}
+    config.write_text(config_text(fleet.url, ckpt, training__rounds=4, training__devices_per_round=2,
+                                  training__local_epochs=2, **login))
     metrics = ckpt / "metrics.jsonl"
-    devices = [start_device(quick_bundle, broker.url, f"dev-{i}", shard, seed=i) for i, shard in enumerate(shards)]
+    devices = [start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, extra=fleet.device_args(f"dev-{i}"))
+               for i, shard in enumerate(shards)]
     try:
         # Execute: kill the server once round 2 is in the log and round 3 is under way
         server = start_server(config)

@@ -259,8 +259,8 @@ def _activations(round_: int = 3, step: int = 0, device_id: str = "dev", run_id:
     return Activations(Envelope(run_id, round_, device_id, step, 1.0), tensor, labels)
 
 
-def _hello(round_: int = 0, run_id: str = RUN) -> Hello:
-    return Hello(Envelope(run_id, round_, "dev", 0, 1.0), "pi", "onnx", "0.1", 10, heartbeat=True)
+def _hello(round_: int = 0, run_id: str = RUN, created_at: float = 1.0) -> Hello:
+    return Hello(Envelope(run_id, round_, "dev", 0, created_at), "pi", "onnx", "0.1", 10, heartbeat=True)
 
 
 def _update(round_: int, num_bytes: int = 6000, run_id: str = RUN, device_id: str = "dev") -> RoundUpdate:
@@ -300,12 +300,50 @@ def test_a_different_step_device_or_type_is_not_a_duplicate() -> None:
     assert receiver.counters["duplicates"] == 0
 
 
-def test_repeated_heartbeats_are_not_dropped_as_duplicates() -> None:
+def test_each_new_heartbeat_is_accepted() -> None:
     receiver = Receiver(RUN)
-    frame = encode(_hello())
-    assert receiver.accept(frame) is not None
-    assert receiver.accept(frame) is not None
+    assert receiver.accept(encode(_hello(created_at=1.0))) is not None
+    assert receiver.accept(encode(_hello(created_at=2.0))) is not None
     assert receiver.counters["accepted.Hello"] == 2
+
+
+def test_a_replayed_hello_is_a_duplicate_and_an_older_one_is_stale() -> None:
+    # Prepare
+    receiver = Receiver(RUN)
+    receiver.accept(encode(_hello(created_at=1.0)))
+    receiver.accept(encode(_hello(created_at=5.0)))
+    # Execute / Assert
+    assert receiver.accept(encode(_hello(created_at=5.0))) is None
+    with pytest.raises(StaleMessageError, match="Hello from 'dev' made at 1.000, older than the last one"):
+        receiver.accept(encode(_hello(created_at=1.0)))
+    assert receiver.counters["duplicates"] == 1
+    assert receiver.counters["rejected.StaleMessageError"] == 1
+    assert receiver.counters["accepted.Hello"] == 2
+
+
+def _status(online: bool, created_at: float, step: int = 0, device_id: str = "dev") -> Status:
+    return Status(Envelope(RUN, 0, device_id, step, created_at), online, "" if online else "connection lost")
+
+
+def test_a_connection_s_will_supersedes_its_online_status_and_cannot_be_replayed() -> None:
+    # Prepare: connection 1 (epoch 10): online, then its will; connection 2 (epoch 20): online
+    receiver = Receiver(RUN)
+    online_1, will_1, online_2 = _status(True, 10.0), _status(False, 10.0, step=1), _status(True, 20.0)
+    # Execute
+    accepted = [receiver.accept(encode(m)) for m in (online_1, will_1, online_2)]
+    # Assert: connection 1's will, replayed now, would take the device offline: refused
+    assert accepted == [online_1, will_1, online_2]
+    with pytest.raises(StaleMessageError):
+        receiver.accept(encode(will_1))
+    with pytest.raises(StaleMessageError):
+        receiver.accept(encode(online_1))
+
+
+def test_presence_is_ordered_per_device_and_per_kind() -> None:
+    receiver = Receiver(RUN)
+    assert receiver.accept(encode(_status(True, 50.0, device_id="a"))) is not None
+    assert receiver.accept(encode(_status(True, 10.0, device_id="b"))) is not None  # another device
+    assert receiver.accept(encode(_hello(created_at=1.0))) is not None  # a Hello is not a Status
 
 
 def test_a_stale_round_is_refused_and_counted() -> None:
@@ -434,13 +472,28 @@ def test_a_chunked_message_for_a_stale_round_is_refused_when_complete() -> None:
         receiver.accept(frames[-1])
 
 
-def test_a_status_or_model_is_accepted_whatever_the_round() -> None:
+def test_a_status_is_accepted_whatever_the_round() -> None:
     receiver = Receiver(RUN)
     receiver.min_round = 9
     status = Status(Envelope(RUN, 0, "dev", 0, 1.0), False, "last will")
-    model = ModelWeights(Envelope(RUN, 8, "server", 0, 1.0), 3, weights_from_numpy({"b": np.zeros(3, np.float32)}))
     assert receiver.accept(encode(status)) == status
-    assert receiver.accept(encode(model)) == model
+
+
+def _model(round_: int) -> ModelWeights:
+    return ModelWeights(Envelope(RUN, round_, "server", 0, 1.0), round_,
+                        weights_from_numpy({"b": np.zeros(3, np.float32)}))
+
+
+def test_a_model_of_a_finished_round_is_stale_and_a_redelivered_one_a_duplicate() -> None:
+    # Prepare
+    receiver = Receiver(RUN)
+    receiver.min_round = 9
+    # Execute / Assert
+    with pytest.raises(StaleMessageError, match="ModelWeights for round 8, serving round 9"):
+        receiver.accept(encode(_model(8)))
+    assert receiver.accept(encode(_model(9))) == _model(9)
+    assert receiver.accept(encode(_model(9))) is None  # the retained copy after a reconnect
+    assert receiver.counters["duplicates"] == 1
 
 
 def test_the_deduplicator_forgets_beyond_its_capacity() -> None:

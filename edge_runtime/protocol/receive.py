@@ -2,13 +2,17 @@
 
 A daemon or device feeds every payload (with the topic it arrived on) to
 :meth:`Receiver.accept` and gets a message, ``None`` (nothing to act on: a chunk, a duplicate,
-an empty retained-clear payload) or a ``ProtocolError`` that it logs and moves past;
+an empty retained-clear payload) or a ``ProtocolError`` that it logs and moves past. Replays are
+refused by three checks: work and round broadcasts seen before are duplicates (``Deduplicator``),
+those of a finished round are stale (``min_round``), and a device's Hello or Status not newer than
+its last one is a duplicate or stale (``PresenceOrder``);
 ``Receiver.counters`` tells what was refused and why.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, OrderedDict
 
 from edge_runtime.protocol import messages as m
@@ -20,6 +24,12 @@ from edge_runtime.protocol.topics import TopicRef, Topics
 log = logging.getLogger(__name__)
 # Messages whose (device, round, step) identifies one piece of work: applying one twice is a bug.
 STEP_KEYED = (m.Activations, m.Gradient, m.RoundUpdate)
+# Messages that belong to one round: refused once that round is over (``Receiver.min_round``),
+# dropped as duplicates when seen again (a plan and a model are issued once per plan round; a
+# retained one comes again after every reconnect).
+ROUND_KEYED = STEP_KEYED + (m.RoundPlan, m.ModelWeights)
+# Presence: ordered per device by (created_at, step), see PresenceOrder.
+PRESENCE = (m.Hello, m.Status)
 # Which messages may arrive on which kind of topic (chunks carry any of them).
 ALLOWED_ON = {
     "up": (m.Hello, m.Activations, m.RoundUpdate, m.ErrorReport),
@@ -38,8 +48,8 @@ class Deduplicator:
         self._seen: OrderedDict[tuple, None] = OrderedDict()
 
     def is_duplicate(self, message: m.Message) -> bool:
-        """True if this piece of work was seen before; records it otherwise."""
-        if not isinstance(message, STEP_KEYED):
+        """True if this piece of work (or this round's plan or model) was seen before; records it otherwise."""
+        if not isinstance(message, ROUND_KEYED):
             return False
         env = message.envelope
         key = (type(message).__name__, env.run_id, env.device_id, env.round, env.step)
@@ -52,6 +62,39 @@ class Deduplicator:
         return False
 
 
+class PresenceOrder:
+    """Per device, the newest Hello and the newest Status seen; older ones are replays.
+
+    A device stamps every Hello with the time it made it, and its online Status and the last
+    will of one connection with that connection's start time, steps 0 and 1 (so the will, which
+    the broker publishes later, supersedes the online Status it was registered with). A Hello or
+    Status that is not newer than the newest of its kind from that device is a replay, or a
+    delayed copy: telling the server "online" or "offline" again from it would be a lie.
+    Memory: two floats per device id seen, at most ``capacity`` ids (the oldest forgotten).
+    """
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._newest: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+
+    def check(self, message: m.Message) -> bool:
+        """True when ``message`` is newer than its device's last of its kind (recorded); False when
+        it is the same one again; StaleMessageError when it is older."""
+        env = message.envelope
+        key, stamp = (type(message).__name__, env.device_id), (env.created_at, env.step)
+        newest = self._newest.get(key)
+        if newest is not None and stamp <= newest:
+            if stamp == newest:
+                return False
+            raise StaleMessageError(f"{key[0]} from {env.device_id!r} made at {env.created_at:.3f}, "
+                                    f"older than the last one (made at {newest[0]:.3f}): a replay")
+        self._newest[key] = stamp
+        self._newest.move_to_end(key)
+        if len(self._newest) > self.capacity:
+            self._newest.popitem(last=False)
+        return True
+
+
 class Receiver:
     """Decode, reassemble, check topic/run/round, drop duplicates; count every outcome."""
 
@@ -59,11 +102,24 @@ class Receiver:
         self.topics = Topics(run_id)
         self.reassembler = reassembler or Reassembler()
         self.dedup = dedup or Deduplicator()
+        self.presence = PresenceOrder()
         self.min_round = 0
         self.counters: Counter[str] = Counter()
         # Envelope of the last duplicate dropped (a whole message, or a chunk of a set already
         # delivered): lets a server re-answer a step whose reply was lost.
         self.last_duplicate: m.Envelope | None = None
+        self._logged_at, self._unlogged = 0.0, 0
+
+    def log_refusal(self, topic: str, exc: ProtocolError) -> None:
+        """Log a refused message: at most one line a second, saying how many went unlogged (a flood
+        of hostile input must not become a flood of log lines; the counters have every one)."""
+        now = time.monotonic()
+        if now - self._logged_at < 1.0:
+            self._unlogged += 1
+            return
+        more = f" (and {self._unlogged} more refused since the last line)" if self._unlogged else ""
+        log.warning("refused a message on %s: %s%s", topic, exc, more)
+        self._logged_at, self._unlogged = now, 0
 
     @property
     def run_id(self) -> str:
@@ -85,6 +141,9 @@ class Receiver:
         if self.dedup.is_duplicate(message):
             self._duplicate(message.envelope)
             return None
+        if isinstance(message, PRESENCE) and not self._fresh_presence(message):
+            self.counters["duplicates"] += 1
+            return None
         self.counters[f"accepted.{type(message).__name__}"] += 1
         return message
 
@@ -104,11 +163,18 @@ class Receiver:
             self._check_origin(message, ref)
         if ref is not None and not isinstance(message, ALLOWED_ON[ref.kind]):
             raise TopicError(f"{type(message).__name__} does not belong on a {ref.kind!r} topic")
-        if isinstance(message, STEP_KEYED) and message.envelope.round < self.min_round:
+        if isinstance(message, ROUND_KEYED) and message.envelope.round < self.min_round:
             raise StaleMessageError(
                 f"{type(message).__name__} for round {message.envelope.round}, serving round {self.min_round}"
             )
         return message
+
+    def _fresh_presence(self, message: m.Message) -> bool:
+        try:
+            return self.presence.check(message)
+        except StaleMessageError as exc:
+            self.counters[f"rejected.{type(exc).__name__}"] += 1
+            raise
 
     def _duplicate(self, envelope: m.Envelope) -> None:
         self.counters["duplicates"] += 1
