@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -255,6 +257,8 @@ class DeviceClient:
             if self.plan is None or message.envelope.round > self.plan.envelope.round:
                 self.plan_received_at = time.monotonic()
                 self.plan = message
+                # whatever belongs to an earlier round is over now (a round in flight is superseded)
+                self.receiver.min_round = max(self.receiver.min_round, message.envelope.round)
             else:  # a new plan round every time (the server's lease): an older one is a replay
                 self.counters["stale_plans"] += 1
         elif isinstance(message, p.Gradient):
@@ -486,6 +490,10 @@ class DeviceClient:
                            stats.bytes_sent, stats.bytes_received, stats.steps)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
     """``sflam device``: run the device loop; prints a JSON summary line at exit."""
     bundle = Path(args.bundle)
@@ -505,11 +513,13 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
         profile=profile, threads=getattr(args, "threads", None),
     )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: like Ctrl-C
     client.start()
     interrupted = False
     try:
         client.run(args.rounds)
-    except KeyboardInterrupt:  # Ctrl-C: still print what was done and counted
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still print what was done and counted
         interrupted = True
     finally:
         client.close()

@@ -39,7 +39,7 @@ from server_runtime.run_state import RunState, capture_rng, load_run_state, rest
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, pick_device, use_bf16
 
 log = logging.getLogger(__name__)
-SERVER_ID = "server"
+SERVER_ID = p.SERVER_ID
 DEADLINE_GRACE_S = 2.0  # devices count the deadline from when they receive the plan
 IDENTITY_KEYS = ("model", "training.mode")  # what a resumed run must share with its checkpoint
 

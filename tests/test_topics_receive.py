@@ -24,6 +24,7 @@ from edge_runtime.protocol import (
     Receiver,
     RoundPlan,
     RoundUpdate,
+    SERVER_ID,
     StaleMessageError,
     Status,
     Telemetry,
@@ -561,7 +562,7 @@ CASES = [
 def test_a_message_is_accepted_only_on_a_topic_kind_that_carries_it(kind: str, cls: type[Message]) -> None:
     # Prepare
     receiver = Receiver(RUN)
-    message = _on(EXAMPLES[cls])
+    message = _on(EXAMPLES[cls], SERVER_ID if kind in ("plan", "model") else "dev")  # the broadcasts' sender
     allowed = cls in ALLOWED_ON[kind]
     # Execute / Assert
     if allowed:
@@ -594,9 +595,14 @@ def test_a_device_topic_must_carry_that_devices_messages(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["plan", "model"])
-def test_plan_and_model_topics_take_any_sender(kind: str) -> None:
-    message = _on(EXAMPLES[RoundPlan if kind == "plan" else ModelWeights], device_id="server-2")
-    assert Receiver(RUN).accept(encode(message), _topic(kind)) == message
+def test_plan_and_model_topics_take_only_the_server_as_sender(kind: str) -> None:
+    # Another id would give a forged broadcast a key the duplicate filter has never seen.
+    receiver = Receiver(RUN)
+    cls = RoundPlan if kind == "plan" else ModelWeights
+    with pytest.raises(TopicError, match=f"claims device 'server-2' on the broadcast '{kind}' topic"):
+        receiver.accept(encode(_on(EXAMPLES[cls], device_id="server-2")), _topic(kind))
+    message = _on(EXAMPLES[cls], device_id=SERVER_ID)
+    assert receiver.accept(encode(message), _topic(kind)) == message
 
 
 @pytest.mark.parametrize(
@@ -671,7 +677,7 @@ def test_a_model_chunked_onto_retained_sub_topics_is_reassembled() -> None:
 
 def test_a_plan_chunked_onto_the_model_sub_topics_is_refused() -> None:
     # Prepare: a plan large enough to need chunks (60 allocations)
-    plan = _on(EXAMPLES[RoundPlan])
+    plan = _on(EXAMPLES[RoundPlan], SERVER_ID)
     plan = dataclasses.replace(plan, allocations=tuple(
         dataclasses.replace(plan.allocations[0], device_id=f"dev-{i}") for i in range(60)
     ))

@@ -32,6 +32,7 @@ from edge_runtime.protocol.messages import (
     Message,
     ModelWeights,
     RoundPlan,
+    SERVER_ID,
     RoundUpdate,
     Status,
     Telemetry,
@@ -44,7 +45,7 @@ from edge_runtime.protocol.topics import Topics, parse_topic
 
 __all__ = [
     "Activations", "Allocation", "BadMagicError", "Chunk", "ChunkError", "DEFAULT_LIMITS",
-    "Deduplicator", "Envelope", "ErrorReport", "ForeignRunError", "Gradient", "Hello", "IntegrityError",
+    "Deduplicator", "SERVER_ID", "Envelope", "ErrorReport", "ForeignRunError", "Gradient", "Hello", "IntegrityError",
     "LimitError", "Limits", "MAGIC", "MalformedError", "Message", "ModelWeights",
     "ProtocolError", "Reassembler", "Receiver", "RoundPlan", "RoundUpdate", "StaleMessageError",
     "Status", "Telemetry", "Tensor", "TopicError", "Topics", "TrailingBytesError",

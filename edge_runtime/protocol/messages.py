@@ -20,6 +20,7 @@ from edge_runtime.quantize import QuantizedTensor
 # Plain tensor dtypes and their wire codes (docs/protocol.md).
 DTYPE_CODES = {"float32": 1, "float16": 2, "int64": 3, "int32": 4, "uint8": 5, "int8": 6, "uint16": 7, "float64": 8}
 ENERGY_SOURCES = ("measured", "estimated")
+SERVER_ID = "server"  # the envelope's device id on the broadcast plan and model topics
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,6 @@ class Receiver:
             raise ForeignRunError(f"message for run {env.run_id!r}, this is run {self.run_id!r}")
         if ref is not None and ref.device_id is not None and env.device_id != ref.device_id:
             raise TopicError(f"envelope claims device {env.device_id!r} on the topic of {ref.device_id!r}")
+        if ref is not None and ref.device_id is None and env.device_id != m.SERVER_ID:
+            raise TopicError(f"envelope claims device {env.device_id!r} on the broadcast {ref.kind!r} topic, "
+                             f"which only the server ({m.SERVER_ID!r}) publishes")

@@ -1,0 +1,524 @@
+"""Hostile input at a live server and live devices: malformed, mutated, oversized, replayed, stale.
+
+:class:`Corpus` makes the messages. It learns from real frames captured off the broker (a spy
+subscribed to the run's topics), so that replays are byte-exact copies of traffic the receivers
+have already seen and mutations start from frames they would otherwise accept. Each shot is one
+publish, aimed at a topic a server reads (``d/{id}/up``, ``d/{id}/status``) or a device reads
+(``d/{id}/down``, ``plan``, ``model``) and built so that a correct receiver must refuse it:
+
+- **malformed**: random bytes, truncated frames, a wrong magic, version or type code, bytes after
+  the CRC;
+- **mutated**: real frames with bytes flipped (the CRC catches them), re-encoded for another run,
+  with another device's envelope than the topic's, or of a type that does not belong on the topic;
+- **oversized**: frames declaring sizes beyond the decoder's limits (a chunk set of 4 GiB or of a
+  million chunks, a body longer than the frame), large junk payloads, and first chunks of sets
+  that never complete (they take buffer space until evicted or expired);
+- **replayed**: captured frames published again, verbatim;
+- **stale**: real messages re-encoded for a finished round, or presence older than the device's
+  newest.
+
+Nothing a valid sender would send is in the corpus: a receiver that accepted one of these shots
+would have a bug. :func:`run_attack` drives a whole run (provisioned TLS broker, a server process,
+device processes, the attacker) and returns the figures; ``benchmarks/bench_hostile.py`` prints
+them and ``tests/test_hostile.py`` checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime import protocol as p
+from edge_runtime.protocol.codec import MAGIC, PREFIX_SIZE
+from sflam.fleet import LocalFleet, local_fleet
+
+CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale")
+ATTACKER = "intruder"  # the attacker's broker user: may read and write every topic of the run
+BIG_JUNK_BYTES = 512 * 1024
+# Counters that record a refused (or dropped, or held-then-evicted) message; their sum over a
+# run is at least the number of hostile shots a receiver got.
+SERVER_REFUSALS = ("receiver.rejected.", "receiver.duplicates", "receiver.chunks", "inbox.dropped", "inbox.expired",
+                   "unexpected.")
+DEVICE_REFUSALS = ("receiver.rejected.", "receiver.duplicates", "receiver.chunks", "inbox.dropped", "inbox.expired",
+                   "counters.unexpected_gradients", "counters.stale_plans")
+CAPTURE_KINDS = {  # what may be replayed or mutated, by the topic it was captured on
+    "up": (p.Hello, p.Activations, p.RoundUpdate),
+    "status": (p.Status,),
+    "down": (p.Gradient,),
+    "plan": (p.RoundPlan,),
+    "model": (p.ModelWeights,),
+}
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One hostile publish."""
+
+    category: str
+    what: str
+    topic: str
+    payload: bytes
+
+
+@dataclass
+class Captured:
+    """A legitimate frame seen on the wire, decoded."""
+
+    topic: str
+    frame: bytes
+    message: p.Message
+
+
+class Corpus:
+    """Hostile shots built from captured traffic (module doc); seeded, so a run can be repeated."""
+
+    def __init__(self, run_id: str, seed: int = 0, keep: int = 64) -> None:
+        self.topics = p.Topics(run_id)
+        self.run_id = run_id
+        self.rng = random.Random(seed)
+        self.captured: dict[str, deque[Captured]] = defaultdict(lambda: deque(maxlen=keep))
+        self._lock = threading.Lock()
+
+    # -- learning ------------------------------------------------------------------------------
+
+    def capture(self, topic: str, payload: bytes) -> None:
+        """Keep a legitimate unchunked frame of a kind worth replaying (others are ignored)."""
+        try:
+            ref = self.topics.parse(topic)
+            message = p.decode(payload)
+        except p.ProtocolError:
+            return
+        if isinstance(message, CAPTURE_KINDS.get(ref.kind, ())):
+            with self._lock:
+                self.captured[topic].append(Captured(topic, bytes(payload), message))
+
+    def ready(self, topics: list[str]) -> bool:
+        """True once a frame of each of ``topics`` has been captured."""
+        with self._lock:
+            return all(self.captured.get(t) for t in topics)
+
+    def _pick(self, topic: str) -> Captured:
+        with self._lock:
+            return self.rng.choice(list(self.captured[topic]))
+
+    # -- shots ---------------------------------------------------------------------------------
+
+    def shot(self, topic: str, category: str | None = None) -> Shot:
+        """One hostile publish on ``topic`` (a captured frame of it must exist)."""
+        category = category or self.rng.choice(CATEGORIES)
+        make: Callable[[Captured], tuple[str, str, bytes]] = getattr(self, f"_{category}")
+        what, target, payload = make(self._pick(topic))
+        return Shot(category, what, target, payload)
+
+    def _malformed(self, c: Captured) -> tuple[str, str, bytes]:
+        rng, frame = self.rng, c.frame
+        kind = rng.choice(("random", "truncated", "magic", "version", "type", "trailing"))
+        if kind == "random":
+            data = rng.randbytes(rng.randint(1, 2048))
+            if data.startswith(MAGIC):
+                data = b"X" + data[1:]
+        elif kind == "truncated":
+            data = frame[:rng.randint(1, len(frame) - 1)]
+        elif kind == "magic":
+            data = b"SFLX" + frame[4:]
+        elif kind == "version":
+            data = frame[:4] + bytes([rng.choice([0, 2, 7, 255])]) + frame[5:]
+        elif kind == "type":
+            data = _recrc(frame[:5] + bytes([rng.randint(200, 255)]) + frame[6:-4])
+        else:
+            data = frame + rng.randbytes(rng.randint(1, 64))
+        return kind, c.topic, data
+
+    def _mutated(self, c: Captured) -> tuple[str, str, bytes]:
+        rng, message = self.rng, c.message
+        kind = rng.choice(("flipped", "foreign_run", "other_device", "wrong_type"))
+        if kind == "flipped":  # header or body bytes changed in transit; the CRC no longer matches
+            data = bytearray(c.frame)
+            for i in rng.sample(range(PREFIX_SIZE, len(data) - 4), min(rng.randint(1, 8), len(data) - 4 - PREFIX_SIZE)):
+                data[i] ^= rng.randint(1, 255)
+            return kind, c.topic, bytes(data)
+        if kind == "foreign_run":
+            env = dataclasses.replace(message.envelope, run_id=f"{self.run_id}-evil")
+            return kind, c.topic, p.encode(dataclasses.replace(message, envelope=env))
+        if kind == "other_device":  # an envelope that names another device than the topic does
+            env = dataclasses.replace(message.envelope, device_id=_other(message.envelope.device_id))
+            return kind, c.topic, p.encode(dataclasses.replace(message, envelope=env))
+        # a real message of one kind on a topic of another kind
+        ref = self.topics.parse(c.topic)
+        with self._lock:
+            donors = [d for t, frames in self.captured.items() for d in frames
+                      if type(d.message) not in _allowed_on(ref.kind)]
+        donor = rng.choice(donors) if donors else None
+        if donor is None:
+            return self._malformed(c)
+        env = dataclasses.replace(donor.message.envelope, device_id=c.message.envelope.device_id)
+        return kind, c.topic, p.encode(dataclasses.replace(donor.message, envelope=env))
+
+    def _oversized(self, c: Captured) -> tuple[str, str, bytes]:
+        rng, env = self.rng, c.message.envelope
+        kind = rng.choice(("huge_set", "many_chunks", "long_body", "big_junk", "open_set", "open_set"))
+        if kind == "huge_set":
+            chunk = p.Chunk(env, rng.getrandbits(64), 0, 4, 2**32 - 1, rng.randbytes(64))
+            return kind, c.topic, p.encode(chunk)
+        if kind == "many_chunks":
+            chunk = p.Chunk(env, rng.getrandbits(64), 0, 2**24, 2**24, rng.randbytes(64))
+            return kind, c.topic, p.encode(chunk)
+        if kind == "long_body":  # a prefix that claims a body far longer than what follows
+            head = bytearray(c.frame[:PREFIX_SIZE])
+            head[8:12] = (2**31 - 1).to_bytes(4, "little")
+            return kind, c.topic, bytes(head) + c.frame[PREFIX_SIZE:]
+        if kind == "big_junk":
+            return kind, c.topic, b"JUNK" + rng.randbytes(BIG_JUNK_BYTES)
+        # the first chunk of a set whose other chunks never come: held, then evicted or expired
+        chunk = p.Chunk(env, rng.getrandbits(64), 0, 2, 2048, rng.randbytes(1024))
+        return kind, c.topic, p.encode(chunk)
+
+    def _replayed(self, c: Captured) -> tuple[str, str, bytes]:
+        return type(c.message).__name__, c.topic, c.frame
+
+    def _stale(self, c: Captured) -> tuple[str, str, bytes]:
+        message, env = c.message, c.message.envelope
+        if isinstance(message, (p.Hello, p.Status)):  # presence made before the newest the receiver saw
+            older = dataclasses.replace(env, created_at=env.created_at - self.rng.uniform(0.01, 3600.0))
+            return f"old_{type(message).__name__}", c.topic, p.encode(dataclasses.replace(message, envelope=older))
+        if env.round == 0:
+            return self._replayed(c)
+        earlier = dataclasses.replace(env, round=self.rng.randint(0, env.round - 1), created_at=time.time())
+        stale = dataclasses.replace(message, envelope=earlier)
+        if isinstance(message, p.ModelWeights):
+            stale = dataclasses.replace(stale, version=earlier.round)
+        return f"old_round_{type(message).__name__}", c.topic, p.encode(stale)
+
+
+def _recrc(frame_without_crc: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return frame_without_crc + struct.pack("<I", zlib.crc32(frame_without_crc))
+
+
+def _other(device_id: str) -> str:
+    return "dev-1" if device_id != "dev-1" else "dev-0"
+
+
+def _allowed_on(kind: str) -> tuple[type, ...]:
+    from edge_runtime.protocol.receive import ALLOWED_ON
+
+    return ALLOWED_ON[kind]
+
+
+# ------------------------------------------------------------------------------ a whole run
+
+
+@dataclass
+class AttackConfig:
+    """A hostile run: a provisioned fleet, a server, ``devices`` devices, ``shots`` hostile messages."""
+
+    workdir: Path
+    bundle: Path
+    shots: int = 10_000
+    devices: int = 2
+    samples: int = 96
+    seed: int = 0
+    run_id: str = "srv"
+    timeout_s: float = 600.0
+    progress: Callable[[str], None] = print
+
+
+@dataclass
+class AttackReport:
+    """What a hostile run measured (see :func:`run_attack`)."""
+
+    sent: Counter = field(default_factory=Counter)  # by "target/category"
+    sent_by_target: Counter = field(default_factory=Counter)  # server, dev-0, dev-1, ...
+    kinds: Counter = field(default_factory=Counter)  # by "category/what"
+    refused: dict[str, int] = field(default_factory=dict)  # by process: summed refusal counters
+    slack: dict[str, int] = field(default_factory=dict)  # by process: refusals legitimate traffic may cause
+    counters: dict[str, dict] = field(default_factory=dict)  # by process: every counter
+    rss_mib: dict[str, dict[str, float]] = field(default_factory=dict)  # by process: before, peak, after
+    rounds_during_attack: int = 0
+    rounds_total: int = 0
+    completed_during_attack: list[list[str]] = field(default_factory=list)
+    attack_s: float = 0.0
+    alive_after: dict[str, bool] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        # not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs
+        return {f.name: (dict(v) if isinstance(v, dict) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _summary(out: str, tag: str) -> dict:
+    line = next((line for line in out.splitlines() if line.startswith(tag + " ")), None)
+    if line is None:
+        raise RuntimeError(f"no {tag} line in the output")
+    return json.loads(line.split(" ", 1)[1])
+
+
+def _sum_refusals(flat: dict[str, int], prefixes: tuple[str, ...]) -> int:
+    return sum(v for k, v in flat.items() if any(k.startswith(prefix) for prefix in prefixes))
+
+
+def _write_shards(workdir: Path, devices: int, samples: int, seed: int) -> list[Path]:
+    import numpy as np
+
+    from server_runtime.data import load_dataset
+
+    train = load_dataset("digits", seed=0).train
+    order = np.random.default_rng(seed).permutation(len(train))
+    paths = []
+    for d in range(devices):
+        index = order[d * samples:(d + 1) * samples]
+        path = workdir / f"dev-{d}.npz"
+        np.savez(path, images=train.images[index], labels=train.labels[index])
+        paths.append(path)
+    return paths
+
+
+def _run_toml(fleet: LocalFleet, cfg: AttackConfig, ckpt: Path) -> str:
+    broker = {"url": fleet.url, "run_id": cfg.run_id, **fleet.server_config()}
+    sections = {
+        "model": {"preset": "vit_quick_patch4_16"},
+        "data": {"eval": "digits", "eval_batch_size": 512},
+        "training": {"rounds": 100_000, "devices_per_round": cfg.devices, "local_epochs": 1, "batch_size": 16,
+                     "mode": "v1", "lr": 0.05, "momentum": 0.9},
+        "quant": {"bits": 8, "gradient_bits": 32},
+        "round": {"deadline_s": 60.0, "min_completed": 0.5, "wait_for_devices_s": 120.0},
+        "broker": broker,
+        "checkpoint": {"dir": str(ckpt)},
+        "metrics": {"progress": False},
+        "compute": {"device": "cpu", "amp": "off", "workers": 1},
+    }
+    lines = [f"seed = {cfg.seed}"]
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_attack(cfg: AttackConfig) -> AttackReport:
+    """Train on a provisioned TLS broker while an attacker publishes ``cfg.shots`` hostile messages.
+
+    The attacker logs in as :data:`ATTACKER`, whom the ACL lets read and write every topic of the
+    run (the strongest position short of the server's key), captures real traffic with a spy
+    link (its own shots, echoed back, are not learnt from), and fires shots alternately at the server's topics and the devices' (each publish
+    PUBACKed before the next: QoS 1, as a real client would). Once all are sent it waits for the
+    receivers to drain, stops the processes with SIGTERM (each prints its counters), and returns sent
+    and refused figures, resident memory before, at peak and after, and the rounds trained.
+    """
+    from server_runtime.metrics import read_metrics
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    shards = _write_shards(cfg.workdir, cfg.devices, cfg.samples, cfg.seed)
+    ckpt = cfg.workdir / "ckpt"
+    report = AttackReport()
+    acl = [f"topic readwrite {p.Topics(cfg.run_id).prefix}/#"]
+    with local_fleet(cfg.workdir, cfg.devices, cfg.run_id, extra_users={ATTACKER: acl}) as fleet:
+        (cfg.workdir / "run.toml").write_text(_run_toml(fleet, cfg, ckpt))
+        procs: dict[str, subprocess.Popen] = {
+            "server": subprocess.Popen([sys.executable, "-m", "sflam", "server", "--config",
+                                        str(cfg.workdir / "run.toml")], cwd=root, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        }
+        for i, shard in enumerate(shards):
+            name = f"dev-{i}"
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "sflam", "device", "--bundle", str(cfg.bundle), "--broker", fleet.url,
+                 "--device-id", name, "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", cfg.run_id,
+                 "--seed", str(i), "--meter", "estimate", *fleet.device_args(name)],
+                cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        outputs = {name: _Drain(proc) for name, proc in procs.items()}
+        failure: Exception | None = None
+        try:
+            _attack(cfg, fleet, procs, report, ckpt)
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)  # SIGINT is ignored by a background job's children
+            for name, proc in procs.items():
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                report.exit_codes[name] = proc.returncode
+        texts = {name: drain.text() for name, drain in outputs.items()}
+    if failure is None and not all(code in (0, 130) for code in report.exit_codes.values()):
+        failure = RuntimeError(f"a process did not end cleanly: exit codes {report.exit_codes}")
+    if failure is not None:
+        tails = "".join(f"\n--- {name} (exit {report.exit_codes[name]}) stderr ends:\n{err[-2000:]}"
+                        for name, (_, err) in texts.items())
+        raise RuntimeError(f"{failure}{tails}")
+    for name, (out, err) in texts.items():
+        try:
+            summary = _summary(out, "sflam-server-summary" if name == "server" else "sflam-device-summary")
+        except (RuntimeError, ValueError) as exc:
+            raise RuntimeError(f"{name} printed no summary ({exc}); its stderr ends:\n{err[-3000:]}") from None
+        if name == "server":
+            flat = summary["counters"]
+            report.refused[name] = _sum_refusals(flat, SERVER_REFUSALS)
+        else:
+            flat = {f"{group}.{k}": v for group in ("counters", "receiver", "inbox", "reassembler")
+                    for k, v in summary.get(group, {}).items()}
+            report.refused[name] = _sum_refusals(flat, DEVICE_REFUSALS)
+        report.counters[name] = flat
+    devices = [n for n in texts if n != "server"]
+    server = report.counters["server"]
+    report.slack["server"] = sum(report.counters[d].get("counters.resent_activations", 0)
+                                 + report.counters[d].get("counters.send_retries", 0) for d in devices)
+    for d in devices:
+        report.slack[d] = server.get("reanswered_steps", 0)
+    records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round"]
+    report.rounds_total = sum(1 for r in records if r["counted"])
+    return report
+
+
+def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Popen], report: AttackReport,
+            ckpt: Path) -> None:
+    from server_runtime.metrics import read_metrics
+
+    topics = p.Topics(cfg.run_id)
+    devices = [f"dev-{i}" for i in range(cfg.devices)]
+    corpus = Corpus(cfg.run_id, cfg.seed)
+    sent_hashes: set[bytes] = set()
+    # one connection both listens and fires: the provisioned broker takes the user name as the
+    # client id, so a second connection of the same user would take the first one's place
+    spy = attacker = fleet.link(ATTACKER)
+    stop_spying = threading.Event()
+
+    def spying() -> None:
+        while not stop_spying.is_set():
+            incoming = spy.get(0.2)
+            if incoming is not None and hashlib.blake2b(incoming.payload, digest_size=16).digest() not in sent_hashes:
+                corpus.capture(incoming.topic, incoming.payload)
+
+    spy.subscribe([f"{topics.prefix}/#"])
+    spy_thread = threading.Thread(target=spying, name="hostile-spy", daemon=True)
+    spy_thread.start()
+    try:
+        server_topics = [t for d in devices for t in (topics.up(d), topics.status(d))]
+        device_topics = {d: [topics.down(d)] for d in devices[:1]}  # gradients for dev-0; plan/model for all
+        shared = [topics.plan(), topics.model()]
+        needed = server_topics + device_topics[devices[0]] + shared
+        _wait(lambda: corpus.ready(needed) and _live(procs), cfg.timeout_s, "legitimate traffic to learn from",
+              procs)
+        first = _counted(read_metrics, ckpt)
+        cfg.progress(f"hostile: traffic captured ({first} rounds in); firing {cfg.shots} shots")
+        pids = {name: proc.pid for name, proc in procs.items()}
+        report.rss_mib = {name: {"before": _rss_mib(pid), "peak": 0.0} for name, pid in pids.items()}
+        t0 = time.monotonic()
+        targets = [(t, "server") for t in server_topics] + [(t, d) for d, ts in device_topics.items() for t in ts] \
+            + [(t, "all devices") for t in shared]
+        for i in range(cfg.shots):
+            if i % 2 == 0:
+                topic, target = corpus.rng.choice(server_topics), "server"
+            else:
+                topic, target = corpus.rng.choice(targets[len(server_topics):])
+            shot = corpus.shot(topic)
+            sent_hashes.add(hashlib.blake2b(shot.payload, digest_size=16).digest())
+            attacker.publish(shot.topic, shot.payload, timeout_s=30.0)
+            report.sent[f"{target}/{shot.category}"] += 1
+            report.kinds[f"{shot.category}/{shot.what}"] += 1
+            for name in ([target] if target != "all devices" else devices):
+                report.sent_by_target[name] += 1
+            if i % 200 == 0:
+                for name, pid in pids.items():
+                    report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], _rss_mib(pid))
+                if not _live(procs):
+                    raise RuntimeError(f"a process died under attack: {_exits(procs)}")
+            if i % 2000 == 1999:
+                cfg.progress(f"hostile: {i + 1}/{cfg.shots} shots sent")
+        report.attack_s = time.monotonic() - t0
+        # every shot is PUBACKed by the broker; let the receivers drain their inboxes, and let
+        # one more round finish so that "training proceeds" is seen after the last shot
+        last = _counted(read_metrics, ckpt)
+        _wait(lambda: _counted(read_metrics, ckpt) >= last + 1, cfg.timeout_s, "a round after the attack", procs)
+        time.sleep(2.0)
+        for name, pid in pids.items():
+            rss = _rss_mib(pid)
+            report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], rss)
+            report.rss_mib[name]["after"] = rss
+        report.alive_after = {name: proc.poll() is None for name, proc in procs.items()}
+        report.rounds_during_attack = _counted(read_metrics, ckpt) - first
+        records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round" and r["counted"]]
+        report.completed_during_attack = [r["completed"] for r in records[first:]]
+    finally:
+        stop_spying.set()
+        spy_thread.join(5)
+        attacker.close()
+
+
+def _counted(read_metrics, ckpt: Path) -> int:
+    path = ckpt / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for r in read_metrics(path) if r.get("event") == "round" and r["counted"])
+
+
+def _live(procs: dict[str, subprocess.Popen]) -> bool:
+    return all(proc.poll() is None for proc in procs.values())
+
+
+def _exits(procs: dict[str, subprocess.Popen]) -> dict[str, int | None]:
+    return {name: proc.poll() for name, proc in procs.items()}
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if not _live(procs):
+            raise RuntimeError(f"a process ended while waiting for {what}: {_exits(procs)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class _Drain:
+    """Reads a process's stdout and stderr in threads (a full pipe would block it)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._parts: dict[str, list[str]] = {"out": [], "err": []}
+        self._threads = [threading.Thread(target=self._read, args=(stream, self._parts[key]), daemon=True)
+                         for key, stream in (("out", proc.stdout), ("err", proc.stderr))]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _read(stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+            if len(sink) > 20_000:  # keep the head (start lines) and a long tail
+                del sink[1000:2000]
+
+    def text(self) -> tuple[str, str]:
+        for thread in self._threads:
+            thread.join(10)
+        return "".join(self._parts["out"]), "".join(self._parts["err"])
