@@ -41,7 +41,7 @@ def main() -> None:
         wall = time.monotonic() - t0
     print(f"\n{sum(report.sent.values())} shots in {report.attack_s:.1f} s "
           f"({sum(report.sent.values()) / max(report.attack_s, 1e-9):.0f}/s, each PUBACKed), run {wall:.0f} s in all")
-    print(f"\n{'target':<12}" + "".join(f"{c:>11}" for c in CATEGORIES) + f"{'received':>10}{'refused':>9}{'ratio':>7}")
+    print(f"\nshots by target and category\n{'target':<12}" + "".join(f"{c:>11}" for c in CATEGORIES))
     for target in ("server", "dev-0", "all devices"):
         row = "".join(f"{report.sent[f'{target}/{c}']:>11}" for c in CATEGORIES)
         print(f"{target:<12}{row}")

@@ -524,7 +524,8 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
     finally:
         client.close()
     summary = {
-        "rounds": client.counters["rounds"], "interrupted": interrupted, "counters": dict(client.counters),
+        "rounds": client.counters["rounds"], "interrupted": interrupted, "connections": client.link.connections,
+        "counters": dict(client.counters),
         "receiver": dict(client.receiver.counters), "inbox": dict(client.link.inbox.counters),
         "reassembler": dict(client.receiver.reassembler.counters),
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,

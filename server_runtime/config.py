@@ -90,6 +90,7 @@ class RoundSection:
     min_completed: float = 0.5  # fraction of the selected devices that must finish
     wait_for_devices_s: float = 300.0
     total_bandwidth_hz: float = 20e6  # split equally among the selected devices
+    offline_grace_s: float = 10.0  # a selected device reported offline fails unless back online within this
 
 
 @dataclass(frozen=True)
@@ -517,6 +518,7 @@ _RULES: dict[str, dict[str, Check]] = {
         "min_completed": _number(lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         "wait_for_devices_s": _number(lambda v: v > 0, "a finite number of seconds > 0"),
         "total_bandwidth_hz": _number(lambda v: v > 0, "a finite number of Hz > 0"),
+        "offline_grace_s": _number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: fail at once)"),
     },
     "broker": {
         "url": _broker_url,

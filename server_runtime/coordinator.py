@@ -121,6 +121,7 @@ class DeviceRound:
     downlink_time_s: float = 0.0
     update: p.RoundUpdate | None = None
     failure: str | None = None
+    offline: tuple[float, str] | None = None  # (since, reason) while reported offline
 
     @property
     def finished(self) -> bool:
@@ -154,8 +155,27 @@ class RoundState:
             state.failure = reason
             log.warning("round %d: device %s failed (%s)", self.round, device_id, reason)
 
-    def expire(self, now: float) -> None:
-        """Past the deadline every unfinished device fails with reason ``deadline``."""
+    def went_offline(self, device_id: str, reason: str, now: float) -> None:
+        """A selected device's Status said offline (its last will, or a clean shutdown)."""
+        state = self.devices.get(device_id)
+        if state is not None and not state.finished and state.offline is None:
+            state.offline = (now, reason)
+            log.info("round %d: device %s offline (%s); waiting for it to come back", self.round, device_id, reason)
+
+    def came_online(self, device_id: str) -> None:
+        """The device reconnected (online Status or Hello): it goes on with the round."""
+        state = self.devices.get(device_id)
+        if state is not None and state.offline is not None:
+            log.info("round %d: device %s back online after %.1f s", self.round, device_id,
+                     time.monotonic() - state.offline[0])
+            state.offline = None
+
+    def expire(self, now: float, offline_grace_s: float = 0.0) -> None:
+        """Past the deadline every unfinished device fails with reason ``deadline``; a device
+        offline for longer than ``offline_grace_s`` fails with the reason it went offline."""
+        for device_id, state in self.devices.items():
+            if state.offline is not None and now - state.offline[0] >= offline_grace_s:
+                self.fail(device_id, f"offline ({state.offline[1]})")
         if now >= self.deadline:
             for device_id in self.devices:
                 self.fail(device_id, "deadline")

@@ -235,7 +235,7 @@ class ServerDaemon:
         """Pump messages until every selected device finished or failed."""
         while True:
             with self._lock:
-                state.expire(time.monotonic())
+                state.expire(time.monotonic(), self.config.round.offline_grace_s)
                 if state.done:
                     break
             self.pump(0.05)
@@ -275,12 +275,10 @@ class ServerDaemon:
     def _dispatch(self, message: p.Message) -> None:
         if isinstance(message, p.Hello):
             self.registry.on_hello(message)
+            self._presence(message.envelope.device_id, online=True)
         elif isinstance(message, p.Status):
             info = self.registry.on_status(message)
-            if not info.online:
-                with self._lock:
-                    if self.current is not None:
-                        self.current.fail(info.device_id, f"offline ({message.reason or 'no reason'})")
+            self._presence(info.device_id, info.online, message.reason or "no reason")
         elif isinstance(message, p.Activations):
             self._on_activations(message)
         elif isinstance(message, p.RoundUpdate):
@@ -288,6 +286,16 @@ class ServerDaemon:
         elif isinstance(message, p.ErrorReport):
             self.counters[f"device_errors.{message.code}"] += 1
             log.warning("device %s reported %s: %s", message.envelope.device_id, message.code, message.detail)
+
+    def _presence(self, device_id: str, online: bool, reason: str = "") -> None:
+        """A selected device that goes offline fails unless it is back within round.offline_grace_s."""
+        with self._lock:
+            if self.current is None:
+                return
+            if online:
+                self.current.came_online(device_id)
+            else:
+                self.current.went_offline(device_id, reason, time.monotonic())
 
     def _round_member(self, message: p.Message, what: str) -> DeviceRound | None:
         """The sender's DeviceRound when ``message`` belongs to the round in flight, else None (counted)."""

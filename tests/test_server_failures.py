@@ -33,7 +33,7 @@ def run_with_a_killed_device(quick_bundle: Path, fleet: LocalFleet, tmp_path: Pa
     shards = write_shards(tmp_path, 2, 96)
     cfg = parse_config(fleet_config(fleet, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=2,
                                     training__local_epochs=3, round__min_completed=min_completed,
-                                    round__wait_for_devices_s=3.0))
+                                    round__wait_for_devices_s=3.0, round__offline_grace_s=2.0))
     daemon = ServerDaemon(cfg)
     start = daemon.trainer.state_dict()
     aggregated: list[list[str]] = []
@@ -92,19 +92,18 @@ def test_round_below_minimum_completion_does_not_count(quick_bundle: Path, fleet
 
 def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_bundle: Path, fleet: LocalFleet,
                                                                          tmp_path: Path) -> None:
-    # Prepare: two devices, three rounds of 2 epochs x 6 steps; the broker keeps nothing (persistence
+    # Prepare: two devices, three rounds of 4 epochs x 6 steps; the broker keeps nothing (persistence
     # false), so the restart also wipes the retained plan, model and presence
     shards = write_shards(tmp_path, 2, 96)
     ckpt, config = tmp_path / "ckpt", tmp_path / "run.toml"
     config.write_text(fleet_config(fleet, ckpt, training__rounds=3, training__devices_per_round=2,
-                                   training__local_epochs=2, round__deadline_s=90.0))
+                                   training__local_epochs=4, round__deadline_s=90.0))
     server = start_server(config)
     devices = [start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, rounds=3,
                             extra=fleet.device_args(f"dev-{i}")) for i, shard in enumerate(shards)]
     try:
-        # Execute: restart the broker while round 2 is under way
+        # Execute: restart the broker as soon as round 1 is in the log (round 2 is under way)
         wait_for(lambda: counted_rounds(ckpt / "metrics.jsonl") == [1], 180, "round 1")
-        time.sleep(1.0)
         fleet.broker.restart()
         out, err = server.communicate(timeout=240)
         device_out = [d.communicate(timeout=60) for d in devices]
@@ -114,17 +113,16 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
     assert server.returncode == 0, err[-3000:]
     assert all(d.returncode == 0 for d in devices), [e[-2000:] for _, e in device_out]
     records = read_metrics(ckpt / "metrics.jsonl")
-    assert counted_rounds(ckpt / "metrics.jsonl") == [1, 2, 3]
-    counted = [r for r in records if r["counted"]]
-    for record in counted:
+    assert [(r["round"], r["counted"]) for r in records] == [(1, True), (2, True), (3, True)]  # no attempt lost
+    for record in records:
         assert record["completed"] == ["dev-0", "dev-1"], record["failed"]
         for stats in record["devices"].values():
-            assert stats["steps"] == stats["device_steps"] == 2 * 6  # server-trained == device-taken
+            assert stats["steps"] == stats["device_steps"] == 4 * 6  # server-trained == device-taken
     summaries = [json.loads(o.split("sflam-device-summary ", 1)[1].splitlines()[0]) for o, _ in device_out]
     assert all(s["rounds"] == 3 for s in summaries)
-    # the restart was felt: both devices reconnected (a new presence epoch each)
+    # the restart was felt: both devices connected twice
+    assert [s["connections"] for s in summaries] == [2, 2]
     final = records[-1]["counters"]
-    assert final["receiver.accepted.Status"] >= 4, final
     resent = sum(s["counters"].get("resent_activations", 0) for s in summaries)
     print(f"broker restart: {len(records)} attempts, resent steps {resent}, server duplicates "
           f"{final.get('receiver.duplicates', 0)}, re-answered {final.get('reanswered_steps', 0)}")

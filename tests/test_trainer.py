@@ -177,6 +177,30 @@ def test_round_state_deadline_failures_and_completion_policy() -> None:
     assert state.counts(0.3) and not state.counts(0.5)
 
 
+def test_an_offline_device_fails_only_if_not_back_within_the_grace() -> None:
+    # Prepare: a and b go offline at t = 10; a comes back at t = 14
+    alloc = p.Allocation("x", 8, 32, 0.1, 1e6)
+    state = RoundState(1, 1, {d: DeviceRound(alloc) for d in ("a", "b")}, deadline=100.0)
+    state.went_offline("a", "connection lost", 10.0)
+    state.went_offline("b", "connection lost", 10.0)
+    state.went_offline("b", "again", 12.0)  # the first report's time and reason stand
+    # Execute / Assert
+    state.expire(14.0, offline_grace_s=5.0)
+    state.came_online("a")
+    assert state.failures() == {}
+    state.expire(15.0, offline_grace_s=5.0)
+    assert state.failures() == {"b": "offline (connection lost)"}
+    state.expire(99.0, offline_grace_s=5.0)
+    assert "a" not in state.failures()
+
+
+def test_with_no_grace_an_offline_device_fails_at_once() -> None:
+    state = RoundState(1, 1, {"a": DeviceRound(p.Allocation("x", 8, 32, 0.1, 1e6))}, deadline=100.0)
+    state.went_offline("a", "shutdown", 10.0)
+    state.expire(10.0)
+    assert state.failures() == {"a": "offline (shutdown)"}
+
+
 def test_bf16_autocast_step_trains_and_returns_float32_gradients() -> None:
     trainer = SplitTrainer(create_model(PRESET, num_classes=10, seed=0), "v2", OptimizerSpec("sgd", 0.05, 0.9), bf16=True)
     trainer.begin_round(["a"])
