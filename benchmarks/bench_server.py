@@ -40,7 +40,7 @@ from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink
 from edge_runtime.quantize import quantize
 from server_runtime.checkpoint import create_model
 from server_runtime.config import parse_config
-from server_runtime.data import load_dataset
+from server_runtime.data import load_dataset, write_digits_shards
 from server_runtime.presets import get_preset
 from sflam.broker import MosquittoBroker
 
@@ -135,19 +135,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     min(train // args.batch * args.batch, 10 * args.batch), 200, workers, threads)
 
 
-def write_shards(folder: Path, devices: int, per_device: int) -> list[Path]:
-    """Disjoint digits training shards as the npz files ``sflam device --data`` reads."""
-    train = load_dataset("digits", seed=SEED).train
-    order = np.random.default_rng(SEED).permutation(len(train))
-    paths = []
-    for d in range(devices):
-        index = order[d * per_device:(d + 1) * per_device]
-        path = folder / f"shard-{d}.npz"
-        np.savez(path, images=train.images[index], labels=train.labels[index])
-        paths.append(path)
-    return paths
-
-
 def run_config(s: Settings, broker_url: str, ckpt: Path, run_id: str, devices: int, rounds: int):
     """The daemon's RunConfig: SFL-V1, q = 8 up, fp32 down, SGD, one local epoch."""
     sections = {
@@ -214,7 +201,7 @@ def run_fleet(s: Settings, broker_url: str, bundle: Path, work: Path, run_id: st
     try:
         torch.set_num_threads(s.server_threads)
         fleet.thread.start()
-        for i, shard in enumerate(write_shards(folder, devices, per_device)):
+        for i, shard in enumerate(write_digits_shards(folder, devices, per_device, SEED, stem="shard")):
             proc, times = start_device(bundle, broker_url, run_id, f"dev-{i}", shard, folder,
                                        cfg.training.rounds, seed=i)
             fleet.procs.append(proc)

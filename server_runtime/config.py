@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import tomllib
@@ -551,3 +552,21 @@ _RULES: dict[str, dict[str, Check]] = {
         "channel_gains": _gain_table,
     },
 }
+
+
+def config_toml(sections: Mapping[str, Mapping[str, object]], seed: int) -> str:
+    """A run.toml with ``seed`` and ``sections`` (name -> keys), for programs that write one."""
+    lines = [f"seed = {seed}"]
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    """A TOML literal: JSON's for scalars and lists, an inline table for a mapping."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from edge_runtime import protocol as p
 from edge_runtime.protocol.codec import MAGIC, PREFIX_SIZE
+from server_runtime.config import config_toml
+from server_runtime.data import write_digits_shards
 from sflam.fleet import LocalFleet, local_fleet
 
 CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale")
@@ -283,22 +285,6 @@ def _sum_refusals(flat: dict[str, int], prefixes: tuple[str, ...]) -> int:
     return sum(v for k, v in flat.items() if any(k.startswith(prefix) for prefix in prefixes))
 
 
-def _write_shards(workdir: Path, devices: int, samples: int, seed: int) -> list[Path]:
-    import numpy as np
-
-    from server_runtime.data import load_dataset
-
-    train = load_dataset("digits", seed=0).train
-    order = np.random.default_rng(seed).permutation(len(train))
-    paths = []
-    for d in range(devices):
-        index = order[d * samples:(d + 1) * samples]
-        path = workdir / f"dev-{d}.npz"
-        np.savez(path, images=train.images[index], labels=train.labels[index])
-        paths.append(path)
-    return paths
-
-
 def _run_toml(fleet: LocalFleet, cfg: AttackConfig, ckpt: Path) -> str:
     broker = {"url": fleet.url, "run_id": cfg.run_id, **fleet.server_config()}
     sections = {
@@ -313,11 +299,7 @@ def _run_toml(fleet: LocalFleet, cfg: AttackConfig, ckpt: Path) -> str:
         "metrics": {"progress": False},
         "compute": {"device": "cpu", "amp": "off", "workers": 1},
     }
-    lines = [f"seed = {cfg.seed}"]
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    return config_toml(sections, cfg.seed)
 
 
 def run_attack(cfg: AttackConfig) -> AttackReport:
@@ -335,7 +317,7 @@ def run_attack(cfg: AttackConfig) -> AttackReport:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    shards = _write_shards(cfg.workdir, cfg.devices, cfg.samples, cfg.seed)
+    shards = write_digits_shards(cfg.workdir, cfg.devices, cfg.samples, cfg.seed)
     ckpt = cfg.workdir / "ckpt"
     report = AttackReport()
     acl = [f"topic readwrite {p.Topics(cfg.run_id).prefix}/#"]

@@ -422,20 +422,9 @@ def server_config_text(opts: SimOptions, plan: SchemePlan, out: Path, broker_url
         sections["model"]["checkpoint"] = str(Path(opts.checkpoint).expanduser().resolve())
     for section, values in opts.server.items():
         sections.setdefault(section, {}).update(values)
-    lines = [f"seed = {opts.seed}"]
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
+    from server_runtime.config import config_toml
 
-
-def _toml_value(value: Any) -> str:
-    """A TOML literal: JSON's for scalars and lists, an inline table for a mapping."""
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float):
-        return repr(value)
-    return json.dumps(value)
+    return config_toml(sections, opts.seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import torch
 
 from edge_runtime.data import Preprocess, load_data
 from server_runtime.checkpoint import create_model
-from server_runtime.config import parse_config
-from server_runtime.data import load_dataset
+from server_runtime.config import config_toml, parse_config
+from server_runtime.data import write_digits_shards
 from server_runtime.metrics import read_metrics
 from server_runtime.run_state import load_run_state
 
@@ -37,15 +37,7 @@ pytestmark = pytest.mark.broker
 
 def write_shards(tmp_path: Path, devices: int, per_device: int, seed: int = 0) -> list[Path]:
     """Disjoint random digits training shards as the npz files ``sflam device --data`` reads."""
-    train = load_dataset("digits", seed=0).train
-    order = np.random.default_rng(seed).permutation(len(train))
-    paths = []
-    for d in range(devices):
-        index = order[d * per_device:(d + 1) * per_device]
-        path = tmp_path / f"dev-{d}.npz"
-        np.savez(path, images=train.images[index], labels=train.labels[index])
-        paths.append(path)
-    return paths
+    return write_digits_shards(tmp_path, devices, per_device, seed)
 
 
 def config_text(broker_url: str, ckpt: Path, **overrides: object) -> str:
@@ -65,11 +57,7 @@ def config_text(broker_url: str, ckpt: Path, **overrides: object) -> str:
     for key, value in overrides.items():
         section, name = key.split("__")
         sections[section][name] = value
-    lines = ["seed = 0"]
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    return config_toml(sections, seed=0)
 
 
 def start_device(bundle: Path, broker_url: str, device_id: str, data: Path, seed: int,

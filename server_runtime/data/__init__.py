@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from server_runtime.data.datasets import DataSplit, DatasetError, ImageSet, load_dataset
+from server_runtime.data.datasets import DataSplit, DatasetError, ImageSet, load_dataset, write_digits_shards
 from server_runtime.data.partition import (
     SCHEMES,
     PartitionError,

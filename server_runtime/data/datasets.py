@@ -304,3 +304,21 @@ def _load_folder(path: Path, seed: int, test_fraction: float) -> DataSplit:
     full = ImageSet(_to_size(arrays, _common_size(arrays)), labels, names)
     train, test = _split_set(full, test_fraction, seed)
     return DataSplit(name, train, test)
+
+
+def write_digits_shards(folder: Path, devices: int, per_device: int, seed: int = 0, stem: str = "dev") -> list[Path]:
+    """Disjoint random shards of the digits training split, ``{stem}-{d}.npz`` in ``folder``, in the
+    layout ``sflam device --data npz:<file>`` reads (``images`` uint8 NHWC, ``labels``). For tests,
+    benchmarks and drills; ``seed`` orders the draw."""
+    train = load_dataset("digits", seed=0).train
+    if devices * per_device > len(train):
+        raise DatasetError(f"{devices} shards of {per_device} need {devices * per_device} samples; "
+                           f"digits has {len(train)}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    paths = []
+    for d in range(devices):
+        index = order[d * per_device:(d + 1) * per_device]
+        path = Path(folder) / f"{stem}-{d}.npz"
+        np.savez(path, images=train.images[index], labels=train.labels[index])
+        paths.append(path)
+    return paths
