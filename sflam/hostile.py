@@ -306,11 +306,12 @@ def run_attack(cfg: AttackConfig) -> AttackReport:
     """Train on a provisioned TLS broker while an attacker publishes ``cfg.shots`` hostile messages.
 
     The attacker logs in as :data:`ATTACKER`, whom the ACL lets read and write every topic of the
-    run (the strongest position short of the server's key), captures real traffic with a spy
-    link (its own shots, echoed back, are not learnt from), and fires shots alternately at the server's topics and the devices' (each publish
-    PUBACKed before the next: QoS 1, as a real client would). Once all are sent it waits for the
-    receivers to drain, stops the processes with SIGTERM (each prints its counters), and returns sent
-    and refused figures, resident memory before, at peak and after, and the rounds trained.
+    run (the strongest position short of the server's key), captures real traffic (its own shots,
+    echoed back, are not learnt from), and fires shots alternately at the server's topics and the
+    devices' (each publish PUBACKed before the next: QoS 1, as a real client would). Once all are
+    sent it waits for one more round, stops the processes with SIGTERM (each prints its counters),
+    and returns sent and refused figures, resident memory before, at peak and after, and the
+    rounds trained.
     """
     from server_runtime.metrics import read_metrics
 
