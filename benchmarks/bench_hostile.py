@@ -54,6 +54,8 @@ def main() -> None:
     print(f"\nrounds trained during the attack: {report.rounds_during_attack}, every one with "
           f"{sorted({d for c in report.completed_during_attack for d in c})}" if report.completed_during_attack else
           "\nno round trained during the attack")
+    print(f"median round time: {report.round_s_before:.2f} s before the attack, {report.round_s_during:.2f} s during it "
+          f"(ratio {report.round_s_during / report.round_s_before:.2f})")
     print("\nresident memory (MiB):  before    peak   after   peak/before")
     for name, rss in report.rss_mib.items():
         print(f"  {name:<20}{rss['before']:>8.1f}{rss['peak']:>8.1f}{rss['after']:>8.1f}"

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -49,6 +50,7 @@ from sflam.fleet import LocalFleet, local_fleet
 CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale")
 ATTACKER = "intruder"  # the attacker's broker user: may read and write every topic of the run
 BIG_JUNK_BYTES = 512 * 1024
+BASELINE_ROUNDS = 4  # rounds trained before the first shot, to compare round times with
 # Counters that record a refused (or dropped, or held-then-evicted) message; their sum over a
 # run is at least the number of hostile shots a receiver got.
 SERVER_REFUSALS = ("receiver.rejected.", "receiver.duplicates", "receiver.chunks", "inbox.dropped", "inbox.expired",
@@ -250,7 +252,9 @@ class AttackReport:
     slack: dict[str, int] = field(default_factory=dict)  # by process: refusals legitimate traffic may cause
     counters: dict[str, dict] = field(default_factory=dict)  # by process: every counter
     rss_mib: dict[str, dict[str, float]] = field(default_factory=dict)  # by process: before, peak, after
-    rounds_during_attack: int = 0
+    rounds_during_attack: int = 0  # counted rounds that ended while shots were being fired
+    round_s_before: float = float("nan")  # median round duration before the attack (s)
+    round_s_during: float = float("nan")  # ... and of the rounds that ended during it
     rounds_total: int = 0
     completed_during_attack: list[list[str]] = field(default_factory=list)
     attack_s: float = 0.0
@@ -411,10 +415,11 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
         device_topics = {d: [topics.down(d)] for d in devices[:1]}  # gradients for dev-0; plan/model for all
         shared = [topics.plan(), topics.model()]
         needed = server_topics + device_topics[devices[0]] + shared
-        _wait(lambda: corpus.ready(needed) and _live(procs), cfg.timeout_s, "legitimate traffic to learn from",
-              procs)
+        _wait(lambda: corpus.ready(needed) and _counted(read_metrics, ckpt) >= BASELINE_ROUNDS, cfg.timeout_s,
+              "legitimate traffic to learn from", procs)
         first = _counted(read_metrics, ckpt)
         cfg.progress(f"hostile: traffic captured ({first} rounds in); firing {cfg.shots} shots")
+        wall0 = time.time()
         pids = {name: proc.pid for name, proc in procs.items()}
         report.rss_mib = {name: {"before": _rss_mib(pid), "peak": 0.0} for name, pid in pids.items()}
         t0 = time.monotonic()
@@ -439,7 +444,7 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
                     raise RuntimeError(f"a process died under attack: {_exits(procs)}")
             if i % 2000 == 1999:
                 cfg.progress(f"hostile: {i + 1}/{cfg.shots} shots sent")
-        report.attack_s = time.monotonic() - t0
+        report.attack_s, wall1 = time.monotonic() - t0, time.time()
         # every shot is PUBACKed by the broker; let the receivers drain their inboxes, and let
         # one more round finish so that "training proceeds" is seen after the last shot
         last = _counted(read_metrics, ckpt)
@@ -450,13 +455,21 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
             report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], rss)
             report.rss_mib[name]["after"] = rss
         report.alive_after = {name: proc.poll() is None for name, proc in procs.items()}
-        report.rounds_during_attack = _counted(read_metrics, ckpt) - first
-        records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round" and r["counted"]]
-        report.completed_during_attack = [r["completed"] for r in records[first:]]
+        records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round"]
+        during = [r for r in records if wall0 <= r["time"] <= wall1]  # rounds that ended under fire
+        report.rounds_during_attack = sum(1 for r in during if r["counted"])
+        report.completed_during_attack = [r["completed"] for r in records if r["time"] >= wall0]
+        # round 1 also waited for the devices to come online: the baseline starts at round 2
+        report.round_s_before = _median([r["duration_s"] for r in records[1:] if r["time"] < wall0])
+        report.round_s_during = _median([r["duration_s"] for r in during])
     finally:
         stop_spying.set()
         spy_thread.join(5)
         attacker.close()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def _counted(read_metrics, ckpt: Path) -> int:
