@@ -39,7 +39,6 @@ from server_runtime.run_state import RunState, capture_rng, load_run_state, rest
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, pick_device, use_bf16
 
 log = logging.getLogger(__name__)
-SERVER_ID = p.SERVER_ID
 DEADLINE_GRACE_S = 2.0  # devices count the deadline from when they receive the plan
 IDENTITY_KEYS = ("model", "training.mode")  # what a resumed run must share with its checkpoint
 
@@ -222,7 +221,7 @@ class ServerDaemon:
 
     def _publish_round(self, state: RoundState, allocations: tuple[p.Allocation, ...]) -> int:
         cfg = self.config
-        env = p.Envelope(cfg.broker.run_id, state.plan_round, SERVER_ID)
+        env = p.Envelope(cfg.broker.run_id, state.plan_round, p.SERVER_ID)
         model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(self.trainer.device_weights()))
         plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, cfg.training.local_epochs,
                            cfg.training.batch_size, cfg.training.lr, allocations)

@@ -363,11 +363,13 @@ class LocalFleet:
         device = self.dir / "devices" / f"{user}.password"
         return device if device.exists() else self.dir / f"{user}.password"
 
-    def link(self, user: str, client_id: str | None = None):
-        """A started ``edge_runtime.mqtt.MqttLink`` logged in as ``user`` (the caller closes it)."""
+    def link(self, user: str):
+        """A started ``edge_runtime.mqtt.MqttLink`` logged in as ``user`` (the caller closes it). The
+        provisioned broker takes the user name as the client id: a second link of one user replaces
+        the first."""
         from edge_runtime.mqtt import LinkConfig, MqttLink, read_password_file
 
-        config = LinkConfig(client_id=client_id or f"sflam-{user}-{secrets.token_hex(3)}", ca_file=self.ca,
+        config = LinkConfig(client_id=user, ca_file=self.ca,
                             username=user, password=read_password_file(self.password_file(user)), timeout_s=5.0)
         link = MqttLink(self.url, config)
         link.start()

@@ -398,16 +398,16 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
     sent_hashes: set[bytes] = set()
     # one connection both listens and fires: the provisioned broker takes the user name as the
     # client id, so a second connection of the same user would take the first one's place
-    spy = attacker = fleet.link(ATTACKER)
+    link = fleet.link(ATTACKER)
     stop_spying = threading.Event()
 
     def spying() -> None:
         while not stop_spying.is_set():
-            incoming = spy.get(0.2)
+            incoming = link.get(0.2)
             if incoming is not None and hashlib.blake2b(incoming.payload, digest_size=16).digest() not in sent_hashes:
                 corpus.capture(incoming.topic, incoming.payload)
 
-    spy.subscribe([f"{topics.prefix}/#"])
+    link.subscribe([f"{topics.prefix}/#"])
     spy_thread = threading.Thread(target=spying, name="hostile-spy", daemon=True)
     spy_thread.start()
     try:
@@ -432,7 +432,7 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
                 topic, target = corpus.rng.choice(targets[len(server_topics):])
             shot = corpus.shot(topic)
             sent_hashes.add(hashlib.blake2b(shot.payload, digest_size=16).digest())
-            attacker.publish(shot.topic, shot.payload, timeout_s=30.0)
+            link.publish(shot.topic, shot.payload, timeout_s=30.0)
             report.sent[f"{target}/{shot.category}"] += 1
             report.kinds[f"{shot.category}/{shot.what}"] += 1
             for name in ([target] if target != "all devices" else devices):
@@ -465,7 +465,7 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
     finally:
         stop_spying.set()
         spy_thread.join(5)
-        attacker.close()
+        link.close()
 
 
 def _median(values: list[float]) -> float:

@@ -70,7 +70,7 @@ class PresenceOrder:
     the broker publishes later, supersedes the online Status it was registered with). A Hello or
     Status that is not newer than the newest of its kind from that device is a replay, or a
     delayed copy: telling the server "online" or "offline" again from it would be a lie.
-    Memory: two floats per device id seen, at most ``capacity`` ids (the oldest forgotten).
+    Memory: one stamp per (kind, device) seen, at most ``capacity`` of them (the oldest forgotten).
     """
 
     def __init__(self, capacity: int = 65536) -> None:
