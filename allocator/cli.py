@@ -45,14 +45,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     problem = problem_from_args(args)
     if args.dump_scenario:
         dump_scenario(problem, args.dump_scenario)
-    try:
-        from allocator.bcd import solve  # cvxpy and the solver only once the arguments are good
-    except ModuleNotFoundError as exc:
-        if exc.name != "allocator.bcd":
-            raise
-        raise ValueError("the allocation solver (allocator.bcd) is not built yet; "
-                         "--dump-scenario has written the scenario" if args.dump_scenario else
-                         "the allocation solver (allocator.bcd) is not built yet") from None
+    from allocator.bcd import solve  # cvxpy and the solver only once the arguments are good
 
     result = solve(problem)
     baselines = all_baselines(problem, *_fl_numbers(problem))

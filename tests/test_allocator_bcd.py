@@ -68,7 +68,7 @@ def test_bcd_is_within_one_percent_of_the_brute_force_optimum() -> None:
         gaps.append(gap)
     gaps = np.array(gaps)
     assert gaps.size >= INSTANCES // 2 and infeasible > 0  # both kinds were drawn
-    assert np.mean(gaps <= 0.01) >= 0.95, np.sort(gaps)[-10:]
+    assert np.all(gaps <= 0.01), np.sort(gaps)[-10:]  # every instance, not a share of them
 
 
 @pytest.mark.parametrize(

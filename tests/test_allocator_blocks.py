@@ -19,6 +19,7 @@ from allocator.blocks import (
     power_block,
 )
 from allocator.power import RateCurve, dinkelbach_power_w, minimal_power_w
+from allocator.rates import LN2, bandwidth_for_rate_hz
 from allocator.system import (
     Allocation,
     Fleet,
@@ -94,6 +95,65 @@ def test_bandwidth_block_reports_an_unreachable_cap_as_infeasible() -> None:
 
 
 # ---------------------------------------------------------------- power
+
+
+def _shannon_power_w(rate_bps: float, width_hz: float, gain: float, n0: float) -> float:
+    """p with W log2(1 + p h / (N0 W)) = R, written out here: (2^(R / W) - 1) N0 W / h."""
+    return (2.0 ** (rate_bps / width_hz) - 1.0) * n0 * width_hz / gain
+
+
+def test_power_for_rate_is_the_inverse_shannon_closed_form() -> None:
+    # Prepare: devices 10-500 m out, rates from 1 % to 3 bit/s/Hz of their bandwidth
+    rng = np.random.default_rng(31)
+    n = 64
+    bandwidth = rng.uniform(1e4, 5e6, n)
+    gain = 10 ** (-path_loss_db(rng.uniform(10, 500, n)) / 10) * rng.exponential(1.0, n)
+    rate = bandwidth * rng.uniform(0.01, 3.0, n)
+    curve = RateCurve.continuous(bandwidth, gain, N0)
+    # Execute
+    power = curve.power_for_rate_w(rate)
+    table = curve.power_for_rate_w(np.stack([rate, 0.5 * rate], axis=1))  # (N, levels), as the bits block asks
+    least = minimal_power_w(rate, np.ones(n), bandwidth, gain, N0)
+    # Assert: the closed form term by term, and the forward rate gives R back
+    expected = np.array([_shannon_power_w(r, b, h, N0) for r, b, h in zip(rate, bandwidth, gain)])
+    np.testing.assert_allclose(power, expected, rtol=1e-9)
+    np.testing.assert_allclose(least, expected, rtol=1e-9)
+    np.testing.assert_allclose(table[:, 1], [_shannon_power_w(r / 2, b, h, N0) for r, b, h in zip(rate, bandwidth, gain)],
+                               rtol=1e-9)
+    np.testing.assert_allclose(bandwidth * np.log2(1 + power * gain / (N0 * bandwidth)), rate, rtol=1e-12)
+    assert curve.power_for_rate_w(np.zeros(n)).tolist() == [0.0] * n
+
+
+def test_subchannel_rate_inversion_matches_the_closed_form_of_equal_subchannels() -> None:
+    # Prepare: device k holds k + 1 subchannels of equal gain, power split evenly over them, so
+    # r = n W log2(1 + p h / (n N0 W)) and p = (2^(R / (n W)) - 1) n N0 W / h
+    rng = np.random.default_rng(32)
+    n, m, width = 5, 8, 180e3
+    held = (np.arange(m)[None, :] <= np.arange(n)[:, None]).astype(float)
+    gain = 10 ** (-path_loss_db(rng.uniform(20, 300, n)) / 10)
+    curve = RateCurve.subchannels(held, np.repeat(gain[:, None], m, axis=1), width, N0)
+    count = held.sum(axis=1)
+    rate = count * width * rng.uniform(0.05, 2.5, n)
+    # Execute
+    power = curve.power_for_rate_w(rate)
+    # Assert
+    expected = [_shannon_power_w(r, c * width, h, N0) for r, c, h in zip(rate, count, gain)]
+    np.testing.assert_allclose(power, expected, rtol=1e-9)
+    np.testing.assert_allclose(curve.rate_bps(power), rate, rtol=1e-9)
+
+
+def test_bandwidth_for_rate_inverts_the_shannon_rate() -> None:
+    # Prepare: c = p h / N0 in Hz; reachable rates are below c / ln 2
+    rng = np.random.default_rng(33)
+    snr_hz = 10 ** rng.uniform(4, 9, 200)
+    rate = snr_hz / LN2 * rng.uniform(1e-4, 0.999, 200)
+    # Execute
+    bandwidth = bandwidth_for_rate_hz(rate, snr_hz)
+    # Assert: B log2(1 + c / B) = R, and a little less bandwidth falls short (the least B)
+    np.testing.assert_allclose(bandwidth * np.log2(1 + snr_hz / bandwidth), rate, rtol=1e-10)
+    less = bandwidth * (1 - 1e-6)
+    assert np.all(less * np.log2(1 + snr_hz / less) < rate)
+    assert np.isinf(bandwidth_for_rate_hz(np.array([1.01 * snr_hz[0] / LN2]), snr_hz[:1])).all()
 
 
 def test_dinkelbach_power_equals_the_closed_form_minimal_power() -> None:
