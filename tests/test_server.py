@@ -155,6 +155,14 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def issued_plan_round(ckpt: Path) -> int:
+    """The last plan round the server leased (``issued.json``), 0 before the first."""
+    try:
+        return json.loads((ckpt / "issued.json").read_text())["plan_round"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 def counted_rounds(path: Path) -> list[int]:
     if not path.exists():
         return []
@@ -193,6 +201,57 @@ def test_server_and_three_devices_train_digits(quick_bundle: Path, broker, tmp_p
     assert summary["rounds"] == 3
 
 
+def test_resume_restores_the_checkpointed_model_and_training_continues_from_it(quick_bundle: Path, broker,
+                                                                                tmp_path: Path) -> None:
+    from edge_runtime.quantize import quantize
+    from server_runtime.daemon import ServerDaemon
+
+    # Prepare: two rounds of SFL-V2 (its shared optimizer is checkpointed too) with a real device
+    (shard,) = write_shards(tmp_path, 1, 48)
+    ckpt = tmp_path / "ckpt"
+
+    def config(rounds: int, directory: Path = ckpt):
+        return parse_config(config_text(broker.url, directory, training__rounds=rounds, training__devices_per_round=1,
+                                        training__mode="v2"))
+
+    first = ServerDaemon(config(2))
+    fresh = first.trainer.state_dict()
+    runner = threading.Thread(target=first.run, daemon=True)
+    runner.start()
+    device = start_device(quick_bundle, broker.url, "dev-0", shard, seed=3, rounds=2)
+    _, err = device.communicate(timeout=180)
+    runner.join(60)
+    assert device.returncode == 0 and not runner.is_alive(), err[-3000:]
+    trained = first.trainer.state_dict()
+    assert max(float((trained[k] - fresh[k]).abs().max()) for k in trained) > 1e-3  # the rounds moved it
+    # Execute: a third round's daemon resumes from the checkpoint directory
+    resumed = ServerDaemon(config(3), resume=True)
+    # Assert: the model and the optimizer are the uninterrupted run's, bit for bit
+    assert (resumed.round, resumed.plan_round) == (2, 2)
+    restored = resumed.trainer.state_dict()
+    assert set(restored) == set(trained)
+    for name, value in trained.items():
+        assert torch.equal(restored[name], value), name
+    saved, loaded = first.trainer.optimizer_state(), resumed.trainer.optimizer_state()
+    assert saved["state"] and loaded["param_groups"] == saved["param_groups"]
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(loaded["state"][index][key]), torch.as_tensor(value)), (index, key)
+    # Assert: a step after the resume is the step the uninterrupted run takes (loss and gradient),
+    # and not the step a fresh model takes: the loss curve goes on instead of restarting
+    rng = np.random.default_rng(5)
+    tokens = quantize(rng.standard_normal((8, *first.trainer.tokens_shape)).astype(np.float32), 32)
+    labels = rng.integers(0, 10, 8)
+    outcomes = []
+    for trainer in (first.trainer, resumed.trainer, ServerDaemon(config(3, tmp_path / "fresh")).trainer):
+        trainer.begin_round(["dev-0"])
+        outcomes.append([trainer.step("dev-0", tokens, labels, 32) for _ in range(2)])
+    going_on, after_resume, restarted = outcomes
+    assert [r.loss for r in after_resume] == [r.loss for r in going_on]
+    assert all(a.gradient == b.gradient for a, b in zip(after_resume, going_on))
+    assert after_resume[0].loss != restarted[0].loss
+
+
 def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, fleet, tmp_path: Path) -> None:
     # Prepare: devices that serve forever; a 4-round run; the provisioned TLS broker
     shards = write_shards(tmp_path, 2, 96)
@@ -208,11 +267,11 @@ def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, fleet, t
         # Execute: kill the server once round 2 is in the log and round 3 is under way
         server = start_server(config)
         wait_for(lambda: len(counted_rounds(metrics)) >= 2, 180, "two rounds")
-        time.sleep(0.5)
+        wait_for(lambda: issued_plan_round(ckpt) >= 3, 60, "round 3's plan")  # the lease precedes the plan
         server.send_signal(signal.SIGKILL)
         server.communicate(timeout=30)
         killed_after = counted_rounds(metrics)
-        issued = json.loads((ckpt / "issued.json").read_text())["plan_round"]
+        issued = issued_plan_round(ckpt)
         resumed = start_server(config, "--resume")
         out, err = resumed.communicate(timeout=240)
     finally:
