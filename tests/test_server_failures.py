@@ -1,6 +1,7 @@
 """Failures on the provisioned TLS broker (``fleet`` fixture): a device killed mid-step fails and
 the round counts (or not) by policy, without it in the aggregate; a broker restarted mid-round
-loses no step and applies none twice."""
+loses no step and applies none twice. A step re-sent after its reply was lost is answered again
+with the same gradient and trained once (a scripted device, so the path is taken every run)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from edge_runtime import protocol as p
 from server_runtime.config import parse_config
 from server_runtime.daemon import DaemonError, ServerDaemon
 from server_runtime.metrics import read_metrics
 from sflam.fleet import LocalFleet
+from test_server_concurrency import RUN, ScriptedDevice
 from test_server import config_text, counted_rounds, start_device, start_server, stop, wait_for, write_shards
 
 pytestmark = pytest.mark.broker
@@ -93,26 +96,46 @@ def test_round_below_minimum_completion_does_not_count(quick_bundle: Path, fleet
 def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_bundle: Path, fleet: LocalFleet,
                                                                          tmp_path: Path) -> None:
     # Prepare: two devices, three rounds of 4 epochs x 6 steps; the broker keeps nothing (persistence
-    # false), so the restart also wipes the retained plan, model and presence
+    # false), so the restart also wipes the retained plan, model and presence. dev-0's 30th server
+    # step (round 2, step 5) is held: its gradient cannot leave before the test lets it.
     shards = write_shards(tmp_path, 2, 96)
-    ckpt, config = tmp_path / "ckpt", tmp_path / "run.toml"
-    config.write_text(fleet_config(fleet, ckpt, training__rounds=3, training__devices_per_round=2,
-                                   training__local_epochs=4, round__deadline_s=90.0))
-    server = start_server(config)
+    cfg = parse_config(fleet_config(fleet, tmp_path / "ckpt", training__rounds=3, training__devices_per_round=2,
+                                    training__local_epochs=4, round__deadline_s=90.0))
+    daemon = ServerDaemon(cfg)
+    held, release, calls = threading.Event(), threading.Event(), []
+    step = daemon.trainer.step
+
+    def holding_step(device_id: str, *args, **kwargs):
+        if device_id == "dev-0":
+            calls.append(device_id)
+            if len(calls) == 30:
+                held.set()
+                release.wait(120)
+        return step(device_id, *args, **kwargs)
+
+    daemon.trainer.step = holding_step
+    errors: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _run_into(daemon, errors), daemon=True)
+    runner.start()
     devices = [start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, rounds=3,
                             extra=fleet.device_args(f"dev-{i}")) for i, shard in enumerate(shards)]
     try:
-        # Execute: restart the broker as soon as round 1 is in the log (round 2 is under way)
-        wait_for(lambda: counted_rounds(ckpt / "metrics.jsonl") == [1], 180, "round 1")
+        # Execute: with dev-0's step in flight, restart the broker; release the gradient only once
+        # dev-0 has reconnected and sent the step again (the server sees it as a duplicate)
+        wait_for(held.is_set, 180, "dev-0's held step")
+        duplicates = daemon.receiver.counters["duplicates"]
         fleet.broker.restart()
-        out, err = server.communicate(timeout=240)
+        wait_for(lambda: daemon.receiver.counters["duplicates"] > duplicates, 60, "dev-0 re-sending its step")
+        release.set()
+        runner.join(240)
         device_out = [d.communicate(timeout=60) for d in devices]
     finally:
-        stop([server, *devices])
+        release.set()
+        stop(devices)
     # Assert: every round counted with both devices, every step trained exactly once
-    assert server.returncode == 0, err[-3000:]
+    assert errors == [] and not runner.is_alive()
     assert all(d.returncode == 0 for d in devices), [e[-2000:] for _, e in device_out]
-    records = read_metrics(ckpt / "metrics.jsonl")
+    records = read_metrics(cfg.metrics_path)
     assert [(r["round"], r["counted"]) for r in records] == [(1, True), (2, True), (3, True)]  # no attempt lost
     for record in records:
         assert record["completed"] == ["dev-0", "dev-1"], record["failed"]
@@ -120,9 +143,59 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
             assert stats["steps"] == stats["device_steps"] == 4 * 6  # server-trained == device-taken
     summaries = [json.loads(o.split("sflam-device-summary ", 1)[1].splitlines()[0]) for o, _ in device_out]
     assert all(s["rounds"] == 3 for s in summaries)
-    # the restart was felt: both devices connected twice
+    # the restart was felt: both devices connected twice, and dev-0 re-sent the step in flight
     assert [s["connections"] for s in summaries] == [2, 2]
+    resent = [s["counters"].get("resent_activations", 0) for s in summaries]
+    assert resent[0] >= 1, summaries[0]["counters"]
     final = records[-1]["counters"]
-    resent = sum(s["counters"].get("resent_activations", 0) for s in summaries)
     print(f"broker restart: {len(records)} attempts, resent steps {resent}, server duplicates "
-          f"{final.get('receiver.duplicates', 0)}, re-answered {final.get('reanswered_steps', 0)}")
+          f"{final.get('receiver.duplicates', 0)}, re-answered {final.get('reanswered_steps', 0)}, "
+          f"duplicate gradients at the devices {[s['counters'].get('duplicate_gradients', 0) for s in summaries]}")
+
+
+def _run_into(daemon: ServerDaemon, errors: list[BaseException]) -> None:
+    try:
+        daemon.run()
+    except DaemonError as exc:
+        errors.append(exc)
+
+def next_gradient(device: ScriptedDevice, timeout_s: float) -> p.Gradient | None:
+    """The next Gradient on the device's down topic, read by a fresh Receiver (no duplicate filter)."""
+    fresh, deadline = p.Receiver(RUN), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        incoming = device.link.get(0.05)
+        if incoming is not None and incoming.topic == device.topics.down(device.id):
+            message = fresh.accept(incoming.payload, incoming.topic)
+            if isinstance(message, p.Gradient):
+                return message
+    return None
+
+
+def test_a_resent_step_is_answered_again_and_trained_once(broker, tmp_path: Path) -> None:
+    # Prepare: one scripted device in a one-round run
+    cfg = parse_config(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=1))
+    daemon = ServerDaemon(cfg)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    device = ScriptedDevice(broker.url, "a")
+    try:
+        plan = device.wait_for(p.RoundPlan, 30)
+        assert plan is not None
+        round_ = plan.envelope.round
+        device.activations(round_, daemon.trainer.tokens_shape)
+        first = next_gradient(device, 20)
+        # Execute: the device sends step 0 again, as it does when the gradient was lost on the way
+        device.activations(round_, daemon.trainer.tokens_shape)
+        again = next_gradient(device, 20)
+        device.update(round_, daemon.trainer.device_weights())
+        runner.join(60)
+    finally:
+        device.link.close()
+    # Assert: the same reply came back, the step was trained once, the run ended normally
+    assert first is not None and again is not None
+    assert (again.envelope.round, again.envelope.step) == (first.envelope.round, first.envelope.step) == (round_, 0)
+    assert again.tensor == first.tensor and again.loss == first.loss
+    assert not runner.is_alive() and daemon.round == 1
+    (record,) = read_metrics(cfg.metrics_path)
+    assert record["counted"] and record["devices"]["a"]["steps"] == 1
+    assert record["counters"]["reanswered_steps"] == 1 and record["counters"]["receiver.duplicates"] == 1
