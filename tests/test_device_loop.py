@@ -3,7 +3,8 @@
 The harness replays every gradient it sends through ``NumpyBackend.train_step`` and checks each
 activation against its own replayed weights, so the final weights prove that every gradient was
 applied once, in order. The device runs as a subprocess (``python -m sflam device``) that reports
-whether torch entered its ``sys.modules``.
+whether torch entered its ``sys.modules``; every backend (numpy reference, ONNX Runtime, LiteRT)
+trains a round that way.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ def data_file(tmp_path: Path) -> Path:
     return path
 
 
-def expected_batches(bundle: Path, data_file: Path, round_: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The device's batches, rebuilt with its documented seeding (seed, round, 0, epoch)."""
+def expected_batches(bundle: Path, data_file: Path, round_: int,
+                     drop_last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The device's batches, rebuilt with its documented seeding (seed, round, 0, epoch); a
+    fixed-batch backend (LiteRT) drops the ragged last one."""
     data = load_data(f"npz:{data_file}", Preprocess.from_device_json(json.loads((bundle / "device.json").read_text())))
     out = []
     for epoch in range(EPOCHS):
-        out += list(data.batches(BATCH, np.random.default_rng((SEED, round_, 0, epoch))))
+        out += list(data.batches(BATCH, np.random.default_rng((SEED, round_, 0, epoch)), drop_last=drop_last))
     return out
 
 
@@ -135,20 +138,22 @@ class ServerPeer:
 
 
 def run_device(bundle: Path, broker, data_file: Path, max_frame_bytes: int,
-               extra: tuple[str, ...] = ("--meter", "estimate")) -> subprocess.Popen:
+               extra: tuple[str, ...] = ("--meter", "estimate"), backend: str = "numpy") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker.url,
-           "--device-id", DEVICE, "--data", f"npz:{data_file}", "--backend", "numpy", "--run-id", RUN,
+           "--device-id", DEVICE, "--data", f"npz:{data_file}", "--backend", backend, "--run-id", RUN,
            "--rounds", "1", "--seed", str(SEED), "--max-frame-bytes", str(max_frame_bytes), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def round_trip(bundle: Path, broker, data_file: Path, restart_at_step: int | None,
-               max_frame_bytes: int, extra: tuple[str, ...] = ("--meter", "estimate")) -> tuple[ServerPeer, dict]:
-    peer = ServerPeer(broker, load_weights(bundle), expected_batches(bundle, data_file, 1), restart_at_step)
+               max_frame_bytes: int, extra: tuple[str, ...] = ("--meter", "estimate"),
+               backend: str = "numpy") -> tuple[ServerPeer, dict]:
+    batches = expected_batches(bundle, data_file, 1, drop_last=backend == "litert")
+    peer = ServerPeer(broker, load_weights(bundle), batches, restart_at_step)
     thread = threading.Thread(target=peer.serve, daemon=True)
     thread.start()
-    device = run_device(bundle, broker, data_file, max_frame_bytes, extra)
+    device = run_device(bundle, broker, data_file, max_frame_bytes, extra, backend)
     out, err = device.communicate(timeout=60)
     thread.join(10)
     assert device.returncode == 0, err[-3000:]
@@ -156,8 +161,10 @@ def round_trip(bundle: Path, broker, data_file: Path, restart_at_step: int | Non
     return peer, json.loads(line.split(" ", 1)[1])
 
 
-def check_round(peer: ServerPeer, summary: dict) -> None:
-    steps = EPOCHS * -(-NUM_SAMPLES // BATCH)
+def check_round(peer: ServerPeer, summary: dict, backend: str = "numpy") -> None:
+    per_epoch = NUM_SAMPLES // BATCH if backend == "litert" else -(-NUM_SAMPLES // BATCH)
+    steps = EPOCHS * per_epoch
+    assert summary["backend"] == backend
     assert peer.errors == []
     assert peer.update is not None
     assert sorted(set(peer.steps_seen)) == list(range(steps))
@@ -168,16 +175,22 @@ def check_round(peer: ServerPeer, summary: dict) -> None:
     tel = peer.update.telemetry
     assert tel.steps == steps and tel.energy_j > 0 and tel.energy_source == "estimated"
     assert tel.bytes_sent > 0 and tel.bytes_received > 0
-    assert peer.update.num_samples == NUM_SAMPLES
+    assert peer.update.num_samples == min(per_epoch * BATCH, NUM_SAMPLES)
     assert summary["torch_loaded"] is False
     # every gradient was sent twice; the last copy may arrive after the device has finished
     assert summary["counters"]["duplicate_gradients"] >= peer.doubled - 1
 
 
-def test_one_round(bundle: Path, broker, data_file: Path) -> None:
-    peer, summary = round_trip(bundle, broker, data_file, restart_at_step=None, max_frame_bytes=1500)
-    check_round(peer, summary)
-    assert peer.steps_seen == list(range(EPOCHS * 3))  # every step exactly once, in order
+@pytest.mark.parametrize("backend", ["numpy", "onnx", "litert"])
+def test_one_round(backend: str, bundle: Path, quick_tflite_bundle: Path, broker, data_file: Path) -> None:
+    # Prepare: the LiteRT backend runs the TFLite bundle (fixed batch), the others the ONNX one
+    artifacts = quick_tflite_bundle if backend == "litert" else bundle
+    # Execute: one round in a device process, activations in 1500-byte frames
+    peer, summary = round_trip(artifacts, broker, data_file, restart_at_step=None, max_frame_bytes=1500,
+                               backend=backend)
+    # Assert: the harness's replay of every gradient matches the device's weights; no torch loaded
+    check_round(peer, summary, backend)
+    assert peer.steps_seen == list(range(len(peer.batches)))  # every step exactly once, in order
     assert peer.receiver.counters["duplicates"] == 0
     assert peer.receiver.counters["chunks"] > 0  # 1500-byte frames: activations travel chunked
 
