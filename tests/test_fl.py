@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edge_runtime import protocol as p
+from edge_runtime.data import Preprocess, preprocess
 from edge_runtime.mqtt import LinkConfig, MqttLink
 from server_runtime.checkpoint import create_model
 from server_runtime.config import ConfigError, parse_config
+from server_runtime.data import load_dataset
 from server_runtime.metrics import read_metrics
 from server_runtime.run_state import load_run_state
 from server_runtime.trainer import StepError
@@ -154,7 +157,6 @@ def test_server_in_fl_mode_averages_what_two_fl_devices_upload(quick_bundle: Pat
     assert [r["mode"] for r in records] == ["fl", "fl"]
     model_bytes = 4 * sum(t.numel() for t in create_model(PRESET, num_classes=10).state_dict().values())
     for record in records:
-        assert isinstance(record["accuracy"], float) and 0.0 <= record["accuracy"] <= 1.0
         assert record["completed"] == ["dev-0", "dev-1"] and record["failed"] == {}, (record["selected"], record["failed"], record["counters"])
         for figures in record["devices"].values():
             assert figures["bytes_up"] >= model_bytes and figures["steps"] == 0
@@ -177,3 +179,17 @@ def test_server_in_fl_mode_averages_what_two_fl_devices_upload(quick_bundle: Pat
     expected = weighted_mean(updates[second])
     for name, value in final.model.items():
         np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    # Assert: the accuracy logged for round 2 is the final averaged model's on the held-out digits
+    assert records[-1]["accuracy"] == pytest.approx(held_out_accuracy(final.model), abs=1e-9)
+
+
+def held_out_accuracy(state: dict[str, torch.Tensor]) -> float:
+    """Accuracy of a global model on the digits test split, computed here, not by the server."""
+    model = create_model(PRESET, num_classes=10)
+    model.load_state_dict(state)
+    model.eval()
+    test = load_dataset("digits", seed=0).test
+    spec = Preprocess(model.config.img_size, tuple(model.config.mean), tuple(model.config.std))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(preprocess(test.images, spec)))
+    return float((logits.argmax(dim=1).numpy() == test.labels).mean())
