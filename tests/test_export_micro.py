@@ -1,7 +1,9 @@
 """The full-int8 TFLite Micro artifact: runs in tflite_micro, matches torch, refuses what cannot fit.
 
-The reference is ``export.graphs.ForwardGraph`` on the same pixels and noise, and the decode rule
-is written out here from the documented contract, so a change of either shows up.
+The reference is computed here: the model's patch embedding (``server_runtime.vit.PatchEmbed``)
+on the normalized pixels, quantized by the numpy reference quantizer (``edge_runtime.quantize``)
+with the same noise; the decode rule is written out here from the documented contract, so a
+change of either shows up.
 """
 
 from __future__ import annotations
@@ -9,20 +11,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import ai_edge_quantizer  # noqa: F401  (the exporter's quantizer: required, so fail here when absent)
+import litert_torch  # noqa: F401  (the exporter's converter)
 import numpy as np
 import pytest
 import torch
+from tflite_micro.python.tflite_micro import runtime
+from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType
 
-pytest.importorskip("litert_torch")
-pytest.importorskip("ai_edge_quantizer")
-runtime = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
-
-from export import micro_export  # noqa: E402
-from export.artifact import ExportError, ExportRefused  # noqa: E402
-from export.graphs import ForwardGraph  # noqa: E402
-from firmware_profiles import load_profile  # noqa: E402
-from server_runtime.presets import get_preset  # noqa: E402
-from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType  # noqa: E402
+from edge_runtime.quantize import encode_codes, ranges
+from export import micro_export
+from export.artifact import ExportError, ExportRefused
+from firmware_profiles import load_profile
+from server_runtime.presets import get_preset
+from server_runtime.vit import PatchEmbed
 
 CASES = {  # name: (preset, profile, export settings)
     "quick-8bit-tensor": ("vit_quick_patch4_16", "stm32h7", {}),
@@ -82,19 +84,24 @@ def _run_and_decode(interpreter, pixels: np.ndarray, noise: np.ndarray):
     return codes.astype(np.int32) + 128, lo, hi, scale
 
 
-def _torch(config, weight, bias, pixels, noise, levels, per):
-    """ForwardGraph's codes, lo, hi (as (B, N, 1)) and the float tokens."""
-    mean = torch.tensor(config.mean).reshape(1, -1, 1, 1)
-    std = torch.tensor(config.std).reshape(1, -1, 1, 1)
-    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - mean) / std
-    u = (torch.from_numpy(noise.astype(np.float32)) + 128) / 256
-    weights = torch.from_numpy(weight), torch.from_numpy(bias)
+def _reference(config, weight, bias, pixels, noise, bits, per):
+    """The reference quantizer's codes, lo, hi (shaped as the micro outputs) and the model's tokens.
+
+    Tokens: the model's patch embedding on (pixels - mean) / std; u = (noise + 128) / 256.
+    """
+    mean = np.asarray(config.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(config.std, np.float32).reshape(1, -1, 1, 1)
+    images = np.ascontiguousarray((pixels.transpose(0, 3, 1, 2) - mean) / std)
+    embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, config.embed_dim)
     with torch.no_grad():
-        settings = torch.tensor(float(levels)), torch.tensor(float(per == "token"))
-        codes, lo, hi = ForwardGraph()(images, *weights, u, *settings)
-        tokens = torch.nn.functional.conv2d(images, *weights, stride=weight.shape[-1])
-    tokens = tokens.flatten(2).transpose(1, 2)
-    return codes.numpy().astype(np.int32), lo.numpy(), hi.numpy(), tokens.numpy()
+        embed.proj.weight.copy_(torch.from_numpy(weight))
+        embed.proj.bias.copy_(torch.from_numpy(bias))
+        tokens = embed(torch.from_numpy(images)).numpy()
+    u = (noise.astype(np.float32) + 128) / 256
+    lo, hi = ranges(tokens, per)
+    codes = encode_codes(tokens, lo, hi, bits, u, per).reshape(tokens.shape).astype(np.int32)
+    shape = (1, 1, 1) if per == "tensor" else (*tokens.shape[:2], 1)
+    return codes, lo.reshape(shape), hi.reshape(shape), tokens
 
 
 def test_artifact_is_a_frozen_int8_forward_with_sizes(exported):
@@ -106,8 +113,6 @@ def test_artifact_is_a_frozen_int8_forward_with_sizes(exported):
     assert artifact.extra["model_bytes"] > config.embed_dim * config.in_chans * config.patch_size**2
     assert artifact.extra["model_bytes"] <= profile.memory.flash_bytes
     assert 0 < artifact.extra["arena_bytes"] <= micro_export.ram_budget_bytes(profile)
-    assert artifact.parity["value_max_err_resolutions"] <= micro_export.VALUE_TOLERANCE
-    assert 0 <= artifact.parity["codes_within_1"] <= 1
 
 
 def test_inputs_outputs_and_every_tensor_are_integer(exported):
@@ -128,33 +133,41 @@ def test_inputs_outputs_and_every_tensor_are_integer(exported):
 
 
 def test_matches_torch_for_several_noise_draws(exported):
+    # Prepare
     config, weight, bias, _, settings, artifact = exported
     bits, per, batch = settings.get("bits", 8), settings.get("per", "tensor"), settings.get("batch", 1)
     levels = 2**bits - 1
     interpreter = _interpreter(artifact)
     rng = np.random.default_rng(123)
-    diffs, value_errs = [], []
+    runs = []
+    # Execute: fresh pixels and noise bytes, the same in tflite_micro and in the reference
     for _ in range(4):
         pixels, noise = _pixels(config, batch, rng), _noise(config, batch, rng)
         codes, lo, hi, step = _run_and_decode(interpreter, pixels, noise)
-        ref_codes, ref_lo, ref_hi, _ = _torch(config, weight, bias, pixels, noise, levels, per)
-        if per == "tensor":
-            ref_lo, ref_hi = ref_lo[:1, :1], ref_hi[:1, :1]
-        assert codes.min() >= 0 and codes.max() <= levels
-        assert np.abs(lo - ref_lo).max() <= micro_export.RANGE_TOLERANCE_STEPS * step
-        assert np.abs(hi - ref_hi).max() <= micro_export.RANGE_TOLERANCE_STEPS * step
+        ref_codes, ref_lo, ref_hi, _ = _reference(config, weight, bias, pixels, noise, bits, per)
         resolution = np.maximum((ref_hi - ref_lo) / levels, step)
         value, ref_value = lo + (hi - lo) / levels * codes, ref_lo + (ref_hi - ref_lo) / levels * ref_codes
-        value_errs.append((np.abs(value - ref_value) / resolution).ravel())
-        diffs.append((codes - ref_codes).ravel())
-    diff, value_err = np.concatenate(diffs), np.concatenate(value_errs)
-    within_one = float(np.mean(np.abs(diff) <= 1))
-    print(f"\ncodes within +-1 {within_one:.4f}, max |diff| {np.abs(diff).max()}, "
-          f"max value error {value_err.max():.2f} resolutions")
+        runs.append({
+            "codes": codes, "diff": codes - ref_codes, "value_err": np.abs(value - ref_value) / resolution,
+            "range_err": np.abs(np.concatenate([lo - ref_lo, hi - ref_hi])) / step,
+        })
+    keys = ("codes", "diff", "value_err", "range_err")
+    codes, diff, value_err, range_err = (np.concatenate([r[k].ravel() for r in runs]) for k in keys)
+    within_one, exact = float(np.mean(np.abs(diff) <= 1)), float(np.mean(diff == 0))
+    print(f"\ncodes within +-1 {within_one:.4f}, equal {exact:.4f}, max |diff| {np.abs(diff).max()}, "
+          f"max value error {value_err.max():.2f} resolutions, max range error {range_err.max():.2f} steps")
+    # Assert
+    assert codes.min() >= 0 and codes.max() <= levels
+    assert range_err.max() <= micro_export.RANGE_TOLERANCE_STEPS
     assert value_err.max() <= micro_export.VALUE_TOLERANCE
     # below 8 bits delta spans >= 2 int8 token steps and codes agree within one; at 8 bits the
     # token grid limits agreement (documented), most codes still agree within one
     assert within_one >= (0.99 if bits < 8 else 0.8)
+    if bits < 8:  # with the same u, codes differ only where the int8 tokens cross a code boundary:
+        assert exact >= 0.9  # 0.96 measured; noise ignored or mapped otherwise than (n + 128) / 256: <= 0.75
+    # the parity the exporter recorded (on its own calibration images) is what the artifact does
+    assert abs(artifact.parity["codes_within_1"] - within_one) <= 0.05
+    assert value_err.max() / 2 <= artifact.parity["value_max_err_resolutions"] <= 2 * value_err.max()
 
 
 def test_noise_moves_codes_and_averages_to_the_tokens(tmp_path):
@@ -172,7 +185,7 @@ def test_noise_moves_codes_and_averages_to_the_tokens(tmp_path):
         codes, lo, hi, step = _run_and_decode(interpreter, pixels, _noise(config, 1, rng))
         values.append(lo + (hi - lo) / 7 * codes)
     values = np.stack(values)
-    tokens = _torch(config, weight, bias, pixels, _noise(config, 1, rng), 7, "tensor")[3]
+    tokens = _reference(config, weight, bias, pixels, _noise(config, 1, rng), 3, "tensor")[3]
     delta = float((hi - lo).ravel()[0]) / 7
     assert (values.std(axis=0) > 0).mean() > 0.9  # the noise input moves codes
     error = np.abs(values.mean(axis=0) - tokens)  # unbiased up to the int8 token grid
