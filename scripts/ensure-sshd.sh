@@ -2,7 +2,8 @@
 # Make sure an sshd binary is available for the `sflam flash` end-to-end test, which starts its
 # own sshd on a free 127.0.0.1 port. Installs openssh-server when missing (as root, with apt-get)
 # and stops any system sshd the package starts: nothing may listen on port 22 afterwards.
-# Never fails the build; without sshd the ssh flash test skips and says why.
+# Never fails set-up itself; without sshd the ssh flash tests fail and say why (the suite allows no
+# skips but CUDA-only ones).
 set -u
 if [ -x /usr/sbin/sshd ]; then
   echo "==> sshd: found"
@@ -24,5 +25,5 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     exit 0
   fi
 fi
-echo "==> sshd: unavailable; the ssh flash test will be skipped"
+echo "==> sshd: unavailable; the ssh flash tests will fail (they need /usr/sbin/sshd)"
 exit 0

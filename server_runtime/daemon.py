@@ -14,7 +14,6 @@ device that already tried plan round r therefore joins the retry r' > r like any
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import threading
 import time
@@ -73,9 +72,6 @@ class ServerDaemon:
                              num_classes=self.eval_set.num_classes, seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
         self.trainer = SplitTrainer(model, cfg.training.mode, spec, device, use_bf16(cfg.compute.amp, device))
-        if cfg.quant.bits == "auto" and importlib.util.find_spec("allocator.bcd") is None:
-            raise DaemonError("quant.bits = \"auto\" needs the allocation solver (allocator.bcd), which is not "
-                              "built yet; set a fixed bit-width (1-8, 16 or 32)")
         self.auto = AutoAllocation(cfg, model.config) if cfg.quant.bits == "auto" else None
         self.allocation = self.auto or FixedAllocation(int(cfg.quant.bits), cfg.quant.gradient_bits,
                                                        cfg.quant.per_token, cfg.round.total_bandwidth_hz)

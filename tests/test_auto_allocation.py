@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ from server_runtime.metrics import read_metrics
 from server_runtime.presets import get_preset
 from test_server import config_text, start_device, start_server, stop, write_shards
 
-needs_solver = pytest.mark.skipif(importlib.util.find_spec("allocator.bcd") is None,
-                                  reason="allocator.bcd (the solver) is not written yet")
 AUTO = '[quant]\nbits = "auto"\n[training]\nlocal_epochs = 2\n'
 
 
@@ -79,7 +76,6 @@ def test_uncalibrated_devices_come_from_their_profiles() -> None:
     assert set(problem.params.allowed_bits) == {2, 3, 4, 5, 6, 7, 8}
 
 
-@needs_solver
 def test_allocate_returns_a_feasible_allocation_per_device() -> None:
     auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
     registry = registry_with(("a", "raspberry-pi-5", 300), ("b", "raspberry-pi-5", 300), ("c", "jetson-orin-nano", 300))
@@ -91,7 +87,6 @@ def test_allocate_returns_a_feasible_allocation_per_device() -> None:
     assert auto.summary()["status"] in ("optimal", "feasible")
 
 
-@needs_solver
 @pytest.mark.broker
 def test_server_with_bits_auto_trains_over_the_broker(quick_bundle: Path, broker, tmp_path: Path) -> None:
     shards = write_shards(tmp_path, 3, 160)
