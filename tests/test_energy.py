@@ -164,10 +164,16 @@ def test_jetson_threaded_sampling_integrates_constant_power(tmp_path: Path) -> N
     jetson_tree(tmp_path, {1: ("VDD_IN", 5000, 1000)})  # 5 W
     meter = JetsonMeter(tmp_path, period_s=0.01)
     meter.start()
-    energy_base.threading.Event().wait(0.1)
+    sampled = energy_base.threading.Event()
+    for _ in range(1000):  # until the sampling thread has taken 3 samples (a 10 s guard)
+        with meter._lock:
+            if len(meter._samples) >= 3:
+                sampled.set()
+                break
+        sampled.wait(0.01)
     reading = meter.stop()
-    assert reading.energy_j == pytest.approx(5.0 * reading.seconds, rel=1e-6)
-    assert reading.seconds >= 0.09
+    assert sampled.is_set()
+    assert reading.seconds > 0 and reading.energy_j == pytest.approx(5.0 * reading.seconds, rel=1e-6)
     assert int(reading.source.rsplit("(", 1)[1].split()[0]) >= 3  # the thread did sample
 
 

@@ -114,6 +114,9 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
         return step(device_id, *args, **kwargs)
 
     daemon.trainer.step = holding_step
+    resent_by: list[str] = []  # the sender of every duplicate step the server saw
+    reanswer = daemon._reanswer
+    daemon._reanswer = lambda envelope: (resent_by.append(envelope.device_id), reanswer(envelope))
     errors: list[BaseException] = []
     runner = threading.Thread(target=lambda: _run_into(daemon, errors), daemon=True)
     runner.start()
@@ -123,9 +126,8 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
         # Execute: with dev-0's step in flight, restart the broker; release the gradient only once
         # dev-0 has reconnected and sent the step again (the server sees it as a duplicate)
         wait_for(held.is_set, 180, "dev-0's held step")
-        duplicates = daemon.receiver.counters["duplicates"]
         fleet.broker.restart()
-        wait_for(lambda: daemon.receiver.counters["duplicates"] > duplicates, 60, "dev-0 re-sending its step")
+        wait_for(lambda: "dev-0" in resent_by, 60, "dev-0 re-sending its step")
         release.set()
         runner.join(240)
         device_out = [d.communicate(timeout=60) for d in devices]

@@ -127,10 +127,10 @@ class Receiver:
 
     def accept(self, data: bytes, topic: str | None = None) -> m.Message | None:
         """The message in ``data``, None when there is nothing to act on, or a ProtocolError."""
+        self.last_duplicate = None
         if not data:  # an empty publish clears a retained topic: not an error
             self.counters["empty"] += 1
             return None
-        self.last_duplicate = None
         try:
             message = self._receive(data, topic)
         except ProtocolError as exc:
