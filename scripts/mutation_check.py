@@ -64,6 +64,11 @@ MUTANTS = (
            "            self.counters[\"reanswered_steps\"] += 1\n            raise RuntimeError(\"planted\")\n",
            ("tests/test_server_failures.py", "-k", "resent_step"),
            "the server's re-answer of a re-sent step raises"),
+    Mutant("resend-crashes", "server_runtime/daemon.py",
+           "    def _resend(self, reply: p.Gradient) -> None:\n",
+           "    def _resend(self, reply: p.Gradient) -> None:\n        raise RuntimeError(\"planted\")\n",
+           ("tests/test_server_failures.py", "-k", "resent_step"),
+           "the worker that sends a re-answered gradient raises"),
     # -- the same kinds of bug in the other modules the suite must guard
     Mutant("litert-backend-imports-torch", "edge_runtime/backends/litert_backend.py",
            "        names = self._io[sig]\n", "        import torch  # noqa: F401\n        names = self._io[sig]\n",
