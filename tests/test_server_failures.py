@@ -31,6 +31,13 @@ def fleet_config(fleet: LocalFleet, ckpt: Path, **overrides: object) -> str:
     return config_text(fleet.url, ckpt, **login, **overrides)
 
 
+def _run_into(daemon: ServerDaemon, errors: list[BaseException]) -> None:
+    """Run the daemon (on a test thread), keeping a DaemonError for the test to check."""
+    try:
+        daemon.run()
+    except DaemonError as exc:
+        errors.append(exc)
+
 def run_with_a_killed_device(quick_bundle: Path, fleet: LocalFleet, tmp_path: Path, min_completed: float):
     """Two devices in one round; dev-1 is SIGKILLed once it has had a few steps served."""
     shards = write_shards(tmp_path, 2, 96)
@@ -43,14 +50,7 @@ def run_with_a_killed_device(quick_bundle: Path, fleet: LocalFleet, tmp_path: Pa
     finish = daemon.trainer.finish_round
     daemon.trainer.finish_round = lambda updates: (aggregated.append(sorted(updates)), finish(updates))[1]
     errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            daemon.run()
-        except DaemonError as exc:
-            errors.append(exc)
-
-    runner = threading.Thread(target=serve, daemon=True)
+    runner = threading.Thread(target=_run_into, args=(daemon, errors), daemon=True)
     runner.start()
     devices = [start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, extra=fleet.device_args(f"dev-{i}"))
                for i, shard in enumerate(shards)]
@@ -118,7 +118,7 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
     reanswer = daemon._reanswer
     daemon._reanswer = lambda envelope: (resent_by.append(envelope.device_id), reanswer(envelope))
     errors: list[BaseException] = []
-    runner = threading.Thread(target=lambda: _run_into(daemon, errors), daemon=True)
+    runner = threading.Thread(target=_run_into, args=(daemon, errors), daemon=True)
     runner.start()
     devices = [start_device(quick_bundle, fleet.url, f"dev-{i}", shard, seed=i, rounds=3,
                             extra=fleet.device_args(f"dev-{i}")) for i, shard in enumerate(shards)]
@@ -154,12 +154,6 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
           f"{final.get('receiver.duplicates', 0)}, re-answered {final.get('reanswered_steps', 0)}, "
           f"duplicate gradients at the devices {[s['counters'].get('duplicate_gradients', 0) for s in summaries]}")
 
-
-def _run_into(daemon: ServerDaemon, errors: list[BaseException]) -> None:
-    try:
-        daemon.run()
-    except DaemonError as exc:
-        errors.append(exc)
 
 def next_gradient(device: ScriptedDevice, timeout_s: float) -> p.Gradient | None:
     """The next Gradient on the device's down topic, read by a fresh Receiver (no duplicate filter)."""
