@@ -1,4 +1,4 @@
-"""The comparison points of DESIGN.md section 5, scored by the same system model as the solver.
+"""The comparison points of docs/allocator.md, scored by the same system model as the solver.
 
 - ``fixed``: 8 bits, max power, equal bandwidth (what the server did before the allocator).
 - ``fp32_sfl``: split federated learning sending float32 activations, max power, equal bandwidth.

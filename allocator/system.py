@@ -1,4 +1,4 @@
-"""The per-round latency/energy model of DESIGN.md section 5, vectorized over devices.
+"""The per-round latency/energy model of docs/allocator.md, vectorized over devices.
 
 Every public value is SI (Hz, W, s, bit, J). A :class:`Fleet` is a struct of arrays, one entry
 per selected device; :class:`SystemParams` holds what all devices share; an :class:`Allocation`

@@ -1,4 +1,4 @@
-"""Quantizer throughput as a ratio to ``np.copy`` of the same float32 array (DESIGN.md section 4).
+"""Quantizer throughput as a ratio to ``np.copy`` of the same float32 array (docs/protocol.md section 5).
 
 For a ViT-B/32 device output (B, 49, 768) and each bit-width and granularity, times the numpy
 reference ``quantize`` (noise drawn + codes + packing) and ``dequantize`` (unpacking + decoding)

@@ -1,4 +1,4 @@
-"""Uplink bytes on the wire against the ideal d*q/8 + label bytes (DESIGN.md sections 3 and 5).
+"""Uplink bytes on the wire against the ideal d*q/8 + label bytes (docs/protocol.md, docs/allocator.md).
 
 For each model, granularity, bit-width and batch size, encodes a real ``Activations`` message
 (stochastically quantized activations, uint8 labels) with the sflam codec, adds the MQTT 5

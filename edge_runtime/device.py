@@ -7,7 +7,7 @@ is applied at most once (``applied`` set plus the Receiver's duplicate filter). 
 plan's ``batch_size``; a LiteRT backend has a fixed batch (device.json) and then a ragged last
 batch is dropped. ``num_samples`` is the number of distinct samples trained in an epoch.
 
-Telemetry energy = compute + radio (DESIGN.md sections 5 and 7):
+Telemetry energy = compute + radio (docs/allocator.md, docs/profiles.md):
 
 - compute: an energy meter (``--meter``, ``edge_runtime.energy.open_meter``) spans each round's
   training loop (forward, exchanges, train steps; the RoundUpdate publish is not inside it).

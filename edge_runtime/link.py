@@ -1,4 +1,4 @@
-"""The uplink of the system model (DESIGN.md section 5) and a token bucket that emulates it.
+"""The uplink of the system model (docs/allocator.md) and a token bucket that emulates it.
 
 ``uplink_rate_bps`` is r = B log2(1 + p h / (N0 B)); ``channel_gain_from_distance`` is the
 3GPP-style path loss 128.1 + 37.6 log10(d / km) dB as a linear gain; N0 defaults to -174 dBm/Hz.

@@ -35,7 +35,7 @@ BATCH_OUTPUTS = frozenset({"tokens", "codes", "lo", "hi"})
 EMBED_TOLERANCE = 1e-5
 RANGE_TOLERANCE = 1e-5  # lo / hi of the quantizer
 TRAIN_STEP_TOLERANCE = 1e-5
-CODE_MAX_DIFF = 1  # runtimes may disagree by one code on boundary values (DESIGN.md section 4)
+CODE_MAX_DIFF = 1  # runtimes may disagree by one code on boundary values (docs/export.md section 6)
 CODE_MISMATCH_FRACTION = 1e-3  # ... and only on this fraction of the codes (at least one allowed)
 
 LEVELS = (1.0, 15.0, 255.0)  # q = 1, 4, 8 bits

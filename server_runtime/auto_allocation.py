@@ -2,7 +2,7 @@
 
 Before a device has reported, its model comes from its firmware profile (clock, effective
 capacitance, cycles per MAC, maximum transmit power) and a path-loss channel at
-``allocator.default_distance_m``. Each RoundUpdate then recalibrates it (DESIGN.md section 5):
+``allocator.default_distance_m``. Each RoundUpdate then recalibrates it (docs/allocator.md):
 
 - cycles per sample  = measured compute time x f / samples, so the model's T_cmp is the measured one;
 - kappa              = (energy - tx power x uplink time) / (cycles x f^2), the compute share of the energy;

@@ -1,4 +1,4 @@
-"""``sflam server``: the long-running trainer daemon (DESIGN.md sections 1-3).
+"""``sflam server``: the long-running trainer daemon (docs/server.md, docs/architecture.md).
 
 Every round: wait until enough devices are online, select K of them (seeded), allocate, publish
 the global device weights and the plan (retained), serve every activation batch on a worker

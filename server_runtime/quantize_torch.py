@@ -74,7 +74,7 @@ def fake_quantize(
     """What the server would see after quantize + dequantize, as float32 on x's device, unpacked.
 
     Straight-through for autograd: the gradient w.r.t. the output passes to ``x`` unchanged
-    (cast to x's dtype), as the device applies it to its unquantized output (DESIGN.md 1).
+    (cast to x's dtype), as the device applies it to its unquantized output (docs/protocol.md section 5).
     """
     return _StraightThrough.apply(x, bits, per, generator, stochastic, noise)
 

@@ -3,7 +3,7 @@
 One call writes, into a new directory: a CA and a server certificate signed by it (ECDSA P-256),
 a random password per device and for the server, mosquitto's password file (``$7$`` PBKDF2-SHA512,
 hashed here so ``mosquitto_passwd`` is not needed), an ACL that confines each device to its own
-topics (DESIGN.md section 3), a ``mosquitto.conf`` with one TLS listener and no anonymous access,
+topics (docs/protocol.md section 1), a ``mosquitto.conf`` with one TLS listener and no anonymous access,
 a ``fleet.json`` manifest and a README with the commands. docs/security.md has the threat model.
 Everything is generated in memory first, then written; secrets are created 0600 (never widened).
 """

@@ -6,7 +6,7 @@ Two kinds of figures, kept apart because they answer different questions:
   the devices' reported compute and (emulated) uplink time and energy, the server's step time and
   the downlink time. On one machine every device's compute runs on the same CPU, so measured
   compute time is this host's, not the profile's.
-- **modeled**, by the allocator's system model (DESIGN.md section 5) on the run's own scenario
+- **modeled**, by the allocator's system model (docs/allocator.md) on the run's own scenario
   (``scenario.json``: each device's profile, channel and sample count): the round latency and the
   device energy the scheme costs on the hardware and radios it emulates. Every scheme is scored by
   the same model, which is what makes the comparison across schemes fair.

@@ -1,4 +1,4 @@
-"""The allocator's system model (DESIGN.md section 5) against hand computations for one device."""
+"""The allocator's system model (docs/allocator.md) against hand computations for one device."""
 
 from __future__ import annotations
 

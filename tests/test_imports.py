@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md section 2: the device side never pulls in torch."""
+"""The import rules of docs/architecture.md: the device side never pulls in torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance tests of the reference (numpy) quantizer, DESIGN.md section 4."""
+"""Acceptance tests of the reference (numpy) quantizer, docs/protocol.md section 5."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def test_same_noise_gives_the_reference_codes_and_ranges(bits: int, per: str) ->
     # Execute
     reference = quantize(x, bits, per=per, noise=noise)
     twin = quantize_torch(torch.from_numpy(x), bits, per=per, noise=torch.from_numpy(noise))
-    # Assert: DESIGN allows +-1 code on boundary values; on CPU the twin is exact
+    # Assert: docs/export.md section 6 allows +-1 code on boundary values; on CPU the twin is exact
     assert _mismatches(reference, twin) == 0
     assert twin == reference  # bits, shape, per, lo, hi and the packed payload
     assert twin.lo.dtype == twin.hi.dtype == np.float32
@@ -220,7 +220,7 @@ def test_cuda_twin_matches_the_reference(bits: int, per: str) -> None:
     # Execute
     twin = quantize_torch(torch.from_numpy(x).cuda(), bits, per=per, noise=torch.from_numpy(noise).cuda())
     reference = quantize(x, bits, per=per, noise=noise)
-    # Assert: at most +-1 code on at most 0.1% of elements (DESIGN section 4); decode exact
+    # Assert: at most +-1 code on at most 0.1% of elements (docs/export.md section 6); decode exact
     assert _mismatches(reference, twin) <= x.size // 1000
     assert np.array_equal(twin.lo, reference.lo) and np.array_equal(twin.hi, reference.hi)
     assert _bits_of(dequantize_torch(twin, "cuda")) == _bits_of(dequantize(twin))

@@ -1,4 +1,4 @@
-"""MQTT topics are exactly DESIGN.md's table, and the receiver filters what arrives on them."""
+"""MQTT topics are exactly docs/protocol.md's table, and the receiver filters what arrives on them."""
 
 from __future__ import annotations
 

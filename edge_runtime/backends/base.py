@@ -25,7 +25,7 @@ class BackendError(RuntimeError):
 
 
 class Backend(Protocol):
-    """The three device graphs of DESIGN.md section 6 (see ``export.graphs`` for the math)."""
+    """The three device graphs of docs/export.md section 3 (see ``export.graphs`` for the math)."""
 
     name: str
 

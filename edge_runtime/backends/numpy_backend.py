@@ -69,7 +69,7 @@ def quantize_codes(
 
 
 class NumpyBackend:
-    """The device graphs of DESIGN.md section 6 in numpy (float32)."""
+    """The device graphs of docs/export.md section 3 in numpy (float32)."""
 
     name = "numpy"
 

@@ -1,7 +1,6 @@
 """Energy meters: RAPL, Jetson INA3221, Android battery, and a profile-based estimator.
 
-Each reading is labelled ``measured`` or ``estimated`` and is never a silent zero (DESIGN.md
-section 7). Readers take a sysfs ``root`` so tests can point them at a fixture tree.
+Each reading is labelled ``measured`` or ``estimated`` and is never a silent zero (docs/profiles.md). Readers take a sysfs ``root`` so tests can point them at a fixture tree.
 """
 
 from edge_runtime.energy.android import AndroidMeter

@@ -1,6 +1,6 @@
 """The fallback when no power monitor is readable: energy from CPU time and the device profile.
 
-E = kappa * cycles * f^2 (DESIGN.md section 5) with cycles = CPU seconds * f, where CPU seconds
+E = kappa * cycles * f^2 (docs/allocator.md) with cycles = CPU seconds * f, where CPU seconds
 is this process's user + system time over the interval (``time.process_time``, every thread and
 so every core included) and f, kappa are the profile's ``compute.cpu_freq_hz`` and
 ``compute.effective_capacitance``. It counts the CPU only, at the profile's clock, so it is an

@@ -1,4 +1,4 @@
-"""The MQTT topic layout (DESIGN.md section 3). No topic string is formatted anywhere else.
+"""The MQTT topic layout (docs/protocol.md section 1). No topic string is formatted anywhere else.
 
 All topics live under ``sflam/v1/{run_id}/``::
 
