@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from allocator.system import (
-    Allocation,
+    AllocationVectors,
+    DeviceArrays,
     Evaluation,
-    Fleet,
     ModelError,
     Problem,
     SystemParams,
@@ -26,8 +26,8 @@ _LAZY = {"solve": "allocator.bcd", "Result": "allocator.bcd", "brute_force": "al
          "BruteForceResult": "allocator.bruteforce"}
 
 __all__ = [
-    "Allocation", "BruteForceResult", "Evaluation", "Fleet", "ModelError", "Problem", "Result", "SystemParams",
-    "brute_force", "evaluate", "solve",
+    "AllocationVectors", "BruteForceResult", "DeviceArrays", "Evaluation", "ModelError", "Problem", "Result",
+    "SystemParams", "brute_force", "evaluate", "solve",
 ]
 
 

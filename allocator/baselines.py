@@ -20,7 +20,7 @@ import numpy as np
 
 from allocator.system import (
     FEASIBILITY_RTOL,
-    Allocation,
+    AllocationVectors,
     Evaluation,
     ModelError,
     Problem,
@@ -46,7 +46,7 @@ class BaselineResult:
     """A baseline's allocation and its figures on the problem."""
 
     name: str
-    allocation: Allocation
+    allocation: AllocationVectors
     evaluation: Evaluation
 
 
@@ -58,10 +58,10 @@ def _with_bits(problem: Problem, bits: int) -> Problem:
     return dataclasses.replace(problem, params=dataclasses.replace(params, allowed_bits=(*params.allowed_bits, bits)))
 
 
-def _equal_share(problem: Problem, bits: int) -> Allocation:
+def _equal_share(problem: Problem, bits: int) -> AllocationVectors:
     """``bits`` for every device, max power, the band split evenly."""
     n = len(problem.fleet)
-    return Allocation(
+    return AllocationVectors(
         np.full(n, bits, dtype=np.int64),
         problem.fleet.max_tx_power_w.copy(),
         np.full(n, problem.params.total_bandwidth_hz / n),
@@ -83,7 +83,7 @@ def fp32_sfl(problem: Problem) -> BaselineResult:
 def sequential_sl(problem: Problem) -> BaselineResult:
     """One device at a time with the whole band, float32, max power; round latency = sum of latencies."""
     n, params = len(problem.fleet), problem.params
-    alloc = Allocation(
+    alloc = AllocationVectors(
         np.full(n, FP32_BITS, dtype=np.int64),
         problem.fleet.max_tx_power_w.copy(),
         np.full(n, params.total_bandwidth_hz),
@@ -112,7 +112,7 @@ def fl(
         raise ModelError("fl", [f"model_weight_bits: must be > 0, got {model_weight_bits!r}"])
     fleet, params = problem.fleet, problem.params
     n = len(fleet)
-    alloc = Allocation(
+    alloc = AllocationVectors(
         np.full(n, FP32_BITS, dtype=np.int64), fleet.max_tx_power_w.copy(), np.full(n, params.total_bandwidth_hz / n)
     )
     cycles = fleet.samples * fleet.cycles_per_sample * model_to_device_compute_ratio

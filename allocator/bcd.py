@@ -48,11 +48,11 @@ from allocator.blocks import (
     power_block,
     uplink_data,
 )
-from allocator.system import Allocation, Evaluation, ModelError, Problem, evaluate
+from allocator.system import AllocationVectors, Evaluation, ModelError, Problem, evaluate
 
 BANDWIDTH_SOLVERS = ("auto", "kkt", "cvxpy")
 UNCAPPED_LATENCY_FACTOR = 10.0
-Block = Callable[[Problem, Allocation], BlockResult]
+Block = Callable[[Problem, AllocationVectors], BlockResult]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Result:
     """A solve's outcome: status "optimal", "feasible" (iteration limit) or "infeasible" (fallback)."""
 
     status: str
-    allocation: Allocation
+    allocation: AllocationVectors
     evaluation: Evaluation
     objective_history: tuple[float, ...]  # after every block; never increases
     iterations: int
@@ -72,7 +72,7 @@ class Result:
 class _Start:
     """A starting allocation, whether it is feasible, and why not."""
 
-    allocation: Allocation
+    allocation: AllocationVectors
     feasible: bool
     message: str = ""
 
@@ -117,8 +117,8 @@ def _cycle(problem: Problem, solver: str) -> tuple[Block, ...]:
 
 
 def _descend(
-    problem: Problem, alloc: Allocation, blocks: tuple[Block, ...], max_iterations: int, tol: float
-) -> tuple[Allocation, tuple[float, ...], int, bool]:
+    problem: Problem, alloc: AllocationVectors, blocks: tuple[Block, ...], max_iterations: int, tol: float
+) -> tuple[AllocationVectors, tuple[float, ...], int, bool]:
     """Cycle the blocks, keeping each result that is feasible and no worse; stop on a small decrease."""
     objective = evaluate(problem, alloc).objective
     history = [objective]
@@ -143,7 +143,7 @@ def _start(problem: Problem) -> _Start:
     fleet, params = problem.fleet, problem.params
     n, fewest = len(fleet), params.allowed_bits[0]
     equal_hz = np.full(n, params.total_bandwidth_hz / n)
-    lowest = Allocation(np.full(n, fewest, dtype=np.int64), fleet.max_tx_power_w.copy(), equal_hz)
+    lowest = AllocationVectors(np.full(n, fewest, dtype=np.int64), fleet.max_tx_power_w.copy(), equal_hz)
     if params.subchannels > 0:
         matched = matching_block(problem, lowest)
         if matched.status != "optimal":
@@ -165,7 +165,7 @@ def _start(problem: Problem) -> _Start:
     return _Start(_largest_bits(problem, lowest), True)
 
 
-def _largest_bits(problem: Problem, alloc: Allocation) -> Allocation:
+def _largest_bits(problem: Problem, alloc: AllocationVectors) -> AllocationVectors:
     """``alloc`` with each device's largest allowed bits whose latency meets t_max_s."""
     latency, _ = bit_costs(problem, alloc)
     fits = latency <= problem.params.t_max_s
@@ -181,7 +181,7 @@ def _infeasible_message(problem: Problem, fewest: int, why: str) -> str:
     )
 
 
-def _bounded(problem: Problem, start: Allocation) -> tuple[Problem, str]:
+def _bounded(problem: Problem, start: AllocationVectors) -> tuple[Problem, str]:
     """The problem with a finite latency cap when t_max_s = inf and lambda_time = 0 leave it unbounded."""
     params = problem.params
     if math.isfinite(params.t_max_s) or params.lambda_time > 0 or params.lambda_energy == 0:

@@ -32,7 +32,7 @@ from allocator.matching import MatchingData, greedy_assignment, swap_matching
 from allocator.power import RateCurve, dinkelbach_power_w
 from allocator.system import (
     FLOAT32_BITS,
-    Allocation,
+    AllocationVectors,
     ModelError,
     Problem,
     check_allocation,
@@ -52,12 +52,12 @@ class BlockResult:
     """A block's outcome: status "optimal", "infeasible" or "unbounded", and its allocation (or None)."""
 
     status: str
-    allocation: Allocation | None
+    allocation: AllocationVectors | None
     objective: float
     message: str = ""
 
 
-def _optimal(problem: Problem, alloc: Allocation, message: str = "") -> BlockResult:
+def _optimal(problem: Problem, alloc: AllocationVectors, message: str = "") -> BlockResult:
     """An optimal block result scored by the system model."""
     return BlockResult("optimal", alloc, evaluate(problem, alloc).objective, message)
 
@@ -89,7 +89,7 @@ def bits_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return size, quant
 
 
-def bit_costs(problem: Problem, alloc: Allocation) -> tuple[np.ndarray, np.ndarray]:
+def bit_costs(problem: Problem, alloc: AllocationVectors) -> tuple[np.ndarray, np.ndarray]:
     """(N, |Q|) latency T_k(q) and cost lE E_up_k(q) + lQ Phi_k(q) for every allowed q, p and B fixed."""
     fleet, params = problem.fleet, problem.params
     size, cost = bits_table(problem)
@@ -101,7 +101,7 @@ def bit_costs(problem: Problem, alloc: Allocation) -> tuple[np.ndarray, np.ndarr
     return fixed_time_s(fleet, params)[:, None] + airtime, cost
 
 
-def bits_block(problem: Problem, alloc: Allocation) -> BlockResult:
+def bits_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     """The exact bit-widths given p and B: sweep the latency levels, each device its cheapest q below."""
     check_allocation(problem, alloc)
     params, q = problem.params, np.asarray(problem.params.allowed_bits)
@@ -114,7 +114,7 @@ def bits_block(problem: Problem, alloc: Allocation) -> BlockResult:
         choice = np.argmin(np.where(latency <= cap, cost, np.inf), axis=1)
     else:
         choice = _sweep_levels(latency, cost, cap, params.lambda_time)
-    return _optimal(problem, Allocation(q[choice], alloc.tx_power_w, alloc.bandwidth_hz, alloc.subchannels))
+    return _optimal(problem, AllocationVectors(q[choice], alloc.tx_power_w, alloc.bandwidth_hz, alloc.subchannels))
 
 
 def _sweep_levels(latency: np.ndarray, cost: np.ndarray, cap: float, lambda_time: float) -> np.ndarray:
@@ -148,7 +148,7 @@ def _prefix_argmin(cost: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- power
 
 
-def rate_curve(problem: Problem, alloc: Allocation) -> RateCurve:
+def rate_curve(problem: Problem, alloc: AllocationVectors) -> RateCurve:
     """Each device's rate against its power under ``alloc``'s bandwidth or subchannels."""
     params = problem.params
     if alloc.subchannels is None:
@@ -157,7 +157,7 @@ def rate_curve(problem: Problem, alloc: Allocation) -> RateCurve:
     return RateCurve.subchannels(alloc.subchannels, problem.subchannel_gain, width, params.noise_psd_w_per_hz)
 
 
-def power_block(problem: Problem, alloc: Allocation) -> BlockResult:
+def power_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     """The exact powers given q and B: best latency level T (convex 1-D), least power per device."""
     check_allocation(problem, alloc)
     fleet, params = problem.fleet, problem.params
@@ -174,7 +174,7 @@ def power_block(problem: Problem, alloc: Allocation) -> BlockResult:
     airtime = np.maximum(level - fixed, 0.0)
     power, _ = dinkelbach_power_w(curve, size / airtime, fleet.max_tx_power_w)
     power = np.minimum(power, fleet.max_tx_power_w)
-    return _optimal(problem, Allocation(alloc.bits, power, alloc.bandwidth_hz, alloc.subchannels))
+    return _optimal(problem, AllocationVectors(alloc.bits, power, alloc.bandwidth_hz, alloc.subchannels))
 
 
 def _power_level_s(
@@ -235,13 +235,15 @@ class _BitLevels:
         return total, choice, np.minimum(power[rows, choice], pmax)
 
 
-def _bit_levels(problem: Problem, alloc: Allocation) -> _BitLevels:
+def _bit_levels(problem: Problem, alloc: AllocationVectors) -> _BitLevels:
     """The per-level data of :func:`bits_power_block`."""
     size, quant = bits_table(problem)
     return _BitLevels(size, quant, fixed_time_s(problem.fleet, problem.params), rate_curve(problem, alloc))
 
 
-def bits_power_block(problem: Problem, alloc: Allocation, grid_points: int = 24, golden_steps: int = 32) -> BlockResult:
+def bits_power_block(
+    problem: Problem, alloc: AllocationVectors, grid_points: int = 24, golden_steps: int = 32
+) -> BlockResult:
     """(q, p) given B (or the subchannels): per latency level each device's cheapest (q, least power).
 
     Exact when lambda_time = 0 (the level is T_max and devices separate); with a latency weight
@@ -267,7 +269,7 @@ def bits_power_block(problem: Problem, alloc: Allocation, grid_points: int = 24,
         level = _grid_golden_min(value, lowest * (1 + 1e-13), high, grid_points, golden_steps)
     _, choice, power = levels.at(problem, level)
     bits = np.asarray(params.allowed_bits)[choice]
-    return _optimal(problem, Allocation(bits, power, alloc.bandwidth_hz, alloc.subchannels))
+    return _optimal(problem, AllocationVectors(bits, power, alloc.bandwidth_hz, alloc.subchannels))
 
 
 def _level_high(problem: Problem, value: Callable[[float], float], lowest: float) -> float:
@@ -305,7 +307,7 @@ def _grid_golden_min(
 # ---------------------------------------------------------------- bandwidth
 
 
-def uplink_data(problem: Problem, alloc: Allocation, tx_power_w: np.ndarray | None = None) -> UplinkData:
+def uplink_data(problem: Problem, alloc: AllocationVectors, tx_power_w: np.ndarray | None = None) -> UplinkData:
     """The bandwidth block's data for ``alloc`` (powers overridable: max power for the cap level)."""
     fleet, params = problem.fleet, problem.params
     power = alloc.tx_power_w if tx_power_w is None else tx_power_w
@@ -322,7 +324,7 @@ def _continuous_only(problem: Problem, block: str) -> None:
         raise ModelError(block, ["params.subchannels > 0: use matching_block"])
 
 
-def bandwidth_block(problem: Problem, alloc: Allocation, solver: str = "kkt") -> BlockResult:
+def bandwidth_block(problem: Problem, alloc: AllocationVectors, solver: str = "kkt") -> BlockResult:
     """The exact bandwidths given q and p, by the KKT solver or cvxpy/Clarabel."""
     check_allocation(problem, alloc)
     _continuous_only(problem, "bandwidth_block")
@@ -334,13 +336,13 @@ def bandwidth_block(problem: Problem, alloc: Allocation, solver: str = "kkt") ->
     solution = kkt_bandwidth(data) if solver == "kkt" else cvxpy_bandwidth(data)
     if solution.status != "optimal":
         return _failed(solution.status, solution.message)
-    return _optimal(problem, Allocation(alloc.bits, alloc.tx_power_w, solution.bandwidth_hz))
+    return _optimal(problem, AllocationVectors(alloc.bits, alloc.tx_power_w, solution.bandwidth_hz))
 
 
 # ---------------------------------------------------------------- power and bandwidth together
 
 
-def power_bandwidth_block(problem: Problem, alloc: Allocation) -> BlockResult:
+def power_bandwidth_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     """The exact (p, B) given q: the jointly convex problem, a Brent root of dV/dT over the level."""
     check_allocation(problem, alloc)
     _continuous_only(problem, "power_bandwidth_block")
@@ -371,7 +373,7 @@ def power_bandwidth_block(problem: Problem, alloc: Allocation) -> BlockResult:
     if not solution.feasible:
         solution = solve(lowest * (1 + 1e-13))
     power = np.minimum(solution.tx_power_w, fleet.max_tx_power_w)
-    return _optimal(problem, Allocation(alloc.bits, power, solution.bandwidth_hz))
+    return _optimal(problem, AllocationVectors(alloc.bits, power, solution.bandwidth_hz))
 
 
 def _joint_level_s(
@@ -407,7 +409,7 @@ def _joint_level_s(
 # ---------------------------------------------------------------- subchannels
 
 
-def matching_data(problem: Problem, alloc: Allocation) -> MatchingData:
+def matching_data(problem: Problem, alloc: AllocationVectors) -> MatchingData:
     """The matching block's data for ``alloc``'s bits and powers."""
     fleet, params = problem.fleet, problem.params
     return MatchingData(
@@ -417,7 +419,7 @@ def matching_data(problem: Problem, alloc: Allocation) -> MatchingData:
     )
 
 
-def matching_block(problem: Problem, alloc: Allocation) -> BlockResult:
+def matching_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     """A stable subchannel assignment given q and p (from ``alloc``'s, or greedy when it has none)."""
     check_allocation(problem, alloc)
     if problem.params.subchannels == 0:
@@ -426,7 +428,7 @@ def matching_block(problem: Problem, alloc: Allocation) -> BlockResult:
     start = alloc.subchannels if alloc.subchannels is not None else greedy_assignment(data)
     found = swap_matching(data, start)
     width = problem.params.total_bandwidth_hz / problem.params.subchannels
-    result = Allocation(alloc.bits, alloc.tx_power_w, found.held.sum(axis=1) * width, found.held)
+    result = AllocationVectors(alloc.bits, alloc.tx_power_w, found.held.sum(axis=1) * width, found.held)
     note = "" if found.stable else f"stopped after {found.exchanges} exchanges, not yet stable"
     if found.shortfall > 0:
         message = "no assignment meets t_max_s" + (f"; {note}" if note else "")

@@ -18,7 +18,7 @@ import numpy as np
 
 from allocator import joint
 from allocator.system import (
-    Allocation,
+    AllocationVectors,
     Evaluation,
     ModelError,
     Problem,
@@ -39,7 +39,7 @@ class BruteForceResult:
 
     status: str
     objective: float
-    allocation: Allocation | None
+    allocation: AllocationVectors | None
     evaluation: Evaluation | None
     combinations: int
 
@@ -161,6 +161,7 @@ def _result(problem: Problem, combos: _Combos, row: int, level: float, count: in
     solution = joint.solve_level(
         combos.size[row], level - combos.fixed, combos.gain_n0, fleet.max_tx_power_w, params.total_bandwidth_hz
     )
-    alloc = Allocation(combos.bits[row], np.minimum(solution.tx_power_w, fleet.max_tx_power_w), solution.bandwidth_hz)
+    power_w = np.minimum(solution.tx_power_w, fleet.max_tx_power_w)
+    alloc = AllocationVectors(combos.bits[row], power_w, solution.bandwidth_hz)
     evaluation = evaluate(problem, alloc)
     return BruteForceResult("optimal", evaluation.objective, alloc, evaluation, count)

@@ -24,19 +24,18 @@ A device's missing hardware fields come from its profile (cycles from the model'
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from allocator.system import (
-    Allocation,
-    Fleet,
+    AllocationVectors,
+    DeviceArrays,
     ModelError,
     Problem,
     SystemParams,
@@ -44,6 +43,8 @@ from allocator.system import (
     device_latency_s,
     path_loss_db,
 )
+from server_runtime.presets import ViTConfig, get_preset, preset_names
+from sflam_common.problems import did_you_mean
 
 FORMAT = 1
 DEFAULT_PROFILES = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
@@ -62,14 +63,20 @@ class ScenarioError(ModelError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the allocator needs of a ViT preset (server_runtime.presets, restated: no torch here)."""
+    """What the allocator needs of a ViT preset, read off its ``server_runtime.presets.ViTConfig``."""
 
     tokens: int  # (img / patch)^2
     embed_dim: int
     patch_dim: int  # in_chans x patch^2
-    depth: int = 12
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
+    depth: int
+    mlp_ratio: float
+    num_classes: int
+
+    @classmethod
+    def from_preset(cls, preset: ViTConfig) -> ModelShape:
+        """The shape of ``preset`` (the one registry of ViT shapes)."""
+        patch_dim = preset.in_chans * preset.patch_size**2
+        return cls(preset.num_patches, preset.embed_dim, patch_dim, preset.depth, preset.mlp_ratio, preset.num_classes)
 
     @property
     def device_macs_per_sample(self) -> float:
@@ -85,17 +92,6 @@ class ModelShape:
     def elements_per_sample(self) -> int:
         """Activation elements one sample sends up (tokens x embed dim)."""
         return self.tokens * self.embed_dim
-
-
-MODEL_SHAPES = {
-    "vit_base_patch32_224": ModelShape(49, 768, 3072),
-    "vit_quick_patch4_16": ModelShape(16, 64, 48, depth=3, mlp_ratio=2.0, num_classes=10),
-    "vit_mini_patch4_32": ModelShape(64, 128, 48, depth=6, mlp_ratio=2.0, num_classes=10),
-    "vit_small_patch32_224": ModelShape(49, 384, 3072),
-    "vit_base_patch16_224": ModelShape(196, 768, 768),
-    "vit_tiny_patch16_224": ModelShape(196, 192, 768),
-    "vit_small_patch16_224": ModelShape(196, 384, 768),
-}
 
 
 def full_model_macs_per_sample(shape: ModelShape) -> float:
@@ -116,14 +112,24 @@ def full_model_params(shape: ModelShape) -> int:
 
 def model_shape(name: str) -> ModelShape:
     """The shape of a preset, or a ScenarioError naming the known ones."""
-    if name not in MODEL_SHAPES:
-        raise ScenarioError("model", [f"unknown preset {name!r}; known: {', '.join(MODEL_SHAPES)}"])
-    return MODEL_SHAPES[name]
+    problem = _unknown_preset_problem(name)
+    if problem:
+        raise ScenarioError("model", [problem])
+    return ModelShape.from_preset(get_preset(name))
+
+
+def _unknown_preset_problem(name: object) -> str | None:
+    """Why ``name`` is no preset (with the likely one and the known ones), or None."""
+    known = preset_names()
+    if name in known:
+        return None
+    return f"unknown preset {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}"
 
 
 def infer_model(params: SystemParams) -> str | None:
     """The preset whose activation size and device weights ``params`` carry, or None."""
-    for name, shape in MODEL_SHAPES.items():
+    for name in preset_names():
+        shape = model_shape(name)
         if (shape.elements_per_sample, shape.device_weight_bits) == (params.elements_per_sample, params.weight_bits):
             return name
     return None
@@ -202,7 +208,7 @@ def generate_scenario(
 def default_t_max_s(problem: Problem) -> float:
     """T_MAX_FACTOR x the round latency of 8 bits, max power and equal bandwidth (the fixed baseline)."""
     n = len(problem.fleet)
-    fixed = Allocation(
+    fixed = AllocationVectors(
         np.full(n, BASELINE_BITS),
         problem.fleet.max_tx_power_w,
         np.full(n, problem.params.total_bandwidth_hz / n),
@@ -239,11 +245,11 @@ def path_gain_linear(distance_m: np.ndarray | float) -> np.ndarray:
 
 def _fleet(
     names: tuple[str, ...], samples: np.ndarray, gain: np.ndarray, shape: ModelShape, hardware: Mapping[str, Hardware]
-) -> Fleet:
+) -> DeviceArrays:
     """A fleet whose hardware comes from each device's profile."""
     hw = [hardware[name] for name in names]
     width = len(str(len(names) - 1))
-    return Fleet(
+    return DeviceArrays(
         ids=tuple(f"d{k:0{width}d}" for k in range(len(names))),
         samples=samples,
         cycles_per_sample=np.array([TRAIN_FACTOR * shape.device_macs_per_sample * h.cycles_per_mac for h in hw]),
@@ -261,7 +267,7 @@ def _params(shape: ModelShape | None, overrides: Mapping[str, object] | None) ->
     """SystemParams from the model's sizes, SCENARIO_DEFAULTS and ``overrides``."""
     known = {f.name for f in dataclasses.fields(SystemParams)}
     given = dict(overrides or {})
-    problems = [f"{key}: unknown SystemParams field{_suggest(key, known)}" for key in given if key not in known]
+    problems = [f"{key}: unknown SystemParams field{did_you_mean(key, known)}" for key in given if key not in known]
     values: dict[str, object] = dict(SCENARIO_DEFAULTS)
     if shape is not None:
         values.update(elements_per_sample=shape.elements_per_sample, weight_bits=shape.device_weight_bits)
@@ -278,12 +284,6 @@ def _params(shape: ModelShape | None, overrides: Mapping[str, object] | None) ->
     if problems:
         raise ScenarioError("params", problems)
     return system
-
-
-def _suggest(key: str, known: Collection[str]) -> str:
-    """" (did you mean 'x'?)" for a mistyped key, or nothing."""
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------- JSON
@@ -346,7 +346,7 @@ def problem_from_dict(data: object, source: str = "scenario") -> Problem:
     """Build a Problem from a parsed scenario (module docstring for the format); every problem listed."""
     if not isinstance(data, dict):
         raise ScenarioError(source, [f"must be a JSON object, got {type(data).__name__}"])
-    problems = [f"{key}: unknown key{_suggest(key, _TOP_KEYS)}" for key in data if key not in _TOP_KEYS]
+    problems = [f"{key}: unknown key{did_you_mean(key, _TOP_KEYS)}" for key in data if key not in _TOP_KEYS]
     if data.get("format") != FORMAT:
         problems.append(f"format: must be {FORMAT}, got {data.get('format')!r}")
     shape = _read_model(data.get("model"), problems)
@@ -375,10 +375,11 @@ def _read_model(name: object, problems: list[str]) -> ModelShape | None:
     """The shape of the file's optional ``model``."""
     if name is None:
         return None
-    if name not in MODEL_SHAPES:
-        problems.append(f"model: unknown preset {name!r}; known: {', '.join(MODEL_SHAPES)}")
+    problem = _unknown_preset_problem(name)
+    if problem:
+        problems.append(f"model: {problem}")
         return None
-    return MODEL_SHAPES[name]
+    return model_shape(str(name))
 
 
 def _read_params(table: object, shape: ModelShape | None, problems: list[str]) -> SystemParams | None:
@@ -410,7 +411,8 @@ def _read_device(entry: object, where: str, problems: list[str]) -> dict[str, ob
     if not isinstance(entry, dict):
         problems.append(f"{where}: must be an object, got {entry!r}")
         return {}
-    problems.extend(f"{where}.{key}: unknown key{_suggest(key, _DEVICE_KEYS)}" for key in entry if key not in _DEVICE_KEYS)
+    unknown = [key for key in entry if key not in _DEVICE_KEYS]
+    problems.extend(f"{where}.{key}: unknown key{did_you_mean(key, _DEVICE_KEYS)}" for key in unknown)
     device: dict[str, object] = {}
     for key in ("id", "profile"):
         if key in entry and not (isinstance(entry[key], str) and entry[key]):
@@ -464,7 +466,7 @@ def _read_hardware(devices: list[dict[str, object]], shape: ModelShape | None, p
 
 def _fleet_from_entries(
     devices: list[dict[str, object]], hardware: Mapping[str, Hardware], shape: ModelShape | None
-) -> Fleet:
+) -> DeviceArrays:
     """The fleet of checked device entries, hardware gaps filled from the profiles."""
     macs = shape.device_macs_per_sample if shape is not None else math.nan
     profile_values = {
@@ -479,7 +481,7 @@ def _fleet_from_entries(
     }
     samples = np.array([d["samples"] for d in devices], dtype=np.float64)
     weights = [d.get("weight") for d in devices]
-    return Fleet(
+    return DeviceArrays(
         ids=tuple(str(d["id"]) for d in devices),
         samples=samples,
         gain=np.array([_entry_gain(d) for d in devices]),

@@ -1,36 +1,29 @@
 """The per-round latency/energy model of docs/allocator.md, vectorized over devices.
 
-Every public value is SI (Hz, W, s, bit, J). A :class:`Fleet` is a struct of arrays, one entry
-per selected device; :class:`SystemParams` holds what all devices share; an :class:`Allocation`
-is one candidate (q, p, B); :func:`evaluate` scores it. The functions below are pure and cost
-O(N) numpy operations, so a 10,000-device fleet evaluates in well under a millisecond.
+Every public value is SI (Hz, W, s, bit, J). :class:`DeviceArrays` holds the selected devices as
+a struct of arrays, one entry per device; :class:`SystemParams` holds what all devices share;
+:class:`AllocationVectors` is one candidate decision (q, p, B), a vector each; :func:`evaluate`
+scores it. The functions below are pure and cost O(N) numpy operations, so a 10,000-device fleet
+evaluates in well under a millisecond.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
+
+from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
+from sflam_common.problems import ProblemsError
 
 N0_DBM_PER_HZ = -174.0
 FEASIBILITY_RTOL = 1e-9  # relative slack of the latency, power and bandwidth checks
 FLOAT32_BITS = 32  # activations sent as float32 carry no quantization error
 
 
-class ModelError(ValueError):
-    """Inputs the system model cannot use; ``problems`` holds every reason, one string each."""
-
-    def __init__(self, what: str, problems: Sequence[str]) -> None:
-        self.what = what
-        self.problems = list(problems)
-        if len(self.problems) == 1:
-            message = f"{what}: {self.problems[0]}"
-        else:
-            listed = "\n".join(f"  - {problem}" for problem in self.problems)
-            message = f"{what}: {len(self.problems)} problems:\n{listed}"
-        super().__init__(message)
+class ModelError(ProblemsError):
+    """Inputs the system model cannot use; ``problems`` holds every reason, ``source`` the input."""
 
 
 # ---------------------------------------------------------------- channel
@@ -105,7 +98,7 @@ _FLEET_BOUNDS = {  # field -> (lower bound, strict)
 
 
 @dataclass(frozen=True)
-class Fleet:
+class DeviceArrays:
     """The selected devices as a struct of float64 arrays, one entry per device."""
 
     ids: tuple[str, ...]
@@ -166,7 +159,7 @@ class SystemParams:
     lambda_energy: float = 1.0  # per joule
     lambda_time: float = 0.0  # per second of round latency
     lambda_quant: float = 0.0  # per unit of Phi
-    allowed_bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+    allowed_bits: tuple[int, ...] = BIT_WIDTHS
     subchannels: int = 0  # 0: continuous bandwidth; N > 0: N equal subchannels
 
     def __post_init__(self) -> None:
@@ -216,12 +209,12 @@ def _param_problem(name: str, value: object) -> str | None:
 
 
 def _allowed_bits_problem(bits: object) -> str | None:
-    """Why the allowed bit-widths are unusable (each an integer 1-32, distinct, at least one)."""
+    """Why the allowed bit-widths are unusable (each a wire bit width, distinct, at least one)."""
     if not isinstance(bits, (tuple, list)) or not bits:
-        return f"allowed_bits: must be a non-empty list of integers 1-32, got {bits!r}"
-    bad = [q for q in bits if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= 32]
+        return f"allowed_bits: must be a non-empty list of bit widths ({BIT_WIDTHS_TEXT}), got {bits!r}"
+    bad = [q for q in bits if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or int(q) not in BIT_WIDTHS]
     if bad:
-        return f"allowed_bits: each must be an integer 1-32, got {bad!r}"
+        return f"allowed_bits: each must be one of {BIT_WIDTHS_TEXT}, got {bad!r}"
     if len(set(bits)) != len(bits):
         return f"allowed_bits: lists a width twice: {list(bits)!r}"
     return None
@@ -231,7 +224,7 @@ def _allowed_bits_problem(bits: object) -> str | None:
 class Problem:
     """One round's allocation problem: the devices, the shared parameters, per-subchannel gains."""
 
-    fleet: Fleet
+    fleet: DeviceArrays
     params: SystemParams
     subchannel_gain: np.ndarray | None = None  # (N_devices, N_subchannels) when subchannels > 0
 
@@ -253,8 +246,11 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Allocation:
-    """A candidate solution: bits, transmit power and bandwidth per device."""
+class AllocationVectors:
+    """A candidate decision: bits, transmit power and bandwidth, one vector entry per device.
+
+    Not the wire's per-device ``edge_runtime.protocol.Allocation``, which the server builds from it.
+    """
 
     bits: np.ndarray  # int64, each in params.allowed_bits
     tx_power_w: np.ndarray
@@ -299,7 +295,7 @@ def _assignment_problems(assignment: np.ndarray, n: int) -> list[str]:
     return []
 
 
-def check_allocation(problem: Problem, alloc: Allocation) -> None:
+def check_allocation(problem: Problem, alloc: AllocationVectors) -> None:
     """Raise ModelError listing every way ``alloc`` does not fit ``problem`` (sizes, bits, subchannels)."""
     n, params = len(problem.fleet), problem.params
     problems = []
@@ -318,7 +314,7 @@ def check_allocation(problem: Problem, alloc: Allocation) -> None:
         raise ModelError("allocation", problems)
 
 
-def _subchannel_problems(problem: Problem, alloc: Allocation) -> list[str]:
+def _subchannel_problems(problem: Problem, alloc: AllocationVectors) -> list[str]:
     """Why ``alloc``'s subchannel assignment does not match the problem's subchannel mode."""
     m = problem.params.subchannels
     if alloc.subchannels is None:
@@ -336,23 +332,23 @@ def _subchannel_problems(problem: Problem, alloc: Allocation) -> list[str]:
 # ---------------------------------------------------------------- the model
 
 
-def compute_time_s(fleet: Fleet) -> np.ndarray:
+def compute_time_s(fleet: DeviceArrays) -> np.ndarray:
     """On-device compute time D c / f."""
     return fleet.samples * fleet.cycles_per_sample / fleet.cpu_freq_hz
 
 
-def compute_energy_j(fleet: Fleet) -> np.ndarray:
+def compute_energy_j(fleet: DeviceArrays) -> np.ndarray:
     """On-device compute energy kappa c D f^2."""
     return fleet.kappa * fleet.cycles_per_sample * fleet.samples * fleet.cpu_freq_hz**2
 
 
-def uplink_bits(fleet: Fleet, params: SystemParams, bits: np.ndarray) -> np.ndarray:
+def uplink_bits(fleet: DeviceArrays, params: SystemParams, bits: np.ndarray) -> np.ndarray:
     """Bits a device sends per round: D (s q + label bits) + |w| + overhead."""
     per_sample = params.elements_per_sample * np.asarray(bits, dtype=np.float64) + params.label_bits
     return fleet.samples * per_sample + params.weight_bits + params.overhead_bits
 
 
-def uplink_rate_bps(problem: Problem, alloc: Allocation) -> np.ndarray:
+def uplink_rate_bps(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     """Uplink rate: Shannon on B_k, or with subchannels the sum over held ones at power p / n_held."""
     params = problem.params
     if alloc.subchannels is None:
@@ -365,42 +361,42 @@ def uplink_rate_bps(problem: Problem, alloc: Allocation) -> np.ndarray:
     return (rates * held).sum(axis=1)
 
 
-def uplink_time_s(problem: Problem, alloc: Allocation) -> np.ndarray:
+def uplink_time_s(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     """Uplink airtime uplink_bits / rate (inf where the rate is 0)."""
     rate = uplink_rate_bps(problem, alloc)
     size = uplink_bits(problem.fleet, problem.params, alloc.bits)
     return np.where(rate > 0, size / np.where(rate > 0, rate, 1.0), np.inf)
 
 
-def uplink_energy_j(problem: Problem, alloc: Allocation) -> np.ndarray:
+def uplink_energy_j(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     """Transmit energy p x uplink time (0 for a silent device)."""
     airtime = uplink_time_s(problem, alloc)
     talking = alloc.tx_power_w > 0
     return np.where(talking, alloc.tx_power_w * np.where(talking, airtime, 0.0), 0.0)
 
 
-def downlink_time_s(fleet: Fleet, params: SystemParams) -> np.ndarray:
+def downlink_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
     """Gradient download D s g / r_dn plus the model download |w| / r_dn."""
     gradient = fleet.samples * params.elements_per_sample * params.gradient_bits
     return (gradient + params.weight_bits) / params.downlink_rate_bps
 
 
-def server_time_s(fleet: Fleet, params: SystemParams) -> np.ndarray:
+def server_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
     """Server compute for the device's samples, D c_S / f_S."""
     return fleet.samples * params.server_cycles_per_sample / params.server_freq_hz
 
 
-def fixed_time_s(fleet: Fleet, params: SystemParams) -> np.ndarray:
+def fixed_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
     """Compute + downlink + server time: the part of T_k no allocation block changes."""
     return compute_time_s(fleet) + downlink_time_s(fleet, params) + server_time_s(fleet, params)
 
 
-def device_latency_s(problem: Problem, alloc: Allocation) -> np.ndarray:
+def device_latency_s(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     """A device's round latency T_k = fixed time + uplink time."""
     return fixed_time_s(problem.fleet, problem.params) + uplink_time_s(problem, alloc)
 
 
-def quant_variance(fleet: Fleet, params: SystemParams, bits: np.ndarray) -> np.ndarray:
+def quant_variance(fleet: DeviceArrays, params: SystemParams, bits: np.ndarray) -> np.ndarray:
     """Phi_k = w s R^2 / (4 (2^q - 1)^2): the uniform quantizer's variance; 0 for float32 (q = 32)."""
     q = np.asarray(bits, dtype=np.float64)
     levels = np.exp2(q) - 1.0
@@ -430,7 +426,7 @@ def weighted_objective(params: SystemParams, energy_j: float, round_latency_s: f
     return float(sum(weight * value for weight, value in terms if weight > 0))
 
 
-def violations(problem: Problem, alloc: Allocation, latency_s: np.ndarray) -> tuple[str, ...]:
+def violations(problem: Problem, alloc: AllocationVectors, latency_s: np.ndarray) -> tuple[str, ...]:
     """The constraints ``alloc`` breaks: latency cap, power range, bandwidth budget, subchannel reuse."""
     params, slack = problem.params, 1.0 + FEASIBILITY_RTOL
     found = []
@@ -448,7 +444,7 @@ def violations(problem: Problem, alloc: Allocation, latency_s: np.ndarray) -> tu
     return tuple(found)
 
 
-def evaluate(problem: Problem, alloc: Allocation) -> Evaluation:
+def evaluate(problem: Problem, alloc: AllocationVectors) -> Evaluation:
     """Score ``alloc`` on ``problem``: energies, latencies, Phi, the objective and feasibility."""
     check_allocation(problem, alloc)
     fleet, params = problem.fleet, problem.params

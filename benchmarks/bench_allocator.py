@@ -24,7 +24,7 @@ import numpy as np
 from allocator import bcd, blocks
 from allocator.baselines import fixed
 from allocator.scenario import generate_scenario
-from allocator.system import Allocation
+from allocator.system import AllocationVectors
 
 SIZES = (10, 100, 1000, 10000)
 LATENCY_WEIGHTED_SIZES = (1000, 10000)  # lambda_time = LAMBDA_TIME: the level searches run
@@ -118,7 +118,8 @@ class BandwidthRow:
 def time_bandwidth_block(devices: int, seed: int, repeat: int) -> BandwidthRow:
     """Time ``blocks.bandwidth_block`` with the KKT and the cvxpy solver on the fixed baseline's (q, p)."""
     problem = generate_scenario(devices, seed)
-    start: Allocation = fixed(problem).allocation  # 8 bits, max power, equal band: feasible under the default cap
+    # 8 bits, max power, equal band: feasible under the default cap
+    start: AllocationVectors = fixed(problem).allocation
     kkt_s, kkt = best_of(lambda: blocks.bandwidth_block(problem, start, "kkt"), repeat)
     first_s, _ = best_of(lambda: blocks.bandwidth_block(problem, start, "cvxpy"), 1)
     resolve_s, ref = best_of(lambda: blocks.bandwidth_block(problem, start, "cvxpy"), repeat)

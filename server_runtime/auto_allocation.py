@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from allocator.system import Allocation, Fleet, Problem, SystemParams, noise_psd_w_per_hz, path_loss_db
+from allocator.scenario import TRAIN_FACTOR, ModelShape
+from allocator.system import AllocationVectors, DeviceArrays, Problem, SystemParams, noise_psd_w_per_hz, path_loss_db
 from edge_runtime import protocol as p
 from edge_runtime.quantize import QuantizedTensor
 from server_runtime.config import RunConfig
@@ -29,7 +30,6 @@ from server_runtime.presets import ViTConfig
 
 log = logging.getLogger(__name__)
 FALLBACK = {"cpu_freq_hz": 1.0e9, "kappa": 1e-28, "cycles_per_mac": 1.0, "max_tx_power_w": 0.1}
-BACKWARD_FACTOR = 3.0  # forward + train_step of the patch embedding, in forward MACs
 GAIN_LIMITS = (1e-20, 1e2)  # a calibrated linear gain outside this is a measurement artefact
 
 
@@ -51,13 +51,12 @@ class AutoAllocation:
 
     def __init__(self, config: RunConfig, model: ViTConfig) -> None:
         self.config = config
-        tokens = (model.img_size // model.patch_size) ** 2
-        patch_dim = model.in_chans * model.patch_size ** 2
-        self.macs_per_sample = float(tokens * model.embed_dim * patch_dim)
+        shape = ModelShape.from_preset(model)
+        self.macs_per_sample = shape.device_macs_per_sample
         a, q = config.allocator, config.quant
         self.params = SystemParams(
-            elements_per_sample=tokens * model.embed_dim, label_bits=64,
-            weight_bits=32.0 * (model.embed_dim * patch_dim + model.embed_dim), gradient_bits=q.gradient_bits,
+            elements_per_sample=shape.elements_per_sample, label_bits=64,
+            weight_bits=shape.device_weight_bits, gradient_bits=q.gradient_bits,
             server_cycles_per_sample=0.0, server_freq_hz=1.0, downlink_rate_bps=a.downlink_rate_bps,
             noise_psd_w_per_hz=noise_psd_w_per_hz(), total_bandwidth_hz=config.round.total_bandwidth_hz,
             t_max_s=a.t_max_s or config.round.deadline_s, lambda_energy=a.lambda_energy,
@@ -84,7 +83,7 @@ class AutoAllocation:
         gain = self.config.allocator.channel_gains.get(device_id or "")
         if gain is None:
             gain = 10 ** (-float(path_loss_db(np.array([self.config.allocator.default_distance_m]))[0]) / 10)
-        return DeviceCalibration(BACKWARD_FACTOR * self.macs_per_sample * values["cycles_per_mac"],
+        return DeviceCalibration(TRAIN_FACTOR * self.macs_per_sample * values["cycles_per_mac"],
                                  values["cpu_freq_hz"], values["kappa"], gain, values["max_tx_power_w"])
 
     def observe_activations(self, device_id: str, tensor: QuantizedTensor) -> None:
@@ -137,7 +136,7 @@ class AutoAllocation:
             cals.append(self.calibration.get(device_id) or self.from_profile(profile, device_id))
             samples.append(max(1, (info.num_samples if info is not None else 0) * self.config.training.local_epochs))
         d = np.asarray(samples, np.float64)
-        fleet = Fleet(
+        fleet = DeviceArrays(
             ids=tuple(selected), samples=d,
             cycles_per_sample=np.array([c.cycles_per_sample for c in cals]),
             cpu_freq_hz=np.array([c.cpu_freq_hz for c in cals]), kappa=np.array([c.kappa for c in cals]),
@@ -156,7 +155,7 @@ class AutoAllocation:
         self.last_result = result
         if result.status == "infeasible":
             log.warning("allocator: infeasible (%s); using its fallback", result.message)
-        alloc: Allocation = result.allocation
+        alloc: AllocationVectors = result.allocation
         per_token = self.config.quant.per_token
         return tuple(
             p.Allocation(d, int(alloc.bits[i]), self.config.quant.gradient_bits, float(alloc.tx_power_w[i]),

@@ -11,7 +11,7 @@ import pytest
 from allocator import Result, brute_force, solve
 from allocator.baselines import fixed
 from allocator.scenario import generate_scenario
-from allocator.system import Fleet, ModelError, Problem, SystemParams, evaluate, path_loss_db
+from allocator.system import DeviceArrays, ModelError, Problem, SystemParams, evaluate, path_loss_db
 
 INSTANCES = 200
 ALLOWED_BITS = (2, 4, 6, 8, 16, 32)
@@ -21,7 +21,7 @@ def small_instance(rng: np.random.Generator) -> Problem:
     """2-3 devices 20-500 m out with Rayleigh fading, random weights, t_max 0.6-2.5 x the fixed baseline's."""
     n = int(rng.integers(2, 4))
     samples = rng.integers(20, 200, n).astype(float)
-    fleet = Fleet(
+    fleet = DeviceArrays(
         ids=tuple(f"d{k}" for k in range(n)), samples=samples, cycles_per_sample=rng.uniform(1e7, 1e8, n),
         cpu_freq_hz=rng.uniform(1e9, 3e9, n), kappa=np.full(n, 1e-28),
         gain=10 ** (-path_loss_db(rng.uniform(20, 500, n)) / 10) * rng.exponential(1.0, n),

@@ -21,8 +21,8 @@ from allocator.blocks import (
 from allocator.power import RateCurve, dinkelbach_power_w, minimal_power_w
 from allocator.rates import LN2, bandwidth_for_rate_hz
 from allocator.system import (
-    Allocation,
-    Fleet,
+    AllocationVectors,
+    DeviceArrays,
     ModelError,
     Problem,
     SystemParams,
@@ -40,7 +40,7 @@ def random_problem(rng: np.random.Generator, n: int, *, slack: float = 1.5, **pa
     """A seeded fleet 50-400 m out with moderate fading; t_max = slack x the equal-split latency at 8 bits."""
     samples = rng.integers(50, 200, n).astype(float)
     gain = 10 ** (-path_loss_db(rng.uniform(50, 400, n)) / 10) * rng.uniform(0.3, 3.0, n)
-    fleet = Fleet(
+    fleet = DeviceArrays(
         ids=tuple(f"d{k}" for k in range(n)), samples=samples, cycles_per_sample=rng.uniform(1e7, 1e8, n),
         cpu_freq_hz=rng.uniform(1e9, 3e9, n), kappa=np.full(n, 1e-28), gain=gain,
         max_tx_power_w=rng.uniform(0.05, 0.3, n), activation_range=rng.uniform(0.5, 2.0, n),
@@ -48,16 +48,16 @@ def random_problem(rng: np.random.Generator, n: int, *, slack: float = 1.5, **pa
     )
     values = {"elements_per_sample": 4096, "weight_bits": 2e6, "total_bandwidth_hz": 10e6} | params
     problem = Problem(fleet, SystemParams(**values))
-    equal = Allocation(np.full(n, 8), fleet.max_tx_power_w, np.full(n, problem.params.total_bandwidth_hz / n))
+    equal = AllocationVectors(np.full(n, 8), fleet.max_tx_power_w, np.full(n, problem.params.total_bandwidth_hz / n))
     t_max = slack * evaluate(problem, equal).round_latency_s
     return dataclasses.replace(problem, params=dataclasses.replace(problem.params, t_max_s=t_max))
 
 
-def random_allocation(rng: np.random.Generator, problem: Problem) -> Allocation:
+def random_allocation(rng: np.random.Generator, problem: Problem) -> AllocationVectors:
     """Random allowed bits, powers in [0.3, 1] x max and a random split of the whole band."""
     n, params = len(problem.fleet), problem.params
     share = rng.dirichlet(np.full(n, 4.0))
-    return Allocation(
+    return AllocationVectors(
         rng.choice(params.allowed_bits, n), problem.fleet.max_tx_power_w * rng.uniform(0.3, 1.0, n),
         share * params.total_bandwidth_hz,
     )
@@ -73,7 +73,9 @@ def test_kkt_bandwidth_matches_cvxpy(seed: int, lambda_time: float) -> None:
     rng = np.random.default_rng(seed)
     problem = random_problem(rng, int(rng.integers(3, 9)), lambda_time=lambda_time)
     n = len(problem.fleet)
-    alloc = Allocation(np.full(n, 8), problem.fleet.max_tx_power_w, np.full(n, problem.params.total_bandwidth_hz / n))
+    alloc = AllocationVectors(
+        np.full(n, 8), problem.fleet.max_tx_power_w, np.full(n, problem.params.total_bandwidth_hz / n)
+    )
     # Execute
     kkt = bandwidth_block(problem, alloc, "kkt")
     reference = bandwidth_block(problem, alloc, "cvxpy")
@@ -88,7 +90,7 @@ def test_kkt_bandwidth_matches_cvxpy(seed: int, lambda_time: float) -> None:
 
 def test_bandwidth_block_reports_an_unreachable_cap_as_infeasible() -> None:
     problem = random_problem(np.random.default_rng(7), 4, slack=0.2)
-    alloc = Allocation(np.full(4, 8), problem.fleet.max_tx_power_w, np.full(4, 2.5e6))
+    alloc = AllocationVectors(np.full(4, 8), problem.fleet.max_tx_power_w, np.full(4, 2.5e6))
     for solver in ("kkt", "cvxpy"):
         result = bandwidth_block(problem, alloc, solver)
         assert result.status == "infeasible" and result.allocation is None and result.message
@@ -180,7 +182,7 @@ def test_power_block_beats_every_latency_level(lambda_time: float) -> None:
     # Prepare
     rng = np.random.default_rng(11)
     problem = random_problem(rng, 5, lambda_time=lambda_time)
-    alloc = Allocation(np.full(5, 8), problem.fleet.max_tx_power_w, np.full(5, 2e6))
+    alloc = AllocationVectors(np.full(5, 8), problem.fleet.max_tx_power_w, np.full(5, 2e6))
     fleet, params = problem.fleet, problem.params
     # Execute
     result = power_block(problem, alloc)
@@ -255,7 +257,9 @@ def test_joint_level_matches_an_exponential_cone_program(seed: int) -> None:
 def test_power_bandwidth_block_is_no_worse_than_the_two_blocks_in_turn() -> None:
     rng = np.random.default_rng(5)
     problem = random_problem(rng, 6, lambda_time=0.05)
-    alloc = Allocation(np.full(6, 8), problem.fleet.max_tx_power_w, np.full(6, problem.params.total_bandwidth_hz / 6))
+    alloc = AllocationVectors(
+        np.full(6, 8), problem.fleet.max_tx_power_w, np.full(6, problem.params.total_bandwidth_hz / 6)
+    )
     joint_result = power_bandwidth_block(problem, alloc)
     in_turn = bandwidth_block(problem, power_block(problem, alloc).allocation)
     assert joint_result.status == "optimal" and evaluate(problem, joint_result.allocation).feasible
@@ -292,7 +296,7 @@ def test_matching_admits_no_improving_swap_or_move(lambda_time: float) -> None:
     rng = np.random.default_rng(21)
     problem = random_problem(rng, 4, slack=2.0, lambda_time=lambda_time, subchannels=10)
     problem = dataclasses.replace(problem, subchannel_gain=problem.fleet.gain[:, None] * rng.exponential(1.0, (4, 10)))
-    start = Allocation(np.full(4, 8), problem.fleet.max_tx_power_w, np.zeros(4))
+    start = AllocationVectors(np.full(4, 8), problem.fleet.max_tx_power_w, np.zeros(4))
     width = problem.params.total_bandwidth_hz / 10
     # Execute
     result = matching_block(problem, start)
@@ -301,7 +305,7 @@ def test_matching_admits_no_improving_swap_or_move(lambda_time: float) -> None:
     held = result.allocation.subchannels
     assert (held.sum(axis=0) <= 1).all() and evaluate(problem, result.allocation).feasible
     for other in _exchanges(held):
-        candidate = Allocation(start.bits, start.tx_power_w, other.sum(axis=1) * width, other)
+        candidate = AllocationVectors(start.bits, start.tx_power_w, other.sum(axis=1) * width, other)
         ev = evaluate(problem, candidate)
         assert not (ev.feasible and ev.objective < result.objective * (1 - 1e-9))
 
@@ -311,7 +315,9 @@ def test_matching_admits_no_improving_swap_or_move(lambda_time: float) -> None:
 
 def test_blocks_report_infeasible_instead_of_raising() -> None:
     problem = random_problem(np.random.default_rng(8), 3, slack=0.05)
-    alloc = Allocation(np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, problem.params.total_bandwidth_hz / 3))
+    alloc = AllocationVectors(
+        np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, problem.params.total_bandwidth_hz / 3)
+    )
     for block in (bits_block, power_block, bandwidth_block, power_bandwidth_block):
         result = block(problem, alloc)
         assert result.status == "infeasible" and result.allocation is None and math.isinf(result.objective)
@@ -321,18 +327,20 @@ def test_blocks_report_infeasible_instead_of_raising() -> None:
 def test_uncapped_energy_only_power_is_unbounded() -> None:
     problem = random_problem(np.random.default_rng(9), 3)
     problem = dataclasses.replace(problem, params=dataclasses.replace(problem.params, t_max_s=math.inf))
-    alloc = Allocation(np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, problem.params.total_bandwidth_hz / 3))
+    alloc = AllocationVectors(
+        np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, problem.params.total_bandwidth_hz / 3)
+    )
     assert power_block(problem, alloc).status == "unbounded"
     assert power_bandwidth_block(problem, alloc).status == "unbounded"
 
 
 def test_malformed_block_input_raises_model_error() -> None:
     problem = random_problem(np.random.default_rng(10), 3)
-    alloc = Allocation(np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, 1e6))
+    alloc = AllocationVectors(np.full(3, 8), problem.fleet.max_tx_power_w, np.full(3, 1e6))
     with pytest.raises(ModelError, match="solver"):
         bandwidth_block(problem, alloc, "scs")
     with pytest.raises(ModelError, match="the problem 3"):
-        bits_block(problem, Allocation(np.full(2, 8), np.full(2, 0.1), np.full(2, 1e6)))
+        bits_block(problem, AllocationVectors(np.full(2, 8), np.full(2, 0.1), np.full(2, 1e6)))
     with pytest.raises(ModelError, match="not one of"):
         power_block(problem, dataclasses.replace(alloc, bits=np.array([8, 8, 9])))
     with pytest.raises(ModelError, match="matching_block"):

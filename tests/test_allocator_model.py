@@ -10,8 +10,8 @@ import pytest
 
 from allocator import baselines
 from allocator.system import (
-    Allocation,
-    Fleet,
+    AllocationVectors,
+    DeviceArrays,
     ModelError,
     Problem,
     SystemParams,
@@ -31,17 +31,19 @@ from allocator.system import (
     uplink_time_s,
 )
 from edge_runtime.link import uplink_rate_bps as link_rate_bps
+from sflam_common.bits import BIT_WIDTHS
+from sflam_common.problems import ProblemsError
 
 N0 = 1e-20  # W/Hz, round so the hand computations stay readable
 
 
-def one_device(**changes: object) -> Fleet:
+def one_device(**changes: object) -> DeviceArrays:
     values = dict(
         ids=("a",), samples=[100.0], cycles_per_sample=[1e6], cpu_freq_hz=[1e9], kappa=[1e-28],
         gain=[1e-10], max_tx_power_w=[0.2], activation_range=[2.0], weight=[1.0], profiles=("raspberry-pi-5",),
     )
     values.update(changes)
-    return Fleet(**values)
+    return DeviceArrays(**values)
 
 
 def params(**changes: object) -> SystemParams:
@@ -54,8 +56,8 @@ def params(**changes: object) -> SystemParams:
     return SystemParams(**values)
 
 
-def alloc(bits: int = 4, power: float = 0.1, bandwidth: float = 1e6) -> Allocation:
-    return Allocation(np.array([bits]), np.array([power]), np.array([bandwidth]))
+def alloc(bits: int = 4, power: float = 0.1, bandwidth: float = 1e6) -> AllocationVectors:
+    return AllocationVectors(np.array([bits]), np.array([power]), np.array([bandwidth]))
 
 
 def test_one_device_matches_the_hand_computation() -> None:
@@ -113,7 +115,7 @@ def test_phi_is_the_uniform_quantizer_variance_and_zero_for_float32() -> None:
     p = params(elements_per_sample=49 * 768)
     bits = np.array([1, 2, 8, 16, 32])
     expected = [0.5 * 49 * 768 * 9.0 / (4 * (2.0**q - 1) ** 2) for q in (1, 2, 8, 16)] + [0.0]
-    many = Fleet(
+    many = DeviceArrays(
         ids=tuple("abcde"), samples=[1.0] * 5, cycles_per_sample=[1.0] * 5, cpu_freq_hz=[1.0] * 5, kappa=[0.0] * 5,
         gain=[1.0] * 5, max_tx_power_w=[1.0] * 5, activation_range=[3.0] * 5, weight=[0.5] * 5, profiles=("x",) * 5,
     )
@@ -131,7 +133,7 @@ def test_subchannel_rate_sums_held_subchannels_at_split_power() -> None:
     gains = np.array([[1e-10, 2e-10, 3e-10, 4e-10], [5e-10, 6e-10, 7e-10, 8e-10]])
     problem = Problem(fleet, params(subchannels=4), gains)
     held = np.array([[1, 1, 0, 0], [0, 0, 0, 1]])
-    a = Allocation(np.array([4, 4]), np.array([0.2, 0.1]), np.array([5e5, 2.5e5]), held)
+    a = AllocationVectors(np.array([4, 4]), np.array([0.2, 0.1]), np.array([5e5, 2.5e5]), held)
     # Execute
     rate = uplink_rate_bps(problem, a)
     # Assert
@@ -140,7 +142,8 @@ def test_subchannel_rate_sums_held_subchannels_at_split_power() -> None:
     expected_b = b * math.log2(1 + 0.1 * 8e-10 / (N0 * b))
     assert rate == pytest.approx([expected_a, expected_b], rel=1e-12)
     assert evaluate(problem, a).feasible
-    shared = Allocation(np.array([4, 4]), np.array([0.2, 0.1]), np.array([5e5, 5e5]), np.array([[1, 1, 0, 0], [0, 1, 0, 1]]))
+    both_hold_1 = np.array([[1, 1, 0, 0], [0, 1, 0, 1]])
+    shared = AllocationVectors(np.array([4, 4]), np.array([0.2, 0.1]), np.array([5e5, 5e5]), both_hold_1)
     assert "more than one device" in " ".join(evaluate(problem, shared).violations)
 
 
@@ -184,7 +187,15 @@ def test_params_validation_lists_every_problem() -> None:
         params(elements_per_sample=0, t_max_s=-1.0, lambda_quant=math.nan, allowed_bits=(0, 4, 40), subchannels=-2)
     fields = {problem.split(":")[0] for problem in caught.value.problems}
     assert fields == {"elements_per_sample", "t_max_s", "lambda_quant", "allowed_bits", "subchannels"}
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ProblemsError) and caught.value.source == "system parameters"
+    assert str(caught.value).startswith("system parameters: 5 problems:\n  - ")
+
+
+def test_allowed_bits_are_the_wire_bit_widths_or_a_subset() -> None:
+    assert params().allowed_bits == BIT_WIDTHS
+    assert params(allowed_bits=[8, np.int64(2), 32]).allowed_bits == (2, 8, 32)
+    with pytest.raises(ModelError, match=r"allowed_bits: each must be one of 1\.\.8, 16, 32, got \[12, 0\]"):
+        params(allowed_bits=(4, 12, 0))  # 12 bits cannot go on the wire
 
 
 def test_allocation_validation() -> None:
@@ -192,24 +203,24 @@ def test_allocation_validation() -> None:
     with pytest.raises(ModelError, match="3 at index 0 is not one of \\[2, 4, 8\\]"):
         evaluate(problem, alloc(bits=3))
     with pytest.raises(ModelError) as caught:
-        Allocation(np.array([4.5, 4.0]), np.array([-0.1, 0.1]), np.array([1e6]))
+        AllocationVectors(np.array([4.5, 4.0]), np.array([-0.1, 0.1]), np.array([1e6]))
     assert len(caught.value.problems) == 3
     with pytest.raises(ModelError, match="allocation has 2 devices"):
-        evaluate(problem, Allocation(np.array([4, 4]), np.array([0.1, 0.1]), np.array([1.0, 1.0])))
+        evaluate(problem, AllocationVectors(np.array([4, 4]), np.array([0.1, 0.1]), np.array([1.0, 1.0])))
     with pytest.raises(ModelError, match="params.subchannels is 0"):
-        evaluate(problem, Allocation(np.array([4]), np.array([0.1]), np.array([1e6]), np.array([[1]])))
+        evaluate(problem, AllocationVectors(np.array([4]), np.array([0.1]), np.array([1e6]), np.array([[1]])))
 
 
 def test_evaluate_is_vectorized_for_ten_thousand_devices() -> None:
     n = 10_000
     rng = np.random.default_rng(0)
-    fleet = Fleet(
+    fleet = DeviceArrays(
         ids=tuple(str(k) for k in range(n)), samples=rng.integers(400, 501, n), cycles_per_sample=np.full(n, 8.7e7),
         cpu_freq_hz=np.full(n, 2.4e9), kappa=np.full(n, 1e-28), gain=rng.exponential(1e-11, n),
         max_tx_power_w=np.full(n, 0.2), activation_range=np.ones(n), weight=np.full(n, 1 / n), profiles=("x",) * n,
     )
     problem = Problem(fleet, SystemParams(elements_per_sample=37632, t_max_s=1e9))
-    a = Allocation(np.full(n, 8), np.full(n, 0.2), np.full(n, 20e6 / n))
+    a = AllocationVectors(np.full(n, 8), np.full(n, 0.2), np.full(n, 20e6 / n))
     ev = evaluate(problem, a)  # vectorized; its speed is the allocator benchmark's business
     assert ev.energy_j.shape == (n,) and ev.feasible
 
@@ -218,7 +229,7 @@ def test_evaluate_is_vectorized_for_ten_thousand_devices() -> None:
 
 
 def two_devices() -> Problem:
-    fleet = Fleet(
+    fleet = DeviceArrays(
         ids=("a", "b"), samples=[100.0, 200.0], cycles_per_sample=[1e6, 2e6], cpu_freq_hz=[1e9, 2e9],
         kappa=[1e-28] * 2, gain=[1e-10, 1e-11], max_tx_power_w=[0.2, 0.1], activation_range=[1.0] * 2,
         weight=[1 / 3, 2 / 3], profiles=("x", "y"),
@@ -241,7 +252,7 @@ def test_fixed_and_fp32_use_max_power_and_an_equal_band_even_outside_the_allowed
 def test_sequential_sl_takes_the_sum_of_whole_band_latencies() -> None:
     problem = two_devices()
     result = baselines.sequential_sl(problem)
-    alone = Allocation(np.array([32, 32]), np.array([0.2, 0.1]), np.array([1e6, 1e6]))
+    alone = AllocationVectors(np.array([32, 32]), np.array([0.2, 0.1]), np.array([1e6, 1e6]))
     per_device = device_latency_s(Problem(problem.fleet, params(t_max_s=100.0)), alone)
     assert result.evaluation.round_latency_s == pytest.approx(per_device.sum(), rel=1e-12)
     tight = dataclasses.replace(problem, params=dataclasses.replace(problem.params, t_max_s=per_device.max() * 1.01))

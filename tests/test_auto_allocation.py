@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from allocator.scenario import infer_model
 from allocator.system import compute_energy_j, compute_time_s, shannon_rate_bps
 from edge_runtime import protocol as p
 from server_runtime.auto_allocation import AutoAllocation
@@ -63,6 +64,15 @@ def test_bad_channel_gains_are_listed() -> None:
         parse_config('[allocator]\nchannel_gains = { "a" = -1.0, "b" = "far", "c" = 1e-9 }\n')
     assert "allocator.channel_gains" in str(caught.value) and "a = -1.0" in str(caught.value)
     assert "b = 'far'" in str(caught.value) or 'b = "far"' in str(caught.value)
+
+
+def test_the_problem_is_sized_by_the_preset() -> None:
+    auto = AutoAllocation(parse_config(AUTO), get_preset("vit_mini_patch4_32"))
+    # 8 x 8 patches of 3 x 4 x 4 values into 128 dims: 64 x 128 activations, 128 x 48 + 128 float32 weights
+    assert auto.params.elements_per_sample == 64 * 128
+    assert auto.params.weight_bits == 32 * (128 * 48 + 128)
+    assert auto.macs_per_sample == 64 * 128 * 48
+    assert infer_model(auto.params) == "vit_mini_patch4_32"  # the scenario files name the same preset
 
 
 def test_uncalibrated_devices_come_from_their_profiles() -> None:

@@ -12,20 +12,21 @@ import pytest
 from allocator.baselines import fixed
 from allocator.scenario import (
     MIN_DISTANCE_M,
-    MODEL_SHAPES,
     T_MAX_FACTOR,
     ScenarioError,
     dump_scenario,
     full_model_macs_per_sample,
     full_model_params,
     generate_scenario,
+    infer_model,
     load_scenario,
+    model_shape,
     path_gain_linear,
     place_devices,
 )
 from allocator.system import Problem
 from firmware_profiles import load_profile
-from server_runtime.presets import get_preset
+from server_runtime.presets import get_preset, preset_names
 
 
 def assert_same_problem(a: Problem, b: Problem) -> None:
@@ -86,15 +87,30 @@ def test_default_t_max_is_one_and_a_half_times_the_fixed_baseline() -> None:
 
 
 def test_model_shapes_match_the_presets() -> None:
-    for name, shape in MODEL_SHAPES.items():
-        preset = get_preset(name)
+    for name in preset_names():
+        shape, preset = model_shape(name), get_preset(name)
         assert shape.tokens == preset.num_patches, name
         assert shape.embed_dim == preset.embed_dim, name
         assert shape.patch_dim == preset.in_chans * preset.patch_size**2, name
         assert (shape.depth, shape.mlp_ratio, shape.num_classes) == (preset.depth, preset.mlp_ratio, preset.num_classes)
-    base = MODEL_SHAPES["vit_base_patch32_224"]
+    base = model_shape("vit_base_patch32_224")
     assert full_model_params(base) == 88_224_232  # timm's vit_base_patch32_224
     assert full_model_macs_per_sample(base) == pytest.approx(4.41e9, rel=0.01)  # timm: 4.41 GMACs
+    quick = model_shape("vit_quick_patch4_16")  # 16 tokens of 64, patches of 3 x 4 x 4, 3 blocks, MLP 2x
+    assert (quick.tokens, quick.embed_dim, quick.patch_dim, quick.depth) == (16, 64, 48, 3)
+    assert quick.device_macs_per_sample == 16 * 64 * 48
+
+
+def test_every_preset_is_recognised_from_the_sizes_a_scenario_carries() -> None:
+    for name in preset_names():
+        params = generate_scenario(1, 0, model=name, t_max_s=10.0).params
+        assert infer_model(params) == name
+
+
+def test_a_mistyped_preset_gets_a_suggestion() -> None:
+    with pytest.raises(ScenarioError) as caught:
+        model_shape("vit_base_patch32_244")
+    assert "unknown preset 'vit_base_patch32_244' (did you mean 'vit_base_patch32_224'?)" in str(caught.value)
 
 
 def test_profiles_that_cannot_train_or_do_not_exist_are_refused() -> None:
