@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PACKED_BITS = tuple(range(1, 9))
-FLOAT_BITS = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
-VALID_BITS = (*PACKED_BITS, *FLOAT_BITS)
+from sflam_common.bits import BIT_WIDTHS_TEXT, PACKED_BITS, is_bit_width
+from sflam_common.bits import FLOAT_BITS as _FLOAT_WIDTHS
+
+# the little-endian float each unquantized width travels as: 16 -> <f2, 32 -> <f4
+FLOAT_BITS = {bits: np.dtype(f"<f{bits // 8}") for bits in _FLOAT_WIDTHS}
+_PACKED_TEXT = f"{PACKED_BITS[0]}..{PACKED_BITS[-1]}"
 GRANULARITIES = ("tensor", "token")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -78,9 +81,9 @@ def num_groups(shape: tuple[int, ...], per: str) -> int:
 
 
 def check_bits(bits: int) -> int:
-    """``bits`` if supported (1..8, 16, 32), else QuantizeError."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in VALID_BITS:
-        raise QuantizeError(f"bits must be one of 1..8, 16 or 32, got {bits!r}")
+    """``bits`` as an int if it is a wire bit width (1..8, 16, 32), else QuantizeError."""
+    if not is_bit_width(int(bits) if isinstance(bits, np.integer) else bits):
+        raise QuantizeError(f"bits must be one of {BIT_WIDTHS_TEXT}, got {bits!r}")
     return int(bits)
 
 
@@ -185,7 +188,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     into q bytes through a uint64 word.
     """
     if bits not in PACKED_BITS:
-        raise QuantizeError(f"only 1..8-bit codes are packed, got {bits}")
+        raise QuantizeError(f"only {_PACKED_TEXT}-bit codes are packed, got {bits}")
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     if codes.size and int(codes.max()) >= 2**bits:
         raise QuantizeError(f"a code of {int(codes.max())} does not fit in {bits} bits")
@@ -209,7 +212,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 def unpack_codes(payload: bytes, bits: int, count: int) -> np.ndarray:
     """The inverse of :func:`pack_codes`: ``count`` uint8 codes."""
     if bits not in PACKED_BITS:
-        raise QuantizeError(f"only 1..8-bit codes are packed, got {bits}")
+        raise QuantizeError(f"only {_PACKED_TEXT}-bit codes are packed, got {bits}")
     if len(payload) != payload_nbytes(count, bits):
         raise QuantizeError(f"{count} codes of {bits} bits need {payload_nbytes(count, bits)} bytes, got {len(payload)}")
     raw = np.frombuffer(payload, dtype=np.uint8)

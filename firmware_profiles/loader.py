@@ -7,7 +7,6 @@ profile in one pass.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import tomllib
@@ -32,6 +31,7 @@ from firmware_profiles.schema import (
     RuntimeSpec,
     positive_number,
 )
+from sflam_common.problems import did_you_mean
 
 _LOG = logging.getLogger(__name__)
 _SUFFIX = ".toml"
@@ -102,9 +102,8 @@ def _looks_like_path(value: str) -> bool:
 def _load_bundled(name: str) -> DeviceProfile:
     available = list_profiles()
     if name not in available:
-        hint = difflib.get_close_matches(name, available, n=1)
-        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
-        message = f"no bundled profile by that name; {suggestion}available: {', '.join(available)}"
+        hint = did_you_mean(name, available)
+        message = f"no bundled profile by that name{hint}; available: {', '.join(available)}"
         raise ProfileError(f"profile {name!r}", [message])
     entry = _bundled_dir().joinpath(name + _SUFFIX)
     return _parse_text(entry.read_text(encoding="utf-8"), str(entry), expected_name=name)
@@ -149,9 +148,7 @@ def _report_unknown(
     for key in table:
         if key in known:
             continue
-        close = difflib.get_close_matches(key, list(known), n=1)
-        suggestion = f" (did you mean {close[0]!r}?)" if close else hint
-        problems.append(f"{prefix}{key}: unknown key{suggestion}")
+        problems.append(f"{prefix}{key}: unknown key{did_you_mean(key, known) or hint}")
 
 
 def _read_fields(
@@ -221,9 +218,7 @@ def _estimate_problem(entry: object, data: Mapping[str, object]) -> str | None:
     if not isinstance(entry, str):
         return f"must be a field path such as 'compute.cycles_per_mac', got {entry!r}"
     if entry not in known:
-        close = _close_field_path(entry, known)
-        suggestion = f" (did you mean {close!r}?)" if close else ""
-        return f"{entry!r} is not a profile field{suggestion}"
+        return f"{entry!r} is not a profile field{_field_path_hint(entry, known)}"
     section, key = entry.split(".")
     table = data.get(section)
     if isinstance(table, dict) and key not in table:
@@ -231,14 +226,12 @@ def _estimate_problem(entry: object, data: Mapping[str, object]) -> str | None:
     return None
 
 
-def _close_field_path(entry: str, known: list[str]) -> str | None:
+def _field_path_hint(entry: str, known: list[str]) -> str:
     """The field a mistyped path most likely meant: same section first, so keys are compared."""
     section, _, key = entry.partition(".")
     if section in SECTIONS:
-        close = difflib.get_close_matches(key, list(SECTIONS[section]), n=1)
-        return f"{section}.{close[0]}" if close else None
-    close = difflib.get_close_matches(entry, known, n=1)
-    return close[0] if close else None
+        return did_you_mean(key, SECTIONS[section], show=f"'{section}.{{}}'")
+    return did_you_mean(entry, known)
 
 
 def _read_calibration(table: object, problems: list[str]) -> Calibration:

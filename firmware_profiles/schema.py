@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from sflam_common.problems import ProblemsError
+
 FORMAT_VERSION = 1
 DEVICE_KINDS = ("phone", "jetson", "sbc", "mcu")
 ACCELERATORS = ("none", "gpu", "npu", "dsp")
@@ -24,18 +26,8 @@ CALIBRATION_TABLES = ("cycles_per_sample", "energy_j_per_sample")
 _NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 
-class ProfileError(ValueError):
+class ProfileError(ProblemsError):
     """A profile that cannot be used; ``problems`` holds every reason, one string each."""
-
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        if len(self.problems) == 1:
-            message = f"{source}: {self.problems[0]}"
-        else:
-            listed = "\n".join(f"  - {problem}" for problem in self.problems)
-            message = f"{source}: {len(self.problems)} problems:\n{listed}"
-        super().__init__(message)
 
 
 class InvalidValue(ValueError):

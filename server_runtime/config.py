@@ -2,40 +2,28 @@
 
 Validation collects every problem of a file (unknown sections and keys with a suggestion, wrong
 types, out-of-range values) into one :class:`ConfigError`, so a user fixes a file in one pass.
-Relative paths are kept as written; whoever uses the config resolves them against its working
-directory.
+What each key accepts is checked by :mod:`server_runtime.config_rules`. Relative paths are kept
+as written; whoever uses the config resolves them against its working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
-import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_EVAL_FORMS = "digits | cifar10:<dir> | folder:<dir>"
-_BIT_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
-_BIT_TEXT = "one of 1..8, 16, 32"
-_CUDA_DEVICE = re.compile(r"cuda:(0|[1-9][0-9]*)")
+from server_runtime import config_rules as rule
+from sflam_common.problems import ProblemsError, did_you_mean
+
+MODES = ("v1", "v2", "fl")  # SFL-V1 (a server copy per device), V2 (one shared model), FL (FedAvg baseline)
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the optimizers the server's split trainer can build
 
 
-class ConfigError(ValueError):
+class ConfigError(ProblemsError):
     """A run configuration that cannot be used; ``problems`` lists every reason found."""
-
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        noun = "problem" if len(self.problems) == 1 else "problems"
-        lines = "".join(f"\n  - {problem}" for problem in self.problems)
-        super().__init__(f"{source}: {len(self.problems)} {noun}:{lines}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:
-        return type(self), (self.source, self.problems)
 
 
 # ---------------------------------------------------------------- sections
@@ -162,6 +150,64 @@ _SECTIONS: dict[str, type] = {
     "allocator": AllocatorSection,
 }
 
+_NON_NEGATIVE = "a finite number >= 0"
+_SEED = rule.at_least(0)
+# the checker of every key, section by section; a section's keys are its dataclass's fields
+_RULES: dict[str, dict[str, rule.Check]] = {
+    "model": {"preset": rule.preset, "checkpoint": rule.checkpoint_file},
+    "data": {"eval": rule.eval_spec, "eval_batch_size": rule.at_least(1), "eval_every": rule.at_least(1)},
+    "training": {
+        "rounds": rule.at_least(1),
+        "devices_per_round": rule.at_least(1),
+        "min_devices": rule.at_least(0),
+        "local_epochs": rule.at_least(1),
+        "batch_size": rule.at_least(1),
+        "mode": rule.choice(MODES),
+        "optimizer": rule.choice(OPTIMIZERS),
+        "lr": rule.number(lambda v: v > 0, "a finite number > 0"),
+        "momentum": rule.number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "weight_decay": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
+    },
+    "quant": {"bits": rule.activation_bits, "gradient_bits": rule.bit_width, "per_token": rule.flag},
+    "round": {
+        "deadline_s": rule.number(lambda v: v > 0, "a finite number of seconds > 0"),
+        "min_completed": rule.number(lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        "wait_for_devices_s": rule.number(lambda v: v > 0, "a finite number of seconds > 0"),
+        "total_bandwidth_hz": rule.number(lambda v: v > 0, "a finite number of Hz > 0"),
+        "offline_grace_s": rule.number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: fail at once)"),
+    },
+    "broker": {
+        "url": rule.broker_url,
+        "run_id": rule.run_id,
+        "username": rule.optional_text,
+        "password_file": rule.optional_text,
+        "ca_file": rule.optional_text,
+        "max_frame_bytes": rule.at_least(1024),
+    },
+    "checkpoint": {"dir": rule.text, "keep": rule.at_least(1)},
+    "metrics": {
+        "jsonl": rule.optional_text,
+        "prometheus_port": rule.integer(lambda v: 0 <= v <= 65535, "0 (off) or a port 1..65535"),
+        "prometheus_addr": rule.text,
+        "progress": rule.flag,
+    },
+    "compute": {
+        "device": rule.compute_device,
+        "amp": rule.choice(("auto", "bf16", "off")),
+        "workers": rule.at_least(1),
+    },
+    "allocator": {
+        "lambda_energy": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
+        "lambda_time": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
+        "lambda_quant": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
+        "allowed_bits": rule.bit_set,
+        "t_max_s": rule.number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: round.deadline_s)"),
+        "default_distance_m": rule.number(lambda v: v > 0, "a finite number of metres > 0"),
+        "downlink_rate_bps": rule.number(lambda v: v > 0, "a finite number of bit/s > 0"),
+        "channel_gains": rule.gain_table,
+    },
+}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -194,8 +240,15 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-able dict (``source`` left out) that :meth:`from_dict` reads back."""
-        sections = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
-        return {"seed": self.seed, **sections}
+        return {"seed": self.seed, **self._section_dicts()}
+
+    def to_toml(self) -> str:
+        """The run.toml text of this config (None values left out), which :func:`parse_config`
+        reads back equal."""
+        return config_toml(self._section_dicts(), self.seed)
+
+    def _section_dicts(self) -> dict[str, dict[str, object]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object], source: str = "<dict>") -> RunConfig:
@@ -272,7 +325,7 @@ def _read_section(data: Mapping[str, object], name: str, problems: list[str]) ->
     cls = _SECTIONS[name]
     table = data.get(name, {})
     if not isinstance(table, dict):
-        problems.append(f"{name}: must be a table [{name}], got {_show(table)}")
+        problems.append(f"{name}: must be a table [{name}], got {rule.show(table)}")
         return cls()
     rules = _RULES[name]
     for key in table:
@@ -292,7 +345,7 @@ def _default(f: dataclasses.Field) -> object:
 def _read_value(
     table: Mapping[str, object],
     key: str,
-    check: Check,
+    check: rule.Check,
     default: object,
     prefix: str,
     problems: list[str],
@@ -301,7 +354,7 @@ def _read_value(
         return default
     try:
         return check(table[key])
-    except _Invalid as exc:
+    except rule.Invalid as exc:
         problems.append(f"{prefix}{key}: {exc}")
         return default
 
@@ -311,20 +364,20 @@ def _report_unknown_top(data: Mapping[str, object], problems: list[str]) -> None
         if key == "seed" or key in _SECTIONS:
             continue
         if isinstance(value, dict):
-            close = difflib.get_close_matches(key, list(_SECTIONS), n=1)
-            hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {_names()})"
+            hint = did_you_mean(key, _SECTIONS, show="[{}]") or f" (sections: {_names()})"
             problems.append(f"[{key}]: unknown section{hint}")
         else:
             problems.append(f"{key}: unknown top-level key{_suggest(key, ['seed'], None)}")
 
 
-def _suggest(key: str, known: Sequence[str] | Mapping[str, object], section: str | None) -> str:
+def _suggest(key: str, known: Iterable[str], section: str | None) -> str:
     """' (did you mean X?)': a close key here, else the same key in another section."""
-    close = difflib.get_close_matches(key, list(known), n=1)
+    close = did_you_mean(key, known)
     if close:
-        return f" (did you mean {close[0]!r}?)"
-    homes = [name for name, rules in _RULES.items() if key in rules and name != section]
-    return f" (did you mean {homes[0]}.{key}?)" if homes else ""
+        return close
+    homes = [f"{name}.{key}" for name, rules in _RULES.items() if key in rules and name != section]
+    # an exact suggestion (the key's home), worded like every other hint
+    return f" (did you mean {homes[0]}?)" if homes else ""
 
 
 def _names() -> str:
@@ -343,230 +396,37 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
                             "not send (devices upload the whole model); set a fixed bit-width")
 
 
-# ---------------------------------------------------------------- value checks
-
-
-class _Invalid(Exception):
-    """One value's problem; the caller prefixes it with the key's path."""
-
-
-Check = Callable[[object], object]
-
-
-def _show(value: object) -> str:
-    """The value as written, with its type where the repr alone would hide a mismatch."""
-    plain = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
-    return repr(value) if plain else f"{value!r} ({type(value).__name__})"
-
-
-def _integer(ok: Callable[[int], bool], wanted: str) -> Check:
-    def check(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-            raise _Invalid(f"must be {wanted}, got {_show(value)}")
-        return value
-
-    return check
-
-
-def _number(ok: Callable[[float], bool], wanted: str) -> Check:
-    def check(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be {wanted}, got {_show(value)}")
-        if isinstance(value, float) and not math.isfinite(value) or not ok(float(value)):
-            raise _Invalid(f"must be {wanted}, got {value!r}")
-        return float(value)
-
-    return check
-
-
-def _choice(*options: str) -> Check:
-    def check(value: object) -> str:
-        if not isinstance(value, str) or value not in options:
-            wanted = ", ".join(repr(option) for option in options)
-            raise _Invalid(f"must be one of {wanted}, got {_show(value)}")
-        return value
-
-    return check
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _Invalid(f"must be a non-empty string, got {_show(value)}")
-    return value
-
-
-def _optional_text(value: object) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {_show(value)}")
-    return value
-
-
-def _is_bit_width(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value in _BIT_WIDTHS
-
-
-def _bit_width(value: object) -> int:
-    if not _is_bit_width(value):
-        raise _Invalid(f"must be {_BIT_TEXT}, got {_show(value)}")
-    return value
-
-
-def _activation_bits(value: object) -> int | str:
-    if value != "auto" and not _is_bit_width(value):
-        raise _Invalid(f"must be {_BIT_TEXT} or 'auto', got {_show(value)}")
-    return value
-
-
-def _bit_set(value: object) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _Invalid(f"must be a non-empty list of bit-widths ({_BIT_TEXT}), got {_show(value)}")
-    bad = [v for v in value if not _is_bit_width(v)]
-    if bad:
-        raise _Invalid(f"every entry must be {_BIT_TEXT}; not {', '.join(_show(v) for v in bad)}")
-    if len(set(value)) != len(value):
-        raise _Invalid(f"has repeated entries: {_show(value)}")
-    return tuple(sorted(value))
-
-
-def _gain_table(value: object) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        raise _Invalid(f"must be a table of device id = linear gain, got {_show(value)}")
-    bad = [f"{k} = {_show(v)}" for k, v in value.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= 1e2)]
-    if bad:
-        raise _Invalid(f"every gain must be a number in (0, 100]; not {', '.join(bad)}")
-    return {str(k): float(v) for k, v in value.items()}
-
-
-def _preset(value: object) -> str:
-    from server_runtime.presets import preset_names
-
-    known = preset_names()
-    if isinstance(value, str) and value in known:
-        return value
-    close = difflib.get_close_matches(value, known, n=1) if isinstance(value, str) else []
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise _Invalid(f"unknown preset {_show(value)}; {hint}known: {', '.join(known)}")
-
-
-def _checkpoint_file(value: object) -> str | None:
-    path = _optional_text(value)
-    if path is not None and not Path(path).is_file():
-        raise _Invalid(f"no such file: {path}")
-    return path
-
-
-def _eval_spec(value: object) -> str:
-    kind, sep, location = _text(value).partition(":")
-    if (kind == "digits" and not sep) or (kind in ("cifar10", "folder") and location):
-        return value
-    raise _Invalid(f"must be {_EVAL_FORMS}, got {value!r}")
-
-
-def _compute_device(value: object) -> str:
-    fixed = ("auto", "cpu", "cuda")
-    if isinstance(value, str) and (value in fixed or _CUDA_DEVICE.fullmatch(value)):
-        return value
-    raise _Invalid(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {_show(value)}")
-
-
-def _broker_url(value: object) -> str:
-    from edge_runtime.mqtt import BrokerAddress
-
-    try:
-        BrokerAddress.parse(_text(value))
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-    return value
-
-
-def _run_id(value: object) -> str:
-    from edge_runtime.protocol.topics import check_id
-
-    try:
-        return check_id(value, "run id")
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _at_least(low: int) -> Check:
-    return _integer(lambda v: v >= low, f"an integer >= {low}")
-
-
-_SEED = _at_least(0)
-_RULES: dict[str, dict[str, Check]] = {
-    "model": {"preset": _preset, "checkpoint": _checkpoint_file},
-    "data": {"eval": _eval_spec, "eval_batch_size": _at_least(1), "eval_every": _at_least(1)},
-    "training": {
-        "rounds": _at_least(1),
-        "devices_per_round": _at_least(1),
-        "min_devices": _at_least(0),
-        "local_epochs": _at_least(1),
-        "batch_size": _at_least(1),
-        "mode": _choice("v1", "v2", "fl"),
-        "optimizer": _choice("sgd", "adam", "adamw"),
-        "lr": _number(lambda v: v > 0, "a finite number > 0"),
-        "momentum": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
-    },
-    "quant": {"bits": _activation_bits, "gradient_bits": _bit_width, "per_token": _flag},
-    "round": {
-        "deadline_s": _number(lambda v: v > 0, "a finite number of seconds > 0"),
-        "min_completed": _number(lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-        "wait_for_devices_s": _number(lambda v: v > 0, "a finite number of seconds > 0"),
-        "total_bandwidth_hz": _number(lambda v: v > 0, "a finite number of Hz > 0"),
-        "offline_grace_s": _number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: fail at once)"),
-    },
-    "broker": {
-        "url": _broker_url,
-        "run_id": _run_id,
-        "username": _optional_text,
-        "password_file": _optional_text,
-        "ca_file": _optional_text,
-        "max_frame_bytes": _at_least(1024),
-    },
-    "checkpoint": {"dir": _text, "keep": _at_least(1)},
-    "metrics": {
-        "jsonl": _optional_text,
-        "prometheus_port": _integer(lambda v: 0 <= v <= 65535, "0 (off) or a port 1..65535"),
-        "prometheus_addr": _text,
-        "progress": _flag,
-    },
-    "compute": {
-        "device": _compute_device,
-        "amp": _choice("auto", "bf16", "off"),
-        "workers": _at_least(1),
-    },
-    "allocator": {
-        "lambda_energy": _number(lambda v: v >= 0, "a finite number >= 0"),
-        "lambda_time": _number(lambda v: v >= 0, "a finite number >= 0"),
-        "lambda_quant": _number(lambda v: v >= 0, "a finite number >= 0"),
-        "allowed_bits": _bit_set,
-        "t_max_s": _number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: round.deadline_s)"),
-        "default_distance_m": _number(lambda v: v > 0, "a finite number of metres > 0"),
-        "downlink_rate_bps": _number(lambda v: v > 0, "a finite number of bit/s > 0"),
-        "channel_gains": _gain_table,
-    },
-}
+# ---------------------------------------------------------------- writing
 
 
 def config_toml(sections: Mapping[str, Mapping[str, object]], seed: int) -> str:
-    """A run.toml with ``seed`` and ``sections`` (name -> keys), for programs that write one."""
+    """A run.toml with ``seed`` and ``sections`` (name -> keys), for programs that write one.
+
+    None values are left out: TOML has no null, and an optional key left out reads as None.
+    """
     lines = [f"seed = {seed}"]
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"
 
 
 def _toml_value(value: object) -> str:
-    """A TOML literal: JSON's for scalars and lists, an inline table for a mapping."""
+    """A TOML literal: an array for a list or tuple, an inline table for a mapping."""
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return _toml_string(value)
     if isinstance(value, float):
-        return repr(value)
-    return json.dumps(value)
+        return repr(float(value))  # the shortest text that reads back as the same float (inf, nan too)
+    if isinstance(value, int):
+        return json.dumps(value)  # true / false for a bool
+    raise TypeError(f"no TOML literal for {value!r} ({type(value).__name__})")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes, but non-ASCII written as is (JSON would escape an
+    emoji as a surrogate pair, which TOML refuses) and DEL escaped (TOML refuses it raw)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

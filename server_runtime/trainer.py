@@ -31,13 +31,12 @@ import torch.nn.functional as F
 
 from edge_runtime.quantize import QuantizedTensor
 from server_runtime.aggregate import fedavg
+from server_runtime.config import MODES, OPTIMIZERS
 from server_runtime.quantize_torch import dequantize_torch, quantize_torch
 from server_runtime.split import ServerPart, split
 from server_runtime.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
-MODES = ("v1", "v2", "fl")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 class StepError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import subprocess
 import sys
 import tomllib
@@ -19,6 +20,7 @@ from firmware_profiles import (
     parse_profile,
 )
 from firmware_profiles.schema import ENERGY_METERS, FORMATS
+from sflam_common.problems import ProblemsError
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = {
@@ -273,7 +275,9 @@ def test_unknown_name_lists_available_profiles() -> None:
 
     # Assert
     message = str(info.value)
-    assert "did you mean 'jetson-orin-nano'?" in message
+    assert message.startswith(
+        "profile 'jetson-orin': no bundled profile by that name (did you mean 'jetson-orin-nano'?); available: "
+    )
     assert all(name in message for name in BUNDLED)
 
 
@@ -311,7 +315,25 @@ def test_estimate_of_unset_optional_field_is_reported(tmp_path: Path) -> None:
 
 def test_profile_error_is_a_value_error() -> None:
     # Assert
-    assert issubclass(ProfileError, ValueError)
+    assert issubclass(ProfileError, ProblemsError) and issubclass(ProfileError, ValueError)
+
+
+def test_a_profile_error_pickles_with_its_problems() -> None:
+    # Prepare
+    problems = ["compute.cpu_cores: missing required field", "radio: missing required table [radio]"]
+    error = ProfileError("board.toml", problems)
+
+    # Execute
+    restored = pickle.loads(pickle.dumps(error))
+
+    # Assert
+    assert type(restored) is ProfileError
+    assert (restored.source, restored.problems) == (error.source, error.problems)
+    assert str(restored) == (
+        "board.toml: 2 problems:\n"
+        "  - compute.cpu_cores: missing required field\n"
+        "  - radio: missing required table [radio]"
+    )
 
 
 # ---------------------------------------------------------------- the dataclasses

@@ -662,7 +662,6 @@ def test_values_beyond_float32_range_travel_as_float64(message: object) -> None:
 # ValueError) while checking or writing come out of encode as MalformedError "cannot encode".
 WRAPPED = {
     "lr int beyond float": (RoundPlan(ENV, 1, 1.0, 1, 1, 10**400, ()), OverflowError),
-    "bits_up 8.0": (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8.0, 8, 0.5, 1e6),)), struct.error),  # type: ignore[arg-type]
     "profile None": (Hello(ENV, None, "b", "v", 1), AttributeError),  # type: ignore[arg-type]
     "reason bytes": (Status(ENV, True, b"ok"), AttributeError),  # type: ignore[arg-type]
     "lone surrogate": (ErrorReport(ENV, "c", "\ud800"), UnicodeEncodeError),
@@ -683,6 +682,20 @@ def test_every_failure_during_encode_is_a_malformed_error(name: str) -> None:
         encode(message)
     # Assert: the original error is kept as the cause
     assert isinstance(caught.value.__cause__, cause), repr(caught.value.__cause__)
+
+
+@pytest.mark.parametrize(("up", "shown"), [(8.0, "8.0"), (True, "True")])
+def test_a_bit_width_that_is_not_an_int_is_refused_by_the_rule(up: object, shown: str) -> None:
+    # Prepare: 8.0 and True compare equal to bit widths, yet a u8 on the wire needs an int
+    plan = RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", up, 8, 0.5, 1e6),))  # type: ignore[arg-type]
+
+    # Execute
+    with pytest.raises(MalformedError) as caught:
+        encode(plan)
+
+    # Assert
+    assert str(caught.value) == f"allocation 'd' bits_up: {shown} is not one of 1..8, 16, 32"
+    assert caught.value.__cause__ is None
 
 
 def _float_payload(bits: int, values: list[float]) -> QuantizedTensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -258,8 +259,24 @@ def test_non_finite_input_is_refused(bad: float) -> None:
 
 @pytest.mark.parametrize("bits", [0, 9, 15, 33, -1, True, 4.0, "8"])
 def test_unsupported_bits_are_refused(bits: object) -> None:
-    with pytest.raises(QuantizeError, match=r"bits must be one of 1\.\.8, 16 or 32"):
+    with pytest.raises(QuantizeError, match=r"bits must be one of 1\.\.8, 16, 32, got " + re.escape(repr(bits))):
         quantize(np.ones(3, np.float32), bits)  # type: ignore[arg-type]
+
+
+def test_a_numpy_integer_bit_width_is_accepted_as_an_int() -> None:
+    # Execute
+    q = quantize(np.ones(3, np.float32), np.int64(4))  # type: ignore[arg-type]
+
+    # Assert
+    assert q.bits == 4 and type(q.bits) is int
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, 32])
+def test_only_packed_widths_are_packed(bits: int) -> None:
+    with pytest.raises(QuantizeError, match=rf"only 1\.\.8-bit codes are packed, got {bits}"):
+        pack_codes(np.zeros(3, np.uint8), bits)
+    with pytest.raises(QuantizeError, match=rf"only 1\.\.8-bit codes are packed, got {bits}"):
+        unpack_codes(b"\x00", bits, 3)
 
 
 def test_unknown_granularity_is_refused() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import tomllib
 from pathlib import Path
@@ -10,13 +11,22 @@ from pathlib import Path
 import pytest
 
 from server_runtime.config import (
+    AllocatorSection,
     BrokerSection,
+    CheckpointSection,
+    ComputeSection,
     ConfigError,
+    DataSection,
+    MetricsSection,
+    ModelSection,
+    QuantSection,
+    RoundSection,
     RunConfig,
     TrainingSection,
     load_config,
     parse_config,
 )
+from sflam_common.problems import ProblemsError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "run.toml"
@@ -110,6 +120,19 @@ def test_the_message_counts_and_lists_the_problems() -> None:
     assert isinstance(caught.value, ValueError)
 
 
+def test_one_problem_is_one_line_and_the_error_pickles() -> None:
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[training]\nrounds = 0\n", "run.toml")
+    restored = pickle.loads(pickle.dumps(caught.value))
+
+    # Assert
+    assert str(caught.value) == "run.toml: training.rounds: must be an integer >= 1, got 0"
+    assert isinstance(caught.value, ProblemsError)
+    assert type(restored) is ConfigError
+    assert (restored.source, restored.problems, str(restored)) == ("run.toml", caught.value.problems, str(caught.value))
+
+
 def test_misspelt_keys_and_sections_get_a_suggestion() -> None:
     # Prepare
     text = """
@@ -132,6 +155,14 @@ deadline_s = 10
         "[trainig]: unknown section (did you mean [training]?)",
         "training.optimzer: unknown key (did you mean 'optimizer'?)",
         "training.deadline_s: unknown key (did you mean round.deadline_s?)",
+    ]
+
+
+def test_a_section_with_no_close_name_lists_the_sections() -> None:
+    # Execute / Assert
+    assert _problems("[zzz]\nx = 1") == [
+        "[zzz]: unknown section (sections: [model], [data], [training], [quant], [round], [broker], "
+        "[checkpoint], [metrics], [compute], [allocator])"
     ]
 
 
@@ -193,8 +224,8 @@ def test_bad_bit_widths_are_rejected(key: str, value: str, problem: str) -> None
 @pytest.mark.parametrize(
     ("section", "line", "start"),
     [
-        ("model", 'preset = "vit_quik_patch4_16"', "preset: unknown preset 'vit_quik_patch4_16'; "
-         "did you mean 'vit_quick_patch4_16'?"),
+        ("model", 'preset = "vit_quik_patch4_16"', "preset: unknown preset 'vit_quik_patch4_16' "
+         "(did you mean 'vit_quick_patch4_16'?); known: "),
         ("model", 'checkpoint = "no/such/file.pt"', "checkpoint: no such file: no/such/file.pt"),
         ("data", 'eval = "cifar10:"', "eval: must be digits | cifar10:<dir> | folder:<dir>, got"),
         ("data", 'eval = "digits:x"', "eval: must be digits | cifar10:<dir> | folder:<dir>, got"),
@@ -349,4 +380,61 @@ def test_a_missing_file_is_one_problem_naming_it(tmp_path: Path) -> None:
 
     # Assert
     assert caught.value.problems == [f"cannot read {path}: No such file or directory"]
-    assert str(caught.value).startswith(f"{path}: 1 problem:")
+    assert str(caught.value) == f"{path}: cannot read {path}: No such file or directory"
+
+
+# ---------------------------------------------------------------- writing run.toml
+
+
+def _every_key_changed(checkpoint: Path) -> RunConfig:
+    """A config whose every key differs from its default (strings a TOML writer must escape too)."""
+    return RunConfig(
+        seed=11,
+        model=ModelSection(preset="vit_mini_patch4_32", checkpoint=str(checkpoint)),
+        data=DataSection(eval="folder:/data/flowers", eval_batch_size=64, eval_every=3),
+        training=TrainingSection(rounds=7, devices_per_round=4, min_devices=2, local_epochs=3, batch_size=16,
+                                 mode="v2", optimizer="adamw", lr=3e-4, momentum=0.0, weight_decay=0.05),
+        quant=QuantSection(bits="auto", gradient_bits=16, per_token=True),
+        round=RoundSection(deadline_s=42.5, min_completed=0.75, wait_for_devices_s=1 / 3,
+                           total_bandwidth_hz=1.5e7, offline_grace_s=0.0),
+        broker=BrokerSection(url="mqtts://broker.example:8884", run_id="run-7", username="server",
+                             password_file="secrets/pw", ca_file="ca.pem", max_frame_bytes=1 << 20),
+        checkpoint=CheckpointSection(dir='runs/"ä" \\ \t \x7f \U0001f642', keep=5),
+        metrics=MetricsSection(jsonl="out/m.jsonl", prometheus_port=9100, prometheus_addr="0.0.0.0", progress=False),
+        compute=ComputeSection(device="cuda:1", amp="bf16", workers=2),
+        allocator=AllocatorSection(lambda_energy=0.5, lambda_time=2.0, lambda_quant=1e-5, allowed_bits=(1, 4, 16, 32),
+                                   t_max_s=60.0, default_distance_m=250.0, downlink_rate_bps=5e7,
+                                   channel_gains={"dev-1": 1e-9, "dev 2": 0.1 + 0.2}),
+    )
+
+
+def test_the_defaults_survive_to_toml_and_back() -> None:
+    # Execute
+    text = RunConfig().to_toml()
+
+    # Assert
+    assert parse_config(text) == RunConfig()
+    assert "checkpoint = " not in text and "jsonl = " not in text  # None is left out
+    assert "allowed_bits = [2, 3, 4, 5, 6, 7, 8]" in text and "channel_gains = {}" in text
+
+
+def test_a_config_with_every_key_changed_survives_to_toml_and_back(tmp_path: Path) -> None:
+    # Prepare
+    weights = tmp_path / "start.safetensors"
+    weights.write_bytes(b"")
+    config = _every_key_changed(weights)
+    default = RunConfig().to_dict()
+    changed = config.to_dict()
+    assert all(changed[s][k] != v for s, keys in default.items() if s != "seed" for k, v in keys.items())
+
+    # Execute
+    text = config.to_toml()
+    restored = parse_config(text, "written.toml")
+
+    # Assert
+    assert restored == config
+    assert restored.quant.bits == "auto" and restored.model.checkpoint == str(weights)
+    assert restored.allocator.channel_gains == {"dev-1": 1e-9, "dev 2": 0.30000000000000004}
+    assert 'channel_gains = {"dev-1" = 1e-09, "dev 2" = 0.30000000000000004}' in text
+    assert "allowed_bits = [1, 4, 16, 32]" in text
+

@@ -11,6 +11,7 @@ import torch
 from edge_runtime import protocol as p
 from edge_runtime.quantize import dequantize, quantize
 from server_runtime.checkpoint import create_model
+from server_runtime.config import OPTIMIZERS
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError
 
@@ -224,3 +225,21 @@ def test_pick_device_and_bf16_policy() -> None:
             pick_device("cuda")
     assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("auto", torch.device("cpu"))
     assert use_bf16("auto", torch.device("cuda")) and not use_bf16("off", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_run_toml_accepts_is_built(name: str) -> None:
+    # Prepare
+    params = [torch.nn.Parameter(torch.zeros(2))]
+
+    # Execute
+    optimizer = OptimizerSpec(name, lr=0.1, weight_decay=0.01).build(params)
+
+    # Assert
+    assert type(optimizer).__name__.lower() == name
+    assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 0.01
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adam', 'adamw'\), got 'lion'"):
+        OptimizerSpec("lion").build([torch.nn.Parameter(torch.zeros(2))])

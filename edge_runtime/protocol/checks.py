@@ -15,7 +15,8 @@ from edge_runtime.protocol import messages as m
 from edge_runtime.protocol.errors import MalformedError, TopicError
 from edge_runtime.protocol.topics import check_id
 from edge_runtime.protocol.wire import MAX_NDIM
-from edge_runtime.quantize import FLOAT_BITS, VALID_BITS, QuantizedTensor, QuantizeError, check_consistent
+from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, QuantizeError, check_consistent
+from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
 
 U32_MAX = 2**32 - 1
 LABEL_DTYPES = ("uint8", "uint16", "int32", "int64")
@@ -72,8 +73,8 @@ def check_tensor(t: m.Tensor, field: str) -> None:
 
 def check_qtensor(q: QuantizedTensor, field: str) -> None:
     """Consistent bits/shape/ranges/payload, not empty, float payloads finite."""
-    if q.bits not in VALID_BITS:
-        raise _fail(field, f"{q.bits!r} bits is not one of 1..8, 16, 32")
+    if not is_bit_width(q.bits):
+        raise _fail(field, f"{q.bits!r} bits is not one of {BIT_WIDTHS_TEXT}")
     _check_shape(q.shape, field)
     if q.num_elements == 0:
         raise _fail(field, f"empty quantized tensor of shape {q.shape}")
@@ -108,8 +109,8 @@ def check_weights(weights: m.Weights, field: str = "weights") -> None:
 
 def check_bits(bits: int, field: str) -> None:
     """One of the quantizer's widths."""
-    if bits not in VALID_BITS:
-        raise _fail(field, f"{bits!r} is not one of 1..8, 16, 32")
+    if not is_bit_width(bits):
+        raise _fail(field, f"{bits!r} is not one of {BIT_WIDTHS_TEXT}")
 
 
 def check_allocation(a: m.Allocation) -> None:

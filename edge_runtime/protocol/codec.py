@@ -42,7 +42,8 @@ from edge_runtime.protocol.errors import (
     VersionError,
 )
 from edge_runtime.protocol.wire import Reader, Writer
-from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, VALID_BITS, QuantizedTensor, num_groups, payload_nbytes
+from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, QuantizedTensor, num_groups, payload_nbytes
+from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
 
 MAGIC = b"SFLM"
 VERSION = 1
@@ -115,8 +116,8 @@ def _put_qtensor(w: Writer, q: QuantizedTensor) -> None:
 
 def _get_qtensor(r: Reader, limits: Limits, field: str) -> QuantizedTensor:
     bits, per_code = r.u8(f"{field} bits"), r.u8(f"{field} granularity")
-    if bits not in VALID_BITS:
-        raise MalformedError(f"{field}: {bits} bits is not one of 1..8, 16, 32")
+    if not is_bit_width(bits):
+        raise MalformedError(f"{field}: {bits} bits is not one of {BIT_WIDTHS_TEXT}")
     if per_code >= len(GRANULARITIES):
         raise MalformedError(f"{field}: unknown granularity code {per_code}")
     per = GRANULARITIES[per_code]
