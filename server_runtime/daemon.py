@@ -34,6 +34,7 @@ from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocat
 from server_runtime.data import load_dataset
 from server_runtime.metrics import MetricsLog, PrometheusExporter
 from server_runtime.retained import Lease, RetainedPublisher
+from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
 from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, pick_device, use_bf16
 
@@ -60,7 +61,7 @@ class ServerDaemon:
     """One run: broker link, coordinator, trainer, checkpoints and metrics."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False,
-                 on_round: Callable[[dict], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.config, self.on_round = config, on_round
         cfg = config
         self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
@@ -78,7 +79,7 @@ class ServerDaemon:
         self.round, self.plan_round, self.last_accuracy = 0, 0, None
         last_record = self._restore(resume)
         self.metrics = MetricsLog(cfg.metrics_path, resume_after=self.plan_round if resume else None,
-                                  last_record=last_record)
+                                  last_record=last_record.to_dict() if last_record is not None else None)
         self.lease = Lease.read(cfg.checkpoint_dir)
         self.plan_round = max(self.plan_round, self.lease.plan_round)  # never reuse an issued plan round
         self.current: RoundState | None = None
@@ -95,7 +96,7 @@ class ServerDaemon:
 
     # -- setup -----------------------------------------------------------------------------------
 
-    def _restore(self, resume: bool) -> dict | None:
+    def _restore(self, resume: bool) -> RoundRecord | None:
         """Load the checkpoint when resuming; refuse to overwrite a run otherwise."""
         state = load_run_state(self.config.checkpoint_dir)
         if state is None:
@@ -112,7 +113,7 @@ class ServerDaemon:
         self.round, self.plan_round = state.round, state.plan_round
         if self.auto is not None:
             self.auto.calibration = {d: DeviceCalibration(**c) for d, c in state.extra.get("calibration", {}).items()}
-        self.last_accuracy = (state.record or {}).get("accuracy")
+        self.last_accuracy = state.record.accuracy if state.record is not None else None
         log.info("resuming after round %d (plan round %d)", state.round, state.plan_round)
         return state.record
 
@@ -172,7 +173,7 @@ class ServerDaemon:
         merged.update({f"inbox.{k}": v for k, v in self.link.inbox.counters.items()})
         return merged
 
-    def run_round(self) -> dict:
+    def run_round(self) -> RoundRecord:
         """One attempt at the next training round; returns its metrics record."""
         cfg, t0 = self.config, time.monotonic()
         online = self.wait_for_devices()
@@ -396,7 +397,7 @@ class ServerDaemon:
 
     # -- round end -------------------------------------------------------------------------------
 
-    def _conclude(self, state: RoundState, phases: dict[str, float], broadcast: int, t0: float) -> dict:
+    def _conclude(self, state: RoundState, phases: dict[str, float], broadcast: int, t0: float) -> RoundRecord:
         cfg = self.config
         with self._lock:
             self.current = None
@@ -424,8 +425,9 @@ class ServerDaemon:
         save_run_state(cfg.checkpoint_dir, RunState(
             self.round, self.plan_round, self.trainer.state_dict(), self.trainer.optimizer_state(),
             capture_rng(), record, cfg.to_dict(), self._extra_state()), keep=cfg.checkpoint.keep)
-        record["phases_s"]["checkpoint"] = time.monotonic() - t
-        self.metrics.write(record)
+        record = dataclasses.replace(record, phases_s=dataclasses.replace(
+            record.phases_s, checkpoint=time.monotonic() - t))
+        self.metrics.write(record.to_dict())
         if self.prometheus is not None:
             self.prometheus.observe_round(record)
             self.prometheus.set_online(len(self.registry.online()))
@@ -449,31 +451,31 @@ class ServerDaemon:
             yield preprocess(data.images[start:start + size], spec), data.labels[start:start + size]
 
     def _record(self, state: RoundState, counted: bool, losses: tuple[float | None, float | None, float | None],
-                phases: dict[str, float], broadcast: int, t0: float) -> dict:
-        """The round's metrics line (schema in server_runtime.metrics)."""
+                phases: dict[str, float], broadcast: int, t0: float) -> RoundRecord:
+        """The round's metrics record, all but the checkpoint's time (it goes into the checkpoint)."""
         accuracy, test_loss, train_loss = losses
         completed = state.completed()
-        devices = {}
-        for device_id, member in state.devices.items():
-            tel = member.update.telemetry if member.update is not None else None
-            a = member.allocation
-            devices[device_id] = {
-                "bytes_up": member.bytes_up, "bytes_down": member.bytes_down, "steps": member.steps,
-                "server_time_s": member.server_time_s, "downlink_time_s": member.downlink_time_s,
-                "compute_time_s": tel.compute_time_s if tel else None,
-                "uplink_time_s": tel.uplink_time_s if tel else None,
-                "device_steps": tel.steps if tel else None,
-                "energy_j": tel.energy_j if tel else None, "energy_source": tel.energy_source if tel else None,
-                "allocation": {"bits_up": a.bits_up, "bits_down": a.bits_down, "tx_power_w": a.tx_power_w,
-                               "bandwidth_hz": a.bandwidth_hz},
-            }
-        samples = sum(state.devices[d].update.num_samples for d in completed)
-        return {
-            "event": "round", "round": state.round, "plan_round": state.plan_round,
-            "counted": counted, "mode": self.config.training.mode, "time": time.time(),
-            "selected": sorted(state.devices), "completed": completed, "failed": state.failures(),
-            "accuracy": accuracy, "test_loss": test_loss, "train_loss": train_loss,
-            "samples": samples, "duration_s": time.monotonic() - t0, "phases_s": dict(phases),
-            "bytes_broadcast": broadcast, "devices": devices, "counters": dict(self.all_counters()),
-            "allocator": self.auto.summary() if self.auto is not None else None,
-        }
+        summary = self.auto.summary() if self.auto is not None else None
+        return RoundRecord(
+            event="round", round=state.round, plan_round=state.plan_round, counted=counted,
+            mode=self.config.training.mode, time=time.time(), selected=tuple(sorted(state.devices)),
+            completed=tuple(completed), failed=state.failures(), accuracy=accuracy, test_loss=test_loss,
+            train_loss=train_loss, samples=sum(state.devices[d].update.num_samples for d in completed),
+            duration_s=time.monotonic() - t0, phases_s=PhaseTimes(**phases), bytes_broadcast=broadcast,
+            devices={device_id: _device_record(member) for device_id, member in state.devices.items()},
+            counters=dict(self.all_counters()),
+            allocator=AllocatorSummary.from_dict(summary) if summary is not None else None,
+        )
+
+
+def _device_record(member: DeviceRound) -> DeviceRoundRecord:
+    """One device's figures for the round; its telemetry's are None when no update came."""
+    tel, a = (member.update.telemetry if member.update is not None else None), member.allocation
+    return DeviceRoundRecord(
+        bytes_up=member.bytes_up, bytes_down=member.bytes_down, steps=member.steps,
+        server_time_s=member.server_time_s, downlink_time_s=member.downlink_time_s,
+        compute_time_s=tel.compute_time_s if tel else None, uplink_time_s=tel.uplink_time_s if tel else None,
+        device_steps=tel.steps if tel else None, energy_j=tel.energy_j if tel else None,
+        energy_source=tel.energy_source if tel else None,
+        allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz),
+    )

@@ -1,29 +1,11 @@
 """Per-round metrics: a JSON-lines log, an opt-in Prometheus endpoint and a progress line.
 
-The daemon produces one record per round, a plain JSON-able dict::
-
-    {"event": "round", "round": int, "plan_round": int, "counted": bool, "mode": "v1"|"v2"|"fl",
-     "time": unix float,
-     "selected": [ids], "completed": [ids], "failed": {id: reason},
-     "accuracy": float|None,            # fraction in [0, 1]
-     "test_loss": float|None, "train_loss": float|None, "samples": int, "duration_s": float,
-     "phases_s": {"wait_devices": f, "train": f, "aggregate": f, "evaluate": f, "checkpoint": f},
-     "bytes_broadcast": int,            # the global model/plan published once to all devices
-     "devices": {id: {"bytes_up": int, "bytes_down": int,
-                      "steps": int,               # steps the server trained (each exactly once)
-                      "device_steps": int|None,   # steps the device says it took (its telemetry)
-                      "server_time_s": f, "downlink_time_s": f, "compute_time_s": f|None, "uplink_time_s": f|None,
-                      "energy_j": f|None, "energy_source": str|None,
-                      "allocation": {"bits_up": int, "bits_down": int, "tx_power_w": f,
-                                     "bandwidth_hz": f}}},
-     "counters": {name: int}}           # protocol rejections etc., cumulative over the run
-
-``round`` is the training round the attempt was for (it advances only when a round counts);
-``plan_round`` is the wire round number, unique per attempt, which is what resuming keys on:
-after ``--resume`` the log holds every plan round up to the checkpoint's exactly once. Per-device
-byte, step and energy figures are for this round only. Other events (``"event"`` other than
-``"round"``) may share the log; those that carry a ``"plan_round"`` are kept or dropped with it
-on resume.
+The daemon writes one :class:`~server_runtime.round_record.RoundRecord` per round attempt
+(``record.to_dict()``, one compact JSON line); its schema is the dataclasses of
+``server_runtime/round_record.py``, shown in docs/server.md (Metrics). Other events (``"event"``
+other than ``"round"``) may share the log; those that carry a ``"plan_round"`` are kept or dropped
+with it on resume, which is what resuming keys on: after ``--resume`` the log holds every plan
+round up to the checkpoint's exactly once.
 """
 
 from __future__ import annotations
@@ -33,13 +15,14 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from server_runtime.round_record import DeviceRoundRecord, RoundRecord
+
 log = logging.getLogger(__name__)
 
-_PHASES = ("wait_devices", "train", "aggregate", "evaluate", "checkpoint")
 _BYTE_UNITS = ("kB", "MB", "GB", "TB", "PB")
 
 
@@ -74,6 +57,15 @@ def _parse_lines(path: Path, strict: bool) -> list[dict]:
 def read_metrics(path: str | Path, *, strict: bool = True) -> list[dict]:
     """All records of a metrics file, in order (``strict=False`` skips torn or bad lines)."""
     return _parse_lines(Path(path), strict)
+
+
+def read_round_records(path: str | Path, *, strict: bool = True) -> list[RoundRecord]:
+    """The ``"event": "round"`` lines of a metrics file as RoundRecords (RoundRecordError on a bad key).
+
+    ``strict=False`` skips lines that are not JSON objects (a torn last line); a round line that
+    does not match the type raises either way.
+    """
+    return [RoundRecord.from_dict(r) for r in _parse_lines(Path(path), strict) if r.get("event") == "round"]
 
 
 RESUME_KEY = "plan_round"  # unique per round attempt, monotonic across restarts
@@ -219,38 +211,36 @@ class PrometheusExporter:
         for unknown_yet in (self._accuracy, self._test_loss, self._train_loss):
             unknown_yet.set(math.nan)  # not 0 before the first evaluation
 
-    def observe_round(self, record: Mapping[str, Any]) -> None:
+    def observe_round(self, record: RoundRecord) -> None:
         """Update every metric from one round record; None values leave a metric as it is."""
-        if record.get("counted", True) and record.get("round") is not None:
-            self._round.set(record["round"])
-        for gauge, key in (
-            (self._accuracy, "accuracy"),
-            (self._test_loss, "test_loss"),
-            (self._train_loss, "train_loss"),
-            (self._duration, "duration_s"),
+        if record.counted:
+            self._round.set(record.round)
+        for gauge, value in (
+            (self._accuracy, record.accuracy),
+            (self._test_loss, record.test_loss),
+            (self._train_loss, record.train_loss),
+            (self._duration, record.duration_s),
         ):
-            if record.get(key) is not None:
-                gauge.set(record[key])
-        for phase, seconds in (record.get("phases_s") or {}).items():
-            if seconds is not None:
-                self._phase.labels(phase=phase).set(seconds)
-        self._rounds.labels(counted="true" if record.get("counted", True) else "false").inc()
-        for device, figures in (record.get("devices") or {}).items():
-            self._observe_device(str(device), figures)
-        self.set_counters(record.get("counters") or {})
+            if value is not None:
+                gauge.set(value)
+        for phase, seconds in record.phases_s.to_dict().items():  # checkpoint: absent until it is known
+            self._phase.labels(phase=phase).set(seconds)
+        self._rounds.labels(counted="true" if record.counted else "false").inc()
+        for device, figures in record.devices.items():
+            self._observe_device(device, figures)
+        self.set_counters(record.counters)
 
-    def _observe_device(self, device: str, figures: Mapping[str, Any]) -> None:
-        for counter, key in (
-            (self._bytes_up, "bytes_up"),
-            (self._bytes_down, "bytes_down"),
-            (self._energy, "energy_j"),
-            (self._steps, "steps"),
+    def _observe_device(self, device: str, figures: DeviceRoundRecord) -> None:
+        for counter, name, value in (
+            (self._bytes_up, "bytes_up", figures.bytes_up),
+            (self._bytes_down, "bytes_down", figures.bytes_down),
+            (self._energy, "energy_j", figures.energy_j),
+            (self._steps, "steps", figures.steps),
         ):
-            value = figures.get(key)
             if value is None:
                 continue
             if value < 0:
-                log.warning("device %s reported %s=%r < 0; not counted", device, key, value)
+                log.warning("device %s reported %s=%r < 0; not counted", device, name, value)
                 continue
             counter.labels(device=device).inc(value)
 
@@ -295,38 +285,36 @@ def _fixed(value: float | None, digits: int, scale: float = 1.0, suffix: str = "
     return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
 
 
-def _device_sum(devices: Mapping[str, Mapping[str, Any]], key: str) -> tuple[float, int]:
-    """Sum of ``key`` over devices that report it, and how many do."""
-    values = [d[key] for d in devices.values() if d.get(key) is not None]
+def _device_sum(record: RoundRecord, figure: Callable[[DeviceRoundRecord], float | None]) -> tuple[float, int]:
+    """Sum of ``figure`` over the devices that report it, and how many do."""
+    values = [value for value in map(figure, record.devices.values()) if value is not None]
     return sum(values), len(values)
 
 
-def _energy_text(devices: Mapping[str, Mapping[str, Any]]) -> str:
-    total_j, known = _device_sum(devices, "energy_j")
+def _energy_text(record: RoundRecord) -> str:
+    total_j, known = _device_sum(record, lambda d: d.energy_j)
     if known == 0:
         return "energy -"
-    partial = f" ({known}/{len(devices)} devices)" if known < len(devices) else ""
+    partial = f" ({known}/{len(record.devices)} devices)" if known < len(record.devices) else ""
     return f"energy {total_j:.1f} J{partial}"
 
 
-def progress_line(record: Mapping[str, Any], total_rounds: int) -> str:
+def progress_line(record: RoundRecord, total_rounds: int) -> str:
     """One readable line for a round record ("up"/"down" sum the devices' own bytes)."""
-    devices = record.get("devices") or {}
     width = max(3, len(str(total_rounds)))
     parts = [
-        f"round {record.get('round', '-'):>{width}}/{total_rounds}",
-        f"acc {_fixed(record.get('accuracy'), 2, 100.0, '%')}",
-        f"test loss {_fixed(record.get('test_loss'), 3)}",
-        f"train loss {_fixed(record.get('train_loss'), 3)}",
-        f"{len(record.get('completed') or [])}/{len(record.get('selected') or [])} devices",
-        f"up {format_bytes(int(_device_sum(devices, 'bytes_up')[0]))}",
-        f"down {format_bytes(int(_device_sum(devices, 'bytes_down')[0]))}",
-        _energy_text(devices),
-        f"{_fixed(record.get('duration_s'), 1)} s",
+        f"round {record.round:>{width}}/{total_rounds}",
+        f"acc {_fixed(record.accuracy, 2, 100.0, '%')}",
+        f"test loss {_fixed(record.test_loss, 3)}",
+        f"train loss {_fixed(record.train_loss, 3)}",
+        f"{len(record.completed)}/{len(record.selected)} devices",
+        f"up {format_bytes(int(_device_sum(record, lambda d: d.bytes_up)[0]))}",
+        f"down {format_bytes(int(_device_sum(record, lambda d: d.bytes_down)[0]))}",
+        _energy_text(record),
+        f"{_fixed(record.duration_s, 1)} s",
     ]
-    failed = record.get("failed") or {}
-    if failed:
-        parts.append("failed: " + ", ".join(f"{device} ({reason})" for device, reason in failed.items()))
-    if record.get("counted") is False:
+    if record.failed:
+        parts.append("failed: " + ", ".join(f"{device} ({reason})" for device, reason in record.failed.items()))
+    if not record.counted:
         parts.append("not counted")
     return "  ".join(parts)

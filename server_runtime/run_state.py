@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from server_runtime.round_record import RoundRecord, RoundRecordError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ class RunState:
     model: dict[str, torch.Tensor]  # global full-model state dict (timm names), CPU tensors
     optimizer: dict | None = None  # torch optimizer.state_dict() or None
     rng: dict = field(default_factory=dict)  # as returned by capture_rng()
-    record: dict | None = None  # metrics record (JSON-able) of the last completed round
+    record: RoundRecord | None = None  # metrics record of the last round attempt, without its checkpoint time
     config: dict = field(default_factory=dict)  # JSON-able run config
     extra: dict = field(default_factory=dict)  # JSON-able anything else (e.g. device registry)
 
@@ -248,7 +250,8 @@ def _split_state(state: RunState) -> tuple[dict[str, torch.Tensor], dict[str, An
         "optimizer": _encode_optimizer(state.optimizer, tensors),
         "rng": _encode_tree(state.rng, "rng", tensors),
     }
-    for name in ("record", "config", "extra"):
+    meta["record"] = state.record.to_dict() if state.record is not None else None
+    for name in ("config", "extra"):
         meta[name] = _check_json(getattr(state, name), name)
     return tensors, meta
 
@@ -374,6 +377,8 @@ def _build_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
         return _rebuild(meta, tensors, where)
     except RunStateError:
         raise
+    except RoundRecordError as exc:
+        raise RunStateError(f"{where}: the record in {STATE_FILE} is {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise RunStateError(f"{where}: {STATE_FILE} does not describe a run state ({exc!r})") from exc
 
@@ -395,7 +400,7 @@ def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str)
         model=model,
         optimizer=optimizer,
         rng=_decode_tree(meta.get("rng", {}), tensors, where),
-        record=meta.get("record"),
+        record=RoundRecord.from_dict(meta["record"]) if meta.get("record") is not None else None,
         config=meta.get("config") or {},
         extra=meta.get("extra") or {},
     )

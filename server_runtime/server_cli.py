@@ -8,6 +8,7 @@ import signal
 import sys
 
 from server_runtime.config import RunConfig, load_config
+from server_runtime.round_record import RoundRecord
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -43,7 +44,7 @@ def _serve(config: RunConfig, *, resume: bool) -> int:
     from server_runtime.daemon import ServerDaemon
     from server_runtime.metrics import progress_line
 
-    def show(record: dict) -> None:
+    def show(record: RoundRecord) -> None:
         if config.metrics.progress:
             print(progress_line(record, config.training.rounds), flush=True)
 

@@ -28,26 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from server_runtime.metrics import read_round_records
+from server_runtime.round_record import DeviceRoundRecord, RoundRecord
+
 SUMMARY_KEYS = ("final_accuracy", "rounds", "bytes_up", "bytes_down", "bytes_up_fp32", "device_energy_j",
                 "mean_round_latency_s", "scheme")
 PHASES = ("compute", "uplink", "server", "downlink")
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[RoundRecord]:
     """The round records of a metrics.jsonl (missing file: none; a torn last line is skipped)."""
-    records = []
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        return read_round_records(path, strict=False)
     except FileNotFoundError:
         return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("event") == "round":
-            records.append(record)
-    return records
 
 
 def _num(value: Any) -> float:
@@ -62,32 +56,32 @@ def _options(opts: Any) -> dict[str, Any]:
     return dict(opts)
 
 
-def summarize(opts: Any, records: Sequence[Mapping[str, Any]], out: Path, *, wall_s: float,
+def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: float,
               status: str = "completed") -> dict[str, Any]:
     """The run's summary (see the module docstring for measured vs modeled)."""
     options = _options(opts)
     scheme = options["scheme"]
     turns = options["per_round"] if scheme == "sl" else 1
-    counted = [r for r in records if r.get("counted")]
+    counted = [r for r in records if r.counted]
     groups = [counted[i:i + turns] for i in range(0, len(counted) - turns + 1, turns)]
-    accuracy = [(k + 1, g[-1]["accuracy"]) for k, g in enumerate(groups) if g[-1].get("accuracy") is not None]
+    accuracy = [(k + 1, g[-1].accuracy) for k, g in enumerate(groups) if g[-1].accuracy is not None]
     elements = _elements_per_sample(options["model"])
     bytes_up = bytes_down = 0
     extra_fp32 = 0.0
     energy = 0.0
     for record in records:  # every attempt's traffic and energy was spent, counted or not
-        bytes_down += int(_num(record.get("bytes_broadcast")))
-        for figures in record.get("devices", {}).values():
-            bytes_up += int(_num(figures.get("bytes_up")))
-            bytes_down += int(_num(figures.get("bytes_down")))
-            energy += _num(figures.get("energy_j"))
-            bits = int((figures.get("allocation") or {}).get("bits_up", 32))
+        bytes_down += record.bytes_broadcast
+        for figures in record.devices.values():
+            bytes_up += figures.bytes_up
+            bytes_down += figures.bytes_down
+            energy += _num(figures.energy_j)
+            bits = figures.allocation.bits_up
             if scheme in ("sflam", "sfl") and bits < 32:
                 values = _activation_values(figures, elements, options)
                 extra_fp32 += values * (32 - bits) / 8.0
     per_round = [_round_breakdown(g) for g in groups]
     modeled = _modeled(out, scheme, groups, options)
-    latencies = [sum(_num(r.get("phases_s", {}).get("train")) for r in g) for g in groups]
+    latencies = [sum(_num(r.phases_s.train) for r in g) for g in groups]
     summary: dict[str, Any] = {
         "scheme": scheme,
         "bits": options["bits"] if scheme == "sflam" else 32,
@@ -105,8 +99,8 @@ def summarize(opts: Any, records: Sequence[Mapping[str, Any]], out: Path, *, wal
         "latency_breakdown_s": {p: float(np.mean([b[p] for b in per_round])) if per_round else None for p in PHASES},
         "per_round": {
             "latency_s": latencies,
-            "bytes_up": [sum(_device_sum(r, "bytes_up") for r in g) for g in groups],
-            "energy_j": [sum(_device_sum(r, "energy_j") for r in g) for g in groups],
+            "bytes_up": [sum(f.bytes_up for r in g for f in r.devices.values()) for g in groups],
+            "energy_j": [sum(_num(f.energy_j) for r in g for f in r.devices.values()) for g in groups],
             **{f"{p}_s": [b[p] for b in per_round] for p in PHASES},
         },
         "modeled": modeled,
@@ -118,36 +112,36 @@ def summarize(opts: Any, records: Sequence[Mapping[str, Any]], out: Path, *, wal
     return summary
 
 
-def _device_sum(record: Mapping[str, Any], key: str) -> float:
-    return sum(_num(f.get(key)) for f in record.get("devices", {}).values())
-
-
 def _elements_per_sample(model: str) -> int:
     from allocator.scenario import model_shape
 
     return int(model_shape(model).elements_per_sample)
 
 
-def _activation_values(figures: Mapping[str, Any], elements: int, options: Mapping[str, Any]) -> float:
+def _activation_values(figures: DeviceRoundRecord, elements: int, options: Mapping[str, Any]) -> float:
     """Activation values a device sent in a round: its steps x batch x values per sample (upper bound
     on the last partial batch, so the fp32 figure is, if anything, slightly high)."""
-    return _num(figures.get("steps")) * options["batch_size"] * elements
+    return figures.steps * options["batch_size"] * elements
 
 
-def _round_breakdown(group: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def _phase_times(figures: DeviceRoundRecord) -> dict[str, float]:
+    """A device's seconds per phase of PHASES (0 for what it did not report)."""
+    return {"compute": _num(figures.compute_time_s), "uplink": _num(figures.uplink_time_s),
+            "server": figures.server_time_s, "downlink": figures.downlink_time_s}
+
+
+def _round_breakdown(group: Sequence[RoundRecord]) -> dict[str, float]:
     """Per phase, the mean over the round's devices (summed over an SL round's turns)."""
     totals = dict.fromkeys(PHASES, 0.0)
-    keys = {"compute": "compute_time_s", "uplink": "uplink_time_s", "server": "server_time_s",
-            "downlink": "downlink_time_s"}
     for record in group:
-        devices = [f for d, f in record.get("devices", {}).items() if d in record.get("completed", [])]
-        for phase, key in keys.items():
-            if devices:
-                totals[phase] += float(np.mean([_num(f.get(key)) for f in devices]))
+        times = [_phase_times(f) for d, f in record.devices.items() if d in record.completed]
+        for phase in PHASES:
+            if times:
+                totals[phase] += float(np.mean([t[phase] for t in times]))
     return totals
 
 
-def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[Mapping[str, Any]]],
+def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[RoundRecord]],
              options: Mapping[str, Any]) -> dict[str, Any]:
     """The system model's round latency and device energy for each counted round of the scheme."""
     path = Path(out) / "scenario.json"
@@ -156,7 +150,7 @@ def _modeled(out: Path, scheme: str, groups: Sequence[Sequence[Mapping[str, Any]
     problem = load_problem(out)
     latency, energy = [], []
     for group in groups:
-        ids = [d for record in group for d in record.get("selected", [])]
+        ids = [d for record in group for d in record.selected]
         lat, en = modeled_round(problem, scheme, ids, group, options["model"])
         latency.append(lat)
         energy.append(en)
@@ -182,23 +176,23 @@ def subset(problem: Any, ids: Sequence[str]) -> Any:
     return dataclasses.replace(problem, fleet=sub, subchannel_gain=None)
 
 
-def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence[Mapping[str, Any]],
+def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence[RoundRecord],
                   model: str) -> tuple[float, float]:
     """(round latency s, device energy J) of one round of ``scheme`` by the system model."""
     from allocator.baselines import fl, fp32_sfl, sequential_sl
     from allocator.scenario import full_model_macs_per_sample, full_model_params, model_shape
-    from allocator.system import Allocation, evaluate
+    from allocator.system import AllocationVectors, evaluate
 
     if scheme == "sl":  # turns one after another (a device may take more than one turn)
         turns = [sequential_sl(subset(problem, [d])).evaluation for d in ids]
         return float(sum(t.round_latency_s for t in turns)), float(sum(np.sum(t.energy_j) for t in turns))
     sub = subset(problem, ids)
     if scheme == "sflam":
-        allocs = {d: f["allocation"] for r in group for d, f in r.get("devices", {}).items()}
-        alloc = Allocation(
-            np.array([int(allocs[d]["bits_up"]) for d in ids], dtype=np.int64),
-            np.array([float(allocs[d]["tx_power_w"]) for d in ids]),
-            np.array([float(allocs[d]["bandwidth_hz"]) for d in ids]),
+        allocs = {d: f.allocation for r in group for d, f in r.devices.items()}
+        alloc = AllocationVectors(
+            np.array([int(allocs[d].bits_up) for d in ids], dtype=np.int64),
+            np.array([float(allocs[d].tx_power_w) for d in ids]),
+            np.array([float(allocs[d].bandwidth_hz) for d in ids]),
         )
         ev = evaluate(sub, alloc)
     elif scheme == "sfl":
@@ -282,7 +276,7 @@ def render_comparison(summaries: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_run(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+def plot_run(summary: Mapping[str, Any], records: Sequence[RoundRecord], out: Path) -> list[Path]:
     """accuracy.png, bytes.png, energy.png and latency.png under ``out/plots``."""
     import matplotlib
 

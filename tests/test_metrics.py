@@ -1,4 +1,4 @@
-"""Metrics: JSON lines with resume, the Prometheus endpoint and the progress line."""
+"""Metrics: JSON lines with resume, typed round records, the Prometheus endpoint and the progress line."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from server_runtime.metrics import (
     format_bytes,
     progress_line,
     read_metrics,
+    read_round_records,
 )
+from server_runtime.round_record import RoundRecord, RoundRecordError
 
 
-def _record(round_: int, **changes: object) -> dict:
+def sample_record(round_: int, **changes: object) -> dict:
+    """A round line as the daemon writes it (every key of RoundRecord), with ``changes`` applied."""
     record = {
         "event": "round", "round": round_, "plan_round": round_, "counted": True, "mode": "v2",
         "time": 1_700_000_000.0 + round_, "selected": ["dev-a", "dev-b"], "completed": ["dev-a", "dev-b"],
@@ -29,18 +32,24 @@ def _record(round_: int, **changes: object) -> dict:
         "bytes_broadcast": 10_000,
         "devices": {
             "dev-a": {"bytes_up": 1234, "bytes_down": 400_000, "steps": 8, "server_time_s": 0.2,
-                      "downlink_time_s": 0.1, "compute_time_s": 3.0, "uplink_time_s": 0.4,
-                      "energy_j": 1.5, "energy_source": "rapl",
+                      "downlink_time_s": 0.1, "compute_time_s": 3.0, "uplink_time_s": 0.4, "device_steps": 8,
+                      "energy_j": 1.5, "energy_source": "measured",
                       "allocation": {"bits_up": 8, "bits_down": 8, "tx_power_w": 0.1, "bandwidth_hz": 1e6}},
             "dev-b": {"bytes_up": 1_198_766, "bytes_down": 500_000, "steps": 8, "server_time_s": 0.2,
-                      "downlink_time_s": 0.1, "compute_time_s": None, "uplink_time_s": None,
-                      "energy_j": 1.9, "energy_source": "estimate",
+                      "downlink_time_s": 0.1, "compute_time_s": None, "uplink_time_s": None, "device_steps": None,
+                      "energy_j": 1.9, "energy_source": "estimated",
                       "allocation": {"bits_up": 4, "bits_down": 8, "tx_power_w": 0.2, "bandwidth_hz": 2e6}},
         },
         "counters": {"rejected_stale": 2, "duplicate": 1},
+        "allocator": None,
     }
     record.update(changes)
     return record
+
+
+def typed_record(round_: int, **changes: object) -> RoundRecord:
+    """``sample_record`` read through the type."""
+    return RoundRecord.from_dict(sample_record(round_, **changes))
 
 
 def _free_port() -> int:
@@ -66,18 +75,18 @@ def _port_is_free(port: int) -> bool:
 def test_write_then_read(tmp_path: Path) -> None:
     path = tmp_path / "runs" / "metrics.jsonl"
     with MetricsLog(path) as metrics:
-        metrics.write(_record(1))
+        metrics.write(sample_record(1))
         metrics.write({"event": "start", "config": {"rounds": 3}})
 
     lines = path.read_text().splitlines()
 
-    assert read_metrics(path) == [_record(1), {"event": "start", "config": {"rounds": 3}}]
+    assert read_metrics(path) == [sample_record(1), {"event": "start", "config": {"rounds": 3}}]
     assert len(lines) == 2 and ": " not in lines[0]  # compact, one record a line
 
 
 def test_fresh_log_truncates(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps(_record(1)) + "\n")
+    path.write_text(json.dumps(sample_record(1)) + "\n")
 
     MetricsLog(path).close()
 
@@ -89,17 +98,18 @@ def test_write_after_close_raises(tmp_path: Path) -> None:
     metrics.close()
 
     with pytest.raises(ValueError, match="closed"):
-        metrics.write(_record(1))
+        metrics.write(sample_record(1))
 
 
 def test_resume_keeps_each_round_once(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    records = [_record(1), _record(2), _record(3, accuracy=0.1), {"event": "start", "plan_round": 3, "round": 3},
-               _record(3, accuracy=0.2), {"event": "note"}, _record(4)]
+    records = [sample_record(1), sample_record(2), sample_record(3, accuracy=0.1),
+               {"event": "start", "plan_round": 3, "round": 3}, sample_record(3, accuracy=0.2), {"event": "note"},
+               sample_record(4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "round", "rou')
 
     with MetricsLog(path, resume_after=3) as metrics:
-        metrics.write(_record(4, accuracy=0.9))
+        metrics.write(sample_record(4, accuracy=0.9))
     kept = read_metrics(path)
 
     assert [(r.get("event"), r.get("round")) for r in kept] == [
@@ -111,10 +121,10 @@ def test_resume_keeps_each_round_once(tmp_path: Path) -> None:
 
 def test_resume_appends_last_record_when_round_is_missing(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps(_record(1)) + "\n")
+    path.write_text(json.dumps(sample_record(1)) + "\n")
 
-    MetricsLog(path, resume_after=2, last_record=_record(2)).close()
-    MetricsLog(path, resume_after=2, last_record=_record(2, accuracy=0.0)).close()
+    MetricsLog(path, resume_after=2, last_record=sample_record(2)).close()
+    MetricsLog(path, resume_after=2, last_record=sample_record(2, accuracy=0.0)).close()
 
     assert [r["round"] for r in read_metrics(path)] == [1, 2]
     assert read_metrics(path)[1]["accuracy"] == 0.872  # present already: not appended again
@@ -123,24 +133,44 @@ def test_resume_appends_last_record_when_round_is_missing(tmp_path: Path) -> Non
 
 def test_resume_rejects_last_record_of_another_round(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="plan round 5"):
-        MetricsLog(tmp_path / "m.jsonl", resume_after=4, last_record=_record(5))
+        MetricsLog(tmp_path / "m.jsonl", resume_after=4, last_record=sample_record(5))
 
 
 def test_read_metrics_strict_and_lenient(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps(_record(1)) + "\n[1, 2]\n")
+    path.write_text(json.dumps(sample_record(1)) + "\n[1, 2]\n")
 
     with pytest.raises(MetricsError, match="m.jsonl:2"):
         read_metrics(path)
-    assert read_metrics(path, strict=False) == [_record(1)]
+    assert read_metrics(path, strict=False) == [sample_record(1)]
+
+
+def test_read_round_records_types_the_round_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    lines = [sample_record(1), {"event": "start", "plan_round": 1}, sample_record(2, counted=False)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "round", "rou')
+
+    records = read_round_records(path, strict=False)
+
+    assert [(r.round, r.counted) for r in records] == [(1, True), (2, False)]
+    assert records[0].devices["dev-b"].allocation.bits_up == 4
+    assert records[0].phases_s.checkpoint == 0.3 and records[0].allocator is None
+
+
+def test_read_round_records_refuses_an_undeclared_key_even_when_lenient(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(sample_record(1, bytes_sent=5)) + "\n")
+
+    with pytest.raises(RoundRecordError, match="unknown key bytes_sent"):
+        read_round_records(path, strict=False)
 
 
 def test_prometheus_endpoint_serves_round_metrics() -> None:
     port = _free_port()
     exporter = PrometheusExporter(port)
     try:
-        exporter.observe_round(_record(1, accuracy=0.9, test_loss=None))
-        exporter.observe_round(_record(2, counted=False, accuracy=None, test_loss=None))
+        exporter.observe_round(typed_record(1, accuracy=0.9, test_loss=None))
+        exporter.observe_round(typed_record(2, counted=False, accuracy=None, test_loss=None))
         exporter.set_online(3)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
@@ -181,7 +211,7 @@ def test_format_bytes(count: int, text: str) -> None:
 
 
 def test_progress_line_full_record() -> None:
-    line = progress_line(_record(3), total_rounds=10)
+    line = progress_line(typed_record(3), total_rounds=10)
 
     assert line == (
         "round   3/10  acc 87.20%  test loss 0.412  train loss 0.530  2/2 devices"
@@ -190,9 +220,9 @@ def test_progress_line_full_record() -> None:
 
 
 def test_progress_line_with_none_and_failures() -> None:
-    record = _record(
+    record = typed_record(
         4, accuracy=None, test_loss=None, counted=False, completed=["dev-a"], failed={"dev-b": "deadline"},
-        devices={"dev-a": {**_record(4)["devices"]["dev-a"], "energy_j": None}},
+        devices={"dev-a": {**sample_record(4)["devices"]["dev-a"], "energy_j": None}},
     )
 
     line = progress_line(record, total_rounds=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ from server_runtime.run_state import (
     restore_rng,
     save_run_state,
 )
+from test_metrics import typed_record
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -31,10 +33,16 @@ def _state(round_: int = 1, plan_round: int = 1) -> RunState:
         round=round_,
         plan_round=plan_round,
         model={k: v.clone() for k, v in model.state_dict().items()},
-        record={"event": "round", "round": round_, "accuracy": 0.5, "failed": {"dev-3": "deadline"}},
+        record=_record_before_checkpoint(round_, plan_round),
         config={"mode": "v2", "rounds": 10},
         extra={"devices": ["dev-1", "dev-2"]},
     )
+
+
+def _record_before_checkpoint(round_: int, plan_round: int):
+    """A round record as the daemon saves it: its checkpoint time is not known yet."""
+    record = typed_record(round_, plan_round=plan_round, accuracy=0.5, failed={"dev-3": "deadline"})
+    return dataclasses.replace(record, phases_s=dataclasses.replace(record.phases_s, checkpoint=None))
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
@@ -172,6 +180,25 @@ def test_crash_before_commit_loads_last_committed_round(tmp_path: Path) -> None:
     assert (loaded.round, loaded.plan_round) == (3, 4)
     assert not list(tmp_path.glob("*.tmp"))
     assert not newer.exists()
+
+
+def test_record_saved_without_its_checkpoint_time_and_read_through_the_type(tmp_path: Path) -> None:
+    state_path = save_run_state(tmp_path, _state(2, 3))
+
+    saved = json.loads(state_path.read_text())["record"]
+
+    assert "checkpoint" not in saved["phases_s"] and saved["plan_round"] == 3
+    assert load_run_state(tmp_path).record.failed == {"dev-3": "deadline"}
+
+
+def test_record_with_an_undeclared_key_is_an_error(tmp_path: Path) -> None:
+    state_path = save_run_state(tmp_path, _state(2, 2))
+    meta = json.loads(state_path.read_text())
+    meta["record"]["devices"]["dev-a"]["allocation"]["bitz_up"] = 8
+    state_path.write_text(json.dumps(meta))
+
+    with pytest.raises(RunStateError, match="devices.dev-a.allocation.bitz_up"):
+        load_run_state(tmp_path)
 
 
 def test_non_json_config_is_rejected(tmp_path: Path) -> None:

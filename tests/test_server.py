@@ -27,7 +27,8 @@ from edge_runtime.data import Preprocess, load_data
 from server_runtime.checkpoint import create_model
 from server_runtime.config import config_toml, parse_config
 from server_runtime.data import write_digits_shards
-from server_runtime.metrics import read_metrics
+from server_runtime.metrics import read_round_records
+from server_runtime.round_record import RoundRecord
 from server_runtime.run_state import load_run_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp
                                    quant__bits=32, quant__gradient_bits=32, metrics__prometheus_port=free_port()))
     scraped: list[str] = []
 
-    def scrape(record: dict) -> None:  # the daemon's Prometheus endpoint, read while the run is live
+    def scrape(record: RoundRecord) -> None:  # the daemon's Prometheus endpoint, read while the run is live
         url = f"http://127.0.0.1:{cfg.metrics.prometheus_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             scraped.append(response.read().decode())
@@ -166,7 +167,7 @@ def issued_plan_round(ckpt: Path) -> int:
 def counted_rounds(path: Path) -> list[int]:
     if not path.exists():
         return []
-    return [r["round"] for r in read_metrics(path) if r.get("event") == "round" and r["counted"]]
+    return [r.round for r in read_round_records(path) if r.counted]
 
 
 def test_server_and_three_devices_train_digits(quick_bundle: Path, broker, tmp_path: Path) -> None:
@@ -187,15 +188,15 @@ def test_server_and_three_devices_train_digits(quick_bundle: Path, broker, tmp_p
         stop(devices)
     # Assert
     assert server.returncode == 0, err[-3000:]
-    records = read_metrics(ckpt / "metrics.jsonl")
-    assert [r["round"] for r in records] == [1, 2, 3] and all(r["counted"] for r in records)
-    accuracy = [r["accuracy"] for r in records]
+    records = read_round_records(ckpt / "metrics.jsonl")
+    assert [r.round for r in records] == [1, 2, 3] and all(r.counted for r in records)
+    accuracy = [r.accuracy for r in records]
     assert accuracy[-1] > accuracy[0] + 0.05, accuracy
     for record in records:
-        assert record["completed"] == ["dev-0", "dev-1", "dev-2"] and record["failed"] == {}
-        for stats in record["devices"].values():
-            assert stats["bytes_up"] > 0 and stats["bytes_down"] > 0 and stats["steps"] == 2 * 20
-            assert stats["energy_j"] > 0 and stats["allocation"]["bits_up"] == 8
+        assert record.completed == ("dev-0", "dev-1", "dev-2") and record.failed == {}
+        for stats in record.devices.values():
+            assert stats.bytes_up > 0 and stats.bytes_down > 0 and stats.steps == 2 * 20
+            assert stats.energy_j > 0 and stats.allocation.bits_up == 8
     assert "round   3/3" in out or "round 3/3" in out
     summary = json.loads(next(l for l in out.splitlines() if l.startswith("sflam-server-summary ")).split(" ", 1)[1])
     assert summary["rounds"] == 3
@@ -280,10 +281,10 @@ def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, fleet, t
     assert resumed.returncode == 0, err[-3000:]
     assert "resuming after round" in out
     assert killed_after[-1] < 4
-    records = read_metrics(metrics)
+    records = read_round_records(metrics)
     assert counted_rounds(metrics) == [1, 2, 3, 4]
-    plan_rounds = [r["plan_round"] for r in records]
+    plan_rounds = [r.plan_round for r in records]
     assert plan_rounds == sorted(set(plan_rounds))  # no attempt logged twice
-    assert all(r["plan_round"] > issued for r in records[len(killed_after):])  # none reused after the kill
+    assert all(r.plan_round > issued for r in records[len(killed_after):])  # none reused after the kill
     state = load_run_state(ckpt)
     assert state is not None and state.round == 4
