@@ -3,7 +3,7 @@
 Provisions a fleet (CA, passwords, ACL) in a temporary folder, starts mosquitto with it, a server
 and two device processes training the quickstart model on digits, and an attacker whom the ACL
 lets read and write every topic of the run. The attacker learns from the traffic and publishes
-``--shots`` malformed, mutated, oversized, replayed and stale messages (sflam.hostile), half at
+``--shots`` malformed, mutated, oversized, replayed and stale messages (sflam.testing.hostile), half at
 the server's topics and half at the devices'. Prints what was sent, what each process refused
 and counted, the rounds trained meanwhile, and resident memory before, at peak and after.
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sflam.hostile import CATEGORIES, AttackConfig, run_attack
+from sflam.testing.hostile import CATEGORIES, AttackConfig, run_attack
 
 
 def main() -> None:

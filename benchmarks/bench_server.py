@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +41,10 @@ from server_runtime.checkpoint import create_model
 from server_runtime.config import parse_config
 from server_runtime.data import load_dataset, write_digits_shards
 from server_runtime.presets import get_preset
+from server_runtime.round_record import RoundRecord
 from sflam.broker import MosquittoBroker
+from sflam.processes import ProcessError, ProcessGroup, child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL_THROUGHPUT, GOAL_RTT = 0.85, 2.0
 BITS_UP, BITS_DOWN, LR, MOMENTUM, SEED = 8, 32, 0.05, 0.9, 0
 ROUND_TIMEOUT_S = 120.0
@@ -88,7 +88,7 @@ class Settings:
 
 
 @dataclass
-class Fleet:
+class DaemonWithDevices:
     """A daemon thread and its device processes, torn down by :meth:`close` whatever happened.
 
     ``done`` is set when the daemon thread ends: waiting on an Event survives a Ctrl-C, whereas
@@ -98,21 +98,13 @@ class Fleet:
     daemon: object
     thread: threading.Thread
     done: threading.Event
-    procs: list[subprocess.Popen]
+    devices: ProcessGroup
     timing_files: list[Path]
 
     def close(self) -> None:
-        """Stop the daemon after its round, SIGINT (then SIGKILL) the devices, wait for the daemon."""
+        """Stop the daemon after its round, stop the device processes, wait for the daemon."""
         self.daemon.stop()
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGINT)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(15)
+        self.devices.stop(timeout_s=15.0)
         if self.thread.ident is not None and not self.done.wait(60.0):
             logging.getLogger("bench_server").warning("the daemon thread did not end within 60 s")
 
@@ -155,34 +147,31 @@ def run_config(s: Settings, broker_url: str, ckpt: Path, run_id: str, devices: i
     return parse_config("\n".join(lines) + "\n")
 
 
-def start_device(bundle: Path, url: str, run_id: str, device_id: str, shard: Path, logs: Path,
-                 rounds: int, seed: int) -> tuple[subprocess.Popen, Path]:
-    """A ``sflam device`` process with its exchanges timed; output goes to a log file."""
-    times = logs / f"{run_id}-{device_id}-exchange.json"
+def start_device(group: ProcessGroup, bundle: Path, url: str, run_id: str, device_id: str, shard: Path,
+                 rounds: int, seed: int) -> Path:
+    """A ``sflam device`` process with its exchanges timed; returns the file the times go to."""
+    times = group.logs / f"{run_id}-{device_id}-exchange.json"
     cmd = [sys.executable, "-c", TIMED_DEVICE, str(times), "device", "--bundle", str(bundle), "--broker", url,
            "--device-id", device_id, "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", run_id,
            "--seed", str(seed), "--meter", "estimate", "--rounds", str(rounds)]
     # one BLAS thread: an idle device's OpenBLAS worker otherwise spins while it waits for its
     # gradient, taking a core the co-located server needs (a real device has its own CPU)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
-    with open(logs / f"{run_id}-{device_id}.log", "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT)
-    return proc, times
+    group.start(device_id, cmd, env=child_env(extra={"OPENBLAS_NUM_THREADS": "1"}))
+    return times
 
 
 # -- (a) and (b): the daemon with devices ----------------------------------------------------------
 
 
 def run_fleet(s: Settings, broker_url: str, bundle: Path, work: Path, run_id: str, devices: int,
-              per_device: int, rounds: int) -> tuple[list[dict], list[list]]:
+              per_device: int, rounds: int) -> tuple[list[RoundRecord], list[list]]:
     """One daemon run with ``devices`` device processes; (round records, per-device exchange times)."""
     from server_runtime.daemon import ServerDaemon
 
     folder = work / run_id
     folder.mkdir()
     cfg = run_config(s, broker_url, folder / "ckpt", run_id, devices, rounds)
-    records: list[dict] = []
+    records: list[RoundRecord] = []
     errors: list[BaseException] = []
     daemon = ServerDaemon(cfg, on_round=records.append)
 
@@ -196,23 +185,22 @@ def run_fleet(s: Settings, broker_url: str, bundle: Path, work: Path, run_id: st
         finally:
             done.set()
 
-    fleet = Fleet(daemon, threading.Thread(target=serve, name="bench-daemon", daemon=True), done, [], [])
+    fleet = DaemonWithDevices(daemon, threading.Thread(target=serve, name="bench-daemon", daemon=True), done,
+                              ProcessGroup(folder), [])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(s.server_threads)
         fleet.thread.start()
         for i, shard in enumerate(write_digits_shards(folder, devices, per_device, SEED, stem="shard")):
-            proc, times = start_device(bundle, broker_url, run_id, f"dev-{i}", shard, folder,
-                                       cfg.training.rounds, seed=i)
-            fleet.procs.append(proc)
-            fleet.timing_files.append(times)
+            fleet.timing_files.append(start_device(fleet.devices, bundle, broker_url, run_id, f"dev-{i}", shard,
+                                                   cfg.training.rounds, seed=i))
         wait_for(fleet, cfg.training.rounds * ROUND_TIMEOUT_S + 60.0)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\n{log_tails(folder)}") from None
     finally:
         fleet.close()
         torch.set_num_threads(threads)
-    failed = {r["plan_round"]: r["failed"] for r in records if r["failed"]}
+    failed = {r.plan_round: dict(r.failed) for r in records if r.failed}
     if errors or failed:
         what = f"the daemon failed: {errors[0]!r}" if errors else f"devices failed: {failed}"
         raise RuntimeError(f"{what}\n{log_tails(folder)}") from (errors[0] if errors else None)
@@ -228,25 +216,24 @@ def log_tails(folder: Path, lines: int = 8) -> str:
     return "\n".join(parts)
 
 
-def wait_for(fleet: Fleet, timeout_s: float) -> None:
+def wait_for(fleet: DaemonWithDevices, timeout_s: float) -> None:
     """Until the daemon thread ends; RuntimeError after ``timeout_s`` or when a device process fails."""
     deadline = time.monotonic() + timeout_s
     while not fleet.done.wait(0.5):
-        crashed = [proc.args[proc.args.index("--device-id") + 1] for proc in fleet.procs
-                   if proc.poll() not in (None, 0)]
+        crashed = [name for name, code in fleet.devices.exited().items() if code != 0]
         if crashed:
             raise RuntimeError(f"device process(es) {', '.join(crashed)} exited with an error")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the daemon did not finish within {timeout_s:g} s")
-    for proc in fleet.procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(15)
+    with contextlib.suppress(ProcessError):  # close() stops what is still running
+        fleet.devices.wait_until(lambda: len(fleet.devices.exited()) == len(fleet.devices.procs), 15.0,
+                                 "the devices to finish their last round", watch=())
 
 
-def sfl_throughput(records: list[dict]) -> float:
+def sfl_throughput(records: list[RoundRecord]) -> float:
     """Samples per second of the ``train`` phase over the rounds after the first (all counted)."""
     measured = records[1:]
-    return sum(r["samples"] for r in measured) / sum(r["phases_s"]["train"] for r in measured)
+    return sum(r.samples for r in measured) / sum(r.phases_s.train for r in measured)
 
 
 def exchange_median(times: list[list]) -> tuple[float, int]:
@@ -256,10 +243,10 @@ def exchange_median(times: list[list]) -> tuple[float, int]:
     return statistics.median(kept), len(kept)
 
 
-def server_step_mean(records: list[dict]) -> float:
+def server_step_mean(records: list[RoundRecord]) -> float:
     """Mean server compute per step (``server_time_s / steps``) over rounds after the first."""
-    rows = [d for r in records[1:] for d in r["devices"].values()]
-    return sum(d["server_time_s"] for d in rows) / sum(d["steps"] for d in rows)
+    rows = [d for r in records[1:] for d in r.devices.values()]
+    return sum(d.server_time_s for d in rows) / sum(d.steps for d in rows)
 
 
 # -- (a) baseline: centralized training ------------------------------------------------------------

@@ -159,8 +159,10 @@ def tmax(args: argparse.Namespace) -> None:
           f" {'mean bits':>10} {'final acc':>10}")
     for c in caps_run:
         s = results[f"tmax-{c:g}"]
-        records = [json.loads(line) for line in (args.out / f"tmax-{c:g}" / "metrics.jsonl").read_text().splitlines()]
-        mean_bits = np.mean([f["allocation"]["bits_up"] for r in records for f in r["devices"].values()])
+        from server_runtime.metrics import read_round_records
+
+        records = read_round_records(args.out / f"tmax-{c:g}" / "metrics.jsonl")
+        mean_bits = np.mean([f.allocation.bits_up for r in records for f in r.devices.values()])
         print(f"{c:>8g} {s['modeled']['energy_j']:>16.4f} {s['device_energy_j'] / s['rounds']:>19.4f}"
               f" {s['modeled']['round_latency_s']:>16.3f} {mean_bits:>10.2f} {s['final_accuracy']:>10.2%}")
     plt = _plt()
@@ -198,7 +200,7 @@ def schemes(args: argparse.Namespace) -> None:
     print("\n" + render_comparison([results[n] for n in names]))
     ref = results.get("scheme-sfl")
     if ref:
-        print(f"\nagainst sfl (fp32 SFL, fixed allocation), same seed and rounds:")
+        print("\nagainst sfl (fp32 SFL, fixed allocation), same seed and rounds:")
         print(f"{'scheme':<12} {'model T/round':>14} {'model E/round':>14} {'bytes up':>9} {'final acc pts':>14}"
               f" {'last-5 pts':>11}")
         for n in names:

@@ -47,9 +47,10 @@ from edge_runtime.data import DeviceData, Preprocess, load_data
 from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError, read_password_file
 from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, dequantize, pack_codes, quantize
+from sflam_common.version import __version__
 
 log = logging.getLogger(__name__)
-SOFTWARE_VERSION = "0.1.0"
+SOFTWARE_VERSION = __version__  # what the device announces in its Hello
 MOMENTUM = 0.9
 WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated

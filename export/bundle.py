@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sflam
 from edge_runtime.backends.base import SIGNATURES
 from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, WEIGHT_KEYS, file_sha256
 from export.artifact import FORMATS, Artifact, ExportError
@@ -28,6 +27,7 @@ from firmware_profiles import DeviceProfile, load_profile
 from server_runtime.checkpoint import create_model
 from server_runtime.presets import ViTConfig
 from server_runtime.vit import VisionTransformer
+from sflam_common.version import __version__
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -207,7 +207,7 @@ def _write_manifest(
         files[path.name] = entry
     manifest = {
         "format_version": FORMAT_VERSION,
-        "sflam_version": sflam.__version__,
+        "sflam_version": __version__,
         "preset": config.name,
         "config": {k: v for k, v in vars(config).items()},
         "profile": profile.name,

@@ -1,3 +1,5 @@
 """sflam: split federated fine-tuning of Vision Transformers across edge devices."""
 
-__version__ = "0.1.0"
+from sflam_common.version import __version__
+
+__all__ = ["__version__"]

@@ -13,7 +13,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from sflam import __version__
+from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
+from sflam_common.version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -257,9 +258,9 @@ def _bits(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or 1..8, 16, 32, got {text!r}") from None
-    if value not in (*range(1, 9), 16, 32):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or 1..8, 16, 32, got {value}")
+        raise argparse.ArgumentTypeError(f"expected 'auto' or {BIT_WIDTHS_TEXT}, got {text!r}") from None
+    if value not in BIT_WIDTHS:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or {BIT_WIDTHS_TEXT}, got {value}")
     return value
 
 

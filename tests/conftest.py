@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sflam.broker import MosquittoBroker
-from sflam.fleet import local_fleet
+from sflam.testing.local_fleet import local_fleet
 
 ALLOWED_SKIP_MARK = "cuda"
 FLEET_RUN = "srv"  # the run id of the `fleet` fixture (tests/test_server.config_text's)

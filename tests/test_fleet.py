@@ -24,7 +24,8 @@ from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_passwor
 from edge_runtime.protocol.topics import Topics
 from sflam.broker import HOST, MosquittoBroker, free_port
 from sflam.cli import main
-from sflam.fleet import SERVER_USERNAME, FleetSpec, LocalFleet, mosquitto_hash, provision
+from sflam.fleet import SERVER_USERNAME, FleetSpec, mosquitto_hash, provision
+from sflam.testing.local_fleet import LocalFleet
 from server_runtime.metrics import read_metrics
 from test_server import config_text, start_device, start_server, stop, write_shards
 

@@ -1,6 +1,6 @@
 """10,000 hostile messages at a live server and live devices on the provisioned TLS broker.
 
-sflam.hostile builds them from captured traffic (malformed, mutated, oversized, replayed, stale)
+sflam.testing.hostile builds them from captured traffic (malformed, mutated, oversized, replayed, stale)
 and publishes them as a user the ACL lets write every topic of the run, while a server and two
 device processes train. Every one must be refused and counted, no process may fall over,
 training must go on, and resident memory must stay bounded.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sflam.hostile import CATEGORIES, AttackConfig, run_attack
+from sflam.testing.hostile import CATEGORIES, AttackConfig, run_attack
 
 pytestmark = pytest.mark.broker
 SHOTS = 10_000

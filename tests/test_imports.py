@@ -11,32 +11,71 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# package -> top-level modules it must never import
-FORBIDDEN = {
-    "edge_runtime": {"torch", "server_runtime", "export", "sflam"},
-    "allocator": {"torch", "server_runtime", "edge_runtime", "export", "sflam", "paho"},
-    "firmware_profiles": {"torch", "server_runtime", "edge_runtime", "export", "allocator", "sflam"},
+# The layers of docs/architecture.md: each package may import the project packages listed for it
+# (and any module named in EXCEPTIONS), nothing else of the project. sflam_common is the bottom,
+# sflam the front door on top.
+PROJECT = ("sflam_common", "firmware_profiles", "edge_runtime", "allocator", "server_runtime", "export", "sflam")
+MAY_IMPORT = {
+    "sflam_common": set(),
+    "firmware_profiles": {"sflam_common"},
+    "edge_runtime": {"sflam_common", "firmware_profiles"},
+    "allocator": {"sflam_common", "firmware_profiles"},
+    "server_runtime": {"sflam_common", "firmware_profiles", "edge_runtime", "allocator"},
+    "export": {"sflam_common", "firmware_profiles", "edge_runtime", "server_runtime"},
+    "sflam": set(PROJECT) - {"sflam"},
+}
+# single modules a package may import from a layer it otherwise may not: the ViT shape registry
+# is torch-free, and the allocator takes model shapes from it rather than restating them
+EXCEPTIONS = {"allocator": {"server_runtime.presets"}}
+# third-party modules a package must never import
+NEVER = {
+    "sflam_common": {"torch", "numpy"},
+    "firmware_profiles": {"torch"},
+    "edge_runtime": {"torch"},
+    "allocator": {"torch", "paho"},
 }
 
 
-def _imported_roots(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    roots = set()
+    modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
+            modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            modules.add(node.module)
+    return modules
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_package_sources_do_not_import_forbidden_modules(package: str) -> None:
-    offenders = {
-        str(path.relative_to(ROOT)): sorted(_imported_roots(path) & FORBIDDEN[package])
-        for path in (ROOT / package).rglob("*.py")
-    }
+def _offences(package: str, modules: set[str]) -> list[str]:
+    bad = []
+    for module in sorted(modules):
+        root = module.split(".")[0]
+        if root in NEVER.get(package, ()):
+            bad.append(module)
+        elif root in PROJECT and root != package and root not in MAY_IMPORT[package]:
+            if module not in EXCEPTIONS.get(package, ()):
+                bad.append(module)
+    return bad
+
+
+@pytest.mark.parametrize("package", PROJECT)
+def test_package_sources_import_only_the_layers_below(package: str) -> None:
+    offenders = {str(path.relative_to(ROOT)): _offences(package, _imported_modules(path))
+                 for path in (ROOT / package).rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_layer_rule_catches_an_upward_import() -> None:
+    assert _offences("export", {"sflam", "sflam.simulate"}) == ["sflam", "sflam.simulate"]
+    assert _offences("server_runtime", {"export.bundle", "numpy"}) == ["export.bundle"]
+    assert _offences("allocator", {"server_runtime.presets", "server_runtime.trainer"}) == ["server_runtime.trainer"]
+    assert _offences("sflam_common", {"numpy", "difflib"}) == ["numpy"]
+
+
+def test_the_modules_named_as_exceptions_stay_free_of_torch() -> None:
+    modules = _modules_after("import allocator.scenario, allocator.cli, server_runtime.presets")
+    assert "server_runtime.presets" in modules and "torch" not in modules
 
 
 def _modules_after(code: str) -> set[str]:

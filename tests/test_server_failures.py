@@ -17,8 +17,8 @@ import torch
 from edge_runtime import protocol as p
 from server_runtime.config import parse_config
 from server_runtime.daemon import DaemonError, ServerDaemon
-from server_runtime.metrics import read_metrics
-from sflam.fleet import LocalFleet
+from server_runtime.metrics import read_round_records
+from sflam.testing.local_fleet import LocalFleet
 from test_server_concurrency import RUN, ScriptedDevice
 from test_server import config_text, counted_rounds, start_device, start_server, stop, wait_for, write_shards
 
@@ -66,7 +66,7 @@ def run_with_a_killed_device(quick_bundle: Path, fleet: LocalFleet, tmp_path: Pa
     finally:
         stop(devices)
     assert not runner.is_alive()
-    return daemon, start, aggregated, errors, read_metrics(cfg.metrics_path)
+    return daemon, start, aggregated, errors, read_round_records(cfg.metrics_path)
 
 
 def test_killed_device_fails_and_the_round_counts_without_it(quick_bundle: Path, fleet: LocalFleet,
@@ -74,17 +74,17 @@ def test_killed_device_fails_and_the_round_counts_without_it(quick_bundle: Path,
     daemon, start, aggregated, errors, records = run_with_a_killed_device(quick_bundle, fleet, tmp_path, 0.5)
     assert errors == []
     (record,) = records
-    assert record["counted"] and record["completed"] == ["dev-0"]
-    assert record["failed"]["dev-1"].startswith("offline")  # the broker published its last will
+    assert record.counted and record.completed == ("dev-0",)
+    assert record.failed["dev-1"].startswith("offline")  # the broker published its last will
     assert aggregated == [["dev-0"]]  # the aggregate excludes the failed device
-    assert record["devices"]["dev-1"]["steps"] >= 3 and record["devices"]["dev-1"]["energy_j"] is None
+    assert record.devices["dev-1"].steps >= 3 and record.devices["dev-1"].energy_j is None
     assert not torch.equal(daemon.trainer.state_dict()["head.weight"], start["head.weight"])
 
 
 def test_round_below_minimum_completion_does_not_count(quick_bundle: Path, fleet: LocalFleet, tmp_path: Path) -> None:
     daemon, start, aggregated, errors, records = run_with_a_killed_device(quick_bundle, fleet, tmp_path, 1.0)
     record = records[0]
-    assert not record["counted"] and record["round"] == 1 and record["accuracy"] is None
+    assert not record.counted and record.round == 1 and record.accuracy is None
     assert aggregated == []
     for key, value in daemon.trainer.state_dict().items():  # the global model is the round-start one
         torch.testing.assert_close(value, start[key], rtol=0, atol=0)
@@ -137,19 +137,19 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
     # Assert: every round counted with both devices, every step trained exactly once
     assert errors == [] and not runner.is_alive()
     assert all(d.returncode == 0 for d in devices), [e[-2000:] for _, e in device_out]
-    records = read_metrics(cfg.metrics_path)
-    assert [(r["round"], r["counted"]) for r in records] == [(1, True), (2, True), (3, True)]  # no attempt lost
+    records = read_round_records(cfg.metrics_path)
+    assert [(r.round, r.counted) for r in records] == [(1, True), (2, True), (3, True)]  # no attempt lost
     for record in records:
-        assert record["completed"] == ["dev-0", "dev-1"], record["failed"]
-        for stats in record["devices"].values():
-            assert stats["steps"] == stats["device_steps"] == 4 * 6  # server-trained == device-taken
+        assert record.completed == ("dev-0", "dev-1"), record.failed
+        for stats in record.devices.values():
+            assert stats.steps == stats.device_steps == 4 * 6  # server-trained == device-taken
     summaries = [json.loads(o.split("sflam-device-summary ", 1)[1].splitlines()[0]) for o, _ in device_out]
     assert all(s["rounds"] == 3 for s in summaries)
     # the restart was felt: both devices connected twice, and dev-0 re-sent the step in flight
     assert [s["connections"] for s in summaries] == [2, 2]
     resent = [s["counters"].get("resent_activations", 0) for s in summaries]
     assert resent[0] >= 1, summaries[0]["counters"]
-    final = records[-1]["counters"]
+    final = records[-1].counters
     print(f"broker restart: {len(records)} attempts, resent steps {resent}, server duplicates "
           f"{final.get('receiver.duplicates', 0)}, re-answered {final.get('reanswered_steps', 0)}, "
           f"duplicate gradients at the devices {[s['counters'].get('duplicate_gradients', 0) for s in summaries]}")
@@ -192,6 +192,6 @@ def test_a_resent_step_is_answered_again_and_trained_once(broker, tmp_path: Path
     assert (again.envelope.round, again.envelope.step) == (first.envelope.round, first.envelope.step) == (round_, 0)
     assert again.tensor == first.tensor and again.loss == first.loss
     assert not runner.is_alive() and daemon.round == 1
-    (record,) = read_metrics(cfg.metrics_path)
-    assert record["counted"] and record["devices"]["a"]["steps"] == 1
-    assert record["counters"]["reanswered_steps"] == 1 and record["counters"]["receiver.duplicates"] == 1
+    (record,) = read_round_records(cfg.metrics_path)
+    assert record.counted and record.devices["a"].steps == 1
+    assert record.counters["reanswered_steps"] == 1 and record.counters["receiver.duplicates"] == 1

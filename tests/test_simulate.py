@@ -18,17 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from server_runtime.config import parse_config
+from server_runtime.config import load_config
 from sflam import sim_report
-from sflam.simulate import (
-    SimOptions,
-    SimulateError,
-    build_options,
-    read_new_records,
-    resolve_options,
-    scheme_plan,
-    server_config_text,
-)
+from sflam.options import SimOptions, SimulateError, build_options, resolve_options, scheme_plan, server_config
+from sflam.progress import read_new_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--devices", "4", "--per-round", "2", "--rounds", "2", "--local-epochs", "1", "--batch-size", "16")
@@ -112,22 +105,44 @@ def test_schemes_map_onto_the_daemon() -> None:
 
 def test_the_server_config_is_valid_and_carries_the_channels(tmp_path: Path) -> None:
     opts = SimOptions(server={"round": {"min_completed": 1.0}})
-    text = server_config_text(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1", {"dev-0": 2.5e-12})
-    config = parse_config(text)
+    config = server_config(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1", {"dev-0": 2.5e-12})
     assert config.quant.bits == "auto" and config.training.devices_per_round == 5
     assert config.allocator.channel_gains == {"dev-0": 2.5e-12}
     assert config.round.min_completed == 1.0 and config.broker.run_id == "sim"
+    assert config.checkpoint_dir.is_absolute() and config.metrics_path.is_absolute()
+
+
+@pytest.mark.parametrize("scheme", ["sflam", "sfl", "sl", "fl"])
+def test_the_run_toml_written_from_the_config_parses_back_to_the_same_config(tmp_path: Path, scheme: str) -> None:
+    # Prepare: every section touched, by the options and by [server] overrides
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(b"stand-in")
+    bits = 8 if scheme == "sflam" else 32
+    opts = SimOptions(scheme=scheme, bits=bits, checkpoint=str(weights), optimizer="adamw", lr=0.003,
+                      server={"round": {"min_completed": 1.0}, "allocator": {"lambda_time": 0.5},
+                              "metrics": {"prometheus_port": 9101}, "quant": {"per_token": True}})
+    config = server_config(opts, scheme_plan(opts), tmp_path / "run", "mqtt://127.0.0.1:1883",
+                           {"dev-0": 2.5e-12, "dev-1": 0.125})
+    # Execute: what simulate writes, read as the daemon reads it
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    # Assert
+    assert load_config(path) == config
+    assert config.model.checkpoint == str(weights.resolve()) and config.training.optimizer == "adamw"
 
 
 def test_records_are_read_only_when_complete(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_bytes(b'{"event": "round", "round": 1}\n{"event": "round", "rou')
+    from test_metrics import sample_record
+
+    second = json.dumps(sample_record(2)).encode()
+    path.write_bytes(json.dumps(sample_record(1)).encode() + b"\n" + second[:20])
     records, offset = read_new_records(path, 0)
-    assert [r["round"] for r in records] == [1]
+    assert [r.round for r in records] == [1]
     with open(path, "ab") as handle:
-        handle.write(b'nd": 2}\n')
+        handle.write(second[20:] + b"\n")
     more, _ = read_new_records(path, offset)
-    assert [r["round"] for r in more] == [2]
+    assert [r.round for r in more] == [2]
 
 
 def _children_of(out: Path) -> list[str]:
@@ -174,8 +189,8 @@ def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["bytes_down"] > 0 and summary["device_energy_j"] > 0
     assert summary["mean_round_latency_s"] > 0 and summary["modeled"]["round_latency_s"] > 0
     records = sim_report.read_records(out / "metrics.jsonl")
-    assert len([r for r in records if r["counted"]]) == 2
-    assert all(f["allocation"]["bits_up"] == 8 for r in records for f in r["devices"].values())
+    assert len([r for r in records if r.counted]) == 2
+    assert all(f.allocation.bits_up == 8 for r in records for f in r.devices.values())
     for name in ("accuracy", "bytes", "energy", "latency"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "final accuracy" in output and "bytes up if fp32" in output
@@ -229,7 +244,7 @@ def test_the_paper_scale_config_names_what_is_missing_and_is_complete(tmp_path: 
     opts = resolve_options(_args(config=str(ROOT / "examples" / "paper_vit_b32.toml")))
     assert (opts.model, opts.devices, opts.per_round, opts.batch_size, opts.local_epochs, opts.alpha) == (
         "vit_base_patch32_224", 50, 10, 128, 5, 0.5)
-    config = parse_config(server_config_text(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1"))
+    config = server_config(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1")
     assert config.model.preset == "vit_base_patch32_224" and config.training.batch_size == 128
     assert config.compute.device == "auto" and config.compute.amp == "auto"
 
@@ -239,12 +254,14 @@ def test_an_sl_round_may_give_one_device_two_turns(tmp_path: Path) -> None:
     import dataclasses
 
     from allocator.scenario import dump_scenario, generate_scenario
+    from server_runtime.round_record import PhaseTimes
+    from test_metrics import typed_record
 
     problem = generate_scenario(3, 0, model="vit_quick_patch4_16")
     fleet = dataclasses.replace(problem.fleet, ids=("dev-0", "dev-1", "dev-2"))
     dump_scenario(dataclasses.replace(problem, fleet=fleet), tmp_path / "scenario.json")
-    turns = [{"event": "round", "round": k + 1, "counted": True, "selected": [d], "completed": [d],
-              "accuracy": 0.5 if k == 2 else None, "devices": {}, "phases_s": {"train": 1.0}}
+    turns = [dataclasses.replace(typed_record(k + 1, accuracy=0.5 if k == 2 else None), selected=(d,),
+                                 completed=(d,), devices={}, phases_s=PhaseTimes(0.0, 1.0, 0.0, 0.0))
              for k, d in enumerate(("dev-1", "dev-0", "dev-1"))]
     opts = dataclasses.asdict(SimOptions(devices=3, per_round=3, rounds=1, scheme="sl"))
     # Execute
@@ -255,3 +272,53 @@ def test_an_sl_round_may_give_one_device_two_turns(tmp_path: Path) -> None:
     assert summary["rounds"] == 1 and summary["final_accuracy"] == 0.5
     assert summary["modeled"]["round_latency_s"] == pytest.approx(2 * one[0] + zero[0])
     assert summary["modeled"]["energy_j"] == pytest.approx(2 * one[1] + zero[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# from anywhere: the run directory and every child's paths do not depend on the checkout
+
+ONE_ROUND = ("--rounds", "1", "--devices", "2", "--per-round", "1", "--local-epochs", "1", "--batch-size", "16")
+
+
+def _simulate_in(cwd: Path, env: dict[str, str]) -> Path:
+    """``sflam simulate`` (default --out) started in ``cwd``; the run directory it made there."""
+    result = subprocess.run([sys.executable, "-m", "sflam", "simulate", *ONE_ROUND], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (run,) = (cwd / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 1
+    assert _children_of(run) == []
+    return run
+
+
+@pytest.mark.broker
+def test_simulate_runs_from_a_directory_outside_the_repository(tmp_path: Path) -> None:
+    # Prepare: a user's own directory; the package is found as installed (no PYTHONPATH)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Execute + Assert: the run lands under the user's directory, and it completes
+    run = _simulate_in(elsewhere, env)
+    assert run.name.startswith("sim-sflam-") and (run / "run.toml").is_file()
+
+
+@pytest.mark.broker
+def test_simulate_runs_from_a_non_editable_install_of_the_wheel(tmp_path: Path) -> None:
+    # Prepare: build the wheel and install it (not editable) into a folder of its own
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("sflam-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(target)}
+    probe = subprocess.run([sys.executable, "-c", "import sflam, sflam_common.version as v; "
+                            "print(sflam.__file__); print(v.__version__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    where, version = probe.stdout.split()
+    assert Path(where).is_relative_to(target) and version != "0+unknown"
+    # Execute + Assert
+    _simulate_in(elsewhere, env)

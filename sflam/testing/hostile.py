@@ -28,12 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -44,8 +40,10 @@ from pathlib import Path
 from edge_runtime import protocol as p
 from edge_runtime.protocol.codec import MAGIC, PREFIX_SIZE
 from server_runtime.config import config_toml
+from server_runtime.round_record import RoundRecord
 from server_runtime.data import write_digits_shards
-from sflam.fleet import LocalFleet, local_fleet
+from sflam.processes import ProcessError, ProcessGroup, sflam_command
+from sflam.testing.local_fleet import LocalFleet, local_fleet
 
 CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale")
 ATTACKER = "intruder"  # the attacker's broker user: may read and write every topic of the run
@@ -313,62 +311,50 @@ def run_attack(cfg: AttackConfig) -> AttackReport:
     run (the strongest position short of the server's key), captures real traffic (its own shots,
     echoed back, are not learnt from), and fires shots alternately at the server's topics and the
     devices' (each publish PUBACKed before the next: QoS 1, as a real client would). Once all are
-    sent it waits for one more round, stops the processes with SIGTERM (each prints its counters),
-    and returns sent and refused figures, resident memory before, at peak and after, and the
-    rounds trained.
+    sent it waits for one more round, stops the processes (each prints its counters), and returns
+    sent and refused figures, resident memory before, at peak and after, and the rounds trained.
     """
-    from server_runtime.metrics import read_metrics
-
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
     shards = write_digits_shards(cfg.workdir, cfg.devices, cfg.samples, cfg.seed)
     ckpt = cfg.workdir / "ckpt"
     report = AttackReport()
     acl = [f"topic readwrite {p.Topics(cfg.run_id).prefix}/#"]
     with local_fleet(cfg.workdir, cfg.devices, cfg.run_id, extra_users={ATTACKER: acl}) as fleet:
         (cfg.workdir / "run.toml").write_text(_run_toml(fleet, cfg, ckpt))
-        procs: dict[str, subprocess.Popen] = {
-            "server": subprocess.Popen([sys.executable, "-m", "sflam", "server", "--config",
-                                        str(cfg.workdir / "run.toml")], cwd=root, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-        }
+        group = ProcessGroup(cfg.workdir / "logs", stop_timeout_s=60.0)
+        group.start("server", sflam_command("server", "--config", str(cfg.workdir / "run.toml")))
         for i, shard in enumerate(shards):
             name = f"dev-{i}"
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "sflam", "device", "--bundle", str(cfg.bundle), "--broker", fleet.url,
-                 "--device-id", name, "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", cfg.run_id,
-                 "--seed", str(i), "--meter", "estimate", *fleet.device_args(name)],
-                cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        outputs = {name: _Drain(proc) for name, proc in procs.items()}
+            group.start(name, sflam_command(
+                "device", "--bundle", str(cfg.bundle), "--broker", fleet.url, "--device-id", name,
+                "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", cfg.run_id, "--seed", str(i),
+                "--meter", "estimate", *fleet.device_args(name)))
         failure: Exception | None = None
         try:
-            _attack(cfg, fleet, procs, report, ckpt)
+            _attack(cfg, fleet, group, report, ckpt)
         except RuntimeError as exc:
             failure = exc
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)  # SIGINT is ignored by a background job's children
-            for name, proc in procs.items():
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                report.exit_codes[name] = proc.returncode
-        texts = {name: drain.text() for name, drain in outputs.items()}
+            report.exit_codes = group.stop()
+        texts = {name: group.output(name) for name in group.procs}
     if failure is None and not all(code in (0, 130) for code in report.exit_codes.values()):
         failure = RuntimeError(f"a process did not end cleanly: exit codes {report.exit_codes}")
     if failure is not None:
-        tails = "".join(f"\n--- {name} (exit {report.exit_codes[name]}) stderr ends:\n{err[-2000:]}"
-                        for name, (_, err) in texts.items())
+        tails = "".join(f"\n--- {name} (exit {report.exit_codes[name]}) output ends:\n{text[-2000:]}"
+                        for name, text in texts.items())
         raise RuntimeError(f"{failure}{tails}")
-    for name, (out, err) in texts.items():
+    _read_summaries(report, texts)
+    report.rounds_total = _counted(ckpt)
+    return report
+
+
+def _read_summaries(report: AttackReport, texts: dict[str, str]) -> None:
+    """Each process's refusal counters, from the summary line it printed on its way out."""
+    for name, text in texts.items():
         try:
-            summary = _summary(out, "sflam-server-summary" if name == "server" else "sflam-device-summary")
+            summary = _summary(text, "sflam-server-summary" if name == "server" else "sflam-device-summary")
         except (RuntimeError, ValueError) as exc:
-            raise RuntimeError(f"{name} printed no summary ({exc}); its stderr ends:\n{err[-3000:]}") from None
+            raise RuntimeError(f"{name} printed no summary ({exc}); its output ends:\n{text[-3000:]}") from None
         if name == "server":
             flat = summary["counters"]
             report.refused[name] = _sum_refusals(flat, SERVER_REFUSALS)
@@ -383,15 +369,9 @@ def run_attack(cfg: AttackConfig) -> AttackReport:
                                  + report.counters[d].get("counters.send_retries", 0) for d in devices)
     for d in devices:
         report.slack[d] = server.get("reanswered_steps", 0)
-    records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round"]
-    report.rounds_total = sum(1 for r in records if r["counted"])
-    return report
 
 
-def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Popen], report: AttackReport,
-            ckpt: Path) -> None:
-    from server_runtime.metrics import read_metrics
-
+def _attack(cfg: AttackConfig, fleet: LocalFleet, group: ProcessGroup, report: AttackReport, ckpt: Path) -> None:
     topics = p.Topics(cfg.run_id)
     devices = [f"dev-{i}" for i in range(cfg.devices)]
     corpus = Corpus(cfg.run_id, cfg.seed)
@@ -415,106 +395,88 @@ def _attack(cfg: AttackConfig, fleet: LocalFleet, procs: dict[str, subprocess.Po
         device_topics = {d: [topics.down(d)] for d in devices[:1]}  # gradients for dev-0; plan/model for all
         shared = [topics.plan(), topics.model()]
         needed = server_topics + device_topics[devices[0]] + shared
-        _wait(lambda: corpus.ready(needed) and _counted(read_metrics, ckpt) >= BASELINE_ROUNDS, cfg.timeout_s,
-              "legitimate traffic to learn from", procs)
-        first = _counted(read_metrics, ckpt)
+        _wait(lambda: corpus.ready(needed) and _counted(ckpt) >= BASELINE_ROUNDS, cfg.timeout_s,
+              "legitimate traffic to learn from", group)
+        first = _counted(ckpt)
         cfg.progress(f"hostile: traffic captured ({first} rounds in); firing {cfg.shots} shots")
         wall0 = time.time()
-        pids = {name: proc.pid for name, proc in procs.items()}
+        pids = {name: proc.pid for name, proc in group.procs.items()}
         report.rss_mib = {name: {"before": _rss_mib(pid), "peak": 0.0} for name, pid in pids.items()}
         t0 = time.monotonic()
-        targets = [(t, "server") for t in server_topics] + [(t, d) for d, ts in device_topics.items() for t in ts] \
-            + [(t, "all devices") for t in shared]
-        for i in range(cfg.shots):
-            if i % 2 == 0:
-                topic, target = corpus.rng.choice(server_topics), "server"
-            else:
-                topic, target = corpus.rng.choice(targets[len(server_topics):])
-            shot = corpus.shot(topic)
-            sent_hashes.add(hashlib.blake2b(shot.payload, digest_size=16).digest())
-            link.publish(shot.topic, shot.payload, timeout_s=30.0)
-            report.sent[f"{target}/{shot.category}"] += 1
-            report.kinds[f"{shot.category}/{shot.what}"] += 1
-            for name in ([target] if target != "all devices" else devices):
-                report.sent_by_target[name] += 1
-            if i % 200 == 0:
-                for name, pid in pids.items():
-                    report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], _rss_mib(pid))
-                if not _live(procs):
-                    raise RuntimeError(f"a process died under attack: {_exits(procs)}")
-            if i % 2000 == 1999:
-                cfg.progress(f"hostile: {i + 1}/{cfg.shots} shots sent")
+        _fire(cfg, corpus, link, group, report, sent_hashes, server_topics,
+              [(t, d) for d, ts in device_topics.items() for t in ts] + [(t, "all devices") for t in shared])
         report.attack_s, wall1 = time.monotonic() - t0, time.time()
         # every shot is PUBACKed by the broker; let the receivers drain their inboxes, and let
         # one more round finish so that "training proceeds" is seen after the last shot
-        last = _counted(read_metrics, ckpt)
-        _wait(lambda: _counted(read_metrics, ckpt) >= last + 1, cfg.timeout_s, "a round after the attack", procs)
+        last = _counted(ckpt)
+        _wait(lambda: _counted(ckpt) >= last + 1, cfg.timeout_s, "a round after the attack", group)
         time.sleep(2.0)
         for name, pid in pids.items():
             rss = _rss_mib(pid)
             report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], rss)
             report.rss_mib[name]["after"] = rss
-        report.alive_after = {name: proc.poll() is None for name, proc in procs.items()}
-        records = [r for r in read_metrics(ckpt / "metrics.jsonl") if r.get("event") == "round"]
-        during = [r for r in records if wall0 <= r["time"] <= wall1]  # rounds that ended under fire
-        report.rounds_during_attack = sum(1 for r in during if r["counted"])
-        report.completed_during_attack = [r["completed"] for r in records if r["time"] >= wall0]
-        # round 1 also waited for the devices to come online: the baseline starts at round 2
-        report.round_s_before = _median([r["duration_s"] for r in records[1:] if r["time"] < wall0])
-        report.round_s_during = _median([r["duration_s"] for r in during])
+        report.alive_after = {name: proc.poll() is None for name, proc in group.procs.items()}
+        _round_figures(report, _round_records(ckpt), wall0, wall1)
     finally:
         stop_spying.set()
         spy_thread.join(5)
         link.close()
 
 
+def _fire(cfg: AttackConfig, corpus: Corpus, link, group: ProcessGroup, report: AttackReport,
+          sent_hashes: set[bytes], server_topics: list[str], device_targets: list[tuple[str, str]]) -> None:
+    """``cfg.shots`` shots, every other one at a server topic; memory sampled as they go."""
+    devices = [f"dev-{i}" for i in range(cfg.devices)]
+    pids = {name: proc.pid for name, proc in group.procs.items()}
+    for i in range(cfg.shots):
+        if i % 2 == 0:
+            topic, target = corpus.rng.choice(server_topics), "server"
+        else:
+            topic, target = corpus.rng.choice(device_targets)
+        shot = corpus.shot(topic)
+        sent_hashes.add(hashlib.blake2b(shot.payload, digest_size=16).digest())
+        link.publish(shot.topic, shot.payload, timeout_s=30.0)
+        report.sent[f"{target}/{shot.category}"] += 1
+        report.kinds[f"{shot.category}/{shot.what}"] += 1
+        for name in ([target] if target != "all devices" else devices):
+            report.sent_by_target[name] += 1
+        if i % 200 == 0:
+            for name, pid in pids.items():
+                report.rss_mib[name]["peak"] = max(report.rss_mib[name]["peak"], _rss_mib(pid))
+            if group.exited():
+                raise RuntimeError(f"a process died under attack: {group.exited()}")
+        if i % 2000 == 1999:
+            cfg.progress(f"hostile: {i + 1}/{cfg.shots} shots sent")
+
+
+def _round_figures(report: AttackReport, records: list[RoundRecord], wall0: float, wall1: float) -> None:
+    """Rounds trained under fire and round durations before and during the attack."""
+    during = [r for r in records if wall0 <= r.time <= wall1]  # rounds that ended under fire
+    report.rounds_during_attack = sum(1 for r in during if r.counted)
+    report.completed_during_attack = [list(r.completed) for r in records if r.time >= wall0]
+    # round 1 also waited for the devices to come online: the baseline starts at round 2
+    report.round_s_before = _median([r.duration_s for r in records[1:] if r.time < wall0])
+    report.round_s_during = _median([r.duration_s for r in during])
+
+
+def _round_records(ckpt: Path) -> list[RoundRecord]:
+    """The round records the server has written so far (a torn last line is left for later)."""
+    from server_runtime.metrics import read_round_records
+
+    path = ckpt / "metrics.jsonl"
+    return read_round_records(path, strict=False) if path.exists() else []
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _counted(read_metrics, ckpt: Path) -> int:
-    path = ckpt / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for r in read_metrics(path) if r.get("event") == "round" and r["counted"])
+def _counted(ckpt: Path) -> int:
+    return sum(1 for r in _round_records(ckpt) if r.counted)
 
 
-def _live(procs: dict[str, subprocess.Popen]) -> bool:
-    return all(proc.poll() is None for proc in procs.values())
-
-
-def _exits(procs: dict[str, subprocess.Popen]) -> dict[str, int | None]:
-    return {name: proc.poll() for name, proc in procs.items()}
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if not _live(procs):
-            raise RuntimeError(f"a process ended while waiting for {what}: {_exits(procs)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-class _Drain:
-    """Reads a process's stdout and stderr in threads (a full pipe would block it)."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self._parts: dict[str, list[str]] = {"out": [], "err": []}
-        self._threads = [threading.Thread(target=self._read, args=(stream, self._parts[key]), daemon=True)
-                         for key, stream in (("out", proc.stdout), ("err", proc.stderr))]
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def _read(stream, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line)
-            if len(sink) > 20_000:  # keep the head (start lines) and a long tail
-                del sink[1000:2000]
-
-    def text(self) -> tuple[str, str]:
-        for thread in self._threads:
-            thread.join(10)
-        return "".join(self._parts["out"]), "".join(self._parts["err"])
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, group: ProcessGroup) -> None:
+    try:
+        group.wait_until(predicate, timeout_s, what)
+    except ProcessError as exc:
+        raise RuntimeError(str(exc)) from None

@@ -1,0 +1,321 @@
+"""The options of ``sflam simulate`` and what they make: the daemon's :class:`RunConfig`.
+
+Options resolve as defaults < ``--config FILE`` (its ``[simulate]`` table, and ``[server.*]``
+overrides of run.toml keys) < command-line flags; :class:`SimulateError` lists every problem of
+a bad set at once. :func:`server_config` turns a valid set into the server's RunConfig directly
+(the run directory's run.toml is written from it, for the record and for ``--resume``).
+
+Schemes: ``sflam`` (quantized activations, ``--bits auto`` lets the allocator choose bits, power
+and bandwidth per device and round), ``sfl`` (float32 activations, fixed allocation), ``sl``
+(one device at a time training one model: each round is ``per_round`` turns of one device on the
+shared SFL-V2 server model) and ``fl`` (FedAvg of the whole model trained on the devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
+from sflam_common.problems import ProblemsError, did_you_mean
+
+SCHEMES = ("sflam", "sfl", "sl", "fl")
+LOCAL_BROKERS = {"embedded": "auto", "mosquitto": "mosquitto", "amqtt": "amqtt"}
+BACKENDS = ("onnx", "numpy", "litert", "auto")
+RUN_ID = "sim"
+
+
+class SimulateError(ProblemsError):
+    """A bad option set (every problem listed) or a run that could not complete."""
+
+    def __init__(self, problems: Sequence[str] | str, source: str | None = None) -> None:
+        super().__init__(source, problems)
+
+    def __reduce__(self) -> tuple[type, tuple[list[str], str | None]]:
+        return type(self), (self.problems, self.source)
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Everything a simulation run needs; the defaults are the quickstart (``make demo``)."""
+
+    devices: int = 10
+    per_round: int = 5
+    rounds: int = 60
+    alpha: float = 0.5
+    bits: int | str = "auto"
+    scheme: str = "sflam"
+    dataset: str = "digits"
+    model: str = "vit_quick_patch4_16"
+    checkpoint: str | None = None  # timm-layout weights to start from (local file)
+    broker: str = "embedded"  # a URL, or a private broker on a free loopback port: embedded (mosquitto
+    # when installed, else amqtt), mosquitto or amqtt
+    out: str | None = None  # default runs/sim-<scheme>-<time>
+    seed: int = 0
+    local_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
+    gradient_bits: int = 32
+    profiles: tuple[str, ...] = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
+    radius_m: float = 500.0
+    emulate_link: bool = True
+    backend: str = "onnx"
+    device_threads: int = 1
+    server_workers: int = 2
+    deadline_s: float = 300.0
+    t_max_s: float = 5.0  # the allocator's latency cap per round (bits = auto)
+    min_completed: float = 0.5
+    eval_every: int = 1
+    server: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # run.toml overrides by section
+
+    @property
+    def bits_label(self) -> str:
+        """What the activations were: ``auto``, ``8``, ``32``."""
+        return str(self.bits)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
+CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "bits", "scheme", "dataset", "model", "broker",
+             "out", "seed", "local_epochs", "batch_size", "lr", "checkpoint", "mode", "profiles", "radius_m",
+             "backend", "emulate_link", "t_max_s")
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+def resolve_options(args: argparse.Namespace) -> SimOptions:
+    """Defaults, then the ``--config`` file's ``[simulate]`` table, then the flags; validated."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    if getattr(args, "config", None):
+        values.update(_read_config_file(Path(args.config), problems))
+    for name in CLI_NAMES:
+        if name == "config":
+            continue
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    if problems:
+        raise SimulateError(problems)
+    return build_options(values)
+
+
+def _read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The ``[simulate]`` table (and ``[server]`` overrides) of a TOML file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"--config {path}: no such file")
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        problems.append(f"--config {path}: {exc}")
+        return {}
+    unknown = sorted(set(data) - {"simulate", "server"})
+    for name in unknown:
+        problems.append(f"{path}: unknown table [{name}]; expected [simulate] and optionally [server]"
+                        + did_you_mean(name, ("simulate", "server")))
+    values = dict(data.get("simulate", {}))
+    if "server" in data:
+        values["server"] = data["server"]
+    return values
+
+
+def build_options(values: Mapping[str, Any]) -> SimOptions:
+    """SimOptions from plain values (a TOML table or flags); SimulateError lists every problem."""
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            problems.append(f"unknown option {key!r}" + did_you_mean(key, FIELDS))
+            continue
+        kwargs[key] = value
+    _coerce(kwargs, problems)
+    if problems:
+        raise SimulateError(problems)
+    opts = SimOptions(**kwargs)
+    problems = check_options(opts)
+    if problems:
+        raise SimulateError(problems)
+    return opts
+
+
+def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
+    """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
+    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "gradient_bits",
+            "device_threads", "server_workers", "eval_every")
+    floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s")
+    for name in ints:
+        if name in kwargs:
+            value = kwargs[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name}: expected an integer, got {value!r}")
+    for name in floats:
+        if name in kwargs:
+            value = kwargs[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{name}: expected a number, got {value!r}")
+            else:
+                kwargs[name] = float(value)
+    if "bits" in kwargs:
+        bits = kwargs["bits"]
+        if isinstance(bits, str) and bits.strip().lower() == "auto":
+            kwargs["bits"] = "auto"
+        else:
+            try:
+                kwargs["bits"] = int(bits)
+            except (TypeError, ValueError):
+                problems.append(f"bits: expected 'auto' or {BIT_WIDTHS_TEXT}, got {bits!r}")
+    if "profiles" in kwargs:
+        value = kwargs["profiles"]
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            problems.append(f"profiles: expected a comma list of profile names, got {value!r}")
+        else:
+            kwargs["profiles"] = tuple(n.strip() for n in names if n.strip())
+    for name in ("emulate_link",):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            problems.append(f"{name}: expected true or false, got {kwargs[name]!r}")
+    if "server" in kwargs and not (isinstance(kwargs["server"], Mapping)
+                                   and all(isinstance(v, Mapping) for v in kwargs["server"].values())):
+        problems.append("server: expected tables of run.toml keys by section, e.g. [server.round]")
+
+
+def check_options(opts: SimOptions) -> list[str]:
+    """Every problem of a set of options (empty when it can run)."""
+    from server_runtime.config import OPTIMIZERS
+
+    problems = []
+    for name in ("devices", "per_round", "rounds", "local_epochs", "batch_size", "device_threads",
+                 "server_workers", "eval_every"):
+        if getattr(opts, name) < 1:
+            problems.append(f"{name}: must be >= 1, got {getattr(opts, name)}")
+    if opts.per_round > opts.devices:
+        problems.append(f"per_round {opts.per_round} exceeds devices {opts.devices}")
+    for name in ("alpha", "lr", "radius_m", "deadline_s", "t_max_s"):
+        value = getattr(opts, name)
+        if not (value > 0 and math.isfinite(value)):
+            problems.append(f"{name}: must be a positive number, got {value}")
+    if not 0 < opts.min_completed <= 1:
+        problems.append(f"min_completed: must be in (0, 1], got {opts.min_completed}")
+    if opts.scheme not in SCHEMES:
+        problems.append(f"scheme: one of {', '.join(SCHEMES)}, got {opts.scheme!r}" + did_you_mean(opts.scheme, SCHEMES))
+    if opts.bits != "auto" and opts.bits not in BIT_WIDTHS:
+        problems.append(f"bits: 'auto' or one of {BIT_WIDTHS_TEXT}, got {opts.bits!r}")
+    if opts.gradient_bits not in BIT_WIDTHS:
+        problems.append(f"gradient_bits: one of {BIT_WIDTHS_TEXT}, got {opts.gradient_bits}")
+    if opts.scheme in ("sfl", "sl", "fl") and opts.bits not in ("auto", 32):
+        problems.append(f"bits: scheme {opts.scheme!r} sends float32 (bits 32); drop --bits {opts.bits}")
+    if opts.mode not in ("v1", "v2"):
+        problems.append(f"mode: 'v1' or 'v2', got {opts.mode!r}")
+    if opts.optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {opts.optimizer!r}"
+                        + did_you_mean(opts.optimizer, OPTIMIZERS))
+    if opts.backend not in BACKENDS:
+        problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    if not opts.profiles:
+        problems.append("profiles: at least one hardware profile")
+    else:
+        from firmware_profiles import ProfileError, load_profile
+
+        for name in opts.profiles:
+            try:
+                load_profile(name)
+            except (ProfileError, OSError) as exc:
+                problems.append(f"profiles: {name!r}: {exc}")
+    try:
+        from server_runtime.presets import get_preset
+
+        get_preset(opts.model)
+    except (KeyError, ValueError) as exc:
+        problems.append(f"model: {exc}")
+    if opts.checkpoint is not None and not Path(opts.checkpoint).expanduser().is_file():
+        problems.append(f"checkpoint: no such file {opts.checkpoint} (weights are never downloaded: "
+                        "put a timm-layout .safetensors, .pth or .npz there)")
+    kind, sep, location = opts.dataset.partition(":")
+    if sep and kind in ("cifar10", "folder") and not Path(location).expanduser().is_dir():
+        problems.append(f"dataset: no directory {location} for {opts.dataset!r} (data sets are never downloaded)")
+    if opts.broker not in LOCAL_BROKERS and not opts.broker.startswith(("mqtt://", "mqtts://")):
+        problems.append(f"broker: embedded, mosquitto, amqtt or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# what each scheme runs
+
+
+@dataclass(frozen=True)
+class SchemePlan:
+    """How a scheme maps onto the daemon: its rounds, per-round devices, mode and bits."""
+
+    scheme: str
+    server_rounds: int  # plan rounds the daemon counts (sl: rounds x per_round turns)
+    turns_per_round: int  # sl: devices one after another per reported round; else 1
+    devices_per_round: int
+    mode: str  # v1 | v2 | fl
+    bits: int | str
+    device_command: str  # "device" | "fl-device"
+
+
+def scheme_plan(opts: SimOptions) -> SchemePlan:
+    """The daemon settings that realise ``opts.scheme``."""
+    if opts.scheme == "sflam":
+        return SchemePlan("sflam", opts.rounds, 1, opts.per_round, opts.mode, opts.bits, "device")
+    if opts.scheme == "sfl":
+        return SchemePlan("sfl", opts.rounds, 1, opts.per_round, opts.mode, 32, "device")
+    if opts.scheme == "sl":
+        return SchemePlan("sl", opts.rounds * opts.per_round, opts.per_round, 1, "v2", 32, "device")
+    return SchemePlan("fl", opts.rounds, 1, opts.per_round, "fl", 32, "fl-device")
+
+
+# ---------------------------------------------------------------------------------------------
+# the server's configuration
+
+
+def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str,
+                  gains: Mapping[str, float] | None = None) -> Any:
+    """The daemon's RunConfig for this simulation (``[server]`` overrides applied last).
+
+    ``gains``: the scenario's channel gain of each device, given to the allocator as known channel
+    estimates (a base station measures them; without them its first allocation would be for a
+    channel the emulated link does not have). Paths in it are absolute."""
+    from server_runtime.config import RunConfig
+
+    out = Path(out).resolve()
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"preset": opts.model},
+        "data": {"eval": opts.dataset, "eval_every": opts.eval_every * plan.turns_per_round},
+        "training": {"rounds": plan.server_rounds, "devices_per_round": plan.devices_per_round,
+                     "min_devices": opts.devices, "local_epochs": opts.local_epochs,
+                     "batch_size": opts.batch_size, "mode": plan.mode, "optimizer": opts.optimizer, "lr": opts.lr},
+        "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits},
+        "round": {"deadline_s": opts.deadline_s, "min_completed": opts.min_completed, "wait_for_devices_s": 300.0},
+        "broker": {"url": broker_url, "run_id": RUN_ID},
+        "checkpoint": {"dir": str(out / "server"), "keep": 1},
+        "metrics": {"jsonl": str(out / "metrics.jsonl"), "progress": True},
+        "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers},
+        "allocator": {"t_max_s": opts.t_max_s},
+    }
+    if gains and opts.emulate_link:
+        sections["allocator"]["channel_gains"] = dict(gains)
+    if opts.checkpoint:
+        sections["model"]["checkpoint"] = str(Path(opts.checkpoint).expanduser().resolve())
+    for section, values in opts.server.items():
+        sections.setdefault(section, {}).update(values)
+    return RunConfig.from_dict({"seed": opts.seed, **sections}, source="the simulation's server settings")
+
+
+def options_json(opts: SimOptions) -> dict[str, Any]:
+    """The options as JSON-able values (options.json of a run)."""
+    data = dataclasses.asdict(opts)
+    data["profiles"] = list(opts.profiles)
+    data["server"] = {k: dict(v) for k, v in opts.server.items()}
+    return data
