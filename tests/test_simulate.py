@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,10 +295,10 @@ def _simulate_in(cwd: Path, env: dict[str, str]) -> Path:
 
 @pytest.mark.broker
 def test_simulate_runs_from_a_directory_outside_the_repository(tmp_path: Path) -> None:
-    # Prepare: a user's own directory; the package is found as installed (no PYTHONPATH)
+    # Prepare: a user's own directory (the package is found as installed, or on PYTHONPATH)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ)
     # Execute + Assert: the run lands under the user's directory, and it completes
     run = _simulate_in(elsewhere, env)
     assert run.name.startswith("sim-sflam-") and (run / "run.toml").is_file()
@@ -309,7 +310,10 @@ def test_simulate_runs_from_a_non_editable_install_of_the_wheel(tmp_path: Path) 
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info next to the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("sflam-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
