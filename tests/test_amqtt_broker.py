@@ -341,7 +341,7 @@ def test_server_and_device_one_round_over_amqtt(quick_bundle: Path, amqtt_broker
                                                 tmp_path: Path) -> None:
     from test_server import config_text, start_device, start_server, stop, write_shards
 
-    from server_runtime.metrics import read_metrics
+    from server_runtime.metrics import read_round_records
 
     (shard,) = write_shards(tmp_path, 1, 32)
     ckpt, config = tmp_path / "ckpt", tmp_path / "run.toml"
@@ -353,8 +353,8 @@ def test_server_and_device_one_round_over_amqtt(quick_bundle: Path, amqtt_broker
     finally:
         stop([device, server])
     assert server.returncode == 0, err[-3000:]
-    (record,) = read_metrics(ckpt / "metrics.jsonl")
-    assert record["round"] == 1 and record["counted"] and record["completed"] == ["dev-0"]
-    assert record["devices"]["dev-0"]["bytes_up"] > 0 and record["devices"]["dev-0"]["bytes_down"] > 0
+    (record,) = read_round_records(ckpt / "metrics.jsonl")
+    assert record.round == 1 and record.counted and record.completed == ("dev-0",)
+    assert record.devices["dev-0"].bytes_up > 0 and record.devices["dev-0"].bytes_down > 0
     summary = json.loads(next(l for l in out.splitlines() if l.startswith("sflam-server-summary ")).split(" ", 1)[1])
     assert summary["rounds"] == 1

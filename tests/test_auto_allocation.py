@@ -13,7 +13,7 @@ from edge_runtime import protocol as p
 from server_runtime.auto_allocation import AutoAllocation
 from server_runtime.config import parse_config
 from server_runtime.coordinator import DeviceRegistry
-from server_runtime.metrics import read_metrics
+from server_runtime.metrics import read_round_records
 from server_runtime.presets import get_preset
 from test_server import config_text, start_device, start_server, stop, write_shards
 
@@ -112,10 +112,10 @@ def test_server_with_bits_auto_trains_over_the_broker(quick_bundle: Path, broker
     finally:
         stop(devices)
     assert server.returncode == 0, err[-3000:]
-    records = read_metrics(ckpt / "metrics.jsonl")
-    assert [r["round"] for r in records] == [1, 2] and all(r["counted"] for r in records)
+    records = read_round_records(ckpt / "metrics.jsonl")
+    assert [r.round for r in records] == [1, 2] and all(r.counted for r in records)
     for record in records:
-        assert record["allocator"]["status"] in ("optimal", "feasible")
-        allocs = [d["allocation"] for d in record["devices"].values()]
-        assert all(a["bits_up"] in range(2, 9) for a in allocs)
-        assert sum(a["bandwidth_hz"] for a in allocs) <= 20e6 * (1 + 1e-6)
+        assert record.allocator is not None and record.allocator.status in ("optimal", "feasible")
+        allocs = [d.allocation for d in record.devices.values()]
+        assert all(a.bits_up in range(2, 9) for a in allocs)
+        assert sum(a.bandwidth_hz for a in allocs) <= 20e6 * (1 + 1e-6)

@@ -23,7 +23,7 @@ from edge_runtime.mqtt import LinkConfig, MqttLink
 from server_runtime.checkpoint import create_model
 from server_runtime.config import ConfigError, parse_config
 from server_runtime.data import load_dataset
-from server_runtime.metrics import read_metrics
+from server_runtime.metrics import read_round_records
 from server_runtime.run_state import load_run_state
 from server_runtime.trainer import StepError
 from sflam.cli import build_parser
@@ -152,18 +152,18 @@ def test_server_in_fl_mode_averages_what_two_fl_devices_upload(quick_bundle: Pat
     assert "FL (FedAvg baseline)" in out
     for proc, (_, device_err) in zip(devices, device_out):
         assert proc.returncode == 0, device_err[-3000:]
-    records = read_metrics(ckpt / "metrics.jsonl")
-    assert [r["round"] for r in records] == [1, 2] and all(r["counted"] for r in records)
-    assert [r["mode"] for r in records] == ["fl", "fl"]
+    records = read_round_records(ckpt / "metrics.jsonl")
+    assert [r.round for r in records] == [1, 2] and all(r.counted for r in records)
+    assert [r.mode for r in records] == ["fl", "fl"]
     model_bytes = 4 * sum(t.numel() for t in create_model(PRESET, num_classes=10).state_dict().values())
     for record in records:
-        assert record["completed"] == ["dev-0", "dev-1"] and record["failed"] == {}, (record["selected"], record["failed"], record["counters"])
-        for figures in record["devices"].values():
-            assert figures["bytes_up"] >= model_bytes and figures["steps"] == 0
-            assert figures["compute_time_s"] > 0 and figures["energy_j"] > 0
+        assert record.completed == ("dev-0", "dev-1") and record.failed == {}, (record.selected, record.failed)
+        for figures in record.devices.values():
+            assert figures.bytes_up >= model_bytes and figures.steps == 0
+            assert figures.compute_time_s > 0 and figures.energy_j > 0
     # Assert: the devices trained (their uploads differ from the model they were sent) with their
     # sample counts, and the next model version is the sample-weighted mean of their uploads
-    first, second = (records[0]["plan_round"], records[1]["plan_round"])
+    first, second = (records[0].plan_round, records[1].plan_round)
     assert {d: u.num_samples for d, u in updates[first].items()} == {"dev-0": 64, "dev-1": 32}
     start = models[first]
     for update in updates[first].values():
@@ -180,7 +180,7 @@ def test_server_in_fl_mode_averages_what_two_fl_devices_upload(quick_bundle: Pat
     for name, value in final.model.items():
         np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
     # Assert: the accuracy logged for round 2 is the final averaged model's on the held-out digits
-    assert records[-1]["accuracy"] == pytest.approx(held_out_accuracy(final.model), abs=1e-9)
+    assert records[-1].accuracy == pytest.approx(held_out_accuracy(final.model), abs=1e-9)
 
 
 def held_out_accuracy(state: dict[str, torch.Tensor]) -> float:

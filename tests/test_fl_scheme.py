@@ -56,13 +56,15 @@ def test_a_tiny_fl_simulation_trains_whole_models_over_the_broker(tmp_path: Path
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scheme"] == "fl" and summary["rounds"] == 2
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["mode"] for r in records] == ["fl", "fl"] and all(r["counted"] for r in records)
+    from server_runtime.metrics import read_round_records
+
+    records = read_round_records(out / "metrics.jsonl")
+    assert [r.mode for r in records] == ["fl", "fl"] and all(r.counted for r in records)
     from server_runtime.checkpoint import create_model
 
     model_bytes = 4 * sum(t.numel() for t in create_model("vit_quick_patch4_16", num_classes=10).parameters())
     for record in records:
-        for figures in record["devices"].values():
-            assert figures["bytes_up"] > model_bytes  # the whole model went up
-            assert figures["steps"] == 0  # no activation steps served: the devices trained alone
-            assert figures["compute_time_s"] > 0 and figures["energy_j"] > 0
+        for figures in record.devices.values():
+            assert figures.bytes_up > model_bytes  # the whole model went up
+            assert figures.steps == 0  # no activation steps served: the devices trained alone
+            assert figures.compute_time_s > 0 and figures.energy_j > 0

@@ -26,7 +26,7 @@ from sflam.broker import HOST, MosquittoBroker, free_port
 from sflam.cli import main
 from sflam.fleet import SERVER_USERNAME, FleetSpec, mosquitto_hash, provision
 from sflam.testing.local_fleet import LocalFleet
-from server_runtime.metrics import read_metrics
+from server_runtime.metrics import read_round_records
 from test_server import config_text, start_device, start_server, stop, write_shards
 
 pytestmark = pytest.mark.broker
@@ -286,10 +286,10 @@ def test_a_server_and_two_devices_train_over_tls(fleet: LocalFleet, quick_bundle
         stop(devices)
     # Assert
     assert server.returncode == 0, err[-3000:]
-    records = read_metrics(ckpt / "metrics.jsonl")
-    assert [(r["round"], r["counted"]) for r in records] == [(1, True), (2, True)]
+    records = read_round_records(ckpt / "metrics.jsonl")
+    assert [(r.round, r.counted) for r in records] == [(1, True), (2, True)]
     for record in records:
-        assert record["completed"] == ["dev-0", "dev-1"] and record["failed"] == {}
-        assert all(stats["bytes_up"] > 0 and stats["steps"] == 4 for stats in record["devices"].values())
+        assert record.completed == ("dev-0", "dev-1") and record.failed == {}
+        assert all(stats.bytes_up > 0 and stats.steps == 4 for stats in record.devices.values())
     log = fleet.broker.log_tail(100_000)
     assert all(f"u'{user}'" in log for user in (SERVER_USERNAME, "dev-0", "dev-1"))
