@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,28 @@ def test_the_layer_rule_catches_an_upward_import() -> None:
     assert _offences("server_runtime", {"export.bundle", "numpy"}) == ["export.bundle"]
     assert _offences("allocator", {"server_runtime.presets", "server_runtime.trainer"}) == ["server_runtime.trainer"]
     assert _offences("sflam_common", {"numpy", "difflib"}) == ["numpy"]
+
+
+def _documented_layers() -> dict[str, tuple[set[str], set[str], set[str]]]:
+    """docs/architecture.md's table: package -> (packages, single modules, never) as written there."""
+    rows = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not re.fullmatch(r"`\w+`", cells[0]):
+            continue
+        names = set(re.findall(r"`([\w.]+)`", cells[1]))
+        packages = set(PROJECT) - {"sflam"} if cells[1] == "all of the above" else names & set(PROJECT)
+        never = {name.strip() for name in cells[2].split(",") if name.strip()}
+        rows[cells[0].strip("`")] = (packages, {n for n in names if "." in n}, never)
+    return rows
+
+
+def test_the_documented_layers_are_the_enforced_ones() -> None:
+    documented = _documented_layers()
+    assert set(documented) == set(PROJECT)
+    for package, (packages, modules, never) in documented.items():
+        assert (packages, modules, never) == (MAY_IMPORT[package], EXCEPTIONS.get(package, set()),
+                                              NEVER.get(package, set())), package
 
 
 def test_the_modules_named_as_exceptions_stay_free_of_torch() -> None:
