@@ -27,6 +27,7 @@ from pathlib import Path
 
 from edge_runtime.protocol.topics import Topics, check_id
 from sflam.fleet_pki import issue_certificates
+from sflam_common.problems import ProblemsError
 
 SERVER_USERNAME = "sflam-server"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -54,7 +55,7 @@ class FleetSpec:
     broker_user: str | None = None  # who mosquitto runs as when started as root; None: whoever provisions
 
     def check(self) -> None:
-        """ValueError naming every bad field."""
+        """ProblemsError (a ValueError) naming every bad field."""
         problems = []
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or not 1 <= self.devices <= MAX_DEVICES:
             problems.append(f"--devices must be a whole number in 1..{MAX_DEVICES}, got {self.devices!r}")
@@ -74,7 +75,7 @@ class FleetSpec:
             problems.append(f"--broker-user {self.broker_user!r}: not a user name")
         problems = [p for p in problems if p]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ProblemsError("fleet provision", problems)
 
     def device_ids(self) -> list[str]:
         """``dev-0 .. dev-{N-1}``, indices zero-padded to one width (dev-00 .. dev-10 for 11)."""

@@ -25,6 +25,7 @@ from edge_runtime.protocol.topics import Topics
 from sflam.broker import HOST, MosquittoBroker, free_port
 from sflam.cli import main
 from sflam.fleet import SERVER_USERNAME, FleetSpec, mosquitto_hash, provision
+from sflam_common.problems import ProblemsError
 from sflam.testing.local_fleet import LocalFleet
 from server_runtime.metrics import read_round_records
 from test_server import config_text, start_device, start_server, stop, write_shards
@@ -293,3 +294,9 @@ def test_a_server_and_two_devices_train_over_tls(fleet: LocalFleet, quick_bundle
         assert all(stats.bytes_up > 0 and stats.steps == 4 for stats in record.devices.values())
     log = fleet.broker.log_tail(100_000)
     assert all(f"u'{user}'" in log for user in (SERVER_USERNAME, "dev-0", "dev-1"))
+
+
+def test_every_bad_field_of_a_fleet_is_listed_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ProblemsError) as caught:
+        FleetSpec(devices=0, out=tmp_path / "fleet", port=0, days=0, hostnames=("bad host",)).check()
+    assert len(caught.value.problems) == 4 and str(caught.value).startswith("fleet provision: 4 problems:")
