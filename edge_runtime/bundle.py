@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,18 @@ def _open(bundle: Path, manifest: dict[str, Any], name: str, threads: int | None
         chosen = (trainable or files)[0]
         return LiteRTBackend(bundle / chosen, manifest["files"][chosen].get("extra") or None, num_threads=threads)
     raise BackendError(f"unknown backend {name!r} (onnx, litert, numpy, auto)")
+
+
+@dataclass(frozen=True)
+class SharedBundle:
+    """What every device of one bundle reads and never changes: the manifest, device.json and the
+    runtime session (ONNX Runtime and the numpy backend are safe to call from several threads)."""
+
+    manifest: dict
+    device_json: dict
+    engine: Backend
+
+    @classmethod
+    def open(cls, bundle: Path, backend: str = "auto", threads: int | None = None) -> SharedBundle:
+        return cls(read_manifest(bundle), json.loads((bundle / "device.json").read_text()),
+                   open_backend(bundle, backend, threads))

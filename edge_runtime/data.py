@@ -122,3 +122,47 @@ def load_data(spec: str, preprocess_spec: Preprocess) -> DeviceData:
     if labels.size == 0 or labels.min() < 0:
         raise DataError(f"{path}: need at least one sample and non-negative labels")
     return DeviceData(preprocess(images, preprocess_spec), labels.astype(np.int64))
+
+
+class LazyDeviceData:
+    """A device's shard that is read from its file only while the device trains: a device host's
+    idle devices hold their sample count, not their images. Same interface as DeviceData."""
+
+    def __init__(self, spec: str, preprocess_spec: Preprocess) -> None:
+        self.spec, self.preprocess_spec = spec, preprocess_spec
+        self._size = _sample_count(spec)
+        self._data: DeviceData | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def load(self) -> DeviceData:
+        if self._data is None:
+            self._data = load_data(self.spec, self.preprocess_spec)
+        return self._data
+
+    def release(self) -> None:
+        """Drop the loaded images (the next round reads the file again)."""
+        self._data = None
+
+    def batches(self, batch_size: int, rng: np.random.Generator, *, drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.load().batches(batch_size, rng, drop_last=drop_last)
+
+    def samples_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
+        return (len(self) // batch_size) * batch_size if drop_last else len(self)
+
+
+def _sample_count(spec: str) -> int:
+    """How many samples ``npz:PATH`` holds, from its labels alone; DataError when unreadable."""
+    kind, _, path = spec.partition(":")
+    if kind != "npz" or not path:
+        raise DataError(f"--data must be npz:PATH, got {spec!r}")
+    try:
+        with np.load(Path(path), allow_pickle=False) as archive:
+            count = int(archive["labels"].shape[0])
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read images and labels ({exc})") from None
+    if count == 0:
+        raise DataError(f"{path}: need at least one sample and non-negative labels")
+    return count
+

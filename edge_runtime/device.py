@@ -27,12 +27,7 @@ Telemetry energy = compute + radio (docs/allocator.md, docs/profiles.md):
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,10 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import protocol as p
-from edge_runtime.bundle import load_weights, open_backend, read_manifest
-from edge_runtime.data import DeviceData, Preprocess, load_data
+from edge_runtime.bundle import SharedBundle
+from edge_runtime.data import DeviceData
 from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
-from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError, read_password_file
+from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
+from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, dequantize, pack_codes, quantize
 from sflam_common.version import __version__
 
@@ -145,13 +141,13 @@ class DeviceClient:
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
     counters: Counter = field(default_factory=Counter)
     last_telemetry: p.Telemetry | None = None  # the last round's, sent in every Hello
+    shared: SharedBundle | None = None  # a device host's bundle, opened once for all its devices
+    link_loop: LinkLoop | None = None  # a device host's shared network thread; None: a thread of our own
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
-        self.manifest = read_manifest(self.bundle)
-        self.device_json = json.loads((self.bundle / "device.json").read_text())
-        self.engine = open_backend(self.bundle, self.backend, self.threads)
-        self.weights = load_weights(self.bundle)
+        shared = self.shared or SharedBundle.open(self.bundle, self.backend, self.threads)
+        self.manifest, self.device_json, self.engine = shared.manifest, shared.device_json, shared.engine
         self.topics = p.Topics(self.run_id)
         self.receiver = p.Receiver(self.run_id)
         self.profile = self.profile or self.manifest.get("profile")
@@ -173,7 +169,7 @@ class DeviceClient:
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
             ca_file=self.ca_file, username=self.username, password=self.password,
             max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
-        ))
+        ), loop=self.link_loop)
 
     def _env(self, round_: int, step: int = 0, created_at: float | None = None) -> p.Envelope:
         if created_at is None:
@@ -186,14 +182,14 @@ class DeviceClient:
 
     # -- connection --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
         """Connect, announce ourselves on every (re)connect, subscribe plan/model/down."""
         self.link.before_connect(self._new_connection)
         self.link.on_connect(self._announce)
         self.link.subscribe([
             self.topics.retained_filter("plan"), self.topics.retained_filter("model"), self.topics.down(self.device_id),
         ])
-        self.link.start()
+        self.link.start(wait=wait)
 
     def _new_connection(self) -> None:
         """Before each connect: a new presence epoch, and the will that goes with it (network thread).
@@ -279,24 +275,40 @@ class DeviceClient:
         """Serve plans until ``rounds`` rounds are done (forever when None); returns rounds done."""
         done = 0
         while rounds is None or done < rounds:
-            plan = self._next_plan()
-            try:
-                self.train_round(plan)
-                done += 1
-            except RoundAborted as exc:
-                log.warning("round %d abandoned: %s", plan.envelope.round, exc)
-                self.counters["aborted_rounds"] += 1
-            self.done_rounds.add(plan.envelope.round)
+            done += self.serve_plan(self._next_plan())
         return done
+
+    def serve_plan(self, plan: p.RoundPlan) -> bool:
+        """Train the round ``plan`` selects us for; False if it had to be abandoned."""
+        try:
+            self.train_round(plan)
+            return True
+        except RoundAborted as exc:
+            log.warning("round %d abandoned: %s", plan.envelope.round, exc)
+            self.counters["aborted_rounds"] += 1
+            return False
+        finally:
+            self.done_rounds.add(plan.envelope.round)
+
+    def selected_plan(self) -> p.RoundPlan | None:
+        """The plan that selects this device for a round it has not done yet, if any."""
+        plan = self.plan
+        if plan is not None and plan.envelope.round not in self.done_rounds and self._allocation(plan):
+            return plan
+        return None
+
+    def heartbeat_due(self) -> bool:
+        """An idle device re-sends its Hello every HEARTBEAT_S: a server that (re)started after
+        our first Hello knows us only by the retained Status."""
+        return time.monotonic() - self._last_hello >= HEARTBEAT_S
 
     def _next_plan(self) -> p.RoundPlan:
         """Block until a plan for a round not yet done selects this device."""
         while True:
-            plan = self.plan
-            if plan is not None and plan.envelope.round not in self.done_rounds and self._allocation(plan):
+            plan = self.selected_plan()
+            if plan is not None:
                 return plan
-            if time.monotonic() - self._last_hello >= HEARTBEAT_S:
-                # a server that (re)started after our Hello knows us only by the retained Status
+            if self.heartbeat_due():
                 self._hello(heartbeat=True)
             self.pump(1.0)
 
@@ -489,50 +501,3 @@ class DeviceClient:
         energy_j = compute_j + alloc.tx_power_w * radio_s
         return p.Telemetry(stats.compute_time_s, stats.uplink_time_s, energy_j, source,
                            stats.bytes_sent, stats.bytes_received, stats.steps)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
-    """``sflam device``: run the device loop; prints a JSON summary line at exit."""
-    bundle = Path(args.bundle)
-    device_json = json.loads((bundle / "device.json").read_text())
-    data = load_data(args.data, Preprocess.from_device_json(device_json))
-    password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
-    profile = getattr(args, "profile", None)
-    if profile is not None and load_device_profile(profile) is None:
-        raise ValueError(f"--profile {profile!r}: no such hardware profile here (see `sflam profiles list`)")
-    gain = getattr(args, "channel_gain", None)
-    if gain is None and getattr(args, "distance_m", None) is not None:
-        gain = channel_gain_from_distance(args.distance_m)
-    client = client_class(
-        bundle, args.broker, args.device_id, data, backend=args.backend, run_id=args.run_id,
-        max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
-        username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
-        emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
-        profile=profile, threads=getattr(args, "threads", None),
-    )
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: like Ctrl-C
-    client.start()
-    interrupted = False
-    try:
-        client.run(args.rounds)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still print what was done and counted
-        interrupted = True
-    finally:
-        client.close()
-    summary = {
-        "rounds": client.counters["rounds"], "interrupted": interrupted, "connections": client.link.connections,
-        "counters": dict(client.counters),
-        "receiver": dict(client.receiver.counters), "inbox": dict(client.link.inbox.counters),
-        "reassembler": dict(client.receiver.reassembler.counters),
-        "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
-        "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
-    }
-    print("sflam-device-summary " + json.dumps(summary), flush=True)
-    if interrupted:
-        raise KeyboardInterrupt  # exit 130, as for every interrupted sflam command
-    return 0

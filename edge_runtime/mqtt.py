@@ -35,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_runtime.inbox import Inbox, InboxLimits, Incoming
+from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.protocol import Message, split
 from edge_runtime.protocol.topics import QOS
 
@@ -95,9 +96,13 @@ class LinkConfig:
 
 
 class MqttLink:
-    """One MQTT connection with automatic reconnection; thread-safe to publish from one thread."""
+    """One MQTT connection with automatic reconnection; thread-safe to publish from one thread.
 
-    def __init__(self, url: str, config: LinkConfig) -> None:
+    It runs its own network thread, or shares a :class:`edge_runtime.mqtt_loop.LinkLoop` with other
+    links (a device host's devices): the session is the same either way.
+    """
+
+    def __init__(self, url: str, config: LinkConfig, loop: LinkLoop | None = None) -> None:
         self.address = BrokerAddress.parse(url)
         self.config = config
         self.protocol = self.address.protocol or "5"  # the version spoken now
@@ -108,9 +113,12 @@ class MqttLink:
         self.connections = 0  # successful CONNACKs so far: a change means "reconnected"
         self._filters: list[str] = []
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._on_message_hooks: list[Callable[[], None]] = []
         self._before_connect_hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._stop = threading.Event()
+        self.loop = loop
+        self.closed = threading.Event()  # set by a shared loop once it has let go of this link
         self._lock = threading.Lock()
         self._client = self._make_client()
 
@@ -143,6 +151,10 @@ class MqttLink:
         """Call ``hook`` (from the network thread) after every successful (re)connect."""
         self._on_connect_hooks.append(hook)
 
+    def on_message(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (from the network thread) after each publish lands in the inbox."""
+        self._on_message_hooks.append(hook)
+
     def before_connect(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` (from the network thread) before every connect attempt (e.g. to :meth:`set_will`)."""
         self._before_connect_hooks.append(hook)
@@ -154,11 +166,16 @@ class MqttLink:
             raise ValueError("this link has no will topic")
         self._client.will_set(self.config.will_topic, payload, qos=QOS, retain=True)
 
-    def start(self, timeout_s: float | None = None) -> None:
-        """Connect and keep connected in the background; TransportError if the first connect times out."""
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.config.client_id}", daemon=True)
-        self._thread.start()
-        self.wait_connected(timeout_s)
+    def start(self, timeout_s: float | None = None, *, wait: bool = True) -> None:
+        """Connect and keep connected in the background; TransportError if the first connect times
+        out (``wait=False``: return at once, the connection comes when it comes)."""
+        if self.loop is not None:
+            self.loop.add(self)
+        else:
+            self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.config.client_id}", daemon=True)
+            self._thread.start()
+        if wait:
+            self.wait_connected(timeout_s)
 
     def wait_connected(self, timeout_s: float | None = None) -> None:
         """Block until connected; TransportError after ``timeout_s``."""
@@ -178,7 +195,10 @@ class MqttLink:
                 log.warning("final publish failed: %s", exc)
         self._client.disconnect()  # queued; the network thread writes it before it stops
         self._stop.set()
-        if hasattr(self, "_thread"):
+        if self.loop is not None:
+            self.loop.remove(self)
+            self.closed.wait(self.config.timeout_s)
+        elif hasattr(self, "_thread"):
             self._thread.join(self.config.timeout_s)
 
     def _run(self) -> None:
@@ -208,6 +228,35 @@ class MqttLink:
             log.info("reconnecting in %.2f s", pause)
             self._stop.wait(pause)
             delay = min(self.config.reconnect_max_s, delay * 2)
+
+    # -- what a shared LinkLoop calls (its thread) ----------------------------------------------
+
+    @property
+    def client(self) -> paho.Client:
+        return self._client
+
+    def connect_once(self) -> None:
+        """One connect attempt (the CONNECT is queued for the loop to write)."""
+        self._connect_once()
+
+    def take_downgrade(self) -> bool:
+        """Rebuild the client as MQTT 3.1.1 if the broker refused MQTT 5; True if it did."""
+        if not self._downgrade:
+            return False
+        self._fall_back_to_311()
+        return True
+
+    def needs_reconnect(self) -> bool:
+        """The broker refused MQTT 5 on this connection: reconnect with 3.1.1."""
+        return self._downgrade
+
+    def mark_disconnected(self) -> None:
+        self._connected.clear()
+
+    def _wake(self) -> None:
+        """A packet was queued from another thread: have the shared loop write it now."""
+        if self.loop is not None:
+            self.loop.wake()
 
     def _connect_once(self) -> None:
         for hook in self._before_connect_hooks:
@@ -258,6 +307,8 @@ class MqttLink:
         with self._lock:
             self.bytes_received += len(msg.payload)
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        for hook in self._on_message_hooks:
+            hook()
 
     # -- use ---------------------------------------------------------------------------------
 
@@ -267,10 +318,12 @@ class MqttLink:
             self._filters.append(topic)
             if self.connected:
                 self._client.subscribe(topic, qos=QOS)
+        self._wake()
 
     def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Queue a QoS 1 publish without waiting (safe inside an on_connect hook)."""
         self._client.publish(topic, payload, qos=QOS, retain=retain)
+        self._wake()
         with self._lock:
             self.bytes_sent += len(payload)
 
@@ -302,6 +355,7 @@ class MqttLink:
             if pace is not None:
                 pace(len(frame))
             pending.append(self._client.publish(topic, frame, qos=QOS, retain=retain))
+            self._wake()
         for info in pending:
             while not info.is_published():
                 if self.connections != generation or not self.connected:

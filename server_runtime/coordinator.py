@@ -64,6 +64,10 @@ class DeviceRegistry:
         info = self._get(update.envelope.device_id)
         info.online, info.last_seen, info.last_telemetry = True, time.time(), update.telemetry
 
+    def announced_count(self) -> int:
+        """Devices that announced themselves with a Hello during this run."""
+        return sum(1 for info in self.devices.values() if info.announced)
+
     def online(self) -> list[str]:
         """Ids of the devices online now and announced by a Hello, sorted (selection is seeded over
         this order). One known only by its retained Status (a server that started after the device's

@@ -55,14 +55,16 @@ def _serve(config: RunConfig, *, resume: bool) -> int:
     try:
         summary = daemon.run()
     except KeyboardInterrupt:  # still say what was done and counted, then exit 130 (sflam.cli)
-        _print_summary(daemon.round, daemon.plan_round, daemon.last_accuracy, dict(daemon.all_counters()), True)
+        _print_summary(daemon, daemon.round, daemon.plan_round, daemon.last_accuracy, dict(daemon.all_counters()),
+                       True)
         raise
-    _print_summary(summary.rounds, summary.plan_rounds, summary.accuracy, summary.counters, False)
+    _print_summary(daemon, summary.rounds, summary.plan_rounds, summary.accuracy, summary.counters, False)
     return 0
 
 
-def _print_summary(rounds: int, plan_rounds: int, accuracy: float | None, counters: dict, interrupted: bool) -> None:
+def _print_summary(daemon, rounds: int, plan_rounds: int, accuracy: float | None, counters: dict,
+                   interrupted: bool) -> None:
     print("sflam-server-summary " + json.dumps({
         "rounds": rounds, "plan_rounds": plan_rounds, "accuracy": accuracy, "counters": counters,
-        "interrupted": interrupted,
+        "interrupted": interrupted, "devices_announced": daemon.registry.announced_count(),
     }), flush=True)

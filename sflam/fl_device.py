@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime import protocol as p
-from edge_runtime.device import MOMENTUM, DeviceClient, RoundStats, cmd_device
+from edge_runtime.commands import cmd_device
+from edge_runtime.device import MOMENTUM, DeviceClient, RoundStats
 from server_runtime.checkpoint import create_model
 
 

@@ -1,0 +1,105 @@
+"""The commands that run devices: ``sflam device`` (one device, its own process) and
+``sflam device-host`` (many devices in one process; :mod:`edge_runtime.host`).
+
+Both print one JSON summary line at exit (``sflam-device-summary`` / ``sflam-host-summary``) and
+treat SIGTERM like Ctrl-C: the devices announce themselves offline, then the process exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge_runtime.data import Preprocess, load_data
+from edge_runtime.device import DeviceClient, load_device_profile
+from edge_runtime.link import channel_gain_from_distance
+from edge_runtime.mqtt import read_password_file
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
+    """``sflam device``: run the device loop; prints a JSON summary line at exit."""
+    bundle = Path(args.bundle)
+    device_json = json.loads((bundle / "device.json").read_text())
+    data = load_data(args.data, Preprocess.from_device_json(device_json))
+    password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
+    profile = getattr(args, "profile", None)
+    if profile is not None and load_device_profile(profile) is None:
+        raise ValueError(f"--profile {profile!r}: no such hardware profile here (see `sflam profiles list`)")
+    gain = getattr(args, "channel_gain", None)
+    if gain is None and getattr(args, "distance_m", None) is not None:
+        gain = channel_gain_from_distance(args.distance_m)
+    client = client_class(
+        bundle, args.broker, args.device_id, data, backend=args.backend, run_id=args.run_id,
+        max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
+        username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
+        emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
+        profile=profile, threads=getattr(args, "threads", None),
+    )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: like Ctrl-C
+    client.start()
+    interrupted = False
+    try:
+        client.run(args.rounds)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still print what was done and counted
+        interrupted = True
+    finally:
+        client.close()
+    summary = {
+        "rounds": client.counters["rounds"], "interrupted": interrupted, "connections": client.link.connections,
+        "counters": dict(client.counters),
+        "receiver": dict(client.receiver.counters), "inbox": dict(client.link.inbox.counters),
+        "reassembler": dict(client.receiver.reassembler.counters),
+        "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
+        "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
+    }
+    print("sflam-device-summary " + json.dumps(summary), flush=True)
+    if interrupted:
+        raise KeyboardInterrupt  # exit 130, as for every interrupted sflam command
+    return 0
+
+
+def cmd_device_host(args: argparse.Namespace) -> int:
+    """``sflam device-host``: many devices in one process until SIGTERM / Ctrl-C; prints a summary line."""
+    from edge_runtime.host import DeviceHost, read_host_file
+
+    _raise_file_limit()
+    host = DeviceHost(Path(args.bundle), args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
+                      backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
+                      threads=args.threads, meter=args.meter, emulate_link=args.emulate_link)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    print(f"sflam device-host: {len(host.devices)} devices, run {args.run_id!r}, broker {args.broker}", flush=True)
+    host.start()
+    interrupted = False
+    try:
+        host.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        host.close()
+    print("sflam-host-summary " + json.dumps({**host.summary(), "interrupted": interrupted,
+                                              "torch_loaded": "torch" in sys.modules}), flush=True)
+    if interrupted:
+        raise KeyboardInterrupt
+    return 0
+
+
+def _raise_file_limit() -> None:
+    """As many open files as the hard limit allows: each session holds a socket and a wake-up pair."""
+    try:
+        import resource
+    except ImportError:  # not on every platform a device runs
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+
