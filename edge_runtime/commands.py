@@ -18,6 +18,7 @@ from edge_runtime.data import Preprocess, load_data
 from edge_runtime.device import DeviceClient, load_device_profile
 from edge_runtime.link import channel_gain_from_distance
 from edge_runtime.mqtt import read_password_file
+from sflam_common.limits import raise_open_file_limit
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -71,7 +72,7 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     """``sflam device-host``: many devices in one process until SIGTERM / Ctrl-C; prints a summary line."""
     from edge_runtime.host import DeviceHost, read_host_file
 
-    _raise_file_limit()
+    raise_open_file_limit()
     host = DeviceHost(Path(args.bundle), args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
                       backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
                       threads=args.threads, meter=args.meter, emulate_link=args.emulate_link)
@@ -91,15 +92,3 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     if interrupted:
         raise KeyboardInterrupt
     return 0
-
-
-def _raise_file_limit() -> None:
-    """As many open files as the hard limit allows: each session holds a socket and a wake-up pair."""
-    try:
-        import resource
-    except ImportError:  # not on every platform a device runs
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
-

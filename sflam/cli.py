@@ -180,7 +180,29 @@ def _add_profile_energy(sub: argparse._SubParsersAction) -> None:
 def _add_device(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser("device", help="run the device training loop against an MQTT broker")
     _device_options(dev)
-    dev.set_defaults(handler="edge_runtime.device:cmd_device")
+    dev.set_defaults(handler="edge_runtime.commands:cmd_device")
+
+
+def _add_device_host(sub: argparse._SubParsersAction) -> None:
+    host = sub.add_parser(
+        "device-host", help="run many devices in one process (each its own MQTT session) from a host file",
+    )
+    host.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
+    host.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
+    host.add_argument("--devices", required=True, metavar="FILE",
+                      help='host file: {"devices": [{"device_id": ..., "data": "npz:PATH", "seed": 0, '
+                           '"profile": null, "channel_gain": null}, ...]}')
+    host.add_argument("--run-id", default="default", help="the run's id (topic level)")
+    host.add_argument("--backend", default="auto", choices=("auto", "onnx", "numpy"))
+    host.add_argument("--concurrency", type=_positive_int, default=8,
+                      help="devices that may train at the same time (each on a thread while it trains)")
+    host.add_argument("--stagger-s", type=_positive_float, default=1.0,
+                      help="spread the devices' first connects over this many seconds")
+    host.add_argument("--meter", default="estimate", choices=("estimate",),
+                      help="compute energy: the profile estimate (one process cannot meter each device)")
+    host.add_argument("--emulate-link", action="store_true", help="as for `sflam device`, per device")
+    host.add_argument("--threads", type=_positive_int, help="backend intra-op threads of the shared session")
+    host.set_defaults(handler="edge_runtime.commands:cmd_device_host")
 
 
 def _add_fl_device(sub: argparse._SubParsersAction) -> None:
@@ -277,6 +299,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--per-round", type=_positive_int, metavar="K", help="devices per round (default 5)")
     sim.add_argument("--rounds", type=_positive_int, metavar="R", help="rounds (default 60)")
     sim.add_argument("--alpha", type=_positive_float, metavar="A", help="Dirichlet concentration of the split (default 0.5)")
+    sim.add_argument("--resample", metavar="LO-HI",
+                     help="draw each device's shard with replacement: U{LO..HI} images with a Dir(alpha) "
+                          "label mix, for fleets larger than the data set (e.g. 20-40; default: a partition)")
     sim.add_argument("--bits", type=_bits, metavar="auto|Q", help="activation bits; auto: the allocator (default)")
     sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
     sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
@@ -296,6 +321,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--t-max", dest="t_max_s", type=_positive_float, metavar="SEC",
                      help="the allocator's latency cap per round with --bits auto (default 5)")
     sim.add_argument("--backend", choices=("onnx", "numpy", "litert", "auto"), help="device backend (default onnx)")
+    sim.add_argument("--hosts", type=_non_negative_int, metavar="N",
+                     help="device host processes the devices are spread over (0: a process per device; "
+                          "default: a process per device up to 50 devices, one host per core beyond)")
     sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
                      help="do not pace uplinks at their allocated rate")
     sim.set_defaults(handler="sflam.simulate:cmd_simulate")
@@ -370,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_flash(sub)
     _add_device(sub)
+    _add_device_host(sub)
     _add_fl_device(sub)
     _add_profile_energy(sub)
     _add_quickstart(sub)

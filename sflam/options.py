@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ SCHEMES = ("sflam", "sfl", "sl", "fl")
 LOCAL_BROKERS = {"embedded": "auto", "mosquitto": "mosquitto", "amqtt": "amqtt"}
 BACKENDS = ("onnx", "numpy", "litert", "auto")
 RUN_ID = "sim"
+HOSTS_AUTO = 50  # up to this many devices each gets a process of its own by default
 
 
 class SimulateError(ProblemsError):
@@ -49,6 +52,7 @@ class SimOptions:
     per_round: int = 5
     rounds: int = 60
     alpha: float = 0.5
+    resample: tuple[int, int] | None = None  # (lo, hi): shards of U{lo..hi} images drawn with replacement
     bits: int | str = "auto"
     scheme: str = "sflam"
     dataset: str = "digits"
@@ -68,6 +72,7 @@ class SimOptions:
     radius_m: float = 500.0
     emulate_link: bool = True
     backend: str = "onnx"
+    hosts: int | None = None  # device host processes; 0: a process per device; None: auto (HOSTS_AUTO)
     device_threads: int = 1
     server_workers: int = 2
     deadline_s: float = 300.0
@@ -83,9 +88,9 @@ class SimOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
-CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "bits", "scheme", "dataset", "model", "broker",
-             "out", "seed", "local_epochs", "batch_size", "lr", "checkpoint", "mode", "profiles", "radius_m",
-             "backend", "emulate_link", "t_max_s")
+CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "scheme", "dataset", "model",
+             "broker", "out", "seed", "local_epochs", "batch_size", "lr", "checkpoint", "mode", "profiles",
+             "radius_m", "backend", "hosts", "emulate_link", "t_max_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +156,7 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
     ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "gradient_bits",
-            "device_threads", "server_workers", "eval_every")
+            "device_threads", "server_workers", "eval_every", "hosts")
     floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s")
     for name in ints:
         if name in kwargs:
@@ -184,9 +189,53 @@ def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     for name in ("emulate_link",):
         if name in kwargs and not isinstance(kwargs[name], bool):
             problems.append(f"{name}: expected true or false, got {kwargs[name]!r}")
+    if "resample" in kwargs:
+        _coerce_resample(kwargs, problems)
     if "server" in kwargs and not (isinstance(kwargs["server"], Mapping)
                                    and all(isinstance(v, Mapping) for v in kwargs["server"].values())):
         problems.append("server: expected tables of run.toml keys by section, e.g. [server.round]")
+
+
+def _coerce_resample(kwargs: dict[str, Any], problems: list[str]) -> None:
+    """``"LO-HI"`` (a flag or TOML string, read as ``sflam data partition --resample`` reads it) or [LO, HI]."""
+    from server_runtime.data import PartitionError
+    from server_runtime.data.cli import parse_size_range
+
+    value = kwargs["resample"]
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            kwargs["resample"] = parse_size_range(value)
+        except PartitionError as exc:
+            problems.append(f"resample: {exc}")
+    elif (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        kwargs["resample"] = (value[0], value[1])
+    else:
+        problems.append(f"resample: expected \"LO-HI\" or [LO, HI], two whole numbers such as 20-40, got {value!r}")
+
+
+def too_few_images(devices: int, dataset: str, train_images: int) -> str | None:
+    """The problem of a Dirichlet split without ``resample`` that cannot give every device its minimum."""
+    from server_runtime.data import MIN_SAMPLES
+
+    needed = devices * MIN_SAMPLES
+    if needed <= train_images:
+        return None
+    return (f"devices: {devices} devices x {MIN_SAMPLES} samples needs {needed} training images; {dataset} has "
+            f"{train_images}: pass --resample LO-HI (e.g. --resample 20-40) to draw each device's shard with "
+            f"replacement, or use at most {train_images // MIN_SAMPLES} devices")
+
+
+@functools.lru_cache(maxsize=4)
+def _cheap_train_size(dataset: str) -> int | None:
+    """Training images of a data set whose size is cheap to know (digits); None for the others."""
+    if dataset != "digits":
+        return None
+    from server_runtime.data import load_dataset
+
+    return len(load_dataset(dataset).train)  # a stratified split: the same size for every seed
 
 
 def check_options(opts: SimOptions) -> list[str]:
@@ -200,6 +249,7 @@ def check_options(opts: SimOptions) -> list[str]:
             problems.append(f"{name}: must be >= 1, got {getattr(opts, name)}")
     if opts.per_round > opts.devices:
         problems.append(f"per_round {opts.per_round} exceeds devices {opts.devices}")
+    problems += _fleet_problems(opts)
     for name in ("alpha", "lr", "radius_m", "deadline_s", "t_max_s"):
         value = getattr(opts, name)
         if not (value > 0 and math.isfinite(value)):
@@ -221,30 +271,7 @@ def check_options(opts: SimOptions) -> list[str]:
                         + did_you_mean(opts.optimizer, OPTIMIZERS))
     if opts.backend not in BACKENDS:
         problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
-    if not opts.profiles:
-        problems.append("profiles: at least one hardware profile")
-    else:
-        from firmware_profiles import ProfileError, load_profile
-
-        for name in opts.profiles:
-            try:
-                load_profile(name)
-            except (ProfileError, OSError) as exc:
-                problems.append(f"profiles: {name!r}: {exc}")
-    try:
-        from server_runtime.presets import get_preset
-
-        get_preset(opts.model)
-    except (KeyError, ValueError) as exc:
-        problems.append(f"model: {exc}")
-    if opts.checkpoint is not None and not Path(opts.checkpoint).expanduser().is_file():
-        problems.append(f"checkpoint: no such file {opts.checkpoint} (weights are never downloaded: "
-                        "put a timm-layout .safetensors, .pth or .npz there)")
-    kind, sep, location = opts.dataset.partition(":")
-    if sep and kind in ("cifar10", "folder") and not Path(location).expanduser().is_dir():
-        problems.append(f"dataset: no directory {location} for {opts.dataset!r} (data sets are never downloaded)")
-    if opts.broker not in LOCAL_BROKERS and not opts.broker.startswith(("mqtt://", "mqtts://")):
-        problems.append(f"broker: embedded, mosquitto, amqtt or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
+    problems += _file_problems(opts)
     return problems
 
 
@@ -274,6 +301,67 @@ def scheme_plan(opts: SimOptions) -> SchemePlan:
     if opts.scheme == "sl":
         return SchemePlan("sl", opts.rounds * opts.per_round, opts.per_round, 1, "v2", 32, "device")
     return SchemePlan("fl", opts.rounds, 1, opts.per_round, "fl", 32, "fl-device")
+
+
+def _fleet_problems(opts: SimOptions) -> list[str]:
+    """Device hosts, and whether the data set can give every device a shard."""
+    problems = []
+    if opts.hosts is not None and opts.hosts < 0:
+        problems.append(f"hosts: must be >= 0 (0: a process per device), got {opts.hosts}")
+    if host_count(opts) and (opts.backend == "litert" or opts.scheme == "fl"):
+        problems.append(f"hosts: device hosts run the onnx and numpy backends of split schemes; for "
+                        f"--backend {opts.backend} --scheme {opts.scheme} pass --hosts 0 (a process per device)")
+    if opts.resample is not None:
+        lo, hi = opts.resample
+        if lo < 1:
+            problems.append(f"resample: LO must be >= 1, got {lo}")
+        if lo > hi:
+            problems.append(f"resample: needs LO <= HI, got [{lo}, {hi}]")
+    elif opts.devices >= 1 and (train_images := _cheap_train_size(opts.dataset)) is not None:
+        problem = too_few_images(opts.devices, opts.dataset, train_images)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _file_problems(opts: SimOptions) -> list[str]:
+    """Profiles, the model, the checkpoint, the data set's folder and the broker."""
+    problems = []
+    if not opts.profiles:
+        problems.append("profiles: at least one hardware profile")
+    else:
+        from firmware_profiles import ProfileError, load_profile
+
+        for name in opts.profiles:
+            try:
+                load_profile(name)
+            except (ProfileError, OSError) as exc:
+                problems.append(f"profiles: {name!r}: {exc}")
+    try:
+        from server_runtime.presets import get_preset
+
+        get_preset(opts.model)
+    except (KeyError, ValueError) as exc:
+        problems.append(f"model: {exc}")
+    if opts.checkpoint is not None and not Path(opts.checkpoint).expanduser().is_file():
+        problems.append(f"checkpoint: no such file {opts.checkpoint} (weights are never downloaded: "
+                        "put a timm-layout .safetensors, .pth or .npz there)")
+    kind, sep, location = opts.dataset.partition(":")
+    if sep and kind in ("cifar10", "folder") and not Path(location).expanduser().is_dir():
+        problems.append(f"dataset: no directory {location} for {opts.dataset!r} (data sets are never downloaded)")
+    if opts.broker not in LOCAL_BROKERS and not opts.broker.startswith(("mqtt://", "mqtts://")):
+        problems.append(f"broker: embedded, mosquitto, amqtt or an mqtt:// / mqtts:// URL, got {opts.broker!r}")
+    return problems
+
+
+def host_count(opts: SimOptions) -> int:
+    """Device host processes the run starts: ``hosts``, or by default a process per device up to
+    HOSTS_AUTO devices and one host per core beyond (never more hosts than devices)."""
+    if opts.hosts is not None:
+        return min(opts.hosts, opts.devices)
+    if opts.devices <= HOSTS_AUTO:
+        return 0
+    return min(opts.devices, max(1, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,5 +405,6 @@ def options_json(opts: SimOptions) -> dict[str, Any]:
     """The options as JSON-able values (options.json of a run)."""
     data = dataclasses.asdict(opts)
     data["profiles"] = list(opts.profiles)
+    data["resample"] = list(opts.resample) if opts.resample is not None else None
     data["server"] = {k: dict(v) for k, v in opts.server.items()}
     return data

@@ -47,12 +47,14 @@ from sflam.options import (
     SchemePlan,
     SimOptions,
     SimulateError,
+    host_count,
     options_json,
     resolve_options,
     scheme_plan,
     server_config,
 )
 from sflam.processes import ProcessError, ProcessGroup, child_env, sflam_command
+from sflam_common.limits import raise_open_file_limit
 from sflam.progress import Progress, read_new_records
 
 log = logging.getLogger(__name__)
@@ -96,11 +98,11 @@ class Prepared:
 def prepare(opts: SimOptions, out: Path, broker_url: str) -> Prepared:
     """Shards, scenario, bundle and run.toml under ``out`` (absolute; new or empty)."""
     from allocator.scenario import dump_scenario, generate_scenario
-    from server_runtime.data import load_dataset, partition
+    from server_runtime.data import load_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(opts.dataset, seed=opts.seed)
-    parts = partition(data.train.labels, opts.devices, "dirichlet", alpha=opts.alpha, seed=opts.seed)
+    parts = split_training_set(opts, data.train.labels, data.name)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     width = len(str(opts.devices - 1))
@@ -124,6 +126,24 @@ def prepare(opts: SimOptions, out: Path, broker_url: str) -> Prepared:
     config_path = out / "run.toml"
     config_path.write_text(config.to_toml())
     return Prepared(out, tuple(devices), bundle, config_path, plan, data.train.num_classes, data.name, len(data.test))
+
+
+def split_training_set(opts: SimOptions, labels: np.ndarray, dataset_name: str) -> list[np.ndarray]:
+    """Each device's training indices: a Dirichlet(``alpha``) partition, or with ``resample`` shards
+    drawn with replacement (Dir(``alpha``) label mix, U{lo..hi} images) for a fleet larger than the data."""
+    from server_runtime.data import PartitionError, dirichlet_resample, partition
+    from sflam.options import too_few_images
+
+    if opts.resample is not None:
+        return dirichlet_resample(labels, opts.devices, opts.alpha, opts.resample, seed=opts.seed)
+    problem = too_few_images(opts.devices, dataset_name, len(labels))
+    if problem:
+        raise SimulateError(problem)
+    try:
+        return partition(labels, opts.devices, "dirichlet", alpha=opts.alpha, seed=opts.seed)
+    except PartitionError as exc:
+        raise SimulateError(f"splitting {dataset_name} over {opts.devices} devices: {exc}; or pass --resample "
+                            "LO-HI (e.g. --resample 20-40) to draw each device's shard with replacement") from None
 
 
 def _distances_m(gain: np.ndarray) -> np.ndarray:
@@ -168,9 +188,33 @@ def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_
         group.wait_for_log("server", SERVER_READY_LINE, SERVER_READY_TIMEOUT_S)
     except ProcessError as exc:
         raise SimulateError(f"the server was not ready: {exc}") from None
+    hosts = host_count(opts)
+    if hosts:
+        _start_hosts(group, prepared, opts, broker_url, hosts)
+        return
     for spec in prepared.devices:
         group.start(spec.device_id, device_command(prepared, spec, opts, broker_url),
                     env=child_env(threads=opts.device_threads))
+
+
+def _start_hosts(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str, hosts: int) -> None:
+    """``hosts`` device-host processes, the devices dealt round-robin; each may train as many
+    devices at once as a round selects, and spreads its connects over a second per 500 devices."""
+    folder = prepared.out / "hosts"
+    folder.mkdir(exist_ok=True)
+    for k in range(hosts):
+        mine = prepared.devices[k::hosts]
+        path = folder / f"host-{k}.json"
+        path.write_text(json.dumps({"devices": [
+            {"device_id": d.device_id, "data": f"npz:{d.shard}", "seed": d.seed, "profile": d.profile,
+             "channel_gain": d.channel_gain if opts.emulate_link else None} for d in mine]}, indent=0))
+        cmd = sflam_command("device-host", "--bundle", str(prepared.bundle), "--broker", broker_url,
+                            "--devices", str(path), "--run-id", RUN_ID, "--backend", opts.backend,
+                            "--concurrency", str(max(1, min(len(mine), prepared.plan.devices_per_round))),
+                            "--stagger-s", f"{max(0.5, len(mine) / 500):g}", "--threads", str(opts.device_threads))
+        if opts.emulate_link:
+            cmd.append("--emulate-link")
+        group.start(f"host-{k}", cmd, env=child_env(threads=opts.device_threads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,16 +247,19 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     (out / "options.json").write_text(json.dumps(options_json(opts), indent=1) + "\n")
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    raise_open_file_limit()  # the broker and the device hosts hold a socket per device
     broker = None
     group = ProcessGroup(out / "logs")
+    memory = MemoryWatch(group)
     started = time.monotonic()
     status = "failed"
     try:
         broker, broker_url = _start_broker(opts, out)
+        memory.broker = broker
         say(f"broker: {broker_url} ({type(broker).__name__ if broker else 'external'})")
         prepared = _prepare_and_say(opts, out, broker_url, say)
         start_run(group, prepared, opts, broker_url)
-        _monitor(prepared, group, opts, quiet)
+        _monitor(prepared, group, opts, quiet, memory)
         status = "completed"
     except (KeyboardInterrupt, Interrupted) as exc:
         status = "interrupted"
@@ -222,15 +269,56 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
         if broker is not None:
             broker.stop()
         signal.signal(signal.SIGTERM, previous)
-    return _report(opts, out, status, time.monotonic() - started, say)
+    fleet = {"hosts": host_count(opts), "devices_connected": _devices_announced(group),
+             "peak_rss_mib": round(memory.peak_bytes / 2**20, 1)}
+    return _report(opts, out, status, time.monotonic() - started, say, fleet)
+
+
+class MemoryWatch:
+    """The peak of the resident memory of every process of the run, summed: this one, the broker,
+    the server and the device (or device-host) processes."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group, self.broker, self.peak_bytes = group, None, 0
+
+    def sample(self) -> None:
+        pids = [os.getpid(), *(proc.pid for proc in self.group.procs.values() if proc.poll() is None)]
+        proc = getattr(self.broker, "proc", None)
+        if proc is not None:
+            pids.append(proc.pid)
+        self.peak_bytes = max(self.peak_bytes, sum(_rss_bytes(pid) for pid in pids))
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _devices_announced(group: ProcessGroup) -> int | None:
+    """Devices the server heard a Hello from (its summary line), None when it printed none."""
+    if "server" not in group.procs:
+        return None
+    lines = [line for line in group.output("server").splitlines() if line.startswith("sflam-server-summary ")]
+    try:
+        return int(json.loads(lines[-1].split(" ", 1)[1])["devices_announced"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prepare_and_say(opts: SimOptions, out: Path, broker_url: str, say) -> Prepared:
     t0 = time.monotonic()
     prepared = prepare(opts, out, broker_url)
     sizes = [d.samples for d in prepared.devices]
+    how = f"drawn with replacement, {min(sizes)}-{max(sizes)} each" if opts.resample else \
+        f"{min(sizes)}-{max(sizes)} each"
     say(f"{prepared.dataset_name}: {sum(sizes)} training images over {opts.devices} devices "
-        f"(Dirichlet alpha={opts.alpha}, {min(sizes)}-{max(sizes)} each), {prepared.test_size} test; "
+        f"(Dirichlet alpha={opts.alpha}, {how}), {prepared.test_size} test; "
         f"bundle exported in {time.monotonic() - t0:.1f} s")
     say(f"scheme {opts.scheme}: {opts.rounds} rounds of {opts.per_round} devices"
         + (" one at a time" if prepared.plan.turns_per_round > 1 else "")
@@ -238,12 +326,12 @@ def _prepare_and_say(opts: SimOptions, out: Path, broker_url: str, say) -> Prepa
     return prepared
 
 
-def _report(opts: SimOptions, out: Path, status: str, wall_s: float, say) -> dict[str, Any]:
+def _report(opts: SimOptions, out: Path, status: str, wall_s: float, say, fleet: dict[str, Any]) -> dict[str, Any]:
     """summary.json (and, for a completed run, the plots and the table)."""
     from sflam import sim_report
 
     records = sim_report.read_records(out / "metrics.jsonl")
-    summary = sim_report.summarize(opts, records, out, wall_s=wall_s, status=status)
+    summary = {**sim_report.summarize(opts, records, out, wall_s=wall_s, status=status), **fleet}
     sim_report.write_summary(summary, out)
     if status == "interrupted":
         raise RunInterrupted(f"interrupted after {summary['rounds']} rounds; partial results in {out}")
@@ -264,15 +352,17 @@ def _start_broker(opts: SimOptions, out: Path) -> tuple[Any, str]:
     return b, b.url
 
 
-def _monitor(prepared: Prepared, group: ProcessGroup, opts: SimOptions, quiet: bool) -> list[RoundRecord]:
+def _monitor(prepared: Prepared, group: ProcessGroup, opts: SimOptions, quiet: bool,
+             memory: MemoryWatch) -> list[RoundRecord]:
     """Follow metrics.jsonl until the server exits; SimulateError when it fails."""
     progress = Progress(opts.rounds, prepared.plan.turns_per_round, stream=open(os.devnull, "w") if quiet else None)
     metrics = prepared.out / "metrics.jsonl"
     records: list[RoundRecord] = []
     offset = 0
-    devices = [d.device_id for d in prepared.devices]
+    devices = [name for name in group.procs if name != "server"]  # device or device-host processes
     reported_dead: set[str] = set()
     while True:
+        memory.sample()
         new, offset = read_new_records(metrics, offset)
         records += new
         progress.update(records)

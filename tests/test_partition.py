@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from server_runtime.data import (
     PartitionError,
     dirichlet_partition,
+    dirichlet_resample,
     iid_partition,
     label_histogram,
     partition,
@@ -183,6 +185,88 @@ def test_resample_empty_pool_and_bad_range_raise() -> None:
         resample_partition([np.arange(5)], (5, 3), seed=0)
     with pytest.raises(PartitionError, match="resample lo must be an integer >= 1"):
         resample_partition([np.arange(5)], (0, 3), seed=0)
+
+
+# --- resampling with replacement (fleets larger than the data set) ------------------------------
+
+# digits' training split: 1,438 images of 10 classes
+DIGITS_SIZED = np.random.default_rng(1).permutation(np.resize(np.arange(10), 1438))
+
+
+def test_dirichlet_resample_sizes_in_range_indices_valid_and_sorted() -> None:
+    # Execute: 1,000 devices of 20-40 images from 1,438
+    parts = dirichlet_resample(DIGITS_SIZED, 1000, 0.5, (20, 40), seed=4)
+    # Assert
+    sizes = np.array([len(p) for p in parts])
+    assert len(parts) == 1000 and sizes.min() >= 20 and sizes.max() <= 40
+    assert sizes.max() - sizes.min() >= 18  # U{20..40} over 1000 devices spans the range
+    for part in parts:
+        assert part.dtype == np.int64 and np.all(np.diff(part) >= 0)
+        assert part.min() >= 0 and part.max() < len(DIGITS_SIZED)
+    assert sizes.sum() > len(DIGITS_SIZED)  # more than the data set: drawn with replacement
+
+
+def test_dirichlet_resample_skew_decreases_as_alpha_grows() -> None:
+    # Execute
+    mean_skew = {alpha: skew(DIGITS_SIZED, dirichlet_resample(DIGITS_SIZED, 500, alpha, (20, 40), seed=0), 10)
+                 for alpha in (0.1, 1.0, 100.0)}
+    # Assert: about 0.72, 0.40 and 0.22 (the last is the sampling noise of 20-40 draws)
+    assert mean_skew[0.1] > mean_skew[1.0] + 0.2
+    assert mean_skew[1.0] > mean_skew[100.0] + 0.1
+    assert mean_skew[100.0] < 0.3
+
+
+def test_dirichlet_resample_tiny_alpha_gives_one_class_devices() -> None:
+    # Execute
+    parts = dirichlet_resample(DIGITS_SIZED, 200, 1e-6, (20, 40), seed=0)
+    # Assert
+    classes_held = (label_histogram(DIGITS_SIZED, parts, 10) > 0).sum(axis=1)
+    assert np.mean(classes_held == 1) > 0.95
+
+
+def test_dirichlet_resample_draws_only_present_classes() -> None:
+    # Prepare: classes 0 and 7 only
+    labels = np.array([0, 7] * 50)
+    # Execute
+    parts = dirichlet_resample(labels, 30, 1.0, (5, 9), seed=1)
+    # Assert
+    hist = label_histogram(labels, parts, 8)
+    assert hist[:, 1:7].sum() == 0 and hist.sum() == sum(len(p) for p in parts)
+
+
+def test_dirichlet_resample_is_deterministic_for_a_seed() -> None:
+    # Execute
+    first = dirichlet_resample(DIGITS_SIZED, 300, 0.5, (20, 40), seed=7)
+    again = dirichlet_resample(DIGITS_SIZED, 300, 0.5, (20, 40), seed=7)
+    other = dirichlet_resample(DIGITS_SIZED, 300, 0.5, (20, 40), seed=8)
+    # Assert
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_dirichlet_resample_10000_devices_from_1438_labels_in_well_under_a_second() -> None:
+    # Execute
+    started = time.perf_counter()
+    parts = dirichlet_resample(DIGITS_SIZED, 10_000, 0.5, (20, 40), seed=0)
+    elapsed_s = time.perf_counter() - started
+    # Assert: about 0.06 s on a 2-core host
+    assert len(parts) == 10_000 and min(len(p) for p in parts) >= 20 and max(len(p) for p in parts) <= 40
+    assert elapsed_s < 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0, 0.5, (20, 40)), "num_devices must be an integer >= 1"),
+        ((10, 0.0, (20, 40)), "alpha must be a finite number > 0"),
+        ((10, 0.5, (40, 20)), "lo <= hi"),
+        ((10, 0.5, (0, 20)), "resample lo must be an integer >= 1"),
+        ((10, 0.5, (20,)), "size_range must be"),
+    ],
+)
+def test_dirichlet_resample_argument_errors(args: tuple, message: str) -> None:
+    with pytest.raises(PartitionError, match=message):
+        dirichlet_resample(DIGITS_SIZED, *args, seed=0)
 
 
 # --- statistics -------------------------------------------------------------------------------

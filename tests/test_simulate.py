@@ -326,3 +326,156 @@ def test_simulate_runs_from_a_non_editable_install_of_the_wheel(tmp_path: Path) 
     assert Path(where).is_relative_to(target) and version != "0+unknown"
     # Execute + Assert
     _simulate_in(elsewhere, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resample: fleets larger than the data set
+
+TOO_MANY = "1000 devices x 10 samples needs 10000 training images; digits has 1438"
+
+
+def test_resample_parses_from_the_flag_and_from_a_toml_table(tmp_path: Path) -> None:
+    # Prepare
+    from sflam.cli import build_parser
+    from sflam.options import options_json
+
+    as_text, as_list = tmp_path / "text.toml", tmp_path / "list.toml"
+    as_text.write_text('[simulate]\ndevices = 1000\nper_round = 50\nresample = "20-40"\n')
+    as_list.write_text("[simulate]\ndevices = 1000\nper_round = 50\nresample = [20, 40]\n")
+    flags = build_parser().parse_args(["simulate", "--devices", "1000", "--per-round", "50", "--resample", "20-40"])
+    # Execute
+    from_flag = resolve_options(flags)
+    from_text, from_list = (resolve_options(_args(config=str(path))) for path in (as_text, as_list))
+    # Assert: the same tuple every way; options.json records a list, or null without it
+    assert from_flag.resample == from_text.resample == from_list.resample == (20, 40)
+    assert options_json(from_flag)["resample"] == [20, 40]
+    assert json.loads(json.dumps(options_json(SimOptions())))["resample"] is None
+
+
+def test_bad_resample_values_are_listed_with_every_other_problem() -> None:
+    import re
+
+    # Execute: a reversed range, a zero LO, and two problems of other options
+    with pytest.raises(SimulateError) as caught:
+        build_options({"resample": [0, -1], "devices": 4, "per_round": 9, "lr": -1.0})
+    # Assert
+    assert sorted(caught.value.problems) == sorted([
+        "resample: LO must be >= 1, got 0", "resample: needs LO <= HI, got [0, -1]",
+        "per_round 9 exceeds devices 4", "lr: must be a positive number, got -1.0"])
+    # ... and values that are not a range at all, as text (the flag, or TOML) or as a list
+    for value, needle in (("20to40", "--resample expects LO-HI"), ("40-20", "1 <= LO <= HI, got 40-20"),
+                          ([20], 'expected "LO-HI" or [LO, HI]'), ([20, 40.5], 'expected "LO-HI" or [LO, HI]')):
+        with pytest.raises(SimulateError, match=re.escape(needle)):
+            build_options({"resample": value})
+
+
+def test_a_fleet_larger_than_the_data_set_names_both_numbers_and_the_flag() -> None:
+    # Execute
+    with pytest.raises(SimulateError) as caught:
+        build_options({"devices": 1000, "per_round": 50, "rounds": 1})
+    # Assert: the sizes, the way out, and no option a user cannot set
+    (problem,) = caught.value.problems
+    assert TOO_MANY in problem and "--resample LO-HI" in problem and "at most 143 devices" in problem
+    assert "min_samples" not in problem
+    assert build_options({"devices": 1000, "per_round": 50, "resample": "20-40"}).devices == 1000
+    assert build_options({"devices": 143, "per_round": 50}).devices == 143
+
+
+def test_the_too_large_fleet_is_refused_before_anything_starts() -> None:
+    # Execute
+    result = subprocess.run([sys.executable, "-m", "sflam", "simulate", "--devices", "1000", "--per-round", "50",
+                             "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Assert
+    assert result.returncode == 2
+    assert TOO_MANY in result.stderr and "--resample LO-HI" in result.stderr and "Traceback" not in result.stderr
+    assert "broker:" not in result.stdout
+
+
+def test_a_data_set_checked_only_when_split_is_refused_with_the_same_words() -> None:
+    # Prepare: options not validated against the data set (as for folder:<dir>), 1000 labels
+    import numpy as np
+
+    from sflam.simulate import split_training_set
+
+    labels = np.resize(np.arange(10), 1000)
+    # Execute
+    with pytest.raises(SimulateError) as caught:
+        split_training_set(SimOptions(devices=200, per_round=5), labels, "flowers")
+    # Assert
+    assert "200 devices x 10 samples needs 2000 training images; flowers has 1000" in str(caught.value)
+    assert "--resample LO-HI" in str(caught.value)
+
+
+def test_without_resample_the_split_is_the_dirichlet_partition_as_before() -> None:
+    # Prepare
+    import numpy as np
+
+    from server_runtime.data import partition
+    from sflam.simulate import split_training_set
+
+    labels = np.random.default_rng(0).permutation(np.resize(np.arange(10), 1438))
+    opts = SimOptions(devices=20, alpha=0.3, seed=3)
+    # Execute
+    parts = split_training_set(opts, labels, "digits")
+    # Assert
+    expected = partition(labels, 20, "dirichlet", alpha=0.3, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, expected, strict=True))
+
+
+def test_with_resample_prepare_writes_1000_shards_of_20_to_40_images(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: the bundle export is not under test here
+    import numpy as np
+
+    from allocator.scenario import load_scenario
+    from sflam import simulate
+
+    monkeypatch.setattr(simulate, "_export", lambda opts, out, num_classes: out / "bundle")
+    opts = build_options({"devices": 1000, "per_round": 50, "rounds": 1, "resample": "20-40"})
+    # Execute
+    prepared = simulate.prepare(opts, tmp_path, "mqtt://127.0.0.1:1")
+    # Assert: one shard per device, each of 20-40 digits images with its labels, drawn from 1438
+    shards = sorted((tmp_path / "shards").glob("*.npz"))
+    assert len(shards) == len(prepared.devices) == 1000
+    sizes = []
+    for spec in prepared.devices:
+        with np.load(spec.shard) as shard:
+            images, labels = shard["images"], shard["labels"]
+        assert len(images) == len(labels) == spec.samples and images.shape[1:] == (8, 8, 3)
+        sizes.append(spec.samples)
+    assert min(sizes) >= 20 and max(sizes) <= 40 and sum(sizes) > 1438
+    fleet = load_scenario(tmp_path / "scenario.json").fleet
+    assert fleet.ids[0] == "dev-000" and fleet.samples.tolist() == [n * opts.local_epochs for n in sizes]
+    assert load_config(prepared.config_path).training.min_devices == 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# fleets on device hosts
+
+
+@pytest.mark.broker
+def test_two_hundred_devices_on_two_hosts_train_two_rounds(tmp_path: Path) -> None:
+    # Execute: 200 real MQTT sessions in 2 device-host processes, 10 selected per round
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "sflam", "simulate", "--devices", "200", "--per-round", "10", "--rounds", "2",
+         "--hosts", "2", "--resample", "20-40", "--local-epochs", "1", "--bits", "8", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Assert: every device announced itself, both rounds counted with all 10, nothing left running
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["rounds"], summary["hosts"], summary["devices_connected"]) == (
+        "completed", 2, 2, 200)
+    assert summary["peak_rss_mib"] > 0
+    records = sim_report.read_records(out / "metrics.jsonl")
+    assert [len(r.completed) for r in records] == [10, 10] and not any(r.failed for r in records)
+    assert sorted(p.name for p in (out / "hosts").iterdir()) == ["host-0.json", "host-1.json"]
+    assert _children_of(out) == []
+
+
+def test_device_hosts_refuse_what_they_cannot_share() -> None:
+    with pytest.raises(SimulateError) as caught:
+        build_options({"devices": 100, "per_round": 5, "hosts": 2, "backend": "litert", "resample": [20, 40]})
+    assert "pass --hosts 0" in str(caught.value)
+    with pytest.raises(SimulateError, match="hosts: must be >= 0"):
+        build_options({"hosts": -1})

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from server_runtime.data.datasets import DataSplit, DatasetError, ImageSet, load_dataset, write_digits_shards
 from server_runtime.data.partition import (
+    MIN_SAMPLES,
     SCHEMES,
     PartitionError,
     dirichlet_partition,
+    dirichlet_resample,
     iid_partition,
     label_histogram,
     partition,
@@ -31,6 +33,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "MIN_SAMPLES",
     "SCHEMES",
     "BatchLoader",
     "DataSplit",
@@ -38,6 +41,7 @@ __all__ = [
     "ImageSet",
     "PartitionError",
     "dirichlet_partition",
+    "dirichlet_resample",
     "iid_partition",
     "label_histogram",
     "load_dataset",

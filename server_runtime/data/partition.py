@@ -1,7 +1,8 @@
 """How a data set's samples split across devices: Dirichlet label skew, IID, class shards.
 
 Every partitioner is numpy-only, deterministic for a seed, and returns one sorted int64 index
-array per device. Without resampling every sample goes to exactly one device.
+array per device. Without resampling every sample goes to exactly one device;
+:func:`dirichlet_resample` draws with replacement, for fleets larger than the data set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("dirichlet", "iid", "shards")
+MIN_SAMPLES = 10  # the Dirichlet partition's default minimum per device
 
 
 class PartitionError(ValueError):
@@ -42,6 +44,24 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     if array.min() < 0:
         raise PartitionError(f"labels must be >= 0, found {array.min()}")
     return array.astype(np.int64)
+
+
+def _check_alpha(alpha: float) -> float:
+    """A Dirichlet concentration: a finite number > 0."""
+    if not (isinstance(alpha, (int, float, np.floating)) and math.isfinite(alpha) and alpha > 0):
+        raise PartitionError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_size_range(size_range: tuple[int, int]) -> tuple[int, int]:
+    """A resample range (lo, hi) of whole numbers with 1 <= lo <= hi."""
+    if len(size_range) != 2:
+        raise PartitionError(f"size_range must be (lo, hi), got {size_range!r}")
+    lo = _check_int("resample lo", size_range[0], 1)
+    hi = _check_int("resample hi", size_range[1], 1)
+    if lo > hi:
+        raise PartitionError(f"resample range needs lo <= hi, got {lo}-{hi}")
+    return lo, hi
 
 
 def _sorted_parts(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
@@ -79,7 +99,7 @@ def dirichlet_partition(
     alpha: float,
     *,
     seed: int,
-    min_samples: int = 10,
+    min_samples: int = MIN_SAMPLES,
     max_attempts: int = 1000,
 ) -> list[np.ndarray]:
     """Per-class Dirichlet(alpha) label skew, as in FedML / FedMA and the SFLAM code.
@@ -92,8 +112,7 @@ def dirichlet_partition(
     num_devices = _check_int("num_devices", num_devices, 1)
     min_samples = _check_int("min_samples", min_samples, 0)
     max_attempts = _check_int("max_attempts", max_attempts, 1)
-    if not (isinstance(alpha, (int, float, np.floating)) and math.isfinite(alpha) and alpha > 0):
-        raise PartitionError(f"alpha must be a finite number > 0, got {alpha!r}")
+    alpha = _check_alpha(alpha)
     if num_devices * min_samples > len(labels):
         raise PartitionError(
             f"cannot give {num_devices} devices {min_samples} samples each from only "
@@ -102,7 +121,7 @@ def dirichlet_partition(
     rng = _rng(seed)
     by_class = [np.flatnonzero(labels == k) for k in np.unique(labels)]
     for attempt in range(1, max_attempts + 1):
-        parts = _dirichlet_draw(by_class, num_devices, float(alpha), rng)
+        parts = _dirichlet_draw(by_class, num_devices, alpha, rng)
         smallest = min(len(p) for p in parts)
         if smallest >= min_samples:
             logger.debug("dirichlet partition after %d draw(s), smallest %d", attempt, smallest)
@@ -174,12 +193,7 @@ def resample_partition(
     Sampling is without replacement when the pool is large enough, with replacement otherwise
     (so a device may then hold duplicates). An empty pool is an error, not a crash.
     """
-    if len(size_range) != 2:
-        raise PartitionError(f"size_range must be (lo, hi), got {size_range!r}")
-    lo = _check_int("resample lo", size_range[0], 1)
-    hi = _check_int("resample hi", size_range[1], 1)
-    if lo > hi:
-        raise PartitionError(f"resample range needs lo <= hi, got {lo}-{hi}")
+    lo, hi = _check_size_range(size_range)
     for device, pool in enumerate(parts):
         if len(pool) == 0:
             raise PartitionError(f"device {device} has no samples to resample from")
@@ -192,6 +206,41 @@ def resample_partition(
     return out
 
 
+def _label_mixes(num_devices: int, num_classes: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """(devices, classes) proportions ~ Dir(alpha); a row that underflows becomes one random class."""
+    mixes = rng.dirichlet(np.full(num_classes, alpha), size=num_devices)
+    bad = ~(np.isfinite(mixes).all(axis=1) & (mixes.sum(axis=1) > 0))
+    if bad.any():
+        mixes[bad] = np.eye(num_classes)[rng.integers(0, num_classes, size=int(bad.sum()))]
+    return mixes / mixes.sum(axis=1, keepdims=True)
+
+
+def dirichlet_resample(
+    labels: np.ndarray, num_devices: int, alpha: float, size_range: tuple[int, int], *, seed: int
+) -> list[np.ndarray]:
+    """Shards drawn with replacement: each device's label mix ~ Dir(alpha), its size ~ U{lo..hi}.
+
+    For fleets larger than the data set, as the SFLAM code draws 400-500 images per device:
+    devices share samples and one may hold a sample twice. The mix is over the classes present in
+    ``labels``; each class's samples are drawn uniformly. Smaller alpha -> more skew.
+    """
+    labels = _check_labels(labels)
+    num_devices = _check_int("num_devices", num_devices, 1)
+    alpha = _check_alpha(alpha)
+    lo, hi = _check_size_range(size_range)
+    rng = _rng(seed)
+    by_class = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+    sizes = rng.integers(lo, hi + 1, size=num_devices)
+    counts = rng.multinomial(sizes, _label_mixes(num_devices, len(by_class), alpha, rng))
+    owners, picks = [], []
+    for pool, column in zip(by_class, counts.T, strict=True):
+        owners.append(np.repeat(np.arange(num_devices), column))
+        picks.append(pool[rng.integers(0, len(pool), size=int(column.sum()))])
+    owner, index = np.concatenate(owners), np.concatenate(picks)
+    ordered = index[np.lexsort((index, owner))].astype(np.int64)
+    return np.split(ordered, np.cumsum(sizes)[:-1])
+
+
 def partition(
     labels: np.ndarray,
     num_devices: int,
@@ -201,7 +250,7 @@ def partition(
     alpha: float = 0.5,
     shards_per_device: int = 2,
     resample: tuple[int, int] | None = None,
-    min_samples: int = 10,
+    min_samples: int = MIN_SAMPLES,
 ) -> list[np.ndarray]:
     """Partition by ``scheme`` (dirichlet | iid | shards), then optionally resample sizes.
 
