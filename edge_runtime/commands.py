@@ -75,7 +75,8 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     raise_open_file_limit()
     host = DeviceHost(Path(args.bundle), args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
                       backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
-                      threads=args.threads, meter=args.meter, emulate_link=args.emulate_link)
+                      threads=args.threads, meter=args.meter, emulate_link=args.emulate_link,
+                      heartbeat_s=args.heartbeat_s)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     print(f"sflam device-host: {len(host.devices)} devices, run {args.run_id!r}, broker {args.broker}", flush=True)

@@ -141,6 +141,7 @@ class DeviceClient:
     resend_after_s: float = 5.0  # no gradient this long: send the step again (the server deduplicates)
     counters: Counter = field(default_factory=Counter)
     last_telemetry: p.Telemetry | None = None  # the last round's, sent in every Hello
+    heartbeat_s: float = HEARTBEAT_S  # an idle device's Hello interval (a large fleet spaces them out)
     shared: SharedBundle | None = None  # a device host's bundle, opened once for all its devices
     link_loop: LinkLoop | None = None  # a device host's shared network thread; None: a thread of our own
 
@@ -217,11 +218,12 @@ class DeviceClient:
         for frame in p.split(hello, self.max_frame_bytes):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
 
-    def close(self) -> None:
-        """Retained Status(offline), stamped after the connection's will, then disconnect."""
+    def close(self, *, wait: bool = True) -> None:
+        """Retained Status(offline), stamped after the connection's will, then disconnect
+        (``wait=False``: queued on a shared loop, see MqttLink.close)."""
         self._epoch = self._now_after(self._epoch)
         final = p.encode(p.Status(self._env(0, 0, self._epoch), online=False, reason="shutdown"))
-        self.link.close(final=(self.topics.status(self.device_id), final))
+        self.link.close(final=(self.topics.status(self.device_id), final), wait=wait)
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -298,9 +300,9 @@ class DeviceClient:
         return None
 
     def heartbeat_due(self) -> bool:
-        """An idle device re-sends its Hello every HEARTBEAT_S: a server that (re)started after
+        """An idle device re-sends its Hello every ``heartbeat_s``: a server that (re)started after
         our first Hello knows us only by the retained Status."""
-        return time.monotonic() - self._last_hello >= HEARTBEAT_S
+        return time.monotonic() - self._last_hello >= self.heartbeat_s
 
     def _next_plan(self) -> p.RoundPlan:
         """Block until a plan for a round not yet done selects this device."""

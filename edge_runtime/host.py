@@ -147,10 +147,14 @@ class DeviceHost:
             if device_id not in self._busy and device.link.connected and device.heartbeat_due():
                 device._hello(heartbeat=True)
 
-    def close(self) -> None:
-        """Every device announces itself offline and disconnects; then the network thread stops."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Every device announces itself offline and disconnects (all queued at once, written by
+        the loop in one pass); then the network thread stops."""
         for device in self.devices.values():
-            device.close()
+            device.close(wait=False)
+        deadline = time.monotonic() + timeout_s
+        for device in self.devices.values():
+            device.link.closed.wait(max(0.0, deadline - time.monotonic()))
         self.loop.close()
 
     def summary(self) -> dict[str, object]:
@@ -164,4 +168,17 @@ class DeviceHost:
             "devices": len(self.devices),
             "connected": sum(1 for d in self.devices.values() if d.link.connections > 0),
             "rounds": counters["rounds"], "counters": dict(counters), "backend": self.shared.engine.name,
+            "peak_rss_mib": _peak_rss_mib(),
         }
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's resident-memory high-water mark (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

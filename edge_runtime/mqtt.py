@@ -186,18 +186,27 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def close(self, final: tuple[str, bytes] | None = None) -> None:
-        """Optionally publish ``final`` (topic, payload; retained), then disconnect cleanly."""
+    def close(self, final: tuple[str, bytes] | None = None, *, wait: bool = True) -> None:
+        """Optionally publish ``final`` (topic, payload; retained), then disconnect cleanly.
+
+        ``wait=False`` (a link on a shared loop): queue ``final`` and the DISCONNECT, which the loop
+        writes in that order, and return at once; ``closed`` is set once they are written. A host
+        closes thousands of links this way in one pass of its loop instead of one pass each.
+        """
         if final is not None and self.connected:
             try:
-                self.publish(final[0], final[1], retain=True)
+                if wait or self.loop is None:
+                    self.publish(final[0], final[1], retain=True)
+                else:
+                    self.publish_nowait(final[0], final[1], retain=True)
             except TransportError as exc:
                 log.warning("final publish failed: %s", exc)
         self._client.disconnect()  # queued; the network thread writes it before it stops
         self._stop.set()
         if self.loop is not None:
             self.loop.remove(self)
-            self.closed.wait(self.config.timeout_s)
+            if wait:
+                self.closed.wait(self.config.timeout_s)
         elif hasattr(self, "_thread"):
             self._thread.join(self.config.timeout_s)
 

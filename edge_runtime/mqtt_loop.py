@@ -1,7 +1,7 @@
 """One network thread for many MQTT links: how a device host keeps 1,000 sessions without 1,000 threads.
 
 A :class:`LinkLoop` drives paho's external-loop API for every :class:`edge_runtime.mqtt.MqttLink`
-given to it: one ``select`` over their sockets (and a wake-up socket), ``loop_read`` on what is
+given to it: one ``poll`` over their sockets (and a wake-up socket), ``loop_read`` on what is
 readable, ``loop_write`` on what has packets queued, ``loop_misc`` once a second for keepalives.
 Each link keeps everything that makes it a real client (its own connection, client id,
 credentials, last will, persistent session, inbox); only the thread is shared. Connecting links
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from edge_runtime.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
-SELECT_TIMEOUT_S = 0.2
+SELECT_TIMEOUT_S = 0.2  # poll timeout
 MISC_EVERY_S = 1.0
 MAX_CONNECTS_PER_PASS = 64  # connect attempts per pass, so reads and writes are never starved
 
@@ -43,6 +43,9 @@ class LinkLoop:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # never block a caller (or the loop itself) on a full buffer
+        self._poller = select.poll()
+        self._registered: dict[int, tuple[int, int]] = {}  # fd -> (link id, event mask) as registered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -66,7 +69,9 @@ class LinkLoop:
         self.wake()
 
     def wake(self) -> None:
-        """Interrupt the select: a link has packets to write, or was added or removed."""
+        """Interrupt the poll: a link has packets to write, or was added or removed."""
+        if threading.current_thread() is self._thread:
+            return  # the loop looks at every link before it polls again
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -126,33 +131,40 @@ class LinkLoop:
         self._schedule(key)
 
     def _serve_sockets(self) -> None:
-        reads: dict[object, int] = {self._wake_r: -1}
-        writes: dict[object, int] = {}
+        """One poll over every connected link's socket (poll, not select: no 1,024-descriptor cap)."""
+        wanted: dict[int, tuple[int, int]] = {self._wake_r.fileno(): (-1, select.POLLIN)}
         for key, link in list(self._links.items()):
             sock = link.client.socket() if key not in self._next_attempt else None
-            if sock is None:
-                continue
-            reads[sock] = key
-            if link.client.want_write():
-                writes[sock] = key
+            if sock is not None:
+                wanted[sock.fileno()] = (key, select.POLLIN | (select.POLLOUT if link.client.want_write() else 0))
+        for fd in set(self._registered) - set(wanted):
+            self._poller.unregister(fd)
+            del self._registered[fd]
+        for fd, entry in wanted.items():
+            if self._registered.get(fd) != entry:
+                self._poller.register(fd, entry[1])  # registering again modifies the mask
+                self._registered[fd] = entry
         try:
-            readable, writable, _ = select.select(list(reads), list(writes), [], SELECT_TIMEOUT_S)
-        except (OSError, ValueError):  # a socket closed under us: the next pass sees the link as lost
-            readable, writable = [], []
-        for sock in readable:
-            key = reads[sock]
+            events = self._poller.poll(SELECT_TIMEOUT_S * 1000)
+        except OSError:
+            events = []
+        for fd, event in events:
+            key = self._registered[fd][0]
             if key < 0:
                 self._drain_wake()
-            elif key in self._links and self._links[key].client.loop_read() != paho.MQTT_ERR_SUCCESS:
-                self._lost(key, self._links[key])
-        for sock in writable:
-            key = writes[sock]
-            if key in self._links and key not in self._next_attempt:
-                if self._links[key].client.loop_write() != paho.MQTT_ERR_SUCCESS:
-                    self._lost(key, self._links[key])
+            elif key in self._links and key not in self._next_attempt:
+                self._serve_events(key, self._links[key], event)
         for key, link in list(self._links.items()):
             if key not in self._next_attempt and link.needs_reconnect():
                 self._lost(key, link)
+
+    def _serve_events(self, key: int, link: MqttLink, event: int) -> None:
+        if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            if link.client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                self._lost(key, link)
+                return
+        if event & select.POLLOUT and link.client.loop_write() != paho.MQTT_ERR_SUCCESS:
+            self._lost(key, link)
 
     def _drain_wake(self) -> None:
         try:

@@ -201,6 +201,8 @@ def _add_device_host(sub: argparse._SubParsersAction) -> None:
     host.add_argument("--meter", default="estimate", choices=("estimate",),
                       help="compute energy: the profile estimate (one process cannot meter each device)")
     host.add_argument("--emulate-link", action="store_true", help="as for `sflam device`, per device")
+    host.add_argument("--heartbeat-s", type=_positive_float, default=10.0,
+                      help="an idle device's Hello interval (a fleet of N devices sends N / this per second)")
     host.add_argument("--threads", type=_positive_int, help="backend intra-op threads of the shared session")
     host.set_defaults(handler="edge_runtime.commands:cmd_device_host")
 

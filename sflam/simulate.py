@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SERVER_READY_TIMEOUT_S = 120.0
 SERVER_READY_LINE = "waiting for devices"  # the daemon is connected and subscribed: no Hello is missed
 POLL_S = 0.25
+MAX_HELLOS_PER_S = 100.0  # heartbeats a device-host fleet sends the server
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +198,12 @@ def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_
                     env=child_env(threads=opts.device_threads))
 
 
+def heartbeat_s(devices: int) -> float:
+    """An idle device's Hello interval: 10 s, stretched so that the fleet sends the server at most
+    MAX_HELLOS_PER_S (10,000 devices: one Hello each every 100 s)."""
+    return max(10.0, devices / MAX_HELLOS_PER_S)
+
+
 def _start_hosts(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str, hosts: int) -> None:
     """``hosts`` device-host processes, the devices dealt round-robin; each may train as many
     devices at once as a round selects, and spreads its connects over a second per 500 devices."""
@@ -211,7 +218,8 @@ def _start_hosts(group: ProcessGroup, prepared: Prepared, opts: SimOptions, brok
         cmd = sflam_command("device-host", "--bundle", str(prepared.bundle), "--broker", broker_url,
                             "--devices", str(path), "--run-id", RUN_ID, "--backend", opts.backend,
                             "--concurrency", str(max(1, min(len(mine), prepared.plan.devices_per_round))),
-                            "--stagger-s", f"{max(0.5, len(mine) / 500):g}", "--threads", str(opts.device_threads))
+                            "--stagger-s", f"{max(0.5, len(mine) / 500):g}", "--threads", str(opts.device_threads),
+                            "--heartbeat-s", f"{heartbeat_s(opts.devices):g}")
         if opts.emulate_link:
             cmd.append("--emulate-link")
         group.start(f"host-{k}", cmd, env=child_env(threads=opts.device_threads))

@@ -14,6 +14,7 @@ import pytest
 
 from sflam.broker import MosquittoBroker
 from sflam.testing.local_fleet import local_fleet
+from sflam_common.limits import raise_open_file_limit
 
 ALLOWED_SKIP_MARK = "cuda"
 FLEET_RUN = "srv"  # the run id of the `fleet` fixture (tests/test_server.config_text's)
@@ -68,6 +69,7 @@ class SkipPolicy:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipPolicy(), "sflam-skip-policy")
+    raise_open_file_limit()  # brokers and device hosts the tests start inherit it: a socket per session
 
 
 @pytest.fixture()
