@@ -144,13 +144,14 @@ class DeviceClient:
     heartbeat_s: float = HEARTBEAT_S  # an idle device's Hello interval (a large fleet spaces them out)
     shared: SharedBundle | None = None  # a device host's bundle, opened once for all its devices
     link_loop: LinkLoop | None = None  # a device host's shared network thread; None: a thread of our own
+    broadcast_decode: Callable | None = None  # a device host's shared decoder of plan/model frames
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
         shared = self.shared or SharedBundle.open(self.bundle, self.backend, self.threads)
         self.manifest, self.device_json, self.engine = shared.manifest, shared.device_json, shared.engine
         self.topics = p.Topics(self.run_id)
-        self.receiver = p.Receiver(self.run_id)
+        self.receiver = p.Receiver(self.run_id, broadcast_decode=self.broadcast_decode)
         self.profile = self.profile or self.manifest.get("profile")
         self.power = PowerModel.for_profile(self.profile)
         self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.profile))

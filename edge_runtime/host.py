@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,31 @@ from edge_runtime.mqtt_loop import LinkLoop
 log = logging.getLogger(__name__)
 HOST_BACKENDS = ("onnx", "numpy", "auto")  # runtime sessions that several threads may call at once
 TICK_S = 1.0  # heartbeat sweep of the idle devices
+
+
+class SharedDecoder:
+    """Decodes each distinct broadcast frame (plan, model) once for every device of a host: they all
+    receive the same bytes, and decoded messages are frozen. Keeps the last ``size`` frames."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._frames: OrderedDict[bytes, p.Message] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def __call__(self, data: bytes, limits: p.Limits) -> p.Message:
+        with self._lock:
+            message = self._frames.get(data)
+            if message is not None:
+                self._frames.move_to_end(data)
+                self.hits += 1
+                return message
+        message = p.decode(data, limits)  # a ProtocolError is raised to each device, as without sharing
+        with self._lock:
+            self._frames[data] = message
+            while len(self._frames) > self.size:
+                self._frames.popitem(last=False)
+        return message
 
 
 class HostError(ValueError):
@@ -76,10 +101,12 @@ class DeviceHost:
         self.shared = SharedBundle.open(Path(bundle), backend, threads)
         self.loop = LinkLoop(stagger_s=stagger_s, name="device-host-mqtt")
         preprocess = Preprocess.from_device_json(self.shared.device_json)
+        self.decoder = SharedDecoder()
         self.devices = {
             d.device_id: DeviceClient(Path(bundle), broker_url, d.device_id, LazyDeviceData(d.data, preprocess),
                                       backend=backend, run_id=run_id, seed=d.seed, profile=d.profile,
                                       channel_gain=d.channel_gain, shared=self.shared, link_loop=self.loop,
+                                      broadcast_decode=self.decoder,
                                       **device_options)
             for d in devices
         }
@@ -168,7 +195,7 @@ class DeviceHost:
             "devices": len(self.devices),
             "connected": sum(1 for d in self.devices.values() if d.link.connections > 0),
             "rounds": counters["rounds"], "counters": dict(counters), "backend": self.shared.engine.name,
-            "peak_rss_mib": _peak_rss_mib(),
+            "peak_rss_mib": _peak_rss_mib(), "shared_decodes": self.decoder.hits,
         }
 
 

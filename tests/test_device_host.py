@@ -57,6 +57,7 @@ def test_two_hosts_train_rounds_with_every_device_its_own_session(quick_bundle: 
     assert [h["devices"] for h in hosts] == [half, half] and [h["connected"] for h in hosts] == [half, half]
     assert sum(h["rounds"] for h in hosts) == PER_ROUND * ROUNDS
     assert not any(h["torch_loaded"] for h in hosts)
+    assert all(h["shared_decodes"] > 0 for h in hosts)  # plan and model decoded once per host, not per device
     server = _summary(group.output("server"), "sflam-server-summary")
     assert server["devices_announced"] == DEVICES
 

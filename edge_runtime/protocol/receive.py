@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from edge_runtime.protocol import messages as m
 from edge_runtime.protocol.chunking import Reassembler
-from edge_runtime.protocol.codec import decode
+from edge_runtime.protocol.codec import Limits, decode
 from edge_runtime.protocol.errors import ForeignRunError, ProtocolError, StaleMessageError, TopicError
 from edge_runtime.protocol.topics import TopicRef, Topics
 
@@ -30,6 +31,8 @@ STEP_KEYED = (m.Activations, m.Gradient, m.RoundUpdate)
 ROUND_KEYED = STEP_KEYED + (m.RoundPlan, m.ModelWeights)
 # Presence: ordered per device by (created_at, step), see PresenceOrder.
 PRESENCE = (m.Hello, m.Status)
+# Topics whose frames reach every device of a run as the same bytes.
+BROADCAST_KINDS = ("plan", "model")
 # Which messages may arrive on which kind of topic (chunks carry any of them).
 ALLOWED_ON = {
     "up": (m.Hello, m.Activations, m.RoundUpdate, m.ErrorReport),
@@ -98,8 +101,12 @@ class PresenceOrder:
 class Receiver:
     """Decode, reassemble, check topic/run/round, drop duplicates; count every outcome."""
 
-    def __init__(self, run_id: str, reassembler: Reassembler | None = None, dedup: Deduplicator | None = None) -> None:
+    def __init__(self, run_id: str, reassembler: Reassembler | None = None, dedup: Deduplicator | None = None,
+                 broadcast_decode: Callable[[bytes, Limits], m.Message] | None = None) -> None:
         self.topics = Topics(run_id)
+        # how frames on the broadcast topics (plan, model) are decoded: a device host passes one
+        # shared decoder, so the identical bytes every device receives are decoded once
+        self.broadcast_decode = broadcast_decode or decode
         self.reassembler = reassembler or Reassembler()
         self.dedup = dedup or Deduplicator()
         self.presence = PresenceOrder()
@@ -149,7 +156,8 @@ class Receiver:
 
     def _receive(self, data: bytes, topic: str | None) -> m.Message | None:
         ref = self.topics.parse(topic) if topic is not None else None
-        message = decode(data, self.reassembler.limits)
+        broadcast = ref is not None and ref.kind in BROADCAST_KINDS
+        message = (self.broadcast_decode if broadcast else decode)(data, self.reassembler.limits)
         self._check_origin(message, ref)  # before a chunk takes buffer space
         if isinstance(message, m.Chunk):
             late = self.reassembler.is_completed(message)
