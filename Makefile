@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.sflam-installed
-EXTRAS := edge,server,export,dev
+EXTRAS := edge,server,export,cluster,dev
 PIP_QUIET ?= -q
 
 .PHONY: all setup broker sshd test demo lock clean

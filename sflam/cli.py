@@ -323,6 +323,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--t-max", dest="t_max_s", type=_positive_float, metavar="SEC",
                      help="the allocator's latency cap per round with --bits auto (default 5)")
     sim.add_argument("--backend", choices=("onnx", "numpy", "litert", "auto"), help="device backend (default onnx)")
+    sim.add_argument("--engine", choices=("local", "ray"),
+                     help="where device hosts run: local processes (default) or Ray actors on a cluster")
+    sim.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: the Ray head (default: a local Ray)")
     sim.add_argument("--hosts", type=_non_negative_int, metavar="N",
                      help="device host processes the devices are spread over (0: a process per device; "
                           "default: a process per device up to 50 devices, one host per core beyond)")

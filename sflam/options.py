@@ -32,6 +32,7 @@ LOCAL_BROKERS = {"embedded": "auto", "mosquitto": "mosquitto", "amqtt": "amqtt"}
 BACKENDS = ("onnx", "numpy", "litert", "auto")
 RUN_ID = "sim"
 HOSTS_AUTO = 50  # up to this many devices each gets a process of its own by default
+ENGINES = ("local", "ray")
 
 
 class SimulateError(ProblemsError):
@@ -73,6 +74,8 @@ class SimOptions:
     emulate_link: bool = True
     backend: str = "onnx"
     hosts: int | None = None  # device host processes; 0: a process per device; None: auto (HOSTS_AUTO)
+    engine: str = "local"  # where device hosts run: local processes, or Ray actors
+    ray_address: str | None = None  # --engine ray: the cluster's HOST:PORT; None: a local Ray
     device_threads: int = 1
     server_workers: int = 2
     deadline_s: float = 300.0
@@ -90,7 +93,7 @@ class SimOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "scheme", "dataset", "model",
              "broker", "out", "seed", "local_epochs", "batch_size", "lr", "checkpoint", "mode", "profiles",
-             "radius_m", "backend", "hosts", "emulate_link", "t_max_s")
+             "radius_m", "backend", "hosts", "engine", "ray_address", "emulate_link", "t_max_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +311,12 @@ def _fleet_problems(opts: SimOptions) -> list[str]:
     problems = []
     if opts.hosts is not None and opts.hosts < 0:
         problems.append(f"hosts: must be >= 0 (0: a process per device), got {opts.hosts}")
+    if opts.engine not in ENGINES:
+        problems.append(f"engine: one of {', '.join(ENGINES)}, got {opts.engine!r}" + did_you_mean(opts.engine, ENGINES))
+    if opts.engine == "ray" and opts.hosts == 0:
+        problems.append("hosts: --engine ray places device hosts; --hosts 0 (a process per device) is local only")
+    if opts.ray_address is not None and opts.engine != "ray":
+        problems.append("ray_address: only with --engine ray")
     if host_count(opts) and (opts.backend == "litert" or opts.scheme == "fl"):
         problems.append(f"hosts: device hosts run the onnx and numpy backends of split schemes; for "
                         f"--backend {opts.backend} --scheme {opts.scheme} pass --hosts 0 (a process per device)")
@@ -359,7 +368,7 @@ def host_count(opts: SimOptions) -> int:
     HOSTS_AUTO devices and one host per core beyond (never more hosts than devices)."""
     if opts.hosts is not None:
         return min(opts.hosts, opts.devices)
-    if opts.devices <= HOSTS_AUTO:
+    if opts.devices <= HOSTS_AUTO and opts.engine != "ray":
         return 0
     return min(opts.devices, max(1, os.cpu_count() or 1))
 

@@ -182,20 +182,45 @@ def device_command(prepared: Prepared, spec: DeviceSpec, opts: SimOptions, broke
     return cmd
 
 
-def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str) -> None:
-    """The server, once it waits for devices, then one process per device."""
+def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str) -> Workers:
+    """The server, once it waits for devices, then the devices: a process each, device-host
+    processes, or device-host Ray actors; returns what runs the devices."""
     group.start("server", sflam_command("server", "--config", str(prepared.config_path)))
     try:
         group.wait_for_log("server", SERVER_READY_LINE, SERVER_READY_TIMEOUT_S)
     except ProcessError as exc:
         raise SimulateError(f"the server was not ready: {exc}") from None
     hosts = host_count(opts)
+    if opts.engine == "ray":
+        from sflam.ray_engine import RayHosts, connect
+
+        specs = _host_specs(prepared, opts, broker_url, hosts)
+        return RayHosts(connect(opts.ray_address), specs, namespace=f"sflam-{prepared.out.name}")
     if hosts:
-        _start_hosts(group, prepared, opts, broker_url, hosts)
-        return
-    for spec in prepared.devices:
-        group.start(spec.device_id, device_command(prepared, spec, opts, broker_url),
-                    env=child_env(threads=opts.device_threads))
+        for k, spec in enumerate(_host_specs(prepared, opts, broker_url, hosts)):
+            group.start(f"host-{k}", _host_command(spec, opts), env=child_env(threads=opts.device_threads))
+    else:
+        for spec in prepared.devices:
+            group.start(spec.device_id, device_command(prepared, spec, opts, broker_url),
+                        env=child_env(threads=opts.device_threads))
+    return Workers(group)
+
+
+class Workers:
+    """The local processes that run the devices, as ``_monitor`` watches them."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        self.names = [name for name in group.procs if name != "server"]
+
+    def exited(self, names: list[str] | None = None) -> dict[str, int]:
+        return self.group.exited(names or self.names)
+
+    def tail(self, name: str, lines: int = 8) -> str:
+        return self.group.tail(name, lines)
+
+    def stop(self) -> list[dict[str, Any]]:
+        return []  # the group stops them with the server
 
 
 def heartbeat_s(devices: int) -> float:
@@ -204,25 +229,35 @@ def heartbeat_s(devices: int) -> float:
     return max(10.0, devices / MAX_HELLOS_PER_S)
 
 
-def _start_hosts(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str, hosts: int) -> None:
-    """``hosts`` device-host processes, the devices dealt round-robin; each may train as many
-    devices at once as a round selects, and spreads its connects over a second per 500 devices."""
+def _host_specs(prepared: Prepared, opts: SimOptions, broker_url: str, hosts: int) -> list[dict[str, Any]]:
+    """What each of ``hosts`` device hosts runs, the devices dealt round-robin (also written to
+    hosts/host-K.json); each may train as many devices at once as a round selects, and spreads its
+    connects over a second per 500 devices."""
     folder = prepared.out / "hosts"
     folder.mkdir(exist_ok=True)
+    specs = []
     for k in range(hosts):
         mine = prepared.devices[k::hosts]
+        devices = [{"device_id": d.device_id, "data": f"npz:{d.shard}", "seed": d.seed, "profile": d.profile,
+                    "channel_gain": d.channel_gain if opts.emulate_link else None} for d in mine]
         path = folder / f"host-{k}.json"
-        path.write_text(json.dumps({"devices": [
-            {"device_id": d.device_id, "data": f"npz:{d.shard}", "seed": d.seed, "profile": d.profile,
-             "channel_gain": d.channel_gain if opts.emulate_link else None} for d in mine]}, indent=0))
-        cmd = sflam_command("device-host", "--bundle", str(prepared.bundle), "--broker", broker_url,
-                            "--devices", str(path), "--run-id", RUN_ID, "--backend", opts.backend,
-                            "--concurrency", str(max(1, min(len(mine), prepared.plan.devices_per_round))),
-                            "--stagger-s", f"{max(0.5, len(mine) / 500):g}", "--threads", str(opts.device_threads),
-                            "--heartbeat-s", f"{heartbeat_s(opts.devices):g}")
-        if opts.emulate_link:
-            cmd.append("--emulate-link")
-        group.start(f"host-{k}", cmd, env=child_env(threads=opts.device_threads))
+        path.write_text(json.dumps({"devices": devices}, indent=0))
+        options = {"run_id": RUN_ID, "backend": opts.backend,
+                   "concurrency": max(1, min(len(mine), prepared.plan.devices_per_round)),
+                   "stagger_s": max(0.5, len(mine) / 500), "threads": opts.device_threads, "meter": "estimate",
+                   "emulate_link": opts.emulate_link, "heartbeat_s": heartbeat_s(opts.devices)}
+        specs.append({"bundle": str(prepared.bundle), "broker": broker_url, "devices": devices, "file": str(path),
+                      "options": options})
+    return specs
+
+
+def _host_command(spec: dict[str, Any], opts: SimOptions) -> list[str]:
+    o = spec["options"]
+    cmd = sflam_command("device-host", "--bundle", spec["bundle"], "--broker", spec["broker"], "--devices", spec["file"],
+                        "--run-id", o["run_id"], "--backend", o["backend"], "--concurrency", str(o["concurrency"]),
+                        "--stagger-s", f"{o['stagger_s']:g}", "--threads", str(o["threads"]),
+                        "--heartbeat-s", f"{o['heartbeat_s']:g}")
+    return cmd + (["--emulate-link"] if o["emulate_link"] else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +286,17 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise SimulateError(f"--out {out}: exists and is not empty; choose a new directory")
+    if opts.engine == "ray":
+        from sflam.ray_engine import preflight
+
+        preflight(opts.ray_address)  # Ray installed and the cluster answering, before anything starts
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     (out / "options.json").write_text(json.dumps(options_json(opts), indent=1) + "\n")
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     raise_open_file_limit()  # the broker and the device hosts hold a socket per device
-    broker = None
+    broker = workers = None
+    ray_hosts: list[dict[str, Any]] = []
     group = ProcessGroup(out / "logs")
     memory = MemoryWatch(group)
     started = time.monotonic()
@@ -266,19 +306,23 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
         memory.broker = broker
         say(f"broker: {broker_url} ({type(broker).__name__ if broker else 'external'})")
         prepared = _prepare_and_say(opts, out, broker_url, say)
-        start_run(group, prepared, opts, broker_url)
-        _monitor(prepared, group, opts, quiet, memory)
+        workers = start_run(group, prepared, opts, broker_url)
+        _monitor(prepared, group, workers, opts, quiet, memory)
         status = "completed"
     except (KeyboardInterrupt, Interrupted) as exc:
         status = "interrupted"
         say(f"\n{exc or 'interrupted'}: stopping the server, the devices and the broker")
     finally:
+        if workers is not None:
+            ray_hosts = workers.stop()
         group.stop()
         if broker is not None:
             broker.stop()
         signal.signal(signal.SIGTERM, previous)
     fleet = {"hosts": host_count(opts), "devices_connected": _devices_announced(group),
-             "peak_rss_mib": round(memory.peak_bytes / 2**20, 1)}
+             "peak_rss_mib": round(memory.peak_bytes / 2**20, 1), "engine": opts.engine}
+    if ray_hosts:
+        fleet["ray_hosts"] = ray_hosts
     return _report(opts, out, status, time.monotonic() - started, say, fleet)
 
 
@@ -360,14 +404,14 @@ def _start_broker(opts: SimOptions, out: Path) -> tuple[Any, str]:
     return b, b.url
 
 
-def _monitor(prepared: Prepared, group: ProcessGroup, opts: SimOptions, quiet: bool,
+def _monitor(prepared: Prepared, group: ProcessGroup, workers: Workers, opts: SimOptions, quiet: bool,
              memory: MemoryWatch) -> list[RoundRecord]:
     """Follow metrics.jsonl until the server exits; SimulateError when it fails."""
     progress = Progress(opts.rounds, prepared.plan.turns_per_round, stream=open(os.devnull, "w") if quiet else None)
     metrics = prepared.out / "metrics.jsonl"
     records: list[RoundRecord] = []
     offset = 0
-    devices = [name for name in group.procs if name != "server"]  # device or device-host processes
+    devices = workers.names  # device processes, device-host processes or actors
     reported_dead: set[str] = set()
     while True:
         memory.sample()
@@ -382,13 +426,13 @@ def _monitor(prepared: Prepared, group: ProcessGroup, opts: SimOptions, quiet: b
             if code != 0:
                 raise SimulateError(f"the server exited with status {code}; its log ends:\n" + group.tail("server"))
             return records + new
-        for name, status in group.exited(devices).items():
+        for name, status in workers.exited(devices).items():
             if name not in reported_dead:
                 reported_dead.add(name)
-                log.warning("device %s exited early (status %s); its log ends:\n%s", name, status, group.tail(name, 8))
+                log.warning("%s exited early (status %s); its log ends:\n%s", name, status, workers.tail(name, 8))
         if len(reported_dead) == len(devices):
             raise SimulateError("every device process exited; the last one's log ends:\n"
-                                + group.tail(sorted(reported_dead)[-1]))
+                                + workers.tail(sorted(reported_dead)[-1]))
         time.sleep(POLL_S)
 
 
