@@ -27,6 +27,7 @@ Telemetry energy = compute + radio (docs/allocator.md, docs/profiles.md):
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -90,8 +91,12 @@ class PowerModel:
         return cls(c.effective_capacitance * c.cpu_freq_hz**3, profile.radio.max_tx_power_w)
 
 
+@functools.lru_cache(maxsize=64)
 def load_device_profile(name: str | None):
-    """The firmware profile ``name``, or None when it (or firmware_profiles) is unavailable."""
+    """The firmware profile ``name``, or None when it (or firmware_profiles) is unavailable.
+
+    Cached (profiles are frozen): a device host builds thousands of devices from a few profiles,
+    and each device reads its profile twice (power model and energy meter)."""
     try:
         from firmware_profiles import load_profile  # stdlib + TOML only; optional on a device
 
@@ -305,14 +310,18 @@ class DeviceClient:
         our first Hello knows us only by the retained Status."""
         return time.monotonic() - self._last_hello >= self.heartbeat_s
 
+    def heartbeat(self) -> None:
+        """Re-send the Hello if an idle device is due (see :meth:`heartbeat_due`)."""
+        if self.heartbeat_due():
+            self._hello(heartbeat=True)
+
     def _next_plan(self) -> p.RoundPlan:
         """Block until a plan for a round not yet done selects this device."""
         while True:
             plan = self.selected_plan()
             if plan is not None:
                 return plan
-            if self.heartbeat_due():
-                self._hello(heartbeat=True)
+            self.heartbeat()
             self.pump(1.0)
 
     def _allocation(self, plan: p.RoundPlan) -> p.Allocation | None:

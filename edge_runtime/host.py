@@ -171,8 +171,8 @@ class DeviceHost:
 
     def _heartbeats(self) -> None:
         for device_id, device in self.devices.items():
-            if device_id not in self._busy and device.link.connected and device.heartbeat_due():
-                device._hello(heartbeat=True)
+            if device_id not in self._busy and device.link.connected:
+                device.heartbeat()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Every device announces itself offline and disconnects (all queued at once, written by
