@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,25 @@ class ScriptedDevice:
         self.link.start()
         env = p.Envelope(RUN, 0, device_id)
         self.link.send(self.topics.status(device_id), p.Status(env, online=True), retain=True)
-        self.link.send(self.topics.up(device_id), p.Hello(env, "raspberry-pi-5", "numpy", "test", 32))
+        self.hello()
+
+    def hello(self) -> None:
+        env = p.Envelope(RUN, 0, self.id)
+        self.link.send(self.topics.up(self.id), p.Hello(env, "raspberry-pi-5", "numpy", "test", 32))
 
     def wait_for(self, kind: type, timeout_s: float) -> p.Message | None:
-        """The next message of type ``kind`` within ``timeout_s`` (others are skipped)."""
+        """The next message of type ``kind`` within ``timeout_s`` (others are skipped). While it waits
+        for a RoundPlan it re-sends its Hello every second, as a real device's heartbeat does: a Hello
+        sent before the server subscribed is lost, and the server selects only announced devices."""
         deadline = threading.Event()
         timer = threading.Timer(timeout_s, deadline.set)
         timer.start()
+        next_hello = time.monotonic() + 1.0
         try:
             while not deadline.is_set():
+                if kind is p.RoundPlan and time.monotonic() >= next_hello:
+                    self.hello()
+                    next_hello = time.monotonic() + 1.0
                 incoming = self.link.get(0.05)
                 if incoming is None:
                     continue
@@ -80,6 +91,7 @@ def test_a_slow_step_blocks_neither_other_devices_nor_the_network_loop(broker, t
     daemon.trainer.step = gated_step
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
+    daemon.link.wait_connected(30)  # subscribed before the devices' first Hellos (not retained)
     a, b = ScriptedDevice(broker.url, "a"), ScriptedDevice(broker.url, "b")
     try:
         plan = a.wait_for(p.RoundPlan, 30)

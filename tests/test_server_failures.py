@@ -173,6 +173,7 @@ def test_a_resent_step_is_answered_again_and_trained_once(broker, tmp_path: Path
     daemon = ServerDaemon(cfg)
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
+    daemon.link.wait_connected(30)  # subscribed before the devices' first Hellos (not retained)
     device = ScriptedDevice(broker.url, "a")
     try:
         plan = device.wait_for(p.RoundPlan, 30)
