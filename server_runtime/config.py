@@ -52,7 +52,7 @@ class TrainingSection:
 
     rounds: int = 10
     devices_per_round: int = 5
-    min_devices: int = 0  # online before a round starts; 0 means devices_per_round
+    min_devices: int = 0  # online before the first round (0: devices_per_round); later: at most devices_per_round
     local_epochs: int = 1
     batch_size: int = 32
     mode: str = "v1"  # v1 | v2 | fl (the FedAvg baseline: devices train the whole model)

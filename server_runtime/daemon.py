@@ -77,6 +77,7 @@ class ServerDaemon:
         self.allocation = self.auto or FixedAllocation(int(cfg.quant.bits), cfg.quant.gradient_bits,
                                                        cfg.quant.per_token, cfg.round.total_bandwidth_hz)
         self.round, self.plan_round, self.last_accuracy = 0, 0, None
+        self._gathered = False  # the first round's quorum (training.min_devices) was met
         last_record = self._restore(resume)
         self.metrics = MetricsLog(cfg.metrics_path, resume_after=self.plan_round if resume else None,
                                   last_record=last_record.to_dict() if last_record is not None else None)
@@ -196,14 +197,24 @@ class ServerDaemon:
         record = self._conclude(state, phases, broadcast, t0)
         return record
 
+    def devices_needed(self) -> int:
+        """Devices that must be online before the next round starts: ``min_devices`` (default
+        ``devices_per_round``) before this process's first round, a quorum to start on; after
+        that at most ``devices_per_round``, so a fleet that lost devices (a host, a region) goes
+        on with the survivors instead of waiting for devices that are gone."""
+        training = self.config.training
+        quorum = training.min_devices or training.devices_per_round
+        return quorum if not self._gathered else min(quorum, training.devices_per_round)
+
     def wait_for_devices(self) -> list[str]:
-        """Pump messages until ``min_devices`` are online; DaemonError after ``wait_for_devices_s``."""
+        """Pump messages until ``devices_needed()`` are online; DaemonError after ``wait_for_devices_s``."""
         cfg = self.config
-        need = cfg.training.min_devices or cfg.training.devices_per_round
+        need = self.devices_needed()
         deadline, next_note = time.monotonic() + cfg.round.wait_for_devices_s, 0.0
         while True:
             online = self.registry.online()
             if len(online) >= need:
+                self._gathered = True
                 return online
             now = time.monotonic()
             if self._stop.is_set():

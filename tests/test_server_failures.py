@@ -196,3 +196,42 @@ def test_a_resent_step_is_answered_again_and_trained_once(broker, tmp_path: Path
     (record,) = read_round_records(cfg.metrics_path)
     assert record.counted and record.devices["a"].steps == 1
     assert record.counters["reanswered_steps"] == 1 and record.counters["receiver.duplicates"] == 1
+
+
+def test_the_start_quorum_gates_only_the_first_round_and_the_run_goes_on_with_survivors(broker, tmp_path: Path) -> None:
+    # Prepare: two rounds of one device each; the first round waits for both devices (min_devices),
+    # and a later wait for two would end the run after 8 s
+    cfg = parse_config(config_text(broker.url, tmp_path / "ckpt", training__rounds=2, training__devices_per_round=1,
+                                   training__min_devices=2, round__wait_for_devices_s=8.0))
+    daemon = ServerDaemon(cfg)
+    errors: list[BaseException] = []
+    runner = threading.Thread(target=_run_into, args=(daemon, errors), daemon=True)
+    runner.start()
+    daemon.link.wait_connected(30)
+    devices = {name: ScriptedDevice(broker.url, name) for name in ("a", "b")}
+    try:
+        plan = devices["a"].wait_for(p.RoundPlan, 30)
+        assert plan is not None and devices["b"].wait_for(p.RoundPlan, 10) is not None
+        (chosen,) = [a.device_id for a in plan.allocations]
+        survivor, leaver = devices[chosen], devices[{"a": "b", "b": "a"}[chosen]]
+        # Execute: the device not chosen leaves for good during round 1; the chosen one finishes it
+        survivor.activations(plan.envelope.round, daemon.trainer.tokens_shape)
+        assert survivor.wait_for(p.Gradient, 20) is not None
+        leaver.link.send(leaver.topics.status(leaver.id), p.Status(p.Envelope(RUN, 0, leaver.id), online=False),
+                         retain=True)
+        wait_for(lambda: daemon.registry.online() == [survivor.id], 20, "the leaver offline at the server")
+        survivor.update(plan.envelope.round, daemon.trainer.device_weights())
+        second = survivor.wait_for(p.RoundPlan, 30)
+        assert second is not None
+        survivor.activations(second.envelope.round, daemon.trainer.tokens_shape)
+        assert survivor.wait_for(p.Gradient, 20) is not None
+        survivor.update(second.envelope.round, daemon.trainer.device_weights())
+        runner.join(60)
+    finally:
+        for device in devices.values():
+            device.link.close()
+    # Assert: round 2 started with one device online, and both rounds counted
+    assert errors == [] and not runner.is_alive() and daemon.round == 2
+    records = read_round_records(cfg.metrics_path)
+    assert [(r.round, r.counted, r.completed) for r in records] == [(1, True, (chosen,)), (2, True, (chosen,))]
+    assert daemon.devices_needed() == 1
