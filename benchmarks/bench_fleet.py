@@ -6,9 +6,13 @@ changes. Printed per size: the peak resident memory of all the run's processes s
 every 0.25 s by `sflam simulate`), of the device hosts alone (from their /proc status at the end
 of the run), devices that announced themselves to the server, and the mean round wall time of
 rounds 2..R. Then the two figures that say whether idle devices are cheap, as ratios of the
-largest fleet to the smallest: marginal memory per idle device, and round time.
+largest fleet to the smallest: marginal memory per idle device, and round time. With
+``--repeats N`` the sizes run N times, interleaved (small, large, small, large, ...) so that a
+drift of the machine hits both alike; the figures are then means with a 95 % t interval over the
+repeats, and the round-time ratio is taken pair by pair.
 
-    .venv/bin/python benchmarks/bench_fleet.py [--sizes 100 1000] [--per-round 50] [--rounds 3] [--json FILE]
+    .venv/bin/python benchmarks/bench_fleet.py [--sizes 100 1000] [--per-round 50] [--rounds 3]
+        [--repeats 1] [--no-emulate-link] [--json FILE]
 """
 
 from __future__ import annotations
@@ -22,17 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from scipy import stats
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_size(devices: int, args: argparse.Namespace, work: Path) -> dict:
     """One simulate run of ``devices`` devices; its figures."""
+    work.mkdir(parents=True, exist_ok=True)
     out = work / f"fleet-{devices}"
     cmd = [sys.executable, "-m", "sflam", "simulate", "--devices", str(devices), "--per-round", str(args.per_round),
            "--rounds", str(args.rounds), "--bits", "8", "--resample", args.resample, "--local-epochs", "1",
            "--out", str(out)]
     if args.hosts is not None:
         cmd += ["--hosts", str(args.hosts)]
+    if not args.emulate_link:
+        cmd.append("--no-emulate-link")
     t0 = time.monotonic()
     result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=args.timeout_s)
     if result.returncode != 0:
@@ -66,28 +75,55 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, help="device hosts (default: simulate's, one per core)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every size, interleaved")
+    parser.add_argument("--no-emulate-link", dest="emulate_link", action="store_false",
+                        help="loopback-speed uplinks: the fleets' different channel draws (a larger fleet "
+                             "selects among other devices) then do not enter the round-time ratio")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    sizes = sorted(args.sizes)
+    runs: list[list[dict]] = []  # runs[i]: repeat i, one row per size
     with tempfile.TemporaryDirectory(prefix="sflam-fleet-") as tmp:
-        rows = [run_size(n, args, Path(tmp)) for n in sorted(args.sizes)]
+        for repeat in range(args.repeats):
+            runs.append([run_size(n, args, Path(tmp) / f"r{repeat}") for n in sizes])
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{r['devices']} devices {r['round_s']:.2f} s/round {r['peak_rss_mib']:.0f} MiB" for r in runs[-1]),
+                flush=True)
     print(f"sflam fleet benchmark: {args.per_round} devices per round, {args.rounds} rounds, q=8, "
-          f"shards of {args.resample} digits images, one machine")
-    print(f"{'devices':>8} {'hosts':>5} {'connected':>9} {'rounds':>6} {'peak RSS all MiB':>16} "
-          f"{'hosts RSS MiB':>13} {'round s':>8} {'wall s':>7}")
-    for r in rows:
-        print(f"{r['devices']:>8} {r['hosts']:>5} {r['devices_connected']!s:>9} {r['rounds']:>6} "
-              f"{r['peak_rss_mib']:>16.1f} {r['host_rss_mib']:>13.1f} {r['round_s']:>8.2f} {r['wall_s']:>7.1f}")
-    small, large = rows[0], rows[-1]
-    if large["devices"] > small["devices"]:
-        idle = large["devices"] - small["devices"]
-        per_idle_all = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / idle
-        per_idle_hosts = (large["host_rss_mib"] - small["host_rss_mib"]) * 1024 / idle
-        print(f"marginal memory per idle device ({small['devices']} -> {large['devices']}): "
-              f"{per_idle_all:.0f} KB (all processes), {per_idle_hosts:.0f} KB (device hosts)  goal <= 200 KB")
-        print(f"round time {large['devices']} / {small['devices']} devices: {large['round_s'] / small['round_s']:.2f}  "
-              f"goal <= 1.3")
+          f"shards of {args.resample} digits images, links {'emulated' if args.emulate_link else 'not emulated'}, "
+          f"one machine, {args.repeats} repeat(s); "
+          f"figures are means [95 % interval] over the repeats")
+    print(f"{'devices':>8} {'hosts':>5} {'connected':>9} {'rounds':>6} {'peak RSS all MiB':>22} "
+          f"{'hosts RSS MiB':>22} {'round s':>18}")
+    for column, n in enumerate(sizes):
+        rows = [run[column] for run in runs]
+        first = rows[0]
+        print(f"{n:>8} {first['hosts']:>5} {min(r['devices_connected'] for r in rows)!s:>9} "
+              f"{min(r['rounds'] for r in rows):>6} {_mean_ci([r['peak_rss_mib'] for r in rows], '.0f'):>22} "
+              f"{_mean_ci([r['host_rss_mib'] for r in rows], '.0f'):>22} {_mean_ci([r['round_s'] for r in rows]):>18}")
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        idle = large - small
+        per_idle_all = [(run[-1]["peak_rss_mib"] - run[0]["peak_rss_mib"]) * 1024 / idle for run in runs]
+        per_idle_hosts = [(run[-1]["host_rss_mib"] - run[0]["host_rss_mib"]) * 1024 / idle for run in runs]
+        ratios = [run[-1]["round_s"] / run[0]["round_s"] for run in runs]
+        print(f"marginal memory per idle device ({small} -> {large}): {_mean_ci(per_idle_all, '.0f')} KB "
+              f"(all processes), {_mean_ci(per_idle_hosts, '.0f')} KB (device hosts)  goal <= 200 KB")
+        print(f"round time {large} / {small} devices: {_mean_ci(ratios)}  (per repeat: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})  goal <= 1.3")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps(runs, indent=1) + "\n")
     return 0
+
+
+def _mean_ci(values: list[float], fmt: str = ".2f") -> str:
+    """``mean [low, high]``: a 95 % Student t interval over ``values`` (the mean alone for one)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return format(mean, fmt)
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:{fmt}} [{mean - half:{fmt}}, {mean + half:{fmt}}]"
 
 
 if __name__ == "__main__":
