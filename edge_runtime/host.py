@@ -44,6 +44,7 @@ class SharedDecoder:
         self._frames: OrderedDict[bytes, p.Message] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
+        self.selected: frozenset[str] = frozenset()  # the devices of the newest plan decoded
 
     def __call__(self, data: bytes, limits: p.Limits) -> p.Message:
         with self._lock:
@@ -53,6 +54,8 @@ class SharedDecoder:
                 self.hits += 1
                 return message
         message = p.decode(data, limits)  # a ProtocolError is raised to each device, as without sharing
+        if isinstance(message, p.RoundPlan):
+            self.selected = frozenset(a.device_id for a in message.allocations)
         with self._lock:
             self._frames[data] = message
             while len(self._frames) > self.size:
@@ -137,7 +140,9 @@ class DeviceHost:
                     self._wake.wait_for(lambda: bool(self._ready) or stop.is_set(), timeout=TICK_S)
                     ready, self._ready = self._ready, set()
                 ready |= self._finished()
-                for device_id in ready - set(self._busy):
+                # the devices a new plan selects first: their rounds start before the idle ones read it
+                selected = self.decoder.selected
+                for device_id in sorted(ready - set(self._busy), key=lambda d: d not in selected):
                     self._serve_idle(self.devices[device_id], workers)
                 if time.monotonic() - last_tick >= TICK_S:
                     last_tick = time.monotonic()

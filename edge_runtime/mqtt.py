@@ -265,7 +265,7 @@ class MqttLink:
     def _wake(self) -> None:
         """A packet was queued from another thread: have the shared loop write it now."""
         if self.loop is not None:
-            self.loop.wake()
+            self.loop.wake(self)
 
     def _connect_once(self) -> None:
         for hook in self._before_connect_hooks:
