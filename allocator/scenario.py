@@ -142,9 +142,9 @@ def infer_model(params: SystemParams) -> str | None:
 class Hardware:
     """One profile's numbers as the system model uses them."""
 
-    cycles_per_mac: float
+    cycles_per_mac: float  # wall-clock cycles
     cpu_freq_hz: float
-    kappa: float
+    kappa: float  # per wall-clock cycle: the profile's kappa x training_cores (docs/profiles.md)
     max_tx_power_w: float
 
 
@@ -163,7 +163,7 @@ def load_hardware(names: Sequence[str]) -> dict[str, Hardware]:
             problems.append(f"profile {name!r}: its runtime cannot train (runtime.supports_training = false)")
             continue
         c, r = profile.compute, profile.radio
-        found[name] = Hardware(c.cycles_per_mac, c.cpu_freq_hz, c.effective_capacitance, r.max_tx_power_w)
+        found[name] = Hardware(c.cycles_per_mac, c.cpu_freq_hz, c.wall_kappa, r.max_tx_power_w)
     if problems:
         raise ScenarioError("profiles", problems)
     return found

@@ -69,6 +69,7 @@ def parse_profile(
     sections = {name: _read_section(data, name, problems) for name in SECTIONS}
     estimated = _read_estimates(data, problems)
     calibration = _read_calibration(data.get("calibration"), problems)
+    _check_cores(sections["compute"], problems)
     name = top.get("name")
     if expected_name is not None and name is not None and name != expected_name:
         problems.append(f"name: {name!r} must equal the file name ({expected_name}{_SUFFIX})")
@@ -191,6 +192,14 @@ def _read_section(
     rules = SECTIONS[name]
     _report_unknown(table, rules, f"{name}.", problems)
     return _read_fields(table, rules, f"{name}.", problems)
+
+
+def _check_cores(compute: Mapping[str, object] | None, problems: list[str]) -> None:
+    """compute.training_cores cannot exceed compute.cpu_cores (both read without problems)."""
+    cores, training = (compute or {}).get("cpu_cores"), (compute or {}).get("training_cores")
+    if isinstance(cores, int) and isinstance(training, int) and training > cores:
+        problems.append(f"compute.training_cores: {training} exceeds compute.cpu_cores ({cores}); it counts the "
+                        "cores that cycles_per_mac has busy at once")
 
 
 def _field_paths() -> list[str]:

@@ -135,6 +135,7 @@ SECTIONS: dict[str, dict[str, FieldRule]] = {
         "cpu_cores": FieldRule(positive_int),
         "effective_capacitance": FieldRule(positive_number),
         "cycles_per_mac": FieldRule(positive_number),
+        "training_cores": FieldRule(positive_int),
         "accelerator": FieldRule(one_of(ACCELERATORS), required=False, default="none"),
     },
     "memory": {
@@ -163,13 +164,25 @@ OPTIONAL_SECTIONS = ("estimates", "calibration")
 
 @dataclass(frozen=True)
 class ComputeSpec:
-    """The CPU as the system model sees it: E = kappa * cycles * f^2, T = cycles / f."""
+    """The CPU as the system model sees it: T = cycles / f, E = kappa * training_cores * cycles * f^2.
+
+    ``cycles_per_mac`` counts wall-clock cycles: with ``training_cores`` cores working at once,
+    each of those cycles is ``training_cores`` core cycles, and kappa is per core cycle. So a
+    profile whose figure is "effective, on all four cores" has ``training_cores = 4``, and its
+    energy per MAC is 4x that of one core doing the same cycles (docs/profiles.md).
+    """
 
     cpu_freq_hz: float
     cpu_cores: int
-    effective_capacitance: float  # kappa, J / (cycle * Hz^2)
-    cycles_per_mac: float  # cycles of cpu_freq_hz per MAC, all cores and SIMD included
+    effective_capacitance: float  # kappa, J / (core cycle * Hz^2)
+    cycles_per_mac: float  # wall-clock cycles of cpu_freq_hz per MAC, with training_cores busy
+    training_cores: int  # cores that run training at once (1 <= training_cores <= cpu_cores)
     accelerator: str = "none"
+
+    @property
+    def wall_kappa(self) -> float:
+        """Joules per (wall-clock cycle * Hz^2): kappa times the cores switching in each cycle."""
+        return self.effective_capacitance * self.training_cores
 
 
 @dataclass(frozen=True)
@@ -264,12 +277,12 @@ class DeviceProfile:
         return self.cycles_per_sample(preset, macs_per_sample) / self.compute.cpu_freq_hz
 
     def energy_j_per_sample(self, preset: str, macs_per_sample: float) -> float:
-        """Joules per sample: calibrated if measured, else kappa * cycles * f^2."""
+        """Joules per sample: calibrated if measured, else kappa * training_cores * cycles * f^2."""
         measured = self.calibration.energy_j_per_sample.get(preset)
         if measured is not None:
             return measured
         cycles = self.cycles_per_sample(preset, macs_per_sample)
-        return self.compute.effective_capacitance * cycles * self.compute.cpu_freq_hz**2
+        return self.compute.wall_kappa * cycles * self.compute.cpu_freq_hz**2
 
 
 def positive_macs(macs_per_sample: float) -> float:

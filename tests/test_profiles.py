@@ -45,6 +45,7 @@ cpu_freq_hz = 2e9
 cpu_cores = 4
 effective_capacitance = 1e-28
 cycles_per_mac = 0.5
+training_cores = 2
 
 [memory]
 ram_bytes = 4_294_967_296
@@ -111,6 +112,7 @@ EXPECTED_PROBLEMS = [
     "compute.cpu_freq_hz: must be a positive number, got -1",
     "compute.cpu_cores: must be a positive integer, got True",
     "compute.effective_capacitance: must be a positive number, got 'small'",
+    "compute.training_cores: missing required field",
     "memory.flash_bytes: must be a positive integer, got 2048.5",
     "radio.max_tx_power_mw: unknown key (did you mean 'max_tx_power_w'?)",
     "radio.max_tx_power_w: missing required field",
@@ -154,6 +156,7 @@ def test_bundled_profile_loads_and_is_consistent(name: str) -> None:
     # Assert
     assert profile.name == name
     assert profile.compute.cpu_freq_hz > 0 and profile.compute.cpu_cores >= 1
+    assert 1 <= profile.compute.training_cores <= profile.compute.cpu_cores
     assert profile.runtime.formats, "a device must run at least one format"
     assert profile.is_estimate("compute.effective_capacitance")
     assert profile.is_estimate("compute.cycles_per_mac")
@@ -369,9 +372,33 @@ def test_cycles_and_energy_use_calibration_when_measured(tmp_path: Path) -> None
     assert estimated_cycles == pytest.approx(0.5 * 1e8)
     assert profile.compute_time_s_per_sample("vit_tiny", macs) == pytest.approx(5e7 / 2e9)
     assert measured_energy == 0.05
-    assert estimated_energy == pytest.approx(1e-28 * 5e7 * (2e9) ** 2)
+    assert estimated_energy == pytest.approx(1e-28 * 2 * 5e7 * (2e9) ** 2)  # 2 training cores
     with pytest.raises(ValueError, match="macs_per_sample"):
         profile.cycles_per_sample("vit_tiny", -1)
+
+
+def test_training_cores_scale_the_energy_of_wall_clock_cycles(tmp_path: Path) -> None:
+    # Prepare: the same board with one and with four cores busy in cycles_per_mac
+    one = load_profile(_write(tmp_path, VALID_TOML.replace("training_cores = 2", "training_cores = 1"), "one.toml"))
+    four = load_profile(_write(tmp_path, VALID_TOML.replace("training_cores = 2", "training_cores = 4"), "four.toml"))
+    # Execute / Assert: same wall-clock time, four times the core cycles and so the energy
+    assert four.compute_time_s_per_sample("vit_tiny", 1e8) == one.compute_time_s_per_sample("vit_tiny", 1e8)
+    assert four.energy_j_per_sample("vit_tiny", 1e8) == pytest.approx(4 * one.energy_j_per_sample("vit_tiny", 1e8))
+    assert four.compute.wall_kappa == pytest.approx(4e-28)
+    # the bundled Raspberry Pi 5's figure is for all four cores: the allocator's kappa says so
+    from allocator.scenario import load_hardware
+
+    pi = load_profile("raspberry-pi-5")
+    assert pi.compute.training_cores == 4
+    assert load_hardware(["raspberry-pi-5"])["raspberry-pi-5"].kappa == pytest.approx(4 * pi.compute.effective_capacitance)
+
+
+def test_more_training_cores_than_cores_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, VALID_TOML.replace("training_cores = 2", "training_cores = 8"))
+    with pytest.raises(ProfileError) as caught:
+        load_profile(path)
+    assert caught.value.problems == ["compute.training_cores: 8 exceeds compute.cpu_cores (4); it counts the "
+                                     "cores that cycles_per_mac has busy at once"]
 
 
 def test_supports_format() -> None:

@@ -70,7 +70,7 @@ def test_hardware_samples_and_profiles_come_from_the_firmware_profiles() -> None
     fleet, pi = problem.fleet, load_profile("raspberry-pi-5")
     assert fleet.profiles == ("raspberry-pi-5", "android-flagship") * 3
     assert fleet.cycles_per_sample[0] == 3 * 49 * 768 * 3072 * pi.compute.cycles_per_mac
-    assert (fleet.cpu_freq_hz[0], fleet.kappa[0]) == (pi.compute.cpu_freq_hz, pi.compute.effective_capacitance)
+    assert (fleet.cpu_freq_hz[0], fleet.kappa[0]) == (pi.compute.cpu_freq_hz, 4 * pi.compute.effective_capacitance)
     assert fleet.max_tx_power_w[1] == load_profile("android-flagship").radio.max_tx_power_w
     assert np.all((fleet.samples >= 800) & (fleet.samples <= 1000) & (fleet.samples % 2 == 0))
     assert fleet.weight.sum() == pytest.approx(1.0)
