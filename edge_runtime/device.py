@@ -1,7 +1,8 @@
 """The device loop (``sflam device``): wait for a plan that selects us, train, report.
 
 Per step: forward (embedding + stochastic quantizer) -> publish ``Activations(round, step)`` ->
-wait for its ``Gradient`` -> ``train_step`` (SGD, momentum 0.9). After a reconnect the current
+wait for its ``Gradient`` -> a step of the plan's optimizer (edge_runtime.optimizer: the server's
+optimizer, learning rate, momentum and weight decay). After a reconnect the current
 step's activations are sent again (the server deduplicates by (device, round, step)); a gradient
 is applied at most once (``applied`` set plus the Receiver's duplicate filter). Batches: the
 plan's ``batch_size``; a LiteRT backend has a fixed batch (device.json) and then a ragged last
@@ -43,12 +44,12 @@ from edge_runtime.data import DeviceData
 from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
 from edge_runtime.mqtt_loop import LinkLoop
+from edge_runtime.optimizer import DeviceOptimizer
 from edge_runtime.quantize import FLOAT_BITS, QuantizedTensor, dequantize, pack_codes, quantize
 from sflam_common.version import __version__
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = __version__  # what the device announces in its Hello
-MOMENTUM = 0.9
 WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
 FALLBACK_TX_POWER_W = 0.1
@@ -345,7 +346,7 @@ class DeviceClient:
         self.receiver.min_round = max(self.receiver.min_round, round_)
         start = self._wait_model(plan)
         weight, bias = (np.array(start[name], np.float32) for name in WEIGHT_NAMES)
-        mw, mb = np.zeros_like(weight), np.zeros_like(bias)
+        optimizer = DeviceOptimizer.for_plan(plan)
         fixed = self.engine.name == "litert"
         batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
         self.bucket = self._bucket_for(alloc)
@@ -363,7 +364,7 @@ class DeviceClient:
                 message = p.Activations(self._env(round_, step), tensor, p.Tensor.from_numpy(labels.astype(np.int64)))
                 grad = self._exchange(plan, message, stats)
                 t0 = time.perf_counter()
-                weight, bias, mw, mb = self.engine.train_step(weight, bias, mw, mb, images, grad, plan.lr, MOMENTUM)
+                weight, bias = optimizer.step(self.engine, weight, bias, images, grad)
                 stats.compute_time_s += time.perf_counter() - t0
                 self.applied.add((round_, step))
                 step += 1

@@ -9,13 +9,17 @@ capacitance, cycles per MAC, maximum transmit power) and a path-loss channel at
 - channel gain       = the h that makes the Shannon rate at the round's (B, p) equal the measured
   uplink rate (bytes sent x 8 / uplink time); with an emulated link that is the emulated channel;
 - activation range R = the mean hi - lo of the device's activations this round;
-- server seconds per sample = the server's measured step time / samples.
+- server seconds per sample = the median of the last SERVER_WINDOW measurements (the server's step
+  time / samples, one per device and round): one slow round on a loaded host moves it no more
+  than one sample of the window, and a faster server brings it down again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,6 +33,7 @@ from server_runtime.coordinator import DeviceRegistry
 from server_runtime.presets import ViTConfig
 
 log = logging.getLogger(__name__)
+SERVER_WINDOW = 32  # server step-time measurements the calibration keeps (a few rounds of devices)
 FALLBACK = {"cpu_freq_hz": 1.0e9, "kappa": 1e-28, "cycles_per_mac": 1.0, "max_tx_power_w": 0.1}
 GAIN_LIMITS = (1e-20, 1e2)  # a calibrated linear gain outside this is a measurement artefact
 
@@ -64,7 +69,7 @@ class AutoAllocation:
         )
         self.calibration: dict[str, DeviceCalibration] = {}
         self.ranges: dict[str, list[float]] = {}
-        self.server_s_per_sample = 0.0
+        self.server_times: deque[float] = deque(maxlen=SERVER_WINDOW)  # server s per sample, newest last
         self.last_result = None
 
     # -- calibration -----------------------------------------------------------------------------
@@ -76,7 +81,7 @@ class AutoAllocation:
             from firmware_profiles import load_profile
 
             prof = load_profile(profile)
-            values.update(cpu_freq_hz=prof.compute.cpu_freq_hz, kappa=prof.compute.effective_capacitance,
+            values.update(cpu_freq_hz=prof.compute.cpu_freq_hz, kappa=prof.compute.wall_kappa,
                           cycles_per_mac=prof.compute.cycles_per_mac, max_tx_power_w=prof.radio.max_tx_power_w)
         except (ImportError, ValueError, OSError) as exc:
             log.info("allocator: no profile %r (%s); generic device assumed", profile, exc)
@@ -110,7 +115,8 @@ class AutoAllocation:
         ranges = self.ranges.pop(device_id, [])
         if ranges:
             new = replace(new, activation_range=float(np.mean(ranges)))
-        self.server_s_per_sample = max(self.server_s_per_sample, server_time_s / samples)
+        if server_time_s > 0:
+            self.server_times.append(server_time_s / samples)
         self.calibration[device_id] = replace(new, calibrated=True)
         return self.calibration[device_id]
 
@@ -124,6 +130,11 @@ class AutoAllocation:
             return GAIN_LIMITS[1]
         gain = math.expm1(spectral * math.log(2)) * self.params.noise_psd_w_per_hz * b / power
         return float(min(max(gain, GAIN_LIMITS[0]), GAIN_LIMITS[1]))
+
+    @property
+    def server_s_per_sample(self) -> float:
+        """The server's seconds per sample: the median of its recent measurements (0 before any)."""
+        return statistics.median(self.server_times) if self.server_times else 0.0
 
     # -- allocation ------------------------------------------------------------------------------
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime.protocol import OPTIMIZER_CODES
 from server_runtime import config_rules as rule
 from sflam_common.problems import ProblemsError, did_you_mean
 
 MODES = ("v1", "v2", "fl")  # SFL-V1 (a server copy per device), V2 (one shared model), FL (FedAvg baseline)
-OPTIMIZERS = ("sgd", "adam", "adamw")  # the optimizers the server's split trainer can build
+OPTIMIZERS = tuple(OPTIMIZER_CODES)  # server and device optimizers: the names RoundPlan carries
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ProblemsError):
@@ -56,10 +59,19 @@ class TrainingSection:
     local_epochs: int = 1
     batch_size: int = 32
     mode: str = "v1"  # v1 | v2 | fl (the FedAvg baseline: devices train the whole model)
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # server and devices alike: the plan carries it (edge_runtime.optimizer)
     lr: float = 0.05
+    lr_schedule: str = "constant"  # constant | cosine (from lr in round 1 to lr_min in the last)
+    lr_min: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 0.0
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of training round ``round_`` (1-based), as the plan announces it."""
+        if self.lr_schedule == "constant" or self.rounds == 1:
+            return self.lr
+        progress = min(max(round_ - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,8 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "mode": rule.choice(MODES),
         "optimizer": rule.choice(OPTIMIZERS),
         "lr": rule.number(lambda v: v > 0, "a finite number > 0"),
+        "lr_schedule": rule.choice(LR_SCHEDULES),
+        "lr_min": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
         "momentum": rule.number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
         "weight_decay": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
     },

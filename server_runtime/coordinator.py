@@ -140,6 +140,7 @@ class RoundState:
     plan_round: int  # wire round (unique per attempt)
     devices: dict[str, DeviceRound]
     deadline: float  # time.monotonic() after which unfinished devices fail
+    lr: float  # this round's learning rate (training.lr_at), on both sides of the split
     started_at: float = field(default_factory=time.monotonic)
 
     @property

@@ -114,6 +114,7 @@ class ServerDaemon:
         self.round, self.plan_round = state.round, state.plan_round
         if self.auto is not None:
             self.auto.calibration = {d: DeviceCalibration(**c) for d, c in state.extra.get("calibration", {}).items()}
+            self.auto.server_times.extend(float(t) for t in state.extra.get("server_times", []))
         self.last_accuracy = state.record.accuracy if state.record is not None else None
         log.info("resuming after round %d (plan round %d)", state.round, state.plan_round)
         return state.record
@@ -184,9 +185,10 @@ class ServerDaemon:
         self.plan_round = plan_round
         selected = select_devices(online, cfg.training.devices_per_round, cfg.seed, plan_round)
         allocations = self.allocation.allocate(selected, self.registry)
-        self.trainer.begin_round(selected)
+        lr = cfg.training.lr_at(self.round + 1)
+        self.trainer.begin_round(selected, lr)
         deadline = time.monotonic() + cfg.round.deadline_s + DEADLINE_GRACE_S
-        state = RoundState(self.round + 1, plan_round, {a.device_id: DeviceRound(a) for a in allocations}, deadline)
+        state = RoundState(self.round + 1, plan_round, {a.device_id: DeviceRound(a) for a in allocations}, deadline, lr)
         self.receiver.min_round = plan_round
         with self._lock:
             self.current, self._replies = state, {}
@@ -231,8 +233,9 @@ class ServerDaemon:
         cfg = self.config
         env = p.Envelope(cfg.broker.run_id, state.plan_round, p.SERVER_ID)
         model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(self.trainer.device_weights()))
-        plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, cfg.training.local_epochs,
-                           cfg.training.batch_size, cfg.training.lr, allocations)
+        training = cfg.training
+        plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, training.local_epochs, training.batch_size,
+                           state.lr, allocations, training.optimizer, training.momentum, training.weight_decay)
         sent = self.publisher.publish("model", model)
         sent += self.publisher.publish("plan", plan)
         log.info("round %d (plan round %d): %s", state.round, state.plan_round, ", ".join(state.devices))
@@ -448,10 +451,11 @@ class ServerDaemon:
         return record
 
     def _extra_state(self) -> dict:
-        """What else a resumed run needs: the allocator's per-device calibration."""
+        """What else a resumed run needs: the allocator's per-device calibration and server times."""
         if self.auto is None:
             return {}
-        return {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()}}
+        return {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()},
+                "server_times": list(self.auto.server_times)}
 
     def _eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The evaluation set, preprocessed batch by batch exactly as devices preprocess theirs."""

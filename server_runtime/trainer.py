@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -123,9 +123,15 @@ class SplitTrainer:
         """The global device part as float32 numpy arrays (what ``ModelWeights`` carries)."""
         return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.device_module.state_dict().items()}
 
-    def begin_round(self, device_ids: Sequence[str]) -> None:
-        """Prepare the server copies of the selected devices (V1) or snapshot the shared one (V2)."""
+    def begin_round(self, device_ids: Sequence[str], lr: float | None = None) -> None:
+        """Prepare the server copies of the selected devices (V1) or snapshot the shared one (V2);
+        ``lr``: this round's learning rate (a schedule's), for the copies' optimizers from now on."""
         self.copies = {}
+        if lr is not None:
+            self.spec = replace(self.spec, lr=lr)
+            if self.shared is not None:
+                for group in self.shared.optimizer.param_groups:
+                    group["lr"] = lr
         if self.mode == "fl":
             return
         if self.mode == "v1":

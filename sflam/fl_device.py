@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from edge_runtime import protocol as p
 from edge_runtime.commands import cmd_device
-from edge_runtime.device import MOMENTUM, DeviceClient, RoundStats
+from edge_runtime.device import DeviceClient, RoundStats
 from server_runtime.checkpoint import create_model
+from server_runtime.trainer import OptimizerSpec
 
 
 @dataclass
@@ -56,7 +57,7 @@ class FLDeviceClient(DeviceClient):
         round_, alloc = plan.envelope.round, self._allocation(plan)
         self.receiver.min_round = max(self.receiver.min_round, round_)
         model = self._model_for(self._wait_model(plan))
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=MOMENTUM)
+        optimizer = OptimizerSpec(plan.optimizer, plan.lr, plan.momentum, plan.weight_decay).build(model.parameters())
         self.bucket = self._bucket_for(alloc)
         stats, cpu0 = RoundStats(), time.process_time()
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received

@@ -66,6 +66,7 @@ class SimOptions:
     local_epochs: int = 5
     batch_size: int = 32
     lr: float = 0.05
+    lr_schedule: str = "constant"  # or "cosine": from lr down to 0 over the run (training.lr_schedule)
     optimizer: str = "sgd"
     mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
     gradient_bits: int = 32
@@ -92,7 +93,7 @@ class SimOptions:
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "scheme", "dataset", "model",
-             "broker", "out", "seed", "local_epochs", "batch_size", "lr", "checkpoint", "mode", "profiles",
+             "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule", "checkpoint", "mode", "profiles",
              "radius_m", "backend", "hosts", "engine", "ray_address", "emulate_link", "t_max_s")
 
 
@@ -243,7 +244,7 @@ def _cheap_train_size(dataset: str) -> int | None:
 
 def check_options(opts: SimOptions) -> list[str]:
     """Every problem of a set of options (empty when it can run)."""
-    from server_runtime.config import OPTIMIZERS
+    from server_runtime.config import LR_SCHEDULES, OPTIMIZERS
 
     problems = []
     for name in ("devices", "per_round", "rounds", "local_epochs", "batch_size", "device_threads",
@@ -269,6 +270,9 @@ def check_options(opts: SimOptions) -> list[str]:
         problems.append(f"bits: scheme {opts.scheme!r} sends float32 (bits 32); drop --bits {opts.bits}")
     if opts.mode not in ("v1", "v2"):
         problems.append(f"mode: 'v1' or 'v2', got {opts.mode!r}")
+    if opts.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"lr_schedule: one of {', '.join(LR_SCHEDULES)}, got {opts.lr_schedule!r}"
+                        + did_you_mean(opts.lr_schedule, LR_SCHEDULES))
     if opts.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {opts.optimizer!r}"
                         + did_you_mean(opts.optimizer, OPTIMIZERS))
@@ -392,7 +396,8 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "data": {"eval": opts.dataset, "eval_every": opts.eval_every * plan.turns_per_round},
         "training": {"rounds": plan.server_rounds, "devices_per_round": plan.devices_per_round,
                      "min_devices": opts.devices, "local_epochs": opts.local_epochs,
-                     "batch_size": opts.batch_size, "mode": plan.mode, "optimizer": opts.optimizer, "lr": opts.lr},
+                     "batch_size": opts.batch_size, "mode": plan.mode, "optimizer": opts.optimizer, "lr": opts.lr,
+                     "lr_schedule": opts.lr_schedule},
         "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits},
         "round": {"deadline_s": opts.deadline_s, "min_completed": opts.min_completed, "wait_for_devices_s": 300.0},
         "broker": {"url": broker_url, "run_id": RUN_ID},

@@ -48,6 +48,30 @@ def test_telemetry_recalibrates_compute_energy_and_channel() -> None:
     assert after.params.server_cycles_per_sample * 1.0 == pytest.approx(0.3 / 200)  # seconds per sample (f_S = 1)
 
 
+def test_server_time_calibration_follows_the_server_both_ways_and_shrugs_off_one_slow_round() -> None:
+    # Prepare: 100 samples x 2 local epochs per update, so server seconds per sample = time / 200
+    auto = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
+    registry = registry_with(("a", "raspberry-pi-5", 100))
+    telemetry = p.Telemetry(0.5, 0.1, 2.0, "estimated", 100_000, 1, 8)
+    allocation = p.Allocation("a", 4, 32, 0.1, 1e6)
+
+    def observe(server_time_s: float) -> float:
+        update = p.RoundUpdate(p.Envelope("r", 1, "a", 8), 1, 100, (), telemetry)
+        auto.observe_round("a", "raspberry-pi-5", update, allocation, server_time_s=server_time_s)
+        return auto.problem(("a",), registry).params.server_cycles_per_sample  # f_S = 1: seconds
+
+    # Execute / Assert: one slow round (a loaded host) among normal ones leaves the estimate alone
+    for _ in range(10):
+        observe(0.2)
+    assert observe(20.0) == pytest.approx(0.2 / 200)
+    # a server that became faster brings the estimate down once its window holds mostly fast steps
+    for _ in range(40):
+        faster = observe(0.1)
+    assert faster == pytest.approx(0.1 / 200)
+    # the old rule (the maximum ever seen) would still say 20 s
+    assert max(auto.server_times) == pytest.approx(0.1 / 200)
+
+
 def test_known_channel_gains_replace_the_default_path_loss() -> None:
     # Prepare: a gain for a, none for b
     config = parse_config(AUTO + '[allocator]\nchannel_gains = { "a" = 2.5e-12 }\n')

@@ -77,7 +77,7 @@ def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev", created
     return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, created_at)
 
 
-def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 1, magic: bytes = b"SFLM") -> bytes:
+def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 2, magic: bytes = b"SFLM") -> bytes:
     header = _header() if header is None else header
     frame = struct.pack("<4sBBHI", magic, version, code, len(header), len(body)) + header + body
     return frame + _u32(zlib.crc32(frame))
@@ -139,9 +139,13 @@ def _plan_body(
     count: int | None = None,
     epochs: int = 1,
     batch: int = 16,
+    optimizer: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
 ) -> bytes:
     allocations = (_allocation(),) if allocations is None else allocations
     head = _u32(4) + struct.pack("<d", deadline) + _u16(epochs) + _u32(batch) + struct.pack("<d", lr)  # lr is f64
+    head += _u8(optimizer) + struct.pack("<dd", momentum, weight_decay)
     return head + _u16(len(allocations) if count is None else count) + b"".join(allocations)
 
 
@@ -215,7 +219,7 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
 # --- frame prefix --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])  # 1: the layout before RoundPlan carried the optimizer
 def test_unknown_protocol_version_is_refused(version: int) -> None:
     frame = _frame(STATUS, _status_body(), version=version)
     with pytest.raises(VersionError, match=f"protocol version {version} is not supported"):
@@ -491,6 +495,10 @@ MALFORMED = {
     "lr inf": (PLAN, _plan_body(lr=INF), "lr: must be a finite number, got inf"),
     "lr NaN": (PLAN, _plan_body(lr=NAN), "lr: must be a finite number"),
     "lr negative": (PLAN, _plan_body(lr=-0.5), "lr: must be >= 0, got -0.5"),
+    "optimizer 3": (PLAN, _plan_body(optimizer=3), "optimizer code 3 is undefined"),
+    "momentum 1": (PLAN, _plan_body(momentum=1.0), "momentum must be < 1, got 1.0"),
+    "momentum NaN": (PLAN, _plan_body(momentum=NAN), "momentum: must be a finite number"),
+    "weight decay negative": (PLAN, _plan_body(weight_decay=-1e-4), "weight_decay: must be >= 0"),
     "bits_up 0": (PLAN, _plan_body(allocations=(_allocation(up=0),)), "allocation 'd' bits_up: 0 is not one of 1..8, 16, 32"),
     "bits_down 17": (PLAN, _plan_body(allocations=(_allocation(down=17),)), "allocation 'd' bits_down: 17 is not one of"),
     "negative power": (PLAN, _plan_body(allocations=(_allocation(power=-1.0),)), "allocation 'd' tx_power_w: must be >= 0"),
@@ -620,6 +628,7 @@ TELEMETRY = Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)
         (Status(Envelope("r", 1, "d", 0, "yesterday"), True), "created_at: must be a finite number, got 'yesterday'"),
         (RoundPlan(ENV, 2**32, 1.0, 1, 1, 0.5, ()), "model_version: must be an integer"),
         (RoundPlan(ENV, 1, 1.0, 2**16, 1, 0.5, ()), r"local_epochs: must be an integer in \[1, 65535\]"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), "lion"), "optimizer must be one of sgd, adam, adamw, got 'lion'"),
         (ModelWeights(ENV, 1, (("w", Tensor("bool", (1,), b"\x01")),)), "dtype 'bool' cannot travel"),
         (
             Activations(
@@ -635,7 +644,7 @@ TELEMETRY = Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)
         (RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, energy_source="guessed")), "telemetry energy_source: must be one of"),
     ],
     ids=[
-        "created_at text", "version 2**32", "epochs 2**16", "dtype bool", "granularity channel", "samples 2**32",
+        "created_at text", "version 2**32", "epochs 2**16", "optimizer lion", "dtype bool", "granularity channel", "samples 2**32",
         "message_id 2**64", "bytes 2**64", "energy source",
     ],
 )

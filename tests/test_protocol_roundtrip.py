@@ -30,6 +30,7 @@ from edge_runtime.protocol import (
     Status,
     Telemetry,
     Tensor,
+    VERSION,
     decode,
     encode,
     weights_from_numpy,
@@ -211,7 +212,7 @@ def test_wire_type_codes_are_unique_and_stable() -> None:
 def test_frame_carries_magic_version_and_type_code(cls: type[Message]) -> None:
     frame = encode(EXAMPLES[cls])
     assert frame[:4] == b"SFLM"
-    assert frame[4] == 1
+    assert frame[4] == 2 == VERSION
     assert frame[5] == codec.type_code(cls)
 
 
@@ -372,7 +373,7 @@ def test_round_or_step_outside_u32_is_refused_at_encode(round_: int, step: int, 
 # written by hand from the layout in codec.py's docstring.
 GOLDEN_STATUS_HEX = (
     "53464c4d"  # magic "SFLM"
-    "01"  # version 1
+    "02"  # version 2
     "02"  # type: Status
     "1600"  # header_len u16 = 22
     "05000000"  # body_len u32 = 5
@@ -383,7 +384,7 @@ GOLDEN_STATUS_HEX = (
     "000000000000f83f"  # created_at f64 = 1.5
     "01"  # online = true
     "0200" "6f6b"  # reason: u16 length 2, "ok"
-    "4883bc21"  # crc32 (zlib) of all of the above, u32
+    "51bd6faa"  # crc32 (zlib) of all of the above, u32
 )
 
 
@@ -400,12 +401,12 @@ def test_status_frame_matches_the_documented_bytes() -> None:
 
 
 # RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), model_version 2, deadline 30 s, 1 epoch, batch 16,
-# lr 0.1, one Allocation("d7", up 4, down 8, 0.1 W, 1 MHz, per_token)), by hand: lr and
-# tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
+# lr 0.1, one Allocation("d7", up 4, down 8, 0.1 W, 1 MHz, per_token), AdamW, momentum 0.5,
+# weight decay 1e-4), by hand: lr and tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
 GOLDEN_PLAN_HEX = (
-    "53464c4d" "01" "03"  # magic, version 1, type: RoundPlan
+    "53464c4d" "02" "03"  # magic, version 2, type: RoundPlan
     "1700"  # header_len u16 = 23
-    "32000000"  # body_len u32 = 50
+    "43000000"  # body_len u32 = 67
     "02" "7231"  # run_id "r1"
     "03" "737276"  # device_id "srv"
     "03000000" "00000000"  # round 3, step 0
@@ -415,19 +416,23 @@ GOLDEN_PLAN_HEX = (
     "0100"  # local_epochs u16 = 1
     "10000000"  # batch_size u32 = 16
     "9a9999999999b93f"  # lr f64 = 0.1
+    "02"  # optimizer u8 = 2 (adamw)
+    "000000000000e03f"  # momentum f64 = 0.5
+    "2d431cebe2361a3f"  # weight_decay f64 = 1e-4
     "0100"  # allocation count u16 = 1
     "02" "6437"  # allocation device_id "d7"
     "04" "08"  # bits_up 4, bits_down 8
     "9a9999999999b93f"  # tx_power_w f64 = 0.1
     "0000000080842e41"  # bandwidth_hz f64 = 1e6
     "01"  # per_token = true
-    "4a1b9709"  # crc32 (zlib), u32
+    "55e254b3"  # crc32 (zlib), u32
 )
 
 
 def test_round_plan_frame_matches_the_documented_bytes() -> None:
     # Prepare
-    message = RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), 2, 30.0, 1, 16, 0.1, (Allocation("d7", 4, 8, 0.1, 1e6, per_token=True),))
+    message = RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), 2, 30.0, 1, 16, 0.1, (Allocation("d7", 4, 8, 0.1, 1e6, per_token=True),),
+                        "adamw", 0.5, 1e-4)
     golden = bytes.fromhex(GOLDEN_PLAN_HEX)
     # Execute
     frame = encode(message)

@@ -90,14 +90,18 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.communicate()
 
 
-def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.9, 0.0), (0.5, 1e-4)])
+def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp_path: Path, momentum: float,
+                                                 weight_decay: float) -> None:
     from server_runtime.daemon import ServerDaemon
 
-    # Prepare: one device, fp32 both ways, SFL-V2, SGD with momentum on both sides
+    # Prepare: one device, fp32 both ways, SFL-V2, SGD with this momentum and weight decay on
+    # both sides (the plan carries them to the device)
     (data,) = write_shards(tmp_path, 1, 40)
     lr, batch, seed = 0.05, 8, 11
     cfg = parse_config(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=1,
                                    training__mode="v2", training__batch_size=batch, training__lr=lr,
+                                   training__momentum=momentum, training__weight_decay=weight_decay,
                                    quant__bits=32, quant__gradient_bits=32, metrics__prometheus_port=free_port()))
     scraped: list[str] = []
 
@@ -120,7 +124,7 @@ def test_split_round_equals_centralized_training(quick_bundle: Path, broker, tmp
     # ... and centrally, on the device's batches (its documented shuffle seeding, plan round 1)
     model = create_model(PRESET, num_classes=10)
     model.load_state_dict(start)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     spec = Preprocess(model.config.img_size, model.config.mean, model.config.std)
     device_data = load_data(f"npz:{data}", spec)
     for images, labels in device_data.batches(batch, np.random.default_rng((seed, 1, 0, 0))):

@@ -126,3 +126,33 @@ def test_a_slow_step_blocks_neither_other_devices_nor_the_network_loop(broker, t
     assert served[0] == "b"
     assert not runner.is_alive() and daemon.round == 1
     late.link.close()
+
+
+def test_each_plan_carries_the_rounds_learning_rate_and_the_servers_optimizer(broker, tmp_path: Path) -> None:
+    # Prepare: two rounds of AdamW under a cosine schedule, one scripted device
+    cfg = parse_config(config_text(broker.url, tmp_path / "ckpt", training__rounds=2, training__devices_per_round=1,
+                                   training__optimizer="adamw", training__lr=0.01, training__lr_schedule="cosine",
+                                   training__lr_min=0.001, training__weight_decay=0.05))
+    daemon = ServerDaemon(cfg)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    daemon.link.wait_connected(30)
+    device = ScriptedDevice(broker.url, "a")
+    plans, server_lrs = [], []
+    try:
+        # Execute: train both rounds, noting each plan and the server optimizer's rate
+        for _ in range(2):
+            plan = device.wait_for(p.RoundPlan, 30)
+            assert plan is not None
+            plans.append(plan)
+            server_lrs.append(daemon.trainer.spec.lr)
+            device.activations(plan.envelope.round, daemon.trainer.tokens_shape)
+            assert device.wait_for(p.Gradient, 20) is not None
+            device.update(plan.envelope.round, daemon.trainer.device_weights())
+        runner.join(60)
+    finally:
+        device.link.close()
+    # Assert: round 1 at lr, round 2 at lr_min, on both sides; the optimizer and decay travel
+    assert not runner.is_alive() and daemon.round == 2
+    assert [plan.lr for plan in plans] == pytest.approx([0.01, 0.001]) == server_lrs
+    assert {(plan.optimizer, plan.momentum, plan.weight_decay) for plan in plans} == {("adamw", 0.9, 0.05)}

@@ -237,6 +237,8 @@ def test_bad_bit_widths_are_rejected(key: str, value: str, problem: str) -> None
         ("compute", 'amp = "fp16"', "amp: must be one of 'auto', 'bf16', 'off', got 'fp16'"),
         ("training", "momentum = 1.0", "momentum: must be a number in [0, 1), got 1.0"),
         ("training", 'mode = "v3"', "mode: must be one of 'v1', 'v2', 'fl', got 'v3'"),
+        ("training", 'lr_schedule = "step"', "lr_schedule: must be one of 'constant', 'cosine', got 'step'"),
+        ("training", "lr_min = -0.1", "lr_min: must be"),
     ],
 )
 def test_out_of_range_and_ill_formed_values_are_rejected(
@@ -393,7 +395,8 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
         model=ModelSection(preset="vit_mini_patch4_32", checkpoint=str(checkpoint)),
         data=DataSection(eval="folder:/data/flowers", eval_batch_size=64, eval_every=3),
         training=TrainingSection(rounds=7, devices_per_round=4, min_devices=2, local_epochs=3, batch_size=16,
-                                 mode="v2", optimizer="adamw", lr=3e-4, momentum=0.0, weight_decay=0.05),
+                                 mode="v2", optimizer="adamw", lr=3e-4, lr_schedule="cosine", lr_min=1e-5,
+                                 momentum=0.0, weight_decay=0.05),
         quant=QuantSection(bits="auto", gradient_bits=16, per_token=True),
         round=RoundSection(deadline_s=42.5, min_completed=0.75, wait_for_devices_s=1 / 3,
                            total_bandwidth_hz=1.5e7, offline_grace_s=0.0),
@@ -438,3 +441,14 @@ def test_a_config_with_every_key_changed_survives_to_toml_and_back(tmp_path: Pat
     assert 'channel_gains = {"dev-1" = 1e-09, "dev 2" = 0.30000000000000004}' in text
     assert "allowed_bits = [1, 4, 16, 32]" in text
 
+
+
+def test_the_cosine_schedule_runs_from_lr_to_lr_min_and_constant_stays() -> None:
+    cosine = parse_config('[training]\nrounds = 5\nlr = 0.1\nlr_schedule = "cosine"\nlr_min = 0.01\n').training
+    rates = [cosine.lr_at(t) for t in range(1, 6)]
+    assert rates[0] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.01)
+    assert rates[2] == pytest.approx((0.1 + 0.01) / 2)  # halfway
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = parse_config("[training]\nrounds = 5\nlr = 0.1\n").training
+    assert [constant.lr_at(t) for t in range(1, 6)] == [0.1] * 5
+    assert parse_config('[training]\nrounds = 1\nlr_schedule = "cosine"\n').training.lr_at(1) == 0.05

@@ -168,7 +168,7 @@ def test_fixed_allocation_splits_bandwidth_and_uses_profile_power() -> None:
 
 def test_round_state_deadline_failures_and_completion_policy() -> None:
     alloc = p.Allocation("x", 8, 32, 0.1, 1e6)
-    state = RoundState(1, 1, {d: DeviceRound(alloc) for d in ("a", "b", "c")}, deadline=100.0)
+    state = RoundState(1, 1, {d: DeviceRound(alloc) for d in ("a", "b", "c")}, deadline=100.0, lr=0.05)
     state.devices["a"].update = object()  # type: ignore[assignment]
     state.fail("b", "offline")
     state.expire(50.0)
@@ -181,7 +181,7 @@ def test_round_state_deadline_failures_and_completion_policy() -> None:
 def test_an_offline_device_fails_only_if_not_back_within_the_grace() -> None:
     # Prepare: a and b go offline at t = 10; a comes back at t = 14
     alloc = p.Allocation("x", 8, 32, 0.1, 1e6)
-    state = RoundState(1, 1, {d: DeviceRound(alloc) for d in ("a", "b")}, deadline=100.0)
+    state = RoundState(1, 1, {d: DeviceRound(alloc) for d in ("a", "b")}, deadline=100.0, lr=0.05)
     state.went_offline("a", "connection lost", 10.0)
     state.went_offline("b", "connection lost", 10.0)
     state.went_offline("b", "again", 12.0)  # the first report's time and reason stand
@@ -196,7 +196,7 @@ def test_an_offline_device_fails_only_if_not_back_within_the_grace() -> None:
 
 
 def test_with_no_grace_an_offline_device_fails_at_once() -> None:
-    state = RoundState(1, 1, {"a": DeviceRound(p.Allocation("x", 8, 32, 0.1, 1e6))}, deadline=100.0)
+    state = RoundState(1, 1, {"a": DeviceRound(p.Allocation("x", 8, 32, 0.1, 1e6))}, deadline=100.0, lr=0.05)
     state.went_offline("a", "shutdown", 10.0)
     state.expire(10.0)
     assert state.failures() == {"a": "offline (shutdown)"}

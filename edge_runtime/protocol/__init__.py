@@ -31,6 +31,7 @@ from edge_runtime.protocol.messages import (
     Hello,
     Message,
     ModelWeights,
+    OPTIMIZER_CODES,
     RoundPlan,
     SERVER_ID,
     RoundUpdate,
@@ -51,4 +52,5 @@ __all__ = [
     "Status", "Telemetry", "Tensor", "TopicError", "Topics", "TrailingBytesError",
     "TruncatedError", "UnknownTypeError", "VERSION", "VersionError", "decode", "encode",
     "parse_topic", "split", "weights_from_numpy", "weights_to_numpy",
+    "OPTIMIZER_CODES",
 ]

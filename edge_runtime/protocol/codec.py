@@ -46,11 +46,12 @@ from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, QuantizedTensor, nu
 from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
 
 MAGIC = b"SFLM"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, type, header_len, body_len
 PREFIX_SIZE = _PREFIX.size
 CRC_SIZE = 4
 _CODE_TO_DTYPE = {code: name for name, code in m.DTYPE_CODES.items()}
+_OPTIMIZER_NAMES = {code: name for name, code in m.OPTIMIZER_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,9 @@ def _put_plan(w: Writer, msg: m.RoundPlan) -> None:
     w.u16(msg.local_epochs)
     w.u32(msg.batch_size)
     w.f64(msg.lr)
+    w.u8(m.OPTIMIZER_CODES[msg.optimizer])
+    w.f64(msg.momentum)
+    w.f64(msg.weight_decay)
     w.u16(len(msg.allocations))
     for a in msg.allocations:
         w.text(a.device_id)
@@ -252,10 +256,17 @@ def _put_plan(w: Writer, msg: m.RoundPlan) -> None:
 def _get_plan(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundPlan:
     version, deadline = r.u32("model_version"), r.f64("deadline_s")
     epochs, batch, lr = r.u16("local_epochs"), r.u32("batch_size"), r.f64("lr")
+    code = r.u8("optimizer")
+    optimizer = _OPTIMIZER_NAMES.get(code)
+    if optimizer is None:
+        raise MalformedError(f"optimizer code {code} is undefined (known: "
+                             f"{', '.join(f'{c} {n}' for c, n in _OPTIMIZER_NAMES.items())})")
+    momentum, weight_decay = r.f64("momentum"), r.f64("weight_decay")
     count = r.u16("allocation count")
     if count > limits.max_allocations:
         raise LimitError(f"{count} allocations exceed the limit of {limits.max_allocations}")
-    return m.RoundPlan(env, version, deadline, epochs, batch, lr, tuple(_get_allocation(r) for _ in range(count)))
+    allocations = tuple(_get_allocation(r) for _ in range(count))
+    return m.RoundPlan(env, version, deadline, epochs, batch, lr, allocations, optimizer, momentum, weight_decay)
 
 
 def _get_allocation(r: Reader) -> m.Allocation:
@@ -272,6 +283,12 @@ def _check_plan(msg: m.RoundPlan) -> None:
     check_uint(msg.local_epochs, "local_epochs", minimum=1, maximum=0xFFFF)
     check_uint(msg.batch_size, "batch_size", minimum=1)
     check_finite(msg.lr, "lr", minimum=0)
+    if msg.optimizer not in m.OPTIMIZER_CODES:
+        raise MalformedError(f"optimizer must be one of {', '.join(m.OPTIMIZER_CODES)}, got {msg.optimizer!r}")
+    check_finite(msg.momentum, "momentum", minimum=0)
+    if msg.momentum >= 1:
+        raise MalformedError(f"momentum must be < 1, got {msg.momentum}")
+    check_finite(msg.weight_decay, "weight_decay", minimum=0)
     devices = [a.device_id for a in msg.allocations]
     if len(set(devices)) != len(devices):
         raise MalformedError("a device appears twice in the plan's allocations")

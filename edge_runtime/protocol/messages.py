@@ -20,6 +20,8 @@ from edge_runtime.quantize import QuantizedTensor
 # Plain tensor dtypes and their wire codes (docs/protocol.md).
 DTYPE_CODES = {"float32": 1, "float16": 2, "int64": 3, "int32": 4, "uint8": 5, "int8": 6, "uint16": 7, "float64": 8}
 ENERGY_SOURCES = ("measured", "estimated")
+# RoundPlan.optimizer on the wire; the names are training.optimizer's (server and device alike)
+OPTIMIZER_CODES = {"sgd": 0, "adam": 1, "adamw": 2}
 SERVER_ID = "server"  # the envelope's device id on the broadcast plan and model topics
 
 
@@ -132,7 +134,9 @@ class RoundPlan(Message):
     """The server's plan for a round: who trains, with which allocation, by when.
 
     ``deadline_s`` is how many seconds the round may take, counted from when a device receives
-    the plan (relative, so device clocks need not agree).
+    the plan (relative, so device clocks need not agree). ``lr`` is this round's learning rate
+    (a schedule may change it every round); ``optimizer``, ``momentum`` and ``weight_decay`` are
+    the server's, which the device follows (edge_runtime.optimizer).
     """
 
     model_version: int
@@ -141,6 +145,9 @@ class RoundPlan(Message):
     batch_size: int
     lr: float
     allocations: tuple[Allocation, ...]
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
