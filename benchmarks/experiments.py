@@ -66,6 +66,12 @@ def run_all(jobs: list[tuple[str, list[str]]], out: Path, parallel: int) -> dict
         return dict(pool.map(one, jobs))
 
 
+def _best(summary: dict) -> str:
+    """The test accuracy of the round the validation set picks ("-" without a validation set)."""
+    best = summary.get("best_on_validation")
+    return f"{best['test_accuracy']:.2%}" if best else "-"
+
+
 def tail_mean(summary: dict[str, Any], k: int = 5) -> float:
     """Mean accuracy over the last k evaluated rounds (less noisy than the last one)."""
     acc = summary["accuracy_per_round"][-k:]
@@ -96,7 +102,7 @@ def accuracy(args: argparse.Namespace) -> None:
                                                    "--seed", str(args.seed)]))
     print(f"accuracy: {len(jobs)} runs of {args.rounds} rounds (alpha {alphas} x bits {bits}), {args.jobs} at a time")
     results = run_all(jobs, args.out, args.jobs)
-    print(f"\n{'alpha':>6} {'bits':>5} {'final acc':>10} {'last-5 mean':>12} {'best':>8} {'vs fp32 (pts)':>14}"
+    print(f"\n{'alpha':>6} {'bits':>5} {'final acc':>10} {'last-5 mean':>12} {'best (val)':>10} {'vs fp32 (pts)':>14}"
           f" {'bytes up MB':>12} {'up / fp32 run':>14}")
     for alpha in alphas:
         ref = results[f"acc-a{alpha:g}-q32"] if 32 in bits else None
@@ -104,7 +110,7 @@ def accuracy(args: argparse.Namespace) -> None:
             s = results[f"acc-a{alpha:g}-q{q}"]
             diff = f"{100 * (tail_mean(s) - tail_mean(ref)):+.1f}" if ref else "-"
             ratio = f"{s['bytes_up'] / ref['bytes_up']:.3f}" if ref else "-"
-            print(f"{alpha:>6g} {q:>5} {s['final_accuracy']:>10.2%} {tail_mean(s):>12.2%} {s['best_accuracy']:>8.2%}"
+            print(f"{alpha:>6g} {q:>5} {s['final_accuracy']:>10.2%} {tail_mean(s):>12.2%} {_best(s):>10}"
                   f" {diff:>14} {s['bytes_up'] / 1e6:>12.1f} {ratio:>14}")
     plt = _plt()
     fig, axes = plt.subplots(1, len(alphas), figsize=(4.2 * len(alphas), 3.4), sharey=True)

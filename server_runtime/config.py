@@ -42,11 +42,12 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """The server's held-out evaluation set and how often it is evaluated."""
+    """The server's held-out evaluation set, its validation set, and how often they are evaluated."""
 
     eval: str = "digits"  # digits | cifar10:<dir> | folder:<dir>
     eval_batch_size: int = 256
     eval_every: int = 1  # rounds between evaluations
+    validation_fraction: float = 0.0  # of the training set, held out for validation accuracy (0: none)
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,17 @@ class TrainingSection:
     mode: str = "v1"  # v1 | v2 | fl (the FedAvg baseline: devices train the whole model)
     optimizer: str = "sgd"  # server and devices alike: the plan carries it (edge_runtime.optimizer)
     lr: float = 0.05
-    lr_schedule: str = "constant"  # constant | cosine (from lr in round 1 to lr_min in the last)
+    lr_schedule: str = "constant"  # constant | cosine (from lr in round 1 towards lr_min after the last)
     lr_min: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 0.0
 
     def lr_at(self, round_: int) -> float:
-        """The learning rate of training round ``round_`` (1-based), as the plan announces it."""
-        if self.lr_schedule == "constant" or self.rounds == 1:
+        """The learning rate of training round ``round_`` (1-based), as the plan announces it: the
+        cosine schedule reaches ``lr_min`` one round after the last, so the last round still learns."""
+        if self.lr_schedule == "constant":
             return self.lr
-        progress = min(max(round_ - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        progress = min(max(round_ - 1, 0), self.rounds) / self.rounds
         return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -167,7 +169,8 @@ _SEED = rule.at_least(0)
 # the checker of every key, section by section; a section's keys are its dataclass's fields
 _RULES: dict[str, dict[str, rule.Check]] = {
     "model": {"preset": rule.preset, "checkpoint": rule.checkpoint_file},
-    "data": {"eval": rule.eval_spec, "eval_batch_size": rule.at_least(1), "eval_every": rule.at_least(1)},
+    "data": {"eval": rule.eval_spec, "eval_batch_size": rule.at_least(1), "eval_every": rule.at_least(1),
+             "validation_fraction": rule.number(lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)")},
     "training": {
         "rounds": rule.at_least(1),
         "devices_per_round": rule.at_least(1),

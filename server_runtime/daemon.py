@@ -31,7 +31,7 @@ from server_runtime.auto_allocation import AutoAllocation, DeviceCalibration
 from server_runtime.checkpoint import create_model
 from server_runtime.config import RunConfig
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
-from server_runtime.data import load_dataset
+from server_runtime.data import ImageSet, load_dataset
 from server_runtime.metrics import MetricsLog, PrometheusExporter
 from server_runtime.retained import Lease, RetainedPublisher
 from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
@@ -67,7 +67,8 @@ class ServerDaemon:
         self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
         self.registry = DeviceRegistry()
         self.counters: Counter[str] = Counter()
-        self.eval_set = load_dataset(cfg.data.eval, seed=cfg.seed).test
+        split = load_dataset(cfg.data.eval, seed=cfg.seed, validation_fraction=cfg.data.validation_fraction)
+        self.eval_set, self.validation_set = split.test, split.validation
         device = pick_device(cfg.compute.device)
         model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
                              num_classes=self.eval_set.num_classes, seed=cfg.seed)
@@ -428,13 +429,17 @@ class ServerDaemon:
                         len(state.devices))
             self.trainer.abort_round()
         phases["aggregate"] = time.monotonic() - t
-        accuracy = test_loss = None
+        accuracy = test_loss = validation = None
         t = time.monotonic()
         if counted and (self.round % cfg.data.eval_every == 0 or self.round == cfg.training.rounds):
-            accuracy, test_loss = self.trainer.evaluate(self._eval_batches())
+            accuracy, test_loss = self.trainer.evaluate(self._eval_batches(self.eval_set))
             self.last_accuracy = accuracy
+            if self.validation_set is not None:
+                validation, _ = self.trainer.evaluate(self._eval_batches(self.validation_set))
         phases["evaluate"] = time.monotonic() - t
         record = self._record(state, counted, (accuracy, test_loss, train_loss), phases, broadcast, t0)
+        if validation is not None:
+            record = dataclasses.replace(record, validation_accuracy=validation)
         t = time.monotonic()
         save_run_state(cfg.checkpoint_dir, RunState(
             self.round, self.plan_round, self.trainer.state_dict(), self.trainer.optimizer_state(),
@@ -457,11 +462,12 @@ class ServerDaemon:
         return {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()},
                 "server_times": list(self.auto.server_times)}
 
-    def _eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The evaluation set, preprocessed batch by batch exactly as devices preprocess theirs."""
+    def _eval_batches(self, data: ImageSet) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``data`` (the test or validation set), preprocessed batch by batch exactly as devices
+        preprocess theirs."""
         cfg = self.trainer.model.config
         spec = Preprocess(cfg.img_size, tuple(cfg.mean), tuple(cfg.std))
-        data, size = self.eval_set, self.config.data.eval_batch_size
+        size = self.config.data.eval_batch_size
         for start in range(0, len(data), size):
             yield preprocess(data.images[start:start + size], spec), data.labels[start:start + size]
 

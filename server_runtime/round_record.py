@@ -135,6 +135,9 @@ class RoundRecord(_JsonRecord):
     devices: Mapping[str, DeviceRoundRecord] = _doc("device id to its figures, for every selected device")
     counters: Mapping[str, int] = _doc("protocol counters by name, cumulative over the run")
     allocator: AllocatorSummary | None = _doc("the allocator's solve; null unless `quant.bits = \"auto\"`")
+    validation_accuracy: float | None = _doc(
+        "accuracy on the validation set held out of the training data (`data.validation_fraction`); "
+        "absent when there is none or the round was not evaluated", default=None)
 
 
 # ---------------------------------------------------------------------------------------------

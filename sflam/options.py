@@ -66,7 +66,7 @@ class SimOptions:
     local_epochs: int = 5
     batch_size: int = 32
     lr: float = 0.05
-    lr_schedule: str = "constant"  # or "cosine": from lr down to 0 over the run (training.lr_schedule)
+    lr_schedule: str = "cosine"  # from lr towards 0 over the run (training.lr_schedule); or "constant"
     optimizer: str = "sgd"
     mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
     gradient_bits: int = 32
@@ -83,6 +83,7 @@ class SimOptions:
     t_max_s: float = 5.0  # the allocator's latency cap per round (bits = auto)
     min_completed: float = 0.5
     eval_every: int = 1
+    validation_fraction: float = 0.1  # of the training set, held out for the server's validation accuracy
     server: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # run.toml overrides by section
 
     @property
@@ -94,7 +95,7 @@ class SimOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "scheme", "dataset", "model",
              "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule", "checkpoint", "mode", "profiles",
-             "radius_m", "backend", "hosts", "engine", "ray_address", "emulate_link", "t_max_s")
+             "validation_fraction", "radius_m", "backend", "hosts", "engine", "ray_address", "emulate_link", "t_max_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
     ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "gradient_bits",
             "device_threads", "server_workers", "eval_every", "hosts")
-    floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s")
+    floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
     for name in ints:
         if name in kwargs:
             value = kwargs[name]
@@ -228,18 +229,20 @@ def too_few_images(devices: int, dataset: str, train_images: int) -> str | None:
     if needed <= train_images:
         return None
     return (f"devices: {devices} devices x {MIN_SAMPLES} samples needs {needed} training images; {dataset} has "
-            f"{train_images}: pass --resample LO-HI (e.g. --resample 20-40) to draw each device's shard with "
+            f"{train_images} for the devices: pass --resample LO-HI (e.g. --resample 20-40) to draw each device's shard with "
             f"replacement, or use at most {train_images // MIN_SAMPLES} devices")
 
 
 @functools.lru_cache(maxsize=4)
-def _cheap_train_size(dataset: str) -> int | None:
-    """Training images of a data set whose size is cheap to know (digits); None for the others."""
+def _cheap_train_size(dataset: str, validation_fraction: float) -> int | None:
+    """Training images (after the validation hold-out) of a data set whose size is cheap to know
+    (digits); None for the others."""
     if dataset != "digits":
         return None
     from server_runtime.data import load_dataset
 
-    return len(load_dataset(dataset).train)  # a stratified split: the same size for every seed
+    # stratified splits: the same sizes for every seed
+    return len(load_dataset(dataset, validation_fraction=validation_fraction).train)
 
 
 def check_options(opts: SimOptions) -> list[str]:
@@ -258,6 +261,8 @@ def check_options(opts: SimOptions) -> list[str]:
         value = getattr(opts, name)
         if not (value > 0 and math.isfinite(value)):
             problems.append(f"{name}: must be a positive number, got {value}")
+    if not 0 <= opts.validation_fraction < 0.5:
+        problems.append(f"validation_fraction: must be in [0, 0.5), got {opts.validation_fraction}")
     if not 0 < opts.min_completed <= 1:
         problems.append(f"min_completed: must be in (0, 1], got {opts.min_completed}")
     if opts.scheme not in SCHEMES:
@@ -330,7 +335,8 @@ def _fleet_problems(opts: SimOptions) -> list[str]:
             problems.append(f"resample: LO must be >= 1, got {lo}")
         if lo > hi:
             problems.append(f"resample: needs LO <= HI, got [{lo}, {hi}]")
-    elif opts.devices >= 1 and (train_images := _cheap_train_size(opts.dataset)) is not None:
+    elif (opts.devices >= 1 and 0 <= opts.validation_fraction < 0.5
+          and (train_images := _cheap_train_size(opts.dataset, opts.validation_fraction)) is not None):
         problem = too_few_images(opts.devices, opts.dataset, train_images)
         if problem:
             problems.append(problem)
@@ -393,7 +399,8 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
     out = Path(out).resolve()
     sections: dict[str, dict[str, Any]] = {
         "model": {"preset": opts.model},
-        "data": {"eval": opts.dataset, "eval_every": opts.eval_every * plan.turns_per_round},
+        "data": {"eval": opts.dataset, "eval_every": opts.eval_every * plan.turns_per_round,
+                 "validation_fraction": opts.validation_fraction},
         "training": {"rounds": plan.server_rounds, "devices_per_round": plan.devices_per_round,
                      "min_devices": opts.devices, "local_epochs": opts.local_epochs,
                      "batch_size": opts.batch_size, "mode": plan.mode, "optimizer": opts.optimizer, "lr": opts.lr,

@@ -31,8 +31,8 @@ import numpy as np
 from server_runtime.metrics import read_round_records
 from server_runtime.round_record import DeviceRoundRecord, RoundRecord
 
-SUMMARY_KEYS = ("final_accuracy", "rounds", "bytes_up", "bytes_down", "bytes_up_fp32", "device_energy_j",
-                "mean_round_latency_s", "scheme")
+SUMMARY_KEYS = ("final_accuracy", "last5_accuracy", "best_on_validation", "rounds", "bytes_up", "bytes_down",
+                "bytes_up_fp32", "device_energy_j", "mean_round_latency_s", "scheme")
 PHASES = ("compute", "uplink", "server", "downlink")
 
 
@@ -88,7 +88,8 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
         "status": status,
         "rounds": len(groups),
         "final_accuracy": accuracy[-1][1] if accuracy else None,
-        "best_accuracy": max((a for _, a in accuracy), default=None),
+        "last5_accuracy": float(np.mean([a for _, a in accuracy[-5:]])) if accuracy else None,
+        "best_on_validation": _best_on_validation(groups),
         "accuracy_per_round": [a for _, a in accuracy],
         "accuracy_rounds": [k for k, _ in accuracy],
         "bytes_up": bytes_up,
@@ -110,6 +111,16 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
         "options": options,
     }
     return summary
+
+
+def _best_on_validation(groups: Sequence[Sequence[RoundRecord]]) -> dict[str, Any] | None:
+    """The round with the highest validation accuracy (the earliest of ties) and its test accuracy:
+    the run's "best" figure, chosen without looking at the test set; None without a validation set."""
+    scored = [(k + 1, g[-1]) for k, g in enumerate(groups) if g[-1].validation_accuracy is not None]
+    if not scored:
+        return None
+    round_, record = max(scored, key=lambda item: (item[1].validation_accuracy, -item[0]))
+    return {"round": round_, "validation_accuracy": record.validation_accuracy, "test_accuracy": record.accuracy}
 
 
 def _elements_per_sample(model: str) -> int:
@@ -241,6 +252,11 @@ def _joule(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g} J"
 
 
+def _best_text(summary: Mapping[str, Any]) -> str:
+    best = summary.get("best_on_validation")
+    return "-" if not best else f"{_pct(best['test_accuracy'])} (round {best['round']})"
+
+
 def render_table(summary: Mapping[str, Any]) -> str:
     """One scheme's result table."""
     return render_comparison([summary])
@@ -252,7 +268,8 @@ def render_comparison(summaries: Sequence[Mapping[str, Any]]) -> str:
         ("scheme", lambda s: f"{s['scheme']}" + (f" (q={s['bits']})" if s["scheme"] == "sflam" else "")),
         ("rounds", lambda s: str(s["rounds"])),
         ("final accuracy", lambda s: _pct(s["final_accuracy"])),
-        ("best accuracy", lambda s: _pct(s.get("best_accuracy"))),
+        ("last-5-round mean accuracy", lambda s: _pct(s.get("last5_accuracy"))),
+        ("test acc. at best validation", _best_text),
         ("bytes up", lambda s: _mb(s["bytes_up"])),
         ("bytes up if fp32", lambda s: _mb(s["bytes_up_fp32"])),
         ("up / fp32", lambda s: f"{s['bytes_up'] / s['bytes_up_fp32']:.3f}" if s["bytes_up_fp32"] else "-"),

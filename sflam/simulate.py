@@ -102,7 +102,7 @@ def prepare(opts: SimOptions, out: Path, broker_url: str) -> Prepared:
     from server_runtime.data import load_dataset
 
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(opts.dataset, seed=opts.seed)
+    data = load_dataset(opts.dataset, seed=opts.seed, validation_fraction=opts.validation_fraction)  # as the server
     parts = split_training_set(opts, data.train.labels, data.name)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)

@@ -56,6 +56,21 @@ def test_digits_split_is_stratified_and_deterministic(digits) -> None:
     assert np.all(np.abs(fraction - 0.2) < 0.01)
 
 
+def test_a_validation_set_is_carved_from_train_never_from_test(digits) -> None:
+    # Execute
+    held = load_dataset("digits", seed=0, validation_fraction=0.1)
+    # Assert: the test set is untouched; train and validation partition the old train, stratified
+    assert np.array_equal(held.test.images, digits.test.images) and digits.validation is None
+    assert len(held.train) + len(held.validation) == len(digits.train) and len(held.validation) == 143
+    old = {image.tobytes() for image in digits.train.images}
+    train, validation = ({image.tobytes() for image in part.images} for part in (held.train, held.validation))
+    assert train | validation == old and train.isdisjoint(validation)
+    counts = np.bincount(held.validation.labels, minlength=10) / np.bincount(digits.train.labels, minlength=10)
+    assert np.all(np.abs(counts - 0.1) < 0.01)
+    again = load_dataset("digits", seed=0, validation_fraction=0.1)
+    assert np.array_equal(again.validation.labels, held.validation.labels)  # deterministic: server = simulate
+
+
 def test_stratified_split_covers_every_index_once_and_keeps_singletons_in_train() -> None:
     # Prepare
     labels = np.array([0] * 10 + [1] * 5 + [2])

@@ -152,7 +152,7 @@ def test_each_plan_carries_the_rounds_learning_rate_and_the_servers_optimizer(br
         runner.join(60)
     finally:
         device.link.close()
-    # Assert: round 1 at lr, round 2 at lr_min, on both sides; the optimizer and decay travel
+    # Assert: round 1 at lr, round 2 halfway to lr_min, on both sides; the optimizer and decay travel
     assert not runner.is_alive() and daemon.round == 2
-    assert [plan.lr for plan in plans] == pytest.approx([0.01, 0.001]) == server_lrs
+    assert [plan.lr for plan in plans] == pytest.approx([0.01, 0.0055]) == server_lrs
     assert {(plan.optimizer, plan.momentum, plan.weight_decay) for plan in plans} == {("adamw", 0.9, 0.05)}

@@ -195,6 +195,9 @@ def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
     for name in ("accuracy", "bytes", "energy", "latency"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "final accuracy" in output and "bytes up if fp32" in output
+    best = summary["best_on_validation"]  # picked on the validation set, reported on the test set
+    assert best["round"] in (1, 2) and best["test_accuracy"] in summary["accuracy_per_round"]
+    assert all(r.validation_accuracy is not None for r in records if r.counted)
     assert _children_of(out) == []  # broker, server and devices all gone
 
 
@@ -331,7 +334,7 @@ def test_simulate_runs_from_a_non_editable_install_of_the_wheel(tmp_path: Path) 
 # ---------------------------------------------------------------------------------------------
 # --resample: fleets larger than the data set
 
-TOO_MANY = "1000 devices x 10 samples needs 10000 training images; digits has 1438"
+TOO_MANY = "1000 devices x 10 samples needs 10000 training images; digits has 1295 for the devices"
 
 
 def test_resample_parses_from_the_flag_and_from_a_toml_table(tmp_path: Path) -> None:
@@ -375,10 +378,10 @@ def test_a_fleet_larger_than_the_data_set_names_both_numbers_and_the_flag() -> N
         build_options({"devices": 1000, "per_round": 50, "rounds": 1})
     # Assert: the sizes, the way out, and no option a user cannot set
     (problem,) = caught.value.problems
-    assert TOO_MANY in problem and "--resample LO-HI" in problem and "at most 143 devices" in problem
+    assert TOO_MANY in problem and "--resample LO-HI" in problem and "at most 129 devices" in problem
     assert "min_samples" not in problem
     assert build_options({"devices": 1000, "per_round": 50, "resample": "20-40"}).devices == 1000
-    assert build_options({"devices": 143, "per_round": 50}).devices == 143
+    assert build_options({"devices": 129, "per_round": 50}).devices == 129
 
 
 def test_the_too_large_fleet_is_refused_before_anything_starts() -> None:
@@ -446,6 +449,31 @@ def test_with_resample_prepare_writes_1000_shards_of_20_to_40_images(tmp_path: P
     fleet = load_scenario(tmp_path / "scenario.json").fleet
     assert fleet.ids[0] == "dev-000" and fleet.samples.tolist() == [n * opts.local_epochs for n in sizes]
     assert load_config(prepared.config_path).training.min_devices == 1000
+
+
+def test_the_validation_set_is_held_out_of_every_shard_and_given_to_the_server(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: the default quickstart fleet; the bundle export is not under test here
+    import numpy as np
+
+    from server_runtime.data import load_dataset
+    from sflam import simulate
+
+    monkeypatch.setattr(simulate, "_export", lambda opts, out, num_classes: out / "bundle")
+    opts = build_options({"rounds": 1, "seed": 4})
+    # Execute
+    prepared = simulate.prepare(opts, tmp_path, "mqtt://127.0.0.1:1")
+    # Assert: the shards hold the training set less the validation set, the server holds that set out
+    config = load_config(prepared.config_path)
+    assert opts.validation_fraction == config.data.validation_fraction == 0.1
+    split = load_dataset("digits", seed=config.seed, validation_fraction=config.data.validation_fraction)
+    shard_images = []
+    for spec in prepared.devices:
+        with np.load(spec.shard) as shard:
+            shard_images += [image.tobytes() for image in shard["images"]]
+    validation = {image.tobytes() for image in split.validation.images}
+    assert len(shard_images) == len(split.train) == 1438 - len(split.validation) and len(validation) == 143
+    assert validation.isdisjoint(shard_images)  # digits has no duplicate images: disjoint by content
+    assert {image.tobytes() for image in split.test.images}.isdisjoint(shard_images)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,28 +71,39 @@ class ImageSet:
 
 @dataclass(frozen=True, eq=False)
 class DataSplit:
-    """A named data set with its train and test sets."""
+    """A named data set with its train and test sets, and a validation set carved from train."""
 
     name: str
     train: ImageSet
     test: ImageSet
+    validation: ImageSet | None = None  # held out of train (never of test); None: not asked for
 
 
-def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2) -> DataSplit:
+def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2,
+                 validation_fraction: float = 0.0) -> DataSplit:
     """Load ``digits``, ``cifar10:<dir>`` or ``folder:<dir>``.
 
     ``seed`` and ``test_fraction`` only matter where the source has no test set of its own
     (digits, a folder without ``train``/``test``): the split is stratified and deterministic.
+    ``validation_fraction`` > 0 holds that fraction of every class of the training set out as
+    ``validation`` (stratified, seeded by ``seed``): what a run picks its "best" round on, so the
+    test set is only ever used for the figure reported. A simulation and its server call this
+    with the same arguments, so the devices' shards and the server's validation set never overlap.
     """
     kind, sep, location = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "digits" and not sep:
-        return _load_digits(seed, test_fraction)
-    if kind == "cifar10" and location:
-        return _load_cifar10(Path(location).expanduser())
-    if kind == "folder" and location:
-        return _load_folder(Path(location).expanduser(), seed, test_fraction)
-    raise DatasetError(f"unknown data set spec {spec!r}; expected one of: {SPEC_FORMS}")
+        data = _load_digits(seed, test_fraction)
+    elif kind == "cifar10" and location:
+        data = _load_cifar10(Path(location).expanduser())
+    elif kind == "folder" and location:
+        data = _load_folder(Path(location).expanduser(), seed, test_fraction)
+    else:
+        raise DatasetError(f"unknown data set spec {spec!r}; expected one of: {SPEC_FORMS}")
+    if validation_fraction == 0.0:
+        return data
+    train, validation = _split_set(data.train, validation_fraction, seed)
+    return DataSplit(data.name, train, data.test, validation)
 
 
 def stratified_split(
