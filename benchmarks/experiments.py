@@ -6,9 +6,11 @@
     python benchmarks/experiments.py all
 
 Every run is a real `sflam simulate` (broker, server and device processes) in its own directory
-under --out; up to --jobs run at once (emulated radio airtime is mostly sleeping, so runs overlap
-well on 2 cores; accuracy does not depend on it, the measured wall times do). Tables print
-side-by-side ratios from this run; figures go to --img (docs/img by default). Nothing printed is
+under --out. Every cell runs once per seed of --seeds (default 0,1,2) and is reported as the mean
+with a 95 % Student t interval over the seeds, figures as the mean curve with that band. Runs go
+one at a time by default (--jobs 1): concurrent runs share the CPU, which inflates measured times
+and, with bits "auto", the allocator's calibration and so the bits it picks. Tables print
+side-by-side figures from this run; figures go to --img (docs/img by default). Nothing printed is
 stored: every number comes from the runs.
 """
 
@@ -66,10 +68,49 @@ def run_all(jobs: list[tuple[str, list[str]]], out: Path, parallel: int) -> dict
         return dict(pool.map(one, jobs))
 
 
-def _best(summary: dict) -> str:
-    """The test accuracy of the round the validation set picks ("-" without a validation set)."""
+def _best(summary: dict) -> float:
+    """The test accuracy of the round the validation set picks (nan without a validation set)."""
     best = summary.get("best_on_validation")
-    return f"{best['test_accuracy']:.2%}" if best else "-"
+    return best["test_accuracy"] if best else float("nan")
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half width of the 95 % Student t interval); the half width is nan for one value."""
+    from scipy import stats
+
+    data = np.asarray([v for v in values if v == v], dtype=float)  # nan (missing) left out
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    if len(data) < 2:
+        return float(data.mean()), float("nan")
+    return float(data.mean()), float(stats.t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data)))
+
+
+def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean +- half`` of ``values`` x ``scale`` (percent points by default)."""
+    mean, half = interval(values)
+    return f"{scale * mean:.{digits}f}" + ("" if half != half else f" +- {scale * half:.{digits}f}")
+
+
+def seeded(jobs: list[tuple[str, list[str]]], seeds: list[int]) -> list[tuple[str, list[str]]]:
+    """Every (cell, args) once per seed: (cell-s<seed>, args + --seed)."""
+    return [(f"{name}-s{seed}", [*args, "--seed", str(seed)]) for name, args in jobs for seed in seeds]
+
+
+def cell(results: dict[str, dict[str, Any]], name: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """The summaries of one cell, one per seed."""
+    return [results[f"{name}-s{seed}"] for seed in seeds]
+
+
+def band(ax: Any, summaries: list[dict[str, Any]], label: str) -> None:
+    """The mean accuracy curve over seeds, with its 95 % interval as a band."""
+    rounds = min(len(s["accuracy_per_round"]) for s in summaries)
+    xs = summaries[0]["accuracy_rounds"][:rounds]
+    stats = [interval([s["accuracy_per_round"][i] for s in summaries]) for i in range(rounds)]
+    mean = np.array([100 * m for m, _ in stats])
+    half = np.nan_to_num(np.array([100 * h for _, h in stats]))
+    line, = ax.plot(xs, mean, label=f"{label} (n={len(summaries)})")
+    ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
 
 
 def tail_mean(summary: dict[str, Any], k: int = 5) -> float:
@@ -94,35 +135,35 @@ def _plt():
 def accuracy(args: argparse.Namespace) -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     bits = [int(b) for b in args.bits.split(",")]
-    jobs = []
+    cells = []
     for alpha in alphas:
         for q in bits:
             scheme = ["--scheme", "sfl"] if q == 32 else ["--bits", str(q)]
-            jobs.append((f"acc-a{alpha:g}-q{q}", ["--alpha", str(alpha), *scheme, "--rounds", str(args.rounds),
-                                                   "--seed", str(args.seed)]))
-    print(f"accuracy: {len(jobs)} runs of {args.rounds} rounds (alpha {alphas} x bits {bits}), {args.jobs} at a time")
+            cells.append((f"acc-a{alpha:g}-q{q}", ["--alpha", str(alpha), *scheme, "--rounds", str(args.rounds)]))
+    jobs = seeded(cells, args.seeds)
+    print(f"accuracy: {len(jobs)} runs of {args.rounds} rounds (alpha {alphas} x bits {bits} x seeds {args.seeds}), "
+          f"{args.jobs} at a time")
     results = run_all(jobs, args.out, args.jobs)
-    print(f"\n{'alpha':>6} {'bits':>5} {'final acc':>10} {'last-5 mean':>12} {'best (val)':>10} {'vs fp32 (pts)':>14}"
-          f" {'bytes up MB':>12} {'up / fp32 run':>14}")
+    print(f"\nmean +- 95 % interval over seeds {args.seeds}, in percent (points for the differences)")
+    print(f"{'alpha':>6} {'bits':>5} {'final acc':>14} {'last-5 mean':>14} {'best (val)':>14} {'last-5 vs fp32':>15}"
+          f" {'bytes up MB':>12}")
     for alpha in alphas:
-        ref = results[f"acc-a{alpha:g}-q32"] if 32 in bits else None
+        ref = cell(results, f"acc-a{alpha:g}-q32", args.seeds) if 32 in bits else None
         for q in bits:
-            s = results[f"acc-a{alpha:g}-q{q}"]
-            diff = f"{100 * (tail_mean(s) - tail_mean(ref)):+.1f}" if ref else "-"
-            ratio = f"{s['bytes_up'] / ref['bytes_up']:.3f}" if ref else "-"
-            print(f"{alpha:>6g} {q:>5} {s['final_accuracy']:>10.2%} {tail_mean(s):>12.2%} {_best(s):>10}"
-                  f" {diff:>14} {s['bytes_up'] / 1e6:>12.1f} {ratio:>14}")
+            runs = cell(results, f"acc-a{alpha:g}-q{q}", args.seeds)
+            diff = fmt([tail_mean(s) - tail_mean(r) for s, r in zip(runs, ref)]) if ref else "-"  # paired by seed
+            print(f"{alpha:>6g} {q:>5} {fmt([s['final_accuracy'] for s in runs]):>14}"
+                  f" {fmt([tail_mean(s) for s in runs]):>14} {fmt([_best(s) for s in runs]):>14} {diff:>15}"
+                  f" {fmt([s['bytes_up'] for s in runs], 1e-6):>12}")
     plt = _plt()
     fig, axes = plt.subplots(1, len(alphas), figsize=(4.2 * len(alphas), 3.4), sharey=True)
     for ax, alpha in zip(np.atleast_1d(axes), alphas):
         for q in bits:
-            s = results[f"acc-a{alpha:g}-q{q}"]
-            ax.plot(s["accuracy_rounds"], [100 * a for a in s["accuracy_per_round"]],
-                    label="fp32" if q == 32 else f"q={q}")
+            band(ax, cell(results, f"acc-a{alpha:g}-q{q}", args.seeds), "fp32" if q == 32 else f"q={q}")
         ax.set(title=f"Dirichlet alpha = {alpha:g}", xlabel="round")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("test accuracy [%]")
-    np.atleast_1d(axes)[-1].legend()
+    np.atleast_1d(axes)[-1].legend(fontsize="small")
     _save(fig, args.img / "results_accuracy.png")
 
 
@@ -155,22 +196,26 @@ def tmax(args: argparse.Namespace) -> None:
         ratio = f"{e / fe:.3f}" if status != "infeasible" and fok else "-"
         print(f"{cap:>8.3f} {status:>11} {e:>10.4f} {o:>10.4f} {q:>7.2f} {'yes' if fok else 'no':>9}"
               f" {fe:>10.4f} {fo:>10.4f} {ratio:>14}")
-    # closed loop: the same fleet trained with three caps
+    # closed loop: the same fleet trained with three caps, each over the seeds
     caps_run = [float(c) for c in args.tmax_runs.split(",")]
-    jobs = [(f"tmax-{c:g}", ["--t-max", str(c), "--rounds", str(args.tmax_rounds), "--seed", str(args.seed)])
-            for c in caps_run]
-    print(f"\nclosed loop: {len(jobs)} simulations of {args.tmax_rounds} rounds, bits auto, t_max {caps_run} s")
+    jobs = seeded([(f"tmax-{c:g}", ["--t-max", str(c), "--rounds", str(args.tmax_rounds)]) for c in caps_run],
+                  args.seeds)
+    print(f"\nclosed loop: {len(jobs)} simulations of {args.tmax_rounds} rounds, bits auto, t_max {caps_run} s, "
+          f"seeds {args.seeds}")
     results = run_all(jobs, args.out, args.jobs)
-    print(f"\n{'t_max s':>8} {'model E/round J':>16} {'reported E/round J':>19} {'model T/round s':>16}"
-          f" {'mean bits':>10} {'final acc':>10}")
-    for c in caps_run:
-        s = results[f"tmax-{c:g}"]
-        from server_runtime.metrics import read_round_records
+    from server_runtime.metrics import read_round_records
 
-        records = read_round_records(args.out / f"tmax-{c:g}" / "metrics.jsonl")
-        mean_bits = np.mean([f.allocation.bits_up for r in records for f in r.devices.values()])
-        print(f"{c:>8g} {s['modeled']['energy_j']:>16.4f} {s['device_energy_j'] / s['rounds']:>19.4f}"
-              f" {s['modeled']['round_latency_s']:>16.3f} {mean_bits:>10.2f} {s['final_accuracy']:>10.2%}")
+    print(f"\n{'t_max s':>8} {'model E/round J':>18} {'reported E/round J':>19} {'model T/round s':>16}"
+          f" {'mean bits':>12} {'final acc %':>12} {'last-5 %':>12}")
+    for c in caps_run:
+        runs = cell(results, f"tmax-{c:g}", args.seeds)
+        bits = [float(np.mean([f.allocation.bits_up for r in read_round_records(args.out / f"tmax-{c:g}-s{seed}"
+                                                                              / "metrics.jsonl")
+                               for f in r.devices.values()])) for seed in args.seeds]
+        print(f"{c:>8g} {fmt([s['modeled']['energy_j'] for s in runs], 1, 4):>18}"
+              f" {fmt([s['device_energy_j'] / s['rounds'] for s in runs], 1, 3):>19}"
+              f" {fmt([s['modeled']['round_latency_s'] for s in runs], 1, 2):>16} {fmt(bits, 1, 2):>12}"
+              f" {fmt([s['final_accuracy'] for s in runs]):>12} {fmt([tail_mean(s) for s in runs]):>12}")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ok = [r for r in rows if r[1] != "infeasible"]
@@ -192,48 +237,46 @@ def tmax(args: argparse.Namespace) -> None:
 
 
 SCHEMES = [("sflam-auto", ["--scheme", "sflam"]), ("sflam-q8", ["--scheme", "sflam", "--bits", "8"]),
-           ("sfl", ["--scheme", "sfl"]), ("sl", ["--scheme", "sl"]), ("fl", ["--scheme", "fl"])]
+           ("sfl", ["--scheme", "sfl"]), ("sl", ["--scheme", "sl"]), ("fl", ["--scheme", "fl"]),
+           # what sequential SL can do without label skew (alpha 0.5 is its known failure, docs/results.md)
+           ("sl-iid", ["--scheme", "sl", "--alpha", "100"])]
 
 
 def schemes(args: argparse.Namespace) -> None:
     from sflam.sim_report import render_comparison
 
-    jobs = [(f"scheme-{name}", [*flags, "--rounds", str(args.rounds), "--seed", str(args.seed)])
-            for name, flags in SCHEMES if name.split("-")[0] in args.schemes.split(",") or name in args.schemes.split(",")]
-    print(f"schemes: {len(jobs)} runs of {args.rounds} rounds, {args.jobs} at a time")
+    wanted = args.schemes.split(",")
+    cells = [(f"scheme-{name}", [*flags, "--rounds", str(args.rounds)])
+             for name, flags in SCHEMES if name.split("-")[0] in wanted or name in wanted]
+    jobs = seeded(cells, args.seeds)
+    print(f"schemes: {len(jobs)} runs of {args.rounds} rounds (seeds {args.seeds}), {args.jobs} at a time")
     results = run_all(jobs, args.out, args.jobs)
-    names = [name for name, _ in jobs]
-    print("\n" + render_comparison([results[n] for n in names]))
-    ref = results.get("scheme-sfl")
-    if ref:
-        print("\nagainst sfl (fp32 SFL, fixed allocation), same seed and rounds:")
-        print(f"{'scheme':<12} {'model T/round':>14} {'model E/round':>14} {'bytes up':>9} {'final acc pts':>14}"
-              f" {'last-5 pts':>11}")
-        for n in names:
-            s = results[n]
-            print(f"{n.removeprefix('scheme-'):<12} {s['modeled']['round_latency_s'] / ref['modeled']['round_latency_s']:>14.3f}"
-                  f" {s['modeled']['energy_j'] / ref['modeled']['energy_j']:>14.3f}"
-                  f" {s['bytes_up'] / ref['bytes_up']:>9.3f}"
-                  f" {100 * (s['final_accuracy'] - ref['final_accuracy']):>+14.2f}"
-                  f" {100 * (tail_mean(s) - tail_mean(ref)):>+11.2f}")
-    q8 = results.get("scheme-sflam-q8")
-    if q8 and ref:
-        gap = 100 * abs(q8["final_accuracy"] - ref["final_accuracy"])
-        print(f"\nq=8 vs sfl after {args.rounds} rounds: |final accuracy difference| = {gap:.2f} points "
-              f"(goal <= 1: {'met' if gap <= 1 else 'missed'}); last-5 mean difference "
-              f"{100 * abs(tail_mean(q8) - tail_mean(ref)):.2f} points")
-        print(f"q=8 bytes_up / bytes_up_fp32 = {q8['bytes_up'] / q8['bytes_up_fp32']:.3f} (about 0.25 expected), "
-              f"q=8 bytes_up / sfl bytes_up = {q8['bytes_up'] / ref['bytes_up']:.3f}")
+    names = [name for name, _ in cells]
+    print(f"\nseed {args.seeds[0]}, every figure of the run:")
+    print(render_comparison([results[f"{n}-s{args.seeds[0]}"] for n in names]))
+    print(f"\nmean +- 95 % interval over seeds {args.seeds}; ratios against fp32 SFL are taken seed by seed")
+    print(f"{'scheme':<12} {'final acc %':>12} {'last-5 %':>12} {'model T/round':>14} {'model E/round':>14}"
+          f" {'bytes up':>12} {'last-5 vs sfl':>14}")
+    ref = cell(results, "scheme-sfl", args.seeds) if "scheme-sfl" in names else None
+    for n in names:
+        runs = cell(results, n, args.seeds)
+        ratio = (lambda key: fmt([s["modeled"][key] / r["modeled"][key] for s, r in zip(runs, ref)], 1, 3)) if ref \
+            else (lambda key: "-")
+        up = fmt([s["bytes_up"] / r["bytes_up"] for s, r in zip(runs, ref)], 1, 3) if ref else "-"
+        diff = fmt([tail_mean(s) - tail_mean(r) for s, r in zip(runs, ref)]) if ref else "-"
+        print(f"{n.removeprefix('scheme-'):<12} {fmt([s['final_accuracy'] for s in runs]):>12}"
+              f" {fmt([tail_mean(s) for s in runs]):>12} {ratio('round_latency_s'):>14} {ratio('energy_j'):>14}"
+              f" {up:>12} {diff:>14}")
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     labels = [n.removeprefix("scheme-") for n in names]
-    axes[0].bar(labels, [results[n]["modeled"]["round_latency_s"] for n in names])
-    axes[0].set(ylabel="s per round (system model)", title="round latency", yscale="log")
-    axes[1].bar(labels, [results[n]["modeled"]["energy_j"] for n in names])
-    axes[1].set(ylabel="J per round (system model)", title="device energy", yscale="log")
+    for ax, key, title, unit in ((axes[0], "round_latency_s", "round latency", "s"),
+                                 (axes[1], "energy_j", "device energy", "J")):
+        stats = [interval([s["modeled"][key] for s in cell(results, n, args.seeds)]) for n in names]
+        ax.bar(labels, [m for m, _ in stats], yerr=[np.nan_to_num(h) for _, h in stats], capsize=3)
+        ax.set(ylabel=f"{unit} per round (system model)", title=title, yscale="log")
     for n, label in zip(names, labels):
-        s = results[n]
-        axes[2].plot(s["accuracy_rounds"], [100 * a for a in s["accuracy_per_round"]], label=label)
+        band(axes[2], cell(results, n, args.seeds), label)
     axes[2].set(xlabel="round", ylabel="test accuracy [%]", title="accuracy per round")
     axes[2].legend(fontsize="small")
     for ax in axes:
@@ -256,20 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=("accuracy", "tmax", "schemes", "all"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments", help="run directories")
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
-    parser.add_argument("--jobs", type=int, default=3, help="simulations at once (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=40, help="rounds per run (default 40)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="simulations at once (default 1: concurrent runs contaminate timings and auto bits)")
+    parser.add_argument("--seeds", default="0,1,2", help="every cell runs once per seed (default 0,1,2)")
+    parser.add_argument("--rounds", type=int, default=60, help="rounds per run (default 60)")
     parser.add_argument("--alphas", default="0.1,0.5,1.0")
     parser.add_argument("--bits", default="2,4,8,32")
     parser.add_argument("--schemes", default="sflam,sfl,sl,fl")
     parser.add_argument("--tmax-runs", default="2,5,20", help="closed-loop caps in seconds")
     parser.add_argument("--tmax-rounds", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="2 rounds per run, one alpha, bits 2 and 32")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 rounds per run, one alpha, bits 2 and 32, seeds 0 and 1 (a smoke test)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.rounds < 1:
         parser.error("--jobs and --rounds must be >= 1")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+    args.seed = args.seeds[0]  # the allocator-only T_max sweep uses the first seed's scenario
     if args.quick:
         args.rounds, args.alphas, args.bits, args.tmax_rounds, args.tmax_runs = 2, "0.5", "2,32", 2, "2,20"
+        args.seeds, args.schemes = [0, 1], "sflam,sfl"
     for name in (("accuracy", "tmax", "schemes") if args.experiment == "all" else (args.experiment,)):
         print(f"== {name}")
         globals()[name](args)

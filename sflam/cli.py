@@ -316,10 +316,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int, metavar="S", help="seed of data split, scenario, selection (default 0)")
     sim.add_argument("--local-epochs", type=_positive_int, metavar="E", help="local epochs per round (default 5)")
     sim.add_argument("--batch-size", type=_positive_int, metavar="B", help="device batch (default 32)")
-    sim.add_argument("--lr", type=_positive_float, help="learning rate (default 0.05)")
+    sim.add_argument("--lr", type=_positive_float, help="learning rate of round 1 (default 0.002)")
     sim.add_argument("--validation-fraction", type=float, metavar="F",
                      help="share of the training set the server holds out to pick the best round on "
                           "(default 0.1; 0: none); the test set only gives the reported figures")
+    sim.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+                     help="the optimizer of both halves of the model (default adam)")
     sim.add_argument("--lr-schedule", choices=("constant", "cosine"),
                      help="cosine (default): from --lr in round 1 down to 0 in the last; or constant")
     sim.add_argument("--mode", choices=("v1", "v2"), help="SFL-V1 (default) or V2 for the split schemes")
