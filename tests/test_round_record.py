@@ -39,9 +39,7 @@ def test_every_round_line_the_daemon_writes_parses_strictly_and_round_trips(brok
         # Execute: "a" trains one step and sends its update
         plan = a.wait_for(p.RoundPlan, 30)
         assert plan is not None
-        a.activations(plan.envelope.round, daemon.trainer.tokens_shape)
-        assert a.wait_for(p.Gradient, 20) is not None
-        a.update(plan.envelope.round, daemon.trainer.device_weights())
+        a.train_one_step(plan, daemon)
         runner.join(60)
     finally:
         for device in (a, b):

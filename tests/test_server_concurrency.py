@@ -67,6 +67,12 @@ class ScriptedDevice:
                                 p.Tensor.from_numpy(rng.integers(0, 10, 4)))
         self.link.send(self.topics.up(self.id), message)
 
+    def train_one_step(self, plan: p.RoundPlan, daemon: ServerDaemon) -> None:
+        """The plan's round as one step: activations, their gradient (asserted), the update."""
+        self.activations(plan.envelope.round, daemon.trainer.tokens_shape)
+        assert self.wait_for(p.Gradient, 20) is not None
+        self.update(plan.envelope.round, daemon.trainer.device_weights())
+
     def update(self, plan_round: int, weights: dict[str, np.ndarray]) -> None:
         telemetry = p.Telemetry(0.1, 0.1, 1.0, "estimated", 1, 1, 1)
         message = p.RoundUpdate(p.Envelope(RUN, plan_round, self.id, 1), plan_round, 4,
@@ -146,9 +152,7 @@ def test_each_plan_carries_the_rounds_learning_rate_and_the_servers_optimizer(br
             assert plan is not None
             plans.append(plan)
             server_lrs.append(daemon.trainer.spec.lr)
-            device.activations(plan.envelope.round, daemon.trainer.tokens_shape)
-            assert device.wait_for(p.Gradient, 20) is not None
-            device.update(plan.envelope.round, daemon.trainer.device_weights())
+            device.train_one_step(plan, daemon)
         runner.join(60)
     finally:
         device.link.close()

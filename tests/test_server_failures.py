@@ -223,9 +223,7 @@ def test_the_start_quorum_gates_only_the_first_round_and_the_run_goes_on_with_su
         survivor.update(plan.envelope.round, daemon.trainer.device_weights())
         second = survivor.wait_for(p.RoundPlan, 30)
         assert second is not None
-        survivor.activations(second.envelope.round, daemon.trainer.tokens_shape)
-        assert survivor.wait_for(p.Gradient, 20) is not None
-        survivor.update(second.envelope.round, daemon.trainer.device_weights())
+        survivor.train_one_step(second, daemon)
         runner.join(60)
     finally:
         for device in devices.values():

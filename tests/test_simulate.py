@@ -161,10 +161,14 @@ def _children_of(out: Path) -> list[str]:
     return found
 
 
-def _simulate(out: Path, *extra: str) -> subprocess.Popen:
+def _simulate(out: Path, *extra: str, interruptible: bool = False) -> subprocess.Popen:
+    """``sflam simulate`` on the tiny settings; ``interruptible``: with SIGINT's default action, which
+    a suite started as a background job (SIGINT ignored, and inherited) would otherwise pass on."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if interruptible else None
     return subprocess.Popen([sys.executable, "-m", "sflam", "simulate", *TINY, "--out", str(out), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=restore)
 
 
 def _learning_args(tmp_path: Path) -> tuple[str, ...]:
@@ -217,7 +221,7 @@ def test_the_embedded_amqtt_fallback_runs_the_same_simulation(tmp_path: Path) ->
 def test_ctrl_c_stops_every_process_and_keeps_the_partial_results(tmp_path: Path) -> None:
     # Prepare: a run long enough to interrupt
     out = tmp_path / "run"
-    proc = _simulate(out, "--rounds", "50")
+    proc = _simulate(out, "--rounds", "50", interruptible=True)
     deadline = time.monotonic() + 300
     while not sim_report.read_records(out / "metrics.jsonl"):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
