@@ -250,9 +250,10 @@ def schemes(args: argparse.Namespace) -> None:
 
     wanted = args.schemes.split(",")
     # the comparison is the system model's time and energy (the same for any host load); pacing uplinks
-    # at an emulated radio's rate changes neither what a run learns nor what it sends, only its wall time
-    link = [] if args.emulate_link else ["--no-emulate-link"]
-    cells = [(f"scheme-{name}", [*flags, "--rounds", str(args.rounds), *link])
+    # at an emulated radio's rate changes neither what a fixed-allocation run learns nor what it sends,
+    # only its wall time; sflam-auto keeps its emulated links, which its allocator calibrates on
+    cells = [(f"scheme-{name}", [*flags, "--rounds", str(args.rounds),
+                                 *([] if args.emulate_link or name == "sflam-auto" else ["--no-emulate-link"])])
              for name, flags in SCHEMES if name.split("-")[0] in wanted or name in wanted]
     jobs = seeded(cells, args.seeds)
     print(f"schemes: {len(jobs)} runs of {args.rounds} rounds (seeds {args.seeds}), {args.jobs} at a time")

@@ -282,6 +282,30 @@ def test_an_sl_round_may_give_one_device_two_turns(tmp_path: Path) -> None:
     assert summary["modeled"]["energy_j"] == pytest.approx(2 * one[1] + zero[1])
 
 
+
+def test_auto_bits_on_loopback_links_is_not_modeled(tmp_path: Path) -> None:
+    # Prepare: one round on a scenario, as auto-allocated sflam and as fp32 sfl, both without emulated links
+    import dataclasses
+
+    from allocator.scenario import dump_scenario, generate_scenario
+    from server_runtime.round_record import PhaseTimes
+    from test_metrics import typed_record
+
+    problem = generate_scenario(2, 0, model="vit_quick_patch4_16")
+    dump_scenario(dataclasses.replace(problem, fleet=dataclasses.replace(problem.fleet, ids=("dev-0", "dev-1"))),
+                  tmp_path / "scenario.json")
+    record = dataclasses.replace(typed_record(1, accuracy=0.5), selected=("dev-0", "dev-1"),
+                                 completed=("dev-0", "dev-1"), devices={}, phases_s=PhaseTimes(0.0, 1.0, 0.0, 0.0))
+    auto, sfl = (dataclasses.asdict(SimOptions(devices=2, per_round=2, rounds=1, scheme=scheme, bits=bits,
+                                               emulate_link=False))
+                 for scheme, bits in (("sflam", "auto"), ("sfl", "auto")))
+    # Execute
+    auto_summary = sim_report.summarize(auto, [record], tmp_path, wall_s=1.0)
+    sfl_summary = sim_report.summarize(sfl, [record], tmp_path, wall_s=1.0)
+    # Assert: the allocator's loopback-calibrated choice is not scored on the scenario's radios; a fixed one is
+    assert auto_summary["modeled"]["round_latency_s"] is None and "loopback" in auto_summary["modeled"]["note"]
+    assert sfl_summary["modeled"]["round_latency_s"] > 0
+
 # ---------------------------------------------------------------------------------------------
 # from anywhere: the run directory and every child's paths do not depend on the checkout
 
