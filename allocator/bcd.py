@@ -143,7 +143,9 @@ def _start(problem: Problem) -> _Start:
     fleet, params = problem.fleet, problem.params
     n, fewest = len(fleet), params.allowed_bits[0]
     equal_hz = np.full(n, params.total_bandwidth_hz / n)
-    lowest = AllocationVectors(np.full(n, fewest, dtype=np.int64), fleet.max_tx_power_w.copy(), equal_hz)
+    fewest_down = np.full(n, params.bits_down_options[0], dtype=np.int64) if params.allowed_bits_down else None
+    lowest = AllocationVectors(np.full(n, fewest, dtype=np.int64), fleet.max_tx_power_w.copy(), equal_hz,
+                               bits_down=fewest_down)
     if params.subchannels > 0:
         matched = matching_block(problem, lowest)
         if matched.status != "optimal":
@@ -166,11 +168,13 @@ def _start(problem: Problem) -> _Start:
 
 
 def _largest_bits(problem: Problem, alloc: AllocationVectors) -> AllocationVectors:
-    """``alloc`` with each device's largest allowed bits whose latency meets t_max_s."""
-    latency, _ = bit_costs(problem, alloc)
+    """``alloc`` with each device's largest allowed bits (the last fitting pair, q major) whose latency
+    meets t_max_s; the fewest where none fits."""
+    table, latency, _ = bit_costs(problem, alloc)
     fits = latency <= problem.params.t_max_s
-    index = np.where(fits.any(axis=1), fits.shape[1] - 1 - np.argmax(fits[:, ::-1], axis=1), 0)
-    return dataclasses.replace(alloc, bits=np.asarray(problem.params.allowed_bits)[index])
+    fastest = np.argmin(latency, axis=1)
+    index = np.where(fits.any(axis=1), fits.shape[1] - 1 - np.argmax(fits[:, ::-1], axis=1), fastest)
+    return table.allocation(index, alloc)
 
 
 def _infeasible_message(problem: Problem, fewest: int, why: str) -> str:

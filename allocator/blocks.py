@@ -1,7 +1,7 @@
 """The BCD blocks on a Problem: each returns the exact optimum of its block, the others held fixed.
 
-- :func:`bits_block` (q | p, B): the coupled integer problem, by an exact sweep over the latency
-  levels T_k(q) (O(N |Q| log(N |Q|))).
+- :func:`bits_block` (q, g | p, B): the coupled integer problem over the allowed (uplink, downlink)
+  bit pairs, by an exact sweep over the latency levels T_k(q, g) (O(N |P| log(N |P|)), |P| = |Q| |G|).
 - :func:`power_block` (p | q, B): per level T each device's least power (Dinkelbach on p / r(p),
   equal to the closed form :func:`allocator.power.minimal_power_w`); J(T) convex, Brent root of
   J'(T).
@@ -9,19 +9,20 @@
   (:mod:`allocator.bandwidth`).
 - :func:`power_bandwidth_block` ((p, B) | q): the jointly convex problem (:mod:`allocator.joint`),
   which the two blocks above cannot reach on their own once every latency is at the cap.
-- :func:`bits_power_block` ((q, p) | B): per latency level each device's cheapest bits with the
-  least power they need (exact for lambda_time = 0; grid + golden search of the level otherwise).
+- :func:`bits_power_block` ((q, g, p) | B): per latency level each device's cheapest bit pair with
+  the least power it needs (exact for lambda_time = 0; grid + golden search of the level otherwise).
 - :func:`matching_block` (subchannels | q, p): swap matching (:mod:`allocator.matching`).
 
 Every block returns a :class:`BlockResult`; infeasibility and unboundedness are statuses. Malformed
-input (an allocation that does not fit the problem, a wrong solver name) raises ModelError.
+input (an allocation that does not fit the problem, a wrong solver name) raises ModelError. The
+blocks that hold the bits fixed keep both the uplink and the downlink bits of their input.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import brentq
@@ -31,13 +32,15 @@ from allocator.bandwidth import UplinkData, cvxpy_bandwidth, kkt_bandwidth, min_
 from allocator.matching import MatchingData, greedy_assignment, swap_matching
 from allocator.power import RateCurve, dinkelbach_power_w
 from allocator.system import (
-    FLOAT32_BITS,
     AllocationVectors,
     ModelError,
     Problem,
     check_allocation,
+    compute_time_s,
     evaluate,
     fixed_time_s,
+    relative_variance,
+    server_time_s,
     uplink_bits,
     uplink_rate_bps,
 )
@@ -75,46 +78,70 @@ def _cap_s(problem: Problem) -> float:
 # ---------------------------------------------------------------- bits
 
 
-def bits_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """(N, |Q|) uplink bits S_k(q) and quantization cost lQ Phi_k(q) of every allowed q."""
+@dataclass(frozen=True)
+class BitsTable:
+    """Every allowed bit pair (q, g) of params.bit_pairs, per device: an (N, |P|) table each."""
+
+    up: np.ndarray  # (|P|,) uplink activation bits q of each pair
+    down: np.ndarray  # (|P|,) downlink gradient bits g of each pair
+    size: np.ndarray  # S_k(q): uplink bits
+    quant: np.ndarray  # lQ Phi_k(q, g)
+    fixed: np.ndarray  # a_k(g): compute + downlink + server time
+    chosen: bool  # the gradient bits are the allocator's (params.allowed_bits_down), not one fixed g
+
+    def allocation(self, choice: np.ndarray, alloc: AllocationVectors, **changes: np.ndarray) -> AllocationVectors:
+        """``alloc`` with each device's pair ``choice`` (and any other field changed)."""
+        bits_down = self.down[choice] if self.chosen else None
+        return replace(alloc, bits=self.up[choice], bits_down=bits_down, **changes)
+
+
+def bits_table(problem: Problem) -> BitsTable:
+    """Uplink bits, quantization cost and fixed time of every allowed (q, g) pair, for every device."""
     fleet, params = problem.fleet, problem.params
-    q = np.asarray(params.allowed_bits, dtype=np.float64)
-    per_sample = params.elements_per_sample * q[None, :] + params.label_bits  # uplink_bits for every q at once
+    up, down = params.bit_pairs
+    per_sample = params.elements_per_sample * up[None, :].astype(np.float64) + params.label_bits
     size = fleet.samples[:, None] * per_sample + params.weight_bits + params.overhead_bits
     quant = np.zeros(size.shape)
     if params.lambda_quant > 0:
         spread = fleet.weight * params.elements_per_sample * fleet.activation_range**2
-        phi = spread[:, None] / (4.0 * (np.exp2(q) - 1.0) ** 2)
-        quant = params.lambda_quant * np.where(q >= FLOAT32_BITS, 0.0, phi)
-    return size, quant
+        per_pair = relative_variance(up) + params.downlink_quant_weight * relative_variance(down)
+        quant = params.lambda_quant * spread[:, None] * per_pair[None, :]
+    gradient = fleet.samples[:, None] * params.elements_per_sample * down[None, :].astype(np.float64)
+    downlink = (gradient + params.weight_bits) / params.downlink_rate_bps  # downlink_time_s for every g at once
+    fixed = (compute_time_s(fleet) + server_time_s(fleet, params))[:, None] + downlink
+    return BitsTable(up, down, size, quant, fixed, bool(params.allowed_bits_down))
 
 
-def bit_costs(problem: Problem, alloc: AllocationVectors) -> tuple[np.ndarray, np.ndarray]:
-    """(N, |Q|) latency T_k(q) and cost lE E_up_k(q) + lQ Phi_k(q) for every allowed q, p and B fixed."""
-    fleet, params = problem.fleet, problem.params
-    size, cost = bits_table(problem)
+def bit_costs(problem: Problem, alloc: AllocationVectors) -> tuple[BitsTable, np.ndarray, np.ndarray]:
+    """The pairs, and (N, |P|) latency T_k(q, g) and cost lE E_up_k(q) + lQ Phi_k(q, g), p and B fixed."""
+    params = problem.params
+    table = bits_table(problem)
     rate = uplink_rate_bps(problem, alloc)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        airtime = np.where(rate > 0, size / np.where(rate > 0, rate, 1.0), np.inf)
+        airtime = np.where(rate > 0, table.size / np.where(rate > 0, rate, 1.0), np.inf)
+    cost = table.quant
     if params.lambda_energy > 0:
         cost = cost + params.lambda_energy * alloc.tx_power_w[:, None] * airtime
-    return fixed_time_s(fleet, params)[:, None] + airtime, cost
+    return table, table.fixed + airtime, cost
 
 
 def bits_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
-    """The exact bit-widths given p and B: sweep the latency levels, each device its cheapest q below."""
+    """The exact bit pairs given p and B: sweep the latency levels, each device its cheapest pair below."""
     check_allocation(problem, alloc)
-    params, q = problem.params, np.asarray(problem.params.allowed_bits)
-    latency, cost = bit_costs(problem, alloc)
+    params = problem.params
+    table, latency, cost = bit_costs(problem, alloc)
     cap = _cap_s(problem)
-    late = ~(latency[:, 0] <= cap)
+    late = ~(latency.min(axis=1) <= cap)
     if late.any():
-        return _failed("infeasible", f"{int(late.sum())} devices miss t_max_s even with {q[0]} bits")
+        fewest = f"{table.up.min()} bits up, {table.down.min()} down"
+        return _failed("infeasible", f"{int(late.sum())} devices miss t_max_s even with {fewest}")
     if params.lambda_time == 0:
         choice = np.argmin(np.where(latency <= cap, cost, np.inf), axis=1)
-    else:
-        choice = _sweep_levels(latency, cost, cap, params.lambda_time)
-    return _optimal(problem, AllocationVectors(q[choice], alloc.tx_power_w, alloc.bandwidth_hz, alloc.subchannels))
+    else:  # the sweep wants every device's pairs in order of latency
+        order = np.argsort(latency, axis=1, kind="stable")
+        rows = np.arange(latency.shape[0])[:, None]
+        choice = order[rows[:, 0], _sweep_levels(latency[rows, order], cost[rows, order], cap, params.lambda_time)]
+    return _optimal(problem, table.allocation(choice, alloc))
 
 
 def _sweep_levels(latency: np.ndarray, cost: np.ndarray, cap: float, lambda_time: float) -> np.ndarray:
@@ -163,7 +190,7 @@ def power_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     fleet, params = problem.fleet, problem.params
     curve = rate_curve(problem, alloc)
     size = uplink_bits(fleet, params, alloc.bits)
-    fixed = fixed_time_s(fleet, params)
+    fixed = fixed_time_s(fleet, params, alloc.bits_down)
     with np.errstate(divide="ignore"):
         lowest = float(np.max(fixed + size / curve.rate_bps(fleet.max_tx_power_w)))
     if not lowest <= _cap_s(problem):
@@ -174,7 +201,7 @@ def power_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     airtime = np.maximum(level - fixed, 0.0)
     power, _ = dinkelbach_power_w(curve, size / airtime, fleet.max_tx_power_w)
     power = np.minimum(power, fleet.max_tx_power_w)
-    return _optimal(problem, AllocationVectors(alloc.bits, power, alloc.bandwidth_hz, alloc.subchannels))
+    return _optimal(problem, replace(alloc, tx_power_w=power))
 
 
 def _power_level_s(
@@ -210,24 +237,22 @@ def _power_level_s(
 
 @dataclass(frozen=True)
 class _BitLevels:
-    """What :func:`bits_power_block` re-evaluates per level: uplink bits and lQ Phi for every q."""
+    """What :func:`bits_power_block` re-evaluates per level: the bit pairs' table and the rate curves."""
 
-    size: np.ndarray  # (N, |Q|)
-    quant: np.ndarray  # (N, |Q|)
-    fixed: np.ndarray  # (N,)
+    table: BitsTable
     curve: RateCurve
 
     def at(self, problem: Problem, level: float) -> tuple[float, np.ndarray, np.ndarray]:
-        """(lQ Phi + lE E_up + lT T, chosen q index, power) of the best (q, least p) per device at ``level``."""
+        """(lQ Phi + lE E_up + lT T, chosen pair index, power) of the best (pair, least p) per device at ``level``."""
         params, pmax = problem.params, problem.fleet.max_tx_power_w
-        airtime = (level - self.fixed)[:, None]
+        airtime = level - self.table.fixed
         with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(airtime > 0, self.size / airtime, np.inf)
+            rate = np.where(airtime > 0, self.table.size / airtime, np.inf)
         if self.curve.width_hz.shape[1] == 1:
             power = self.curve.power_for_rate_w(rate)
         else:
             power = np.stack([self.curve.power_for_rate_w(rate[:, j]) for j in range(rate.shape[1])], axis=1)
-        cost = self.quant + (params.lambda_energy * power * airtime if params.lambda_energy > 0 else 0.0)
+        cost = self.table.quant + (params.lambda_energy * power * airtime if params.lambda_energy > 0 else 0.0)
         cost = np.where(power <= pmax[:, None] * (1 + 1e-12), cost, np.inf)
         choice = np.argmin(cost, axis=1)
         rows = np.arange(choice.size)
@@ -237,8 +262,7 @@ class _BitLevels:
 
 def _bit_levels(problem: Problem, alloc: AllocationVectors) -> _BitLevels:
     """The per-level data of :func:`bits_power_block`."""
-    size, quant = bits_table(problem)
-    return _BitLevels(size, quant, fixed_time_s(problem.fleet, problem.params), rate_curve(problem, alloc))
+    return _BitLevels(bits_table(problem), rate_curve(problem, alloc))
 
 
 def bits_power_block(
@@ -251,15 +275,14 @@ def bits_power_block(
     """
     check_allocation(problem, alloc)
     fleet, params = problem.fleet, problem.params
-    curve = rate_curve(problem, alloc)
-    fewest = uplink_bits(fleet, params, np.full(len(fleet), params.allowed_bits[0]))
+    levels = _bit_levels(problem, alloc)
     with np.errstate(divide="ignore"):
-        lowest = float(np.max(fixed_time_s(fleet, params) + fewest / curve.rate_bps(fleet.max_tx_power_w)))
+        fastest = levels.table.fixed + levels.table.size / levels.curve.rate_bps(fleet.max_tx_power_w)[:, None]
+    lowest = float(np.max(np.min(fastest, axis=1)))
     if not lowest <= _cap_s(problem):
         return _failed("infeasible", f"even the fewest bits at max power need a round of {lowest:.6g} s > t_max_s")
     if params.lambda_time == 0 and params.lambda_energy > 0 and not math.isfinite(params.t_max_s):
         return _failed("unbounded", "t_max_s = inf and lambda_time = 0: energy falls as power -> 0, no minimum")
-    levels = _bit_levels(problem, alloc)
     value = lambda level: levels.at(problem, level)[0]  # noqa: E731
     if params.lambda_time == 0:  # only lQ Phi when lE = 0 too: the loosest level lets the most bits fit
         current = evaluate(problem, alloc).round_latency_s
@@ -268,8 +291,7 @@ def bits_power_block(
         high = _level_high(problem, value, lowest)
         level = _grid_golden_min(value, lowest * (1 + 1e-13), high, grid_points, golden_steps)
     _, choice, power = levels.at(problem, level)
-    bits = np.asarray(params.allowed_bits)[choice]
-    return _optimal(problem, AllocationVectors(bits, power, alloc.bandwidth_hz, alloc.subchannels))
+    return _optimal(problem, levels.table.allocation(choice, alloc, tx_power_w=power))
 
 
 def _level_high(problem: Problem, value: Callable[[float], float], lowest: float) -> float:
@@ -313,7 +335,7 @@ def uplink_data(problem: Problem, alloc: AllocationVectors, tx_power_w: np.ndarr
     power = alloc.tx_power_w if tx_power_w is None else tx_power_w
     return UplinkData(
         power * fleet.gain / params.noise_psd_w_per_hz, power, uplink_bits(fleet, params, alloc.bits),
-        fixed_time_s(fleet, params), params.total_bandwidth_hz, params.t_max_s, params.lambda_energy,
+        fixed_time_s(fleet, params, alloc.bits_down), params.total_bandwidth_hz, params.t_max_s, params.lambda_energy,
         params.lambda_time,
     )
 
@@ -336,7 +358,7 @@ def bandwidth_block(problem: Problem, alloc: AllocationVectors, solver: str = "k
     solution = kkt_bandwidth(data) if solver == "kkt" else cvxpy_bandwidth(data)
     if solution.status != "optimal":
         return _failed(solution.status, solution.message)
-    return _optimal(problem, AllocationVectors(alloc.bits, alloc.tx_power_w, solution.bandwidth_hz))
+    return _optimal(problem, replace(alloc, bandwidth_hz=solution.bandwidth_hz, subchannels=None))
 
 
 # ---------------------------------------------------------------- power and bandwidth together
@@ -347,7 +369,7 @@ def power_bandwidth_block(problem: Problem, alloc: AllocationVectors) -> BlockRe
     check_allocation(problem, alloc)
     _continuous_only(problem, "power_bandwidth_block")
     fleet, params = problem.fleet, problem.params
-    size, fixed = uplink_bits(fleet, params, alloc.bits), fixed_time_s(fleet, params)
+    size, fixed = uplink_bits(fleet, params, alloc.bits), fixed_time_s(fleet, params, alloc.bits_down)
     gain_n0 = fleet.gain / params.noise_psd_w_per_hz
     lowest = min_max_level_s(uplink_data(problem, alloc, fleet.max_tx_power_w))
     if not lowest <= _cap_s(problem):
@@ -373,7 +395,7 @@ def power_bandwidth_block(problem: Problem, alloc: AllocationVectors) -> BlockRe
     if not solution.feasible:
         solution = solve(lowest * (1 + 1e-13))
     power = np.minimum(solution.tx_power_w, fleet.max_tx_power_w)
-    return _optimal(problem, AllocationVectors(alloc.bits, power, solution.bandwidth_hz))
+    return _optimal(problem, replace(alloc, tx_power_w=power, bandwidth_hz=solution.bandwidth_hz, subchannels=None))
 
 
 def _joint_level_s(
@@ -413,7 +435,8 @@ def matching_data(problem: Problem, alloc: AllocationVectors) -> MatchingData:
     """The matching block's data for ``alloc``'s bits and powers."""
     fleet, params = problem.fleet, problem.params
     return MatchingData(
-        problem.subchannel_gain, alloc.tx_power_w, uplink_bits(fleet, params, alloc.bits), fixed_time_s(fleet, params),
+        problem.subchannel_gain, alloc.tx_power_w, uplink_bits(fleet, params, alloc.bits),
+        fixed_time_s(fleet, params, alloc.bits_down),
         params.total_bandwidth_hz / params.subchannels, params.noise_psd_w_per_hz, params.t_max_s,
         params.lambda_energy, params.lambda_time,
     )
@@ -428,7 +451,7 @@ def matching_block(problem: Problem, alloc: AllocationVectors) -> BlockResult:
     start = alloc.subchannels if alloc.subchannels is not None else greedy_assignment(data)
     found = swap_matching(data, start)
     width = problem.params.total_bandwidth_hz / problem.params.subchannels
-    result = AllocationVectors(alloc.bits, alloc.tx_power_w, found.held.sum(axis=1) * width, found.held)
+    result = replace(alloc, bandwidth_hz=found.held.sum(axis=1) * width, subchannels=found.held)
     note = "" if found.stable else f"stopped after {found.exchanges} exchanges, not yet stable"
     if found.shortfall > 0:
         message = "no assignment meets t_max_s" + (f"; {note}" if note else "")

@@ -1,6 +1,6 @@
 """The global optimum of a small continuous-bandwidth problem (2-3 devices), for tests.
 
-Every bit combination is enumerated. For a combination and a latency level T each device meets T
+Every combination of the devices' (uplink, downlink) bit pairs is enumerated. For a combination and a latency level T each device meets T
 with the least power, and the band is split by the convex (B | T) problem of
 :func:`allocator.joint.solve_level` (power caps as B_k >= beta_k(T)). The level is searched on a
 dense grid over [T_lo, T_max] and refined by golden section around the best grid point, using
@@ -23,9 +23,11 @@ from allocator.system import (
     ModelError,
     Problem,
     compute_energy_j,
+    compute_time_s,
+    downlink_time_s,
     evaluate,
-    fixed_time_s,
     quant_variance,
+    server_time_s,
 )
 
 MAX_DEVICES = 4
@@ -45,17 +47,21 @@ class BruteForceResult:
 
 
 class _Combos:
-    """The batched data of every bit combination: uplink bits (C, N) and the objective's constant."""
+    """The batched data of every bit combination: uplink and downlink bits, uplink size and fixed time
+    (C, N) each, and the objective's constant (C,)."""
 
     def __init__(self, problem: Problem) -> None:
         fleet, params = problem.fleet, problem.params
         self.problem = problem
-        self.bits = np.array(list(itertools.product(params.allowed_bits, repeat=len(fleet))), dtype=np.int64)
+        up, down = params.bit_pairs
+        pairs = np.array(list(itertools.product(range(up.size), repeat=len(fleet))), dtype=np.int64)
+        self.bits, self.bits_down = up[pairs], down[pairs]
         per_sample = params.elements_per_sample * self.bits + params.label_bits
         self.size = fleet.samples * per_sample + params.weight_bits + params.overhead_bits
-        phi = np.stack([quant_variance(fleet, params, row) for row in self.bits]).sum(axis=1)
+        phi = np.stack([quant_variance(fleet, params, q, g) for q, g in zip(self.bits, self.bits_down)]).sum(axis=1)
         self.constant = params.lambda_energy * float(np.sum(compute_energy_j(fleet))) + params.lambda_quant * phi
-        self.fixed = fixed_time_s(fleet, params)
+        self.fixed = np.stack([compute_time_s(fleet) + downlink_time_s(fleet, params, g) + server_time_s(fleet, params)
+                               for g in self.bits_down])
         self.gain_n0 = fleet.gain / params.noise_psd_w_per_hz
 
     def value(
@@ -65,7 +71,7 @@ class _Combos:
         the budget multipliers there (``start``: multipliers of nearby levels, a warm start)."""
         params, fleet = self.problem.params, self.problem.fleet
         solution = joint.solve_level(
-            self.size[rows], level[..., None] - self.fixed, self.gain_n0, fleet.max_tx_power_w,
+            self.size[rows], level[..., None] - self.fixed[rows], self.gain_n0, fleet.max_tx_power_w,
             params.total_bandwidth_hz, start,
         )
         energy = solution.energy_j.sum(axis=-1) if params.lambda_energy > 0 else 0.0
@@ -97,12 +103,12 @@ def brute_force(problem: Problem, *, grid_points: int = 24, golden_steps: int = 
 def _check(problem: Problem, grid_points: int, golden_steps: int) -> None:
     """Raise ModelError for problems or settings the brute force does not take."""
     problems = []
-    n, q = len(problem.fleet), len(problem.params.allowed_bits)
+    n, q = len(problem.fleet), problem.params.bit_pairs[0].size
     if problem.params.subchannels > 0:
         problems.append("subchannels: the brute force covers continuous bandwidth only")
     if n > MAX_DEVICES or q**n > MAX_COMBINATIONS:
         limit = f"at most {MAX_DEVICES} devices and {MAX_COMBINATIONS} combinations"
-        problems.append(f"{n} devices x {q} bit-widths: {limit}")
+        problems.append(f"{n} devices x {q} bit pairs: {limit}")
     if grid_points < 3 or golden_steps < 1:
         problems.append(f"grid_points >= 3 and golden_steps >= 1, got {grid_points} and {golden_steps}")
     if problems:
@@ -159,9 +165,10 @@ def _result(problem: Problem, combos: _Combos, row: int, level: float, count: in
     """The allocation of the best combination at its best level, scored by the system model."""
     fleet, params = problem.fleet, problem.params
     solution = joint.solve_level(
-        combos.size[row], level - combos.fixed, combos.gain_n0, fleet.max_tx_power_w, params.total_bandwidth_hz
+        combos.size[row], level - combos.fixed[row], combos.gain_n0, fleet.max_tx_power_w, params.total_bandwidth_hz
     )
     power_w = np.minimum(solution.tx_power_w, fleet.max_tx_power_w)
-    alloc = AllocationVectors(combos.bits[row], power_w, solution.bandwidth_hz)
+    bits_down = combos.bits_down[row] if params.allowed_bits_down else None
+    alloc = AllocationVectors(combos.bits[row], power_w, solution.bandwidth_hz, bits_down=bits_down)
     evaluation = evaluate(problem, alloc)
     return BruteForceResult("optimal", evaluation.objective, alloc, evaluation, count)

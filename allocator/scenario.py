@@ -272,8 +272,9 @@ def _params(shape: ModelShape | None, overrides: Mapping[str, object] | None) ->
     if shape is not None:
         values.update(elements_per_sample=shape.elements_per_sample, weight_bits=shape.device_weight_bits)
     values.update((key, math.inf if value == "inf" else value) for key, value in given.items() if key in known)
-    if isinstance(values.get("allowed_bits"), list):
-        values["allowed_bits"] = tuple(values["allowed_bits"])
+    for key in ("allowed_bits", "allowed_bits_down"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     if "elements_per_sample" not in values:
         problems.append("elements_per_sample: missing (give it, or a model)")
         values["elements_per_sample"] = 1
@@ -294,6 +295,7 @@ def problem_to_dict(problem: Problem) -> dict[str, object]:
     fleet = problem.fleet
     params = dataclasses.asdict(problem.params)
     params["allowed_bits"] = list(problem.params.allowed_bits)
+    params["allowed_bits_down"] = list(problem.params.allowed_bits_down)
     params.update((key, "inf") for key, value in params.items() if value == math.inf)  # no cap / unlimited
     devices = [
         {

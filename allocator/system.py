@@ -149,7 +149,7 @@ class SystemParams:
     label_bits: int = 64  # per sample on the uplink (int64 labels)
     weight_bits: float = 0.0  # |w|: device-part weight bits uploaded at round end
     overhead_bits: float = 0.0  # per-round protocol overhead on the uplink
-    gradient_bits: int = 32  # g: bits per gradient element on the downlink
+    gradient_bits: int = 32  # g: bits per gradient element on the downlink (when allowed_bits_down is empty)
     server_cycles_per_sample: float = 0.0  # c_S
     server_freq_hz: float = 1e9  # f_S
     downlink_rate_bps: float = 100e6  # r_dn, per device on a separate fixed channel
@@ -161,17 +161,35 @@ class SystemParams:
     lambda_quant: float = 0.0  # per unit of Phi
     allowed_bits: tuple[int, ...] = BIT_WIDTHS
     subchannels: int = 0  # 0: continuous bandwidth; N > 0: N equal subchannels
+    allowed_bits_down: tuple[int, ...] = ()  # g_k the allocator may choose; empty: every device gradient_bits
+    downlink_quant_weight: float = 1.0  # mu: a gradient's quantization term relative to an activation's
 
     def __post_init__(self) -> None:
         problems = [_param_problem(f.name, getattr(self, f.name)) for f in fields(self)]
         problems = [p for p in problems if p]
-        bits = _allowed_bits_problem(self.allowed_bits)
-        if bits:
-            problems.append(bits)
-        else:
-            object.__setattr__(self, "allowed_bits", tuple(sorted(int(q) for q in self.allowed_bits)))
+        for name in ("allowed_bits", "allowed_bits_down"):
+            value = getattr(self, name)
+            if name == "allowed_bits_down" and isinstance(value, (tuple, list)) and not value:
+                object.__setattr__(self, name, ())
+                continue
+            bits = _allowed_bits_problem(value, name)
+            if bits:
+                problems.append(bits)
+            else:
+                object.__setattr__(self, name, tuple(sorted(int(q) for q in value)))
         if problems:
             raise ModelError("system parameters", problems)
+
+    @property
+    def bits_down_options(self) -> tuple[int, ...]:
+        """The downlink bit-widths a device may get: ``allowed_bits_down``, or ``gradient_bits`` alone."""
+        return self.allowed_bits_down or (int(self.gradient_bits),)
+
+    @property
+    def bit_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every allowed (q, g), q major: two int64 vectors of |Q| x |G| entries."""
+        up, down = np.meshgrid(self.allowed_bits, self.bits_down_options, indexing="ij")
+        return up.ravel().astype(np.int64), down.ravel().astype(np.int64)
 
 
 _PARAM_RULES = {  # field -> (kind, lower bound, strict, infinity allowed)
@@ -190,6 +208,7 @@ _PARAM_RULES = {  # field -> (kind, lower bound, strict, infinity allowed)
     "lambda_time": ("float", 0.0, False, False),
     "lambda_quant": ("float", 0.0, False, False),
     "subchannels": ("int", 0, False, False),
+    "downlink_quant_weight": ("float", 0.0, False, False),
 }
 
 
@@ -208,15 +227,15 @@ def _param_problem(name: str, value: object) -> str | None:
     return None
 
 
-def _allowed_bits_problem(bits: object) -> str | None:
+def _allowed_bits_problem(bits: object, name: str = "allowed_bits") -> str | None:
     """Why the allowed bit-widths are unusable (each a wire bit width, distinct, at least one)."""
     if not isinstance(bits, (tuple, list)) or not bits:
-        return f"allowed_bits: must be a non-empty list of bit widths ({BIT_WIDTHS_TEXT}), got {bits!r}"
+        return f"{name}: must be a non-empty list of bit widths ({BIT_WIDTHS_TEXT}), got {bits!r}"
     bad = [q for q in bits if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or int(q) not in BIT_WIDTHS]
     if bad:
-        return f"allowed_bits: each must be one of {BIT_WIDTHS_TEXT}, got {bad!r}"
+        return f"{name}: each must be one of {BIT_WIDTHS_TEXT}, got {bad!r}"
     if len(set(bits)) != len(bits):
-        return f"allowed_bits: lists a width twice: {list(bits)!r}"
+        return f"{name}: lists a width twice: {list(bits)!r}"
     return None
 
 
@@ -252,10 +271,11 @@ class AllocationVectors:
     Not the wire's per-device ``edge_runtime.protocol.Allocation``, which the server builds from it.
     """
 
-    bits: np.ndarray  # int64, each in params.allowed_bits
+    bits: np.ndarray  # int64, each in params.allowed_bits (the uplink's activations)
     tx_power_w: np.ndarray
     bandwidth_hz: np.ndarray  # with subchannels: (count held) x (total / N)
     subchannels: np.ndarray | None = None  # (N_devices, N_sub) 0/1 assignment when matching
+    bits_down: np.ndarray | None = None  # int64, each in params.bits_down_options; None: gradient_bits
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -264,6 +284,13 @@ class AllocationVectors:
         if bits is not None:
             problems.extend(_bits_problems(bits))
             object.__setattr__(self, "bits", np.nan_to_num(bits).astype(np.int64))
+        if self.bits_down is not None:
+            down = _as_float_array("bits_down", self.bits_down, problems)
+            if down is not None:
+                problems.extend(_bits_problems(down, "bits_down"))
+                if down.shape != (n,):
+                    problems.append(f"bits_down: expected {n} entries, got shape {down.shape}")
+                object.__setattr__(self, "bits_down", np.nan_to_num(down).astype(np.int64))
         for name in ("tx_power_w", "bandwidth_hz"):
             value = _as_float_array(name, getattr(self, name), problems)
             if value is not None:
@@ -277,13 +304,20 @@ class AllocationVectors:
             raise ModelError("allocation", problems)
 
 
-def _bits_problems(bits: np.ndarray) -> list[str]:
+def _bits_problems(bits: np.ndarray, name: str = "bits") -> list[str]:
     """Why a bit-width array is malformed (not 1-D, not whole numbers)."""
     if bits.ndim != 1:
-        return [f"bits: expected a 1-D array, got shape {bits.shape}"]
+        return [f"{name}: expected a 1-D array, got shape {bits.shape}"]
     if not np.array_equal(bits, np.round(bits)):
-        return ["bits: must be whole numbers"]
+        return [f"{name}: must be whole numbers"]
     return []
+
+
+def bits_down_of(params: SystemParams, alloc: AllocationVectors) -> np.ndarray:
+    """Each device's downlink gradient bits: ``alloc.bits_down``, or ``params.gradient_bits``."""
+    if alloc.bits_down is not None:
+        return alloc.bits_down
+    return np.full(alloc.bits.shape, int(params.gradient_bits), dtype=np.int64)
 
 
 def _assignment_problems(assignment: np.ndarray, n: int) -> list[str]:
@@ -309,6 +343,12 @@ def check_allocation(problem: Problem, alloc: AllocationVectors) -> None:
                 f"bits: {int(alloc.bits[index])} at index {index} is not one of {list(params.allowed_bits)}"
                 f" ({int(bad.sum())} such entries)"
             )
+        if alloc.bits_down is not None and alloc.bits_down.shape == (n,):
+            bad = ~np.isin(alloc.bits_down, params.bits_down_options)
+            if bad.any():
+                index = int(np.argmax(bad))
+                problems.append(f"bits_down: {int(alloc.bits_down[index])} at index {index} is not one of"
+                                f" {list(params.bits_down_options)} ({int(bad.sum())} such entries)")
     problems.extend(_subchannel_problems(problem, alloc))
     if problems:
         raise ModelError("allocation", problems)
@@ -375,9 +415,10 @@ def uplink_energy_j(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     return np.where(talking, alloc.tx_power_w * np.where(talking, airtime, 0.0), 0.0)
 
 
-def downlink_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
-    """Gradient download D s g / r_dn plus the model download |w| / r_dn."""
-    gradient = fleet.samples * params.elements_per_sample * params.gradient_bits
+def downlink_time_s(fleet: DeviceArrays, params: SystemParams, bits_down: np.ndarray | None = None) -> np.ndarray:
+    """Gradient download D s g_k / r_dn plus the model download |w| / r_dn (g_k: gradient_bits if None)."""
+    g = params.gradient_bits if bits_down is None else np.asarray(bits_down, dtype=np.float64)
+    gradient = fleet.samples * params.elements_per_sample * g
     return (gradient + params.weight_bits) / params.downlink_rate_bps
 
 
@@ -386,22 +427,30 @@ def server_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
     return fleet.samples * params.server_cycles_per_sample / params.server_freq_hz
 
 
-def fixed_time_s(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
-    """Compute + downlink + server time: the part of T_k no allocation block changes."""
-    return compute_time_s(fleet) + downlink_time_s(fleet, params) + server_time_s(fleet, params)
+def fixed_time_s(fleet: DeviceArrays, params: SystemParams, bits_down: np.ndarray | None = None) -> np.ndarray:
+    """Compute + downlink + server time a_k: the part of T_k that neither power nor bandwidth changes."""
+    return compute_time_s(fleet) + downlink_time_s(fleet, params, bits_down) + server_time_s(fleet, params)
 
 
 def device_latency_s(problem: Problem, alloc: AllocationVectors) -> np.ndarray:
     """A device's round latency T_k = fixed time + uplink time."""
-    return fixed_time_s(problem.fleet, problem.params) + uplink_time_s(problem, alloc)
+    return fixed_time_s(problem.fleet, problem.params, alloc.bits_down) + uplink_time_s(problem, alloc)
 
 
-def quant_variance(fleet: DeviceArrays, params: SystemParams, bits: np.ndarray) -> np.ndarray:
-    """Phi_k = w s R^2 / (4 (2^q - 1)^2): the uniform quantizer's variance; 0 for float32 (q = 32)."""
-    q = np.asarray(bits, dtype=np.float64)
-    levels = np.exp2(q) - 1.0
-    phi = fleet.weight * params.elements_per_sample * fleet.activation_range**2 / (4.0 * levels**2)
-    return np.where(q >= FLOAT32_BITS, 0.0, phi)
+def relative_variance(bits: np.ndarray) -> np.ndarray:
+    """1 / (4 (2^b - 1)^2): the stochastic quantizer's variance per element in units of range^2; 0 for float32."""
+    b = np.asarray(bits, dtype=np.float64)
+    return np.where(b >= FLOAT32_BITS, 0.0, 1.0 / (4.0 * (np.exp2(b) - 1.0) ** 2))
+
+
+def quant_variance(fleet: DeviceArrays, params: SystemParams, bits: np.ndarray,
+                   bits_down: np.ndarray | None = None) -> np.ndarray:
+    """Phi_k = w s R^2 (1 / (4 (2^q - 1)^2) + mu / (4 (2^g - 1)^2)): the activations' quantization
+    variance plus the gradients', priced as an activation error of the same relative step (docs/allocator.md);
+    each part 0 at 32 bits (g: ``gradient_bits`` when ``bits_down`` is None)."""
+    spread = fleet.weight * params.elements_per_sample * fleet.activation_range**2
+    g = np.full(np.shape(bits), params.gradient_bits) if bits_down is None else bits_down
+    return spread * (relative_variance(bits) + params.downlink_quant_weight * relative_variance(g))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -451,7 +500,7 @@ def evaluate(problem: Problem, alloc: AllocationVectors) -> Evaluation:
     energy = compute_energy_j(fleet) + uplink_energy_j(problem, alloc)
     latency = device_latency_s(problem, alloc)
     round_latency = float(np.max(latency))
-    phi = float(np.sum(quant_variance(fleet, params, alloc.bits)))
+    phi = float(np.sum(quant_variance(fleet, params, alloc.bits, alloc.bits_down)))
     objective = weighted_objective(params, float(np.sum(energy)), round_latency, phi)
     broken = violations(problem, alloc, latency)
     return Evaluation(energy, latency, round_latency, phi, objective, not broken, broken)

@@ -3,7 +3,8 @@
 For seeded generated scenarios (``allocator.scenario.generate_scenario``, default t_max and
 weights) of N = 10, 100, 1,000 and 10,000 devices, times a full ``allocator.bcd.solve`` (best
 wall-clock of several runs) and prints its status, iterations and objective next to the fixed
-baseline's; the same with a latency weight (N = 1,000 and 10,000) and with 2 N subchannels
+baseline's; the same with a latency weight (N = 1,000 and 10,000), with gradient bits chosen per
+device too (``allowed_bits_down`` 4-8 over a 20 Mbit/s downlink, N = 1,000 and 10,000) and with 2 N subchannels
 (N = 10 to 300, swap matching). Then it times the bandwidth block alone with its two solvers side
 by side (the KKT fast path and the cvxpy/Clarabel reference) for N = 10, 100 and 1,000 and prints
 how far apart they are.
@@ -29,6 +30,7 @@ from allocator.system import AllocationVectors
 SIZES = (10, 100, 1000, 10000)
 LATENCY_WEIGHTED_SIZES = (1000, 10000)  # lambda_time = LAMBDA_TIME: the level searches run
 LAMBDA_TIME = 0.05
+GRADIENT_BITS = {"allowed_bits_down": (4, 5, 6, 7, 8), "downlink_rate_bps": 20e6}  # (q, g) pairs: 10 x 5
 SUBCHANNEL_SIZES = (10, 30, 100, 300)  # with 2 N subchannels: swap matching instead of the bandwidth block
 SLOW_SUBCHANNEL_DEVICES = 300  # timed once, not best of --repeat (about a minute)
 GOALS_S = {1000: 1.0, 10000: 10.0}  # devices -> seconds a full solve may take
@@ -69,6 +71,7 @@ def solve_rows(seed: int, repeat: int, quick: bool) -> list[SolveRow]:
     rows = [time_solve("default", n, seed, repeat) for n in SIZES if keep(n)]
     timed = {"lambda_time": LAMBDA_TIME}
     rows += [time_solve(f"lT={LAMBDA_TIME:g}", n, seed, repeat, timed) for n in LATENCY_WEIGHTED_SIZES if keep(n)]
+    rows += [time_solve("q,g", n, seed, repeat, GRADIENT_BITS) for n in LATENCY_WEIGHTED_SIZES if keep(n)]
     for n in SUBCHANNEL_SIZES:
         if n < SLOW_SUBCHANNEL_DEVICES or not quick:
             runs = 1 if n >= SLOW_SUBCHANNEL_DEVICES else repeat

@@ -25,7 +25,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from allocator.scenario import TRAIN_FACTOR, ModelShape
-from allocator.system import AllocationVectors, DeviceArrays, Problem, SystemParams, noise_psd_w_per_hz, path_loss_db
+from allocator.system import (
+    AllocationVectors,
+    DeviceArrays,
+    Problem,
+    SystemParams,
+    bits_down_of,
+    noise_psd_w_per_hz,
+    path_loss_db,
+)
 from edge_runtime import protocol as p
 from edge_runtime.quantize import QuantizedTensor
 from server_runtime.config import RunConfig
@@ -59,9 +67,12 @@ class AutoAllocation:
         shape = ModelShape.from_preset(model)
         self.macs_per_sample = shape.device_macs_per_sample
         a, q = config.allocator, config.quant
+        choose_down = q.gradient_bits == "auto"
         self.params = SystemParams(
             elements_per_sample=shape.elements_per_sample, label_bits=64,
-            weight_bits=shape.device_weight_bits, gradient_bits=q.gradient_bits,
+            weight_bits=shape.device_weight_bits, gradient_bits=32 if choose_down else int(q.gradient_bits),
+            allowed_bits_down=tuple(a.allowed_bits_down) if choose_down else (),
+            downlink_quant_weight=a.downlink_quant_weight,
             server_cycles_per_sample=0.0, server_freq_hz=1.0, downlink_rate_bps=a.downlink_rate_bps,
             noise_psd_w_per_hz=noise_psd_w_per_hz(), total_bandwidth_hz=config.round.total_bandwidth_hz,
             t_max_s=a.t_max_s or config.round.deadline_s, lambda_energy=a.lambda_energy,
@@ -168,8 +179,9 @@ class AutoAllocation:
             log.warning("allocator: infeasible (%s); using its fallback", result.message)
         alloc: AllocationVectors = result.allocation
         per_token = self.config.quant.per_token
+        down = bits_down_of(self.params, alloc)
         return tuple(
-            p.Allocation(d, int(alloc.bits[i]), self.config.quant.gradient_bits, float(alloc.tx_power_w[i]),
+            p.Allocation(d, int(alloc.bits[i]), int(down[i]), float(alloc.tx_power_w[i]),
                          float(alloc.bandwidth_hz[i]), per_token)
             for i, d in enumerate(selected)
         )

@@ -81,7 +81,7 @@ class QuantSection:
     """Bit widths of the activations (up) and gradients (down) on the wire."""
 
     bits: int | str = 8  # or "auto": the daemon picks per device
-    gradient_bits: int = 32
+    gradient_bits: int | str = 32  # or "auto" (with bits = "auto"): the allocator picks per device too
     per_token: bool = False
 
 
@@ -143,6 +143,8 @@ class AllocatorSection:
     lambda_time: float = 0.0  # per second of round latency
     lambda_quant: float = 1e-3  # per unit of the quantization-variance term Phi
     allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    allowed_bits_down: tuple[int, ...] = (4, 5, 6, 7, 8)  # the gradient bits quant.gradient_bits = "auto" picks from
+    downlink_quant_weight: float = 1.0  # a gradient's quantization term relative to an activation's (docs/allocator.md)
     t_max_s: float = 0.0  # latency cap per round; 0: round.deadline_s
     default_distance_m: float = 100.0  # a device's channel before its telemetry calibrates it
     downlink_rate_bps: float = 100e6  # the server's downlink per device
@@ -185,7 +187,7 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "momentum": rule.number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
         "weight_decay": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
     },
-    "quant": {"bits": rule.activation_bits, "gradient_bits": rule.bit_width, "per_token": rule.flag},
+    "quant": {"bits": rule.activation_bits, "gradient_bits": rule.activation_bits, "per_token": rule.flag},
     "round": {
         "deadline_s": rule.number(lambda v: v > 0, "a finite number of seconds > 0"),
         "min_completed": rule.number(lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
@@ -218,6 +220,8 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "lambda_time": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
         "lambda_quant": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
         "allowed_bits": rule.bit_set,
+        "allowed_bits_down": rule.bit_set,
+        "downlink_quant_weight": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
         "t_max_s": rule.number(lambda v: v >= 0, "a finite number of seconds >= 0 (0: round.deadline_s)"),
         "default_distance_m": rule.number(lambda v: v > 0, "a finite number of metres > 0"),
         "downlink_rate_bps": rule.number(lambda v: v > 0, "a finite number of bit/s > 0"),
@@ -411,6 +415,9 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
         if training.get("mode") == "fl" and quant.get("bits") == "auto":
             problems.append("quant.bits: 'auto' allocates for split activations, which training.mode = 'fl' does "
                             "not send (devices upload the whole model); set a fixed bit-width")
+    if isinstance(quant, dict) and quant.get("gradient_bits") == "auto" and quant.get("bits") != "auto":
+        problems.append("quant.gradient_bits: 'auto' is chosen by the allocator, which runs with quant.bits = 'auto'; "
+                        "set quant.bits = 'auto' or a fixed gradient_bits")
 
 
 # ---------------------------------------------------------------- writing

@@ -305,6 +305,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                      help="draw each device's shard with replacement: U{LO..HI} images with a Dir(alpha) "
                           "label mix, for fleets larger than the data set (e.g. 20-40; default: a partition)")
     sim.add_argument("--bits", type=_bits, metavar="auto|Q", help="activation bits; auto: the allocator (default)")
+    sim.add_argument("--gradient-bits", type=_bits, metavar="auto|Q",
+                     help="bits per activation-gradient value on the downlink (default 32); "
+                          "auto: the allocator, with --bits auto")
     sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
     sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
     sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")

@@ -71,7 +71,7 @@ class SimOptions:
     lr_schedule: str = "cosine"  # from lr towards 0 over the run (training.lr_schedule); or "constant"
     optimizer: str = "adam"
     mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
-    gradient_bits: int = 32
+    gradient_bits: int | str = 32  # or "auto" (with bits "auto")
     profiles: tuple[str, ...] = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
     radius_m: float = 500.0
     emulate_link: bool = True
@@ -95,9 +95,9 @@ class SimOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
-CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "scheme", "dataset", "model",
-             "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule", "optimizer", "checkpoint",
-             "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts", "engine", "ray_address",
+CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "scheme",
+             "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
+             "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts", "engine", "ray_address",
              "emulate_link", "t_max_s")
 
 
@@ -163,8 +163,7 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
-    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "gradient_bits",
-            "device_threads", "server_workers", "eval_every", "hosts")
+    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "server_workers", "eval_every", "hosts")
     floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
     for name in ints:
         if name in kwargs:
@@ -178,15 +177,19 @@ def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
                 problems.append(f"{name}: expected a number, got {value!r}")
             else:
                 kwargs[name] = float(value)
-    if "bits" in kwargs:
-        bits = kwargs["bits"]
+    for name in ("bits", "gradient_bits"):
+        if name not in kwargs:
+            continue
+        bits = kwargs[name]
         if isinstance(bits, str) and bits.strip().lower() == "auto":
-            kwargs["bits"] = "auto"
+            kwargs[name] = "auto"
+        elif isinstance(bits, bool) or not isinstance(bits, (int, str)):
+            problems.append(f"{name}: expected 'auto' or {BIT_WIDTHS_TEXT}, got {bits!r}")
         else:
             try:
-                kwargs["bits"] = int(bits)
-            except (TypeError, ValueError):
-                problems.append(f"bits: expected 'auto' or {BIT_WIDTHS_TEXT}, got {bits!r}")
+                kwargs[name] = int(bits)
+            except ValueError:
+                problems.append(f"{name}: expected 'auto' or {BIT_WIDTHS_TEXT}, got {bits!r}")
     if "profiles" in kwargs:
         value = kwargs["profiles"]
         names = value.split(",") if isinstance(value, str) else value
@@ -272,8 +275,10 @@ def check_options(opts: SimOptions) -> list[str]:
         problems.append(f"scheme: one of {', '.join(SCHEMES)}, got {opts.scheme!r}" + did_you_mean(opts.scheme, SCHEMES))
     if opts.bits != "auto" and opts.bits not in BIT_WIDTHS:
         problems.append(f"bits: 'auto' or one of {BIT_WIDTHS_TEXT}, got {opts.bits!r}")
-    if opts.gradient_bits not in BIT_WIDTHS:
-        problems.append(f"gradient_bits: one of {BIT_WIDTHS_TEXT}, got {opts.gradient_bits}")
+    if opts.gradient_bits != "auto" and opts.gradient_bits not in BIT_WIDTHS:
+        problems.append(f"gradient_bits: 'auto' or one of {BIT_WIDTHS_TEXT}, got {opts.gradient_bits!r}")
+    if opts.gradient_bits == "auto" and (opts.scheme != "sflam" or opts.bits != "auto"):
+        problems.append("gradient_bits: 'auto' is the allocator's choice, which needs scheme sflam with bits 'auto'")
     if opts.scheme in ("sfl", "sl", "fl") and opts.bits not in ("auto", 32):
         problems.append(f"bits: scheme {opts.scheme!r} sends float32 (bits 32); drop --bits {opts.bits}")
     if opts.mode not in ("v1", "v2"):

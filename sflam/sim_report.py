@@ -32,7 +32,7 @@ from server_runtime.metrics import read_round_records
 from server_runtime.round_record import DeviceRoundRecord, RoundRecord
 
 SUMMARY_KEYS = ("final_accuracy", "last5_accuracy", "best_on_validation", "rounds", "bytes_up", "bytes_down",
-                "bytes_up_fp32", "device_energy_j", "mean_round_latency_s", "scheme")
+                "bytes_up_fp32", "bytes_down_fp32", "device_energy_j", "mean_round_latency_s", "scheme")
 PHASES = ("compute", "uplink", "server", "downlink")
 
 
@@ -67,7 +67,7 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
     accuracy = [(k + 1, g[-1].accuracy) for k, g in enumerate(groups) if g[-1].accuracy is not None]
     elements = _elements_per_sample(options["model"])
     bytes_up = bytes_down = 0
-    extra_fp32 = 0.0
+    extra_fp32 = extra_down_fp32 = 0.0
     energy = 0.0
     for record in records:  # every attempt's traffic and energy was spent, counted or not
         bytes_down += record.bytes_broadcast
@@ -76,9 +76,11 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
             bytes_down += figures.bytes_down
             energy += _num(figures.energy_j)
             bits = figures.allocation.bits_up
+            values = _activation_values(figures, elements, options)  # one gradient value per activation value
             if scheme in ("sflam", "sfl") and bits < 32:
-                values = _activation_values(figures, elements, options)
                 extra_fp32 += values * (32 - bits) / 8.0
+            if scheme != "fl" and figures.allocation.bits_down < 32:
+                extra_down_fp32 += values * (32 - figures.allocation.bits_down) / 8.0
     per_round = [_round_breakdown(g) for g in groups]
     modeled = _modeled(out, scheme, groups, options)
     latencies = [sum(_num(r.phases_s.train) for r in g) for g in groups]
@@ -95,6 +97,7 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "bytes_up_fp32": int(round(bytes_up + extra_fp32)),
+        "bytes_down_fp32": int(round(bytes_down + extra_down_fp32)),
         "device_energy_j": energy,
         "mean_round_latency_s": float(np.mean(latencies)) if latencies else None,
         "latency_breakdown_s": {p: float(np.mean([b[p] for b in per_round])) if per_round else None for p in PHASES},
@@ -206,12 +209,16 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
     sub = subset(problem, ids)
     if scheme == "sflam":
         allocs = {d: f.allocation for r in group for d, f in r.devices.items()}
+        down = np.array([int(allocs[d].bits_down) for d in ids], dtype=np.int64)
         alloc = AllocationVectors(
             np.array([int(allocs[d].bits_up) for d in ids], dtype=np.int64),
             np.array([float(allocs[d].tx_power_w) for d in ids]),
             np.array([float(allocs[d].bandwidth_hz) for d in ids]),
+            bits_down=down,
         )
-        ev = evaluate(sub, alloc)
+        # the gradient bits the server chose, fixed or allocated, are the ones the model is to score
+        params = dataclasses.replace(sub.params, allowed_bits_down=tuple(sorted(set(down.tolist()))))
+        ev = evaluate(dataclasses.replace(sub, params=params), alloc)
     elif scheme == "sfl":
         ev = fp32_sfl(sub).evaluation
     else:
@@ -250,6 +257,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
+def _ratio(part: float, whole: float | None) -> str:
+    return f"{part / whole:.3f}" if whole else "-"
+
+
 def _sec(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g} s"
 
@@ -278,8 +289,12 @@ def render_comparison(summaries: Sequence[Mapping[str, Any]]) -> str:
         ("test acc. at best validation", _best_text),
         ("bytes up", lambda s: _mb(s["bytes_up"])),
         ("bytes up if fp32", lambda s: _mb(s["bytes_up_fp32"])),
-        ("up / fp32", lambda s: f"{s['bytes_up'] / s['bytes_up_fp32']:.3f}" if s["bytes_up_fp32"] else "-"),
+        ("up / fp32", lambda s: _ratio(s["bytes_up"], s["bytes_up_fp32"])),
         ("bytes down", lambda s: _mb(s["bytes_down"])),
+        ("bytes down if fp32", lambda s: _mb(s.get("bytes_down_fp32"))),
+        ("down / fp32", lambda s: _ratio(s["bytes_down"], s.get("bytes_down_fp32"))),
+        ("total / fp32", lambda s: _ratio(s["bytes_up"] + s["bytes_down"],
+                                          s["bytes_up_fp32"] + s.get("bytes_down_fp32", s["bytes_down"]))),
         ("device energy (reported)", lambda s: _joule(s["device_energy_j"])),
         ("round latency (measured)", lambda s: _sec(s["mean_round_latency_s"])),
         ("  compute/uplink/server/down", lambda s: "/".join(

@@ -15,6 +15,7 @@ from allocator.system import DeviceArrays, ModelError, Problem, SystemParams, ev
 
 INSTANCES = 200
 ALLOWED_BITS = (2, 4, 6, 8, 16, 32)
+ALLOWED_BITS_DOWN = (4, 8, 32)
 
 
 def small_instance(rng: np.random.Generator) -> Problem:
@@ -38,6 +39,16 @@ def small_instance(rng: np.random.Generator) -> Problem:
     return dataclasses.replace(problem, params=dataclasses.replace(params, t_max_s=float(t_max)))
 
 
+def with_gradient_bits(problem: Problem, rng: np.random.Generator) -> Problem:
+    """``problem`` with per-device gradient bits to choose (4, 8 or 32) over a downlink slow enough to matter."""
+    params = dataclasses.replace(
+        problem.params, allowed_bits=(2, 4, 8, 32), allowed_bits_down=ALLOWED_BITS_DOWN,
+        downlink_rate_bps=float(rng.uniform(5e6, 50e6)), downlink_quant_weight=float(rng.choice([0.25, 1.0, 4.0])),
+    )
+    t_max = fixed(dataclasses.replace(problem, params=params)).evaluation.round_latency_s * rng.uniform(0.6, 2.5)
+    return dataclasses.replace(problem, params=dataclasses.replace(params, t_max_s=float(t_max)))
+
+
 def assert_well_formed(problem: Problem, result: Result) -> None:
     """History never increases; a non-infeasible result meets every constraint (T_k <= t_max)."""
     history = np.array(result.objective_history)
@@ -48,12 +59,15 @@ def assert_well_formed(problem: Problem, result: Result) -> None:
         assert np.all(result.evaluation.latency_s <= problem.params.t_max_s * (1 + 1e-9))
 
 
-def test_bcd_is_within_one_percent_of_the_brute_force_optimum() -> None:
+@pytest.mark.parametrize("gradient_bits", [False, True], ids=["uplink-bits", "uplink-and-downlink-bits"])
+def test_bcd_is_within_one_percent_of_the_brute_force_optimum(gradient_bits: bool) -> None:
     # Prepare
     rng = np.random.default_rng(2024)
     gaps, infeasible = [], 0
-    for _ in range(INSTANCES):
+    for _ in range(INSTANCES // 2 if gradient_bits else INSTANCES):
         problem = small_instance(rng)
+        if gradient_bits:
+            problem = with_gradient_bits(problem, rng)
         # Execute
         optimum, result = brute_force(problem), solve(problem)
         # Assert: same verdict on feasibility; never better than the optimum
@@ -66,8 +80,11 @@ def test_bcd_is_within_one_percent_of_the_brute_force_optimum() -> None:
         gap = (result.evaluation.objective - optimum.objective) / abs(optimum.objective)
         assert gap >= -1e-6, gap
         gaps.append(gap)
+        if gradient_bits:  # the downlink's bits are the allocator's: an allowed pair for every device
+            assert result.allocation.bits_down is not None
+            assert set(result.allocation.bits_down) <= set(ALLOWED_BITS_DOWN)
     gaps = np.array(gaps)
-    assert gaps.size >= INSTANCES // 2 and infeasible > 0  # both kinds were drawn
+    assert gaps.size >= (INSTANCES // 4 if gradient_bits else INSTANCES // 2) and infeasible > 0  # both kinds drawn
     assert np.all(gaps <= 0.01), np.sort(gaps)[-10:]  # every instance, not a share of them
 
 

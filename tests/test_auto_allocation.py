@@ -121,12 +121,32 @@ def test_allocate_returns_a_feasible_allocation_per_device() -> None:
     assert auto.summary()["status"] in ("optimal", "feasible")
 
 
+def test_gradient_bits_auto_gives_each_device_allowed_downlink_bits() -> None:
+    # Prepare: gradient bits chosen from 4-8 over a downlink slow enough for them to matter
+    text = '[quant]\nbits = "auto"\ngradient_bits = "auto"\n[training]\nlocal_epochs = 2\n[allocator]\n'
+    auto = AutoAllocation(parse_config(text + "downlink_rate_bps = 5e6\n"), get_preset("vit_quick_patch4_16"))
+    fixed = AutoAllocation(parse_config(AUTO), get_preset("vit_quick_patch4_16"))
+    registry = registry_with(("a", "raspberry-pi-5", 300), ("b", "android-midrange", 300))
+    # Execute
+    allocations = auto.allocate(("a", "b"), registry)
+    # Assert: the allocator's choice from the allowed set; quant.gradient_bits (32) when it is not "auto"
+    assert auto.params.allowed_bits_down == (4, 5, 6, 7, 8)
+    assert all(a.bits_down in range(4, 9) for a in allocations)
+    assert all(a.bits_down == 32 for a in fixed.allocate(("a", "b"), registry))
+
+
+def test_gradient_bits_auto_needs_bits_auto() -> None:
+    with pytest.raises(ValueError, match="quant.gradient_bits: 'auto' is chosen by the allocator"):
+        parse_config('[quant]\nbits = 8\ngradient_bits = "auto"\n')
+
+
 @pytest.mark.broker
 def test_server_with_bits_auto_trains_over_the_broker(quick_bundle: Path, broker, tmp_path: Path) -> None:
     shards = write_shards(tmp_path, 3, 160)
     ckpt = tmp_path / "ckpt"
     config = tmp_path / "run.toml"
-    config.write_text(config_text(broker.url, ckpt, training__rounds=2, quant__bits="auto"))
+    config.write_text(config_text(broker.url, ckpt, training__rounds=2, quant__bits="auto",
+                                  quant__gradient_bits="auto"))
     server = start_server(config)
     devices = [start_device(quick_bundle, broker.url, f"dev-{i}", shard, seed=i, rounds=2,
                             extra=("--emulate-link", "--distance-m", str(100 + 150 * i)))
@@ -141,5 +161,5 @@ def test_server_with_bits_auto_trains_over_the_broker(quick_bundle: Path, broker
     for record in records:
         assert record.allocator is not None and record.allocator.status in ("optimal", "feasible")
         allocs = [d.allocation for d in record.devices.values()]
-        assert all(a.bits_up in range(2, 9) for a in allocs)
+        assert all(a.bits_up in range(2, 9) and a.bits_down in range(4, 9) for a in allocs)
         assert sum(a.bandwidth_hz for a in allocs) <= 20e6 * (1 + 1e-6)

@@ -212,8 +212,9 @@ def test_bits_auto_is_accepted() -> None:
         ("bits", "9", "quant.bits: must be one of 1..8, 16, 32 or 'auto', got 9"),
         ("bits", '"Auto"', "quant.bits: must be one of 1..8, 16, 32 or 'auto', got 'Auto'"),
         ("bits", '"8"', "quant.bits: must be one of 1..8, 16, 32 or 'auto', got '8'"),
-        ("gradient_bits", '"auto"', "quant.gradient_bits: must be one of 1..8, 16, 32, got 'auto'"),
-        ("gradient_bits", "0", "quant.gradient_bits: must be one of 1..8, 16, 32, got 0"),
+        ("gradient_bits", '"auto"', "quant.gradient_bits: 'auto' is chosen by the allocator, which runs with "
+         "quant.bits = 'auto'; set quant.bits = 'auto' or a fixed gradient_bits"),
+        ("gradient_bits", "0", "quant.gradient_bits: must be one of 1..8, 16, 32 or 'auto', got 0"),
     ],
 )
 def test_bad_bit_widths_are_rejected(key: str, value: str, problem: str) -> None:
@@ -406,7 +407,7 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
         metrics=MetricsSection(jsonl="out/m.jsonl", prometheus_port=9100, prometheus_addr="0.0.0.0", progress=False),
         compute=ComputeSection(device="cuda:1", amp="bf16", workers=2),
         allocator=AllocatorSection(lambda_energy=0.5, lambda_time=2.0, lambda_quant=1e-5, allowed_bits=(1, 4, 16, 32),
-                                   t_max_s=60.0, default_distance_m=250.0, downlink_rate_bps=5e7,
+                                   allowed_bits_down=(6, 8, 16), downlink_quant_weight=0.25, t_max_s=60.0, default_distance_m=250.0, downlink_rate_bps=5e7,
                                    channel_gains={"dev-1": 1e-9, "dev 2": 0.1 + 0.2}),
     )
 

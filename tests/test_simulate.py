@@ -181,7 +181,7 @@ def _learning_args(tmp_path: Path) -> tuple[str, ...]:
 def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
     # Execute: 4 device processes, 2 per round, 2 rounds, q = 8, over a private mosquitto
     out = tmp_path / "run"
-    proc = _simulate(out, "--bits", "8", *_learning_args(tmp_path))
+    proc = _simulate(out, "--bits", "8", "--gradient-bits", "8", *_learning_args(tmp_path))
     output, _ = proc.communicate(timeout=600)
     # Assert
     assert proc.returncode == 0, output[-4000:]
