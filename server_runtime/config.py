@@ -82,6 +82,7 @@ class QuantSection:
 
     bits: int | str = 8  # or "auto": the daemon picks per device
     gradient_bits: int | str = 32  # or "auto" (with bits = "auto"): the allocator picks per device too
+    model_bits: int = 32  # the global device weights each round broadcasts: 32 (float32) or 16 (float16)
     per_token: bool = False
 
 
@@ -187,7 +188,8 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "momentum": rule.number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
         "weight_decay": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
     },
-    "quant": {"bits": rule.activation_bits, "gradient_bits": rule.activation_bits, "per_token": rule.flag},
+    "quant": {"bits": rule.activation_bits, "gradient_bits": rule.activation_bits, "model_bits": rule.model_bits,
+              "per_token": rule.flag},
     "round": {
         "deadline_s": rule.number(lambda v: v > 0, "a finite number of seconds > 0"),
         "min_completed": rule.number(lambda v: 0 < v <= 1, "a fraction in (0, 1]"),

@@ -66,6 +66,13 @@ def number(ok: Callable[[float], bool], wanted: str) -> Check:
     return check
 
 
+def model_bits(value: object) -> int:
+    """16 or 32: the precision of the global device weights a round broadcasts."""
+    if isinstance(value, bool) or value not in (16, 32):
+        raise Invalid(f"must be 16 or 32, got {show(value)}")
+    return int(value)
+
+
 def choice(options: Sequence[str]) -> Check:
     """Exactly one of ``options``."""
 

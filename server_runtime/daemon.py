@@ -27,6 +27,7 @@ import numpy as np
 from edge_runtime import protocol as p
 from edge_runtime.data import Preprocess, preprocess
 from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_password_file
+from server_runtime.aggregate import broadcast_weights
 from server_runtime.auto_allocation import AutoAllocation, DeviceCalibration
 from server_runtime.checkpoint import create_model
 from server_runtime.config import RunConfig
@@ -233,7 +234,8 @@ class ServerDaemon:
     def _publish_round(self, state: RoundState, allocations: tuple[p.Allocation, ...]) -> int:
         cfg = self.config
         env = p.Envelope(cfg.broker.run_id, state.plan_round, p.SERVER_ID)
-        model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(self.trainer.device_weights()))
+        weights = broadcast_weights(self.trainer.device_weights(), cfg.quant.model_bits)
+        model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(weights))
         training = cfg.training
         plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, training.local_epochs, training.batch_size,
                            state.lr, allocations, training.optimizer, training.momentum, training.weight_decay)

@@ -71,7 +71,9 @@ class SimOptions:
     lr_schedule: str = "cosine"  # from lr towards 0 over the run (training.lr_schedule); or "constant"
     optimizer: str = "adam"
     mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
-    gradient_bits: int | str = 32  # or "auto" (with bits "auto")
+    # downlink gradient bits; None: "auto" (the allocator's) when bits are "auto", else 32
+    gradient_bits: int | str | None = None
+    model_bits: int = 16  # the broadcast global device weights: 16 (float16) or 32
     profiles: tuple[str, ...] = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
     radius_m: float = 500.0
     emulate_link: bool = True
@@ -93,9 +95,14 @@ class SimOptions:
         """What the activations were: ``auto``, ``8``, ``32``."""
         return str(self.bits)
 
+    def __post_init__(self) -> None:
+        if self.gradient_bits is None:  # both directions quantized by the allocator unless bits are fixed
+            auto = self.scheme == "sflam" and self.bits == "auto"
+            object.__setattr__(self, "gradient_bits", "auto" if auto else 32)
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
-CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "scheme",
+CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits", "scheme",
              "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
              "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts", "engine", "ray_address",
              "emulate_link", "t_max_s")
@@ -163,7 +170,7 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
-    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "server_workers", "eval_every", "hosts")
+    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "model_bits", "server_workers", "eval_every", "hosts")
     floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
     for name in ints:
         if name in kwargs:
@@ -277,6 +284,8 @@ def check_options(opts: SimOptions) -> list[str]:
         problems.append(f"bits: 'auto' or one of {BIT_WIDTHS_TEXT}, got {opts.bits!r}")
     if opts.gradient_bits != "auto" and opts.gradient_bits not in BIT_WIDTHS:
         problems.append(f"gradient_bits: 'auto' or one of {BIT_WIDTHS_TEXT}, got {opts.gradient_bits!r}")
+    if opts.model_bits not in (16, 32):
+        problems.append(f"model_bits: 16 or 32, got {opts.model_bits!r}")
     if opts.gradient_bits == "auto" and (opts.scheme != "sflam" or opts.bits != "auto"):
         problems.append("gradient_bits: 'auto' is the allocator's choice, which needs scheme sflam with bits 'auto'")
     if opts.scheme in ("sfl", "sl", "fl") and opts.bits not in ("auto", 32):
@@ -413,7 +422,7 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
                      "min_devices": opts.devices, "local_epochs": opts.local_epochs,
                      "batch_size": opts.batch_size, "mode": plan.mode, "optimizer": opts.optimizer, "lr": opts.lr,
                      "lr_schedule": opts.lr_schedule},
-        "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits},
+        "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits, "model_bits": opts.model_bits},
         "round": {"deadline_s": opts.deadline_s, "min_completed": opts.min_completed, "wait_for_devices_s": 300.0},
         "broker": {"url": broker_url, "run_id": RUN_ID},
         "checkpoint": {"dir": str(out / "server"), "keep": 1},

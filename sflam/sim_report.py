@@ -13,6 +13,8 @@ Two kinds of figures, kept apart because they answer different questions:
 
 ``bytes_up_fp32`` is what the uplink would have carried with float32 activations: the measured
 bytes plus, per device and round, (32 - q) / 8 bytes for every activation value sent at q bits.
+``bytes_down_fp32`` is the same for the downlink: (32 - g) / 8 bytes more per gradient value sent at
+g bits, and 2 bytes more per device weight of every float16 broadcast.
 """
 
 from __future__ import annotations
@@ -66,11 +68,14 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
     groups = [counted[i:i + turns] for i in range(0, len(counted) - turns + 1, turns)]
     accuracy = [(k + 1, g[-1].accuracy) for k, g in enumerate(groups) if g[-1].accuracy is not None]
     elements = _elements_per_sample(options["model"])
+    # a float16 broadcast (--model-bits 16) carries 2 bytes fewer per device weight than float32
+    broadcast_saved = _device_weight_values(options["model"]) * 2 if options.get("model_bits", 32) == 16 else 0
     bytes_up = bytes_down = 0
     extra_fp32 = extra_down_fp32 = 0.0
     energy = 0.0
     for record in records:  # every attempt's traffic and energy was spent, counted or not
         bytes_down += record.bytes_broadcast
+        extra_down_fp32 += broadcast_saved
         for figures in record.devices.values():
             bytes_up += figures.bytes_up
             bytes_down += figures.bytes_down
@@ -130,6 +135,12 @@ def _elements_per_sample(model: str) -> int:
     from allocator.scenario import model_shape
 
     return int(model_shape(model).elements_per_sample)
+
+
+def _device_weight_values(model: str) -> int:
+    from allocator.scenario import model_shape
+
+    return int(model_shape(model).device_weight_bits) // 32
 
 
 def _activation_values(figures: DeviceRoundRecord, elements: int, options: Mapping[str, Any]) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,37 @@ def test_fedavg_rejects_what_cannot_be_averaged() -> None:
     truncated.pop("head.bias")
     with pytest.raises(AggregationError, match="other keys"):
         fedavg([states[0], truncated], [1, 1])
+
+
+def test_a_float16_broadcast_is_what_the_server_holds_within_float16_rounding() -> None:
+    # Prepare: weights of several scales, one tensor float16 cannot hold
+    from edge_runtime import protocol as p
+    from server_runtime.aggregate import broadcast_weights
+
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(0, 0.05, (64, 3, 4, 4)).astype(np.float32), "b": rng.normal(0, 1e-6, 64).astype(np.float32),
+               "big": np.array([1e5, -3.0], np.float32)}
+    # Execute: encode as the daemon does, decode as the device does (np.array(..., float32))
+    message = p.ModelWeights(p.Envelope("r", 1, p.SERVER_ID), 1, p.weights_from_numpy(broadcast_weights(weights, 16)))
+    decoded = {k: np.array(v, np.float32) for k, v in p.weights_to_numpy(p.decode(p.encode(message)).weights).items()}
+    # Assert: the stated tolerance; float32 where float16 would overflow; float32 broadcasts are exact
+    for name in ("w", "b"):
+        np.testing.assert_allclose(decoded[name], weights[name], rtol=2.0**-11, atol=2.0**-24)
+        assert not np.array_equal(decoded[name], weights[name])  # it was rounded
+    assert np.array_equal(decoded["big"], weights["big"])
+    assert dict(message.weights)["w"].dtype == "float16" and dict(message.weights)["big"].dtype == "float32"
+    exact = broadcast_weights(weights, 32)
+    assert all(np.array_equal(exact[k], weights[k]) for k in weights)
+
+
+def test_fedavg_averages_exactly_the_uploads_trained_from_a_float16_broadcast() -> None:
+    # The rounding of a broadcast is part of what devices upload; FedAvg averages those uploads as sent
+    from server_runtime.aggregate import broadcast_weights
+
+    rng = np.random.default_rng(1)
+    global_w = rng.normal(0, 0.05, (8, 4)).astype(np.float32)
+    start = broadcast_weights({"w": global_w}, 16)["w"].astype(np.float32)
+    uploads = [start + rng.normal(0, 1e-3, start.shape).astype(np.float32) for _ in range(3)]
+    averaged = fedavg([{"w": torch.from_numpy(u)} for u in uploads], [10, 20, 30])["w"].numpy()
+    expected = (10 * uploads[0].astype(np.float64) + 20 * uploads[1] + 30 * uploads[2]) / 60
+    np.testing.assert_allclose(averaged, expected, rtol=0, atol=1e-7)

@@ -398,7 +398,7 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
         training=TrainingSection(rounds=7, devices_per_round=4, min_devices=2, local_epochs=3, batch_size=16,
                                  mode="v2", optimizer="adamw", lr=3e-4, lr_schedule="cosine", lr_min=1e-5,
                                  momentum=0.0, weight_decay=0.05),
-        quant=QuantSection(bits="auto", gradient_bits=16, per_token=True),
+        quant=QuantSection(bits="auto", gradient_bits=16, model_bits=16, per_token=True),
         round=RoundSection(deadline_s=42.5, min_completed=0.75, wait_for_devices_s=1 / 3,
                            total_bandwidth_hz=1.5e7, offline_grace_s=0.0),
         broker=BrokerSection(url="mqtts://broker.example:8884", run_id="run-7", username="server",

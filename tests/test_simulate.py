@@ -181,7 +181,7 @@ def _learning_args(tmp_path: Path) -> tuple[str, ...]:
 def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
     # Execute: 4 device processes, 2 per round, 2 rounds, q = 8, over a private mosquitto
     out = tmp_path / "run"
-    proc = _simulate(out, "--bits", "8", "--gradient-bits", "8", *_learning_args(tmp_path))
+    proc = _simulate(out, "--bits", "8", "--gradient-bits", "8", "--model-bits", "16", *_learning_args(tmp_path))
     output, _ = proc.communicate(timeout=600)
     # Assert
     assert proc.returncode == 0, output[-4000:]
@@ -191,6 +191,10 @@ def test_a_tiny_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["final_accuracy"] > ABOVE_CHANCE, summary["accuracy_per_round"]  # it learned
     # 8-bit activations: a quarter of float32, plus labels, the device weights and framing
     assert 0.24 < summary["bytes_up"] / summary["bytes_up_fp32"] < 0.40
+    # 8-bit gradients and float16 broadcasts: the downlink too
+    assert 0.24 < summary["bytes_down"] / summary["bytes_down_fp32"] < 0.40
+    assert all(f.allocation.bits_down == 8 for r in sim_report.read_records(out / "metrics.jsonl")
+               for f in r.devices.values())
     assert summary["bytes_down"] > 0 and summary["device_energy_j"] > 0
     assert summary["mean_round_latency_s"] > 0 and summary["modeled"]["round_latency_s"] > 0
     records = sim_report.read_records(out / "metrics.jsonl")
