@@ -1,9 +1,11 @@
-"""Uplink bytes on the wire against the ideal d*q/8 + label bytes (docs/protocol.md, docs/allocator.md).
+"""Bytes on the wire against the ideal, both directions (docs/protocol.md, docs/allocator.md).
 
-For each model, granularity, bit-width and batch size, encodes a real ``Activations`` message
-(stochastically quantized activations, uint8 labels) with the sflam codec, adds the MQTT 5
-PUBLISH framing of a QoS 1 publish on the device's ``up`` topic (computed analytically, not
-captured from a broker), and divides by the ideal payload d*q/8 + 1 byte per label.
+For each direction, model, granularity, bit-width and batch size, encodes a real message with the
+sflam codec: uplink an ``Activations`` (stochastically quantized activations, uint8 labels) on the
+device's ``up`` topic, downlink a ``Gradient`` (the server's stochastically quantized activation
+gradient and its loss) on the device's ``down`` topic. It adds the MQTT 5 PUBLISH framing of a QoS 1
+publish (computed analytically, not captured from a broker) and divides by the ideal payload: d*q/8
++ 1 byte per label up, d*q/8 down.
 
     .venv/bin/python benchmarks/bench_wire.py [--quick]
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.protocol import Activations, Envelope, Tensor, Topics, encode, split
+from edge_runtime.protocol import SERVER_ID, Activations, Envelope, Gradient, Tensor, Topics, encode, split
 from edge_runtime.quantize import quantize
 from server_runtime.presets import get_preset
 
@@ -23,6 +25,7 @@ MODELS = ("vit_base_patch32_224", "vit_quick_patch4_16")
 BITS = (2, 4, 8)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 GRANULARITIES = ("tensor", "token")
+DIRECTIONS = ("up", "down")
 GOAL_RATIO, GOAL_MIN_BATCH = 1.01, 8
 EMQX_MAX_PACKET = 1024 * 1024  # EMQX's default mqtt.max_packet_size (1MB)
 
@@ -46,8 +49,9 @@ def mqtt_publish_bytes(topic: str, payload_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class Cell:
-    """Sizes for one (model, per, bits, batch) activation message."""
+    """Sizes for one (direction, model, per, bits, batch) message."""
 
+    direction: str
     model: str
     per: str
     bits: int
@@ -67,22 +71,29 @@ class Cell:
 
 
 def measure(
-    model: str, per: str, bits: int, batch: int, topic: str, env: Envelope, packet_limit: int, seed: int
+    direction: str, model: str, per: str, bits: int, batch: int, topics: Topics, device_id: str, packet_limit: int,
+    seed: int,
 ) -> Cell:
-    """Encode one Activations message and size it on the wire."""
+    """Encode one Activations (up) or Gradient (down) message and size it on the wire."""
     cfg = get_preset(model)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, cfg.num_patches, cfg.embed_dim), dtype=np.float32)
-    labels = Tensor.from_numpy(rng.integers(0, cfg.num_classes, batch).astype(np.uint8))
-    message = Activations(env, quantize(x, bits, per=per, rng=rng), labels)
+    if direction == "up":
+        topic, env = topics.up(device_id), Envelope(topics.run_id, 1, device_id, 0, 0.0)
+        labels = Tensor.from_numpy(rng.integers(0, cfg.num_classes, batch).astype(np.uint8))
+        message = Activations(env, quantize(x, bits, per=per, rng=rng), labels)
+        ideal = x.size * bits / 8 + batch
+    else:
+        topic, env = topics.down(device_id), Envelope(topics.run_id, 1, SERVER_ID, 0, 0.0)
+        message = Gradient(env, quantize(x * 1e-3, bits, per=per, rng=rng), 2.3)
+        ideal = x.size * bits / 8
     frame = len(encode(message))
-    ideal = x.size * bits / 8 + batch
     publish = mqtt_publish_bytes(topic, frame)
     chunked = None
     if publish > packet_limit:
         frame_limit = packet_limit - (mqtt_publish_bytes(topic, packet_limit) - packet_limit)
         chunked = sum(mqtt_publish_bytes(topic, len(c)) for c in split(message, frame_limit))
-    return Cell(model, per, bits, batch, ideal, frame, publish, chunked)
+    return Cell(direction, model, per, bits, batch, ideal, frame, publish, chunked)
 
 
 def cell_text(value: float, batch: int) -> str:
@@ -95,12 +106,10 @@ def cell_text(value: float, batch: int) -> str:
 def print_table(cells: list[Cell], title: str, value: str) -> None:
     """Rows = batch, columns = bits, for every (model, per) pair."""
     print(f"\n{title}")
-    for model in MODELS:
-        for per in GRANULARITIES:
-            rows = [c for c in cells if (c.model, c.per) == (model, per)]
-            if not rows:
-                continue
-            print(f"\n  {model}, per {per}")
+    for direction, model, per in ((d, m, g) for d in DIRECTIONS for m in MODELS for g in GRANULARITIES):
+        rows = [c for c in cells if (c.direction, c.model, c.per) == (direction, model, per)]
+        if rows:
+            print(f"\n  {'uplink (activations)' if direction == 'up' else 'downlink (gradients)'}: {model}, per {per}")
             print("  " + f"{'batch':>6}" + "".join(f"{'q=' + str(b):>14}" for b in BITS))
             for batch in sorted({c.batch for c in rows}):
                 by_bits = {c.bits: c for c in rows if c.batch == batch}
@@ -127,7 +136,7 @@ def print_sizes(cells: list[Cell]) -> None:
         if c.batch == largest:
             chunked = "-" if c.chunked_publish is None else str(c.chunked_publish)
             sizes = f"{c.ideal:>12.0f} {c.frame:>12} {c.publish:>12} {chunked:>12}"
-            print(f"  {c.model:<22} per {c.per:<6} q={c.bits}: {sizes}")
+            print(f"  {c.direction:<4} {c.model:<22} per {c.per:<6} q={c.bits}: {sizes}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,17 +151,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     batches = (1, 8, 32) if args.quick else BATCHES
-    topic = Topics(args.run_id).up(args.device_id)
-    env = Envelope(args.run_id, 1, args.device_id, 0, 0.0)
+    topics = Topics(args.run_id)
+    topic = topics.up(args.device_id)
 
-    print("bytes on the wire / ideal, ideal = d*q/8 + 1 byte per label (uint8)")
-    print("wire = sflam Activations frame (real encoder) + MQTT 5 PUBLISH framing, QoS 1, no properties:")
-    print(f"  1 fixed-header byte + remaining-length varint + 2 + {len(topic)} topic bytes ({topic})")
+    print("bytes on the wire / ideal, ideal = d*q/8 + 1 byte per label (uint8) up, d*q/8 down")
+    print("wire = sflam Activations (up) or Gradient (down) frame (real encoder) + MQTT 5 PUBLISH framing, QoS 1:")
+    print(f"  1 fixed-header byte + remaining-length varint + 2 + {len(topic)} topic bytes ({topic}, down alike)")
     print("  + 2 packet-id bytes + 1 properties-length byte; the MQTT framing is computed analytically")
     print("  (from the MQTT 5 packet layout), not captured from a broker; TCP/IP/TLS headers are not counted")
     print(f"goal: ratio <= {GOAL_RATIO} at batch >= {GOAL_MIN_BATCH}; 'ok'/'MISS' mark the cells the goal applies to")
     cells = [
-        measure(model, per, bits, batch, topic, env, args.packet_limit, args.seed)
+        measure(direction, model, per, bits, batch, topics, args.device_id, args.packet_limit, args.seed)
+        for direction in DIRECTIONS
         for model in MODELS
         for per in GRANULARITIES
         for bits in BITS
