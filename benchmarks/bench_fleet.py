@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scipy import stats
+from seed_stats import t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,11 +118,10 @@ def main() -> int:
 
 
 def _mean_ci(values: list[float], fmt: str = ".2f") -> str:
-    """``mean [low, high]``: a 95 % Student t interval over ``values`` (the mean alone for one)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
+    """``mean [low, high]``: the 95 % Student t interval over ``values`` (the mean alone for one)."""
+    mean, half = t_interval(values)
+    if half != half:
         return format(mean, fmt)
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return f"{mean:{fmt}} [{mean - half:{fmt}}, {mean + half:{fmt}}]"
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from seed_stats import t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,21 +75,9 @@ def _best(summary: dict) -> float:
     return best["test_accuracy"] if best else float("nan")
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half width of the 95 % Student t interval); the half width is nan for one value."""
-    from scipy import stats
-
-    data = np.asarray([v for v in values if v == v], dtype=float)  # nan (missing) left out
-    if len(data) == 0:
-        return float("nan"), float("nan")
-    if len(data) < 2:
-        return float(data.mean()), float("nan")
-    return float(data.mean()), float(stats.t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data)))
-
-
 def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     """``mean +- half`` of ``values`` x ``scale`` (percent points by default)."""
-    mean, half = interval(values)
+    mean, half = t_interval(values)
     return f"{scale * mean:.{digits}f}" + ("" if half != half else f" +- {scale * half:.{digits}f}")
 
 
@@ -106,7 +95,7 @@ def band(ax: Any, summaries: list[dict[str, Any]], label: str) -> None:
     """The mean accuracy curve over seeds, with its 95 % interval as a band."""
     rounds = min(len(s["accuracy_per_round"]) for s in summaries)
     xs = summaries[0]["accuracy_rounds"][:rounds]
-    stats = [interval([s["accuracy_per_round"][i] for s in summaries]) for i in range(rounds)]
+    stats = [t_interval([s["accuracy_per_round"][i] for s in summaries]) for i in range(rounds)]
     mean = np.array([100 * m for m, _ in stats])
     half = np.nan_to_num(np.array([100 * h for _, h in stats]))
     line, = ax.plot(xs, mean, label=f"{label} (n={len(summaries)})")
@@ -279,7 +268,7 @@ def schemes(args: argparse.Namespace) -> None:
     labels = [n.removeprefix("scheme-") for n in names]
     for ax, key, title, unit in ((axes[0], "round_latency_s", "round latency", "s"),
                                  (axes[1], "energy_j", "device energy", "J")):
-        stats = [interval([s["modeled"][key] for s in cell(results, n, args.seeds)]) for n in names]
+        stats = [t_interval([s["modeled"][key] for s in cell(results, n, args.seeds)]) for n in names]
         ax.bar(labels, [m for m, _ in stats], yerr=[np.nan_to_num(h) for _, h in stats], capsize=3)
         ax.set(ylabel=f"{unit} per round (system model)", title=title, yscale="log")
     for n, label in zip(names, labels):
