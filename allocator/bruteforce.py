@@ -1,7 +1,8 @@
 """The global optimum of a small continuous-bandwidth problem (2-3 devices), for tests.
 
-Every combination of the devices' (uplink, downlink) bit pairs is enumerated. For a combination and a latency level T each device meets T
-with the least power, and the band is split by the convex (B | T) problem of
+Every combination of the devices' (uplink, downlink) bit pairs is enumerated. For a combination
+and a latency level T each device meets T with the least power, and the band is split by the
+convex (B | T) problem of
 :func:`allocator.joint.solve_level` (power caps as B_k >= beta_k(T)). The level is searched on a
 dense grid over [T_lo, T_max] and refined by golden section around the best grid point, using
 objective values only (not the derivative :func:`allocator.blocks.power_bandwidth_block` uses).

@@ -225,6 +225,63 @@ def tmax(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the downlink: gradient bits at the demo defaults
+
+DOWNLINK = [("down-g32", ["--gradient-bits", "32"]), ("down-g8", ["--gradient-bits", "8"]),
+            ("down-g4", ["--gradient-bits", "4"]), ("down-auto", [])]  # auto: the demo's default
+SFL_REFERENCE = ("scheme-sfl", ["--scheme", "sfl", "--no-emulate-link"])  # the schemes experiment's cell
+
+
+def _traffic(summary: dict[str, Any], against: str | None = None) -> float:
+    """Bytes up + down of a run; with ``against`` ("up", "down", "total") the ratio to float32 instead."""
+    up, down = summary["bytes_up"], summary["bytes_down"]
+    up32, down32 = summary["bytes_up_fp32"], summary["bytes_down_fp32"]
+    return {None: up + down, "up": up / up32, "down": down / down32, "total": (up + down) / (up32 + down32)}[against]
+
+
+def downlink(args: argparse.Namespace) -> None:
+    from server_runtime.metrics import read_round_records
+
+    cells = [(name, [*flags, "--rounds", str(args.rounds)]) for name, flags in DOWNLINK]
+    sfl = (SFL_REFERENCE[0], [*SFL_REFERENCE[1][:2], "--rounds", str(args.rounds), *SFL_REFERENCE[1][2:]])
+    jobs = seeded([*cells, sfl], args.seeds)
+    print(f"downlink: {len(jobs)} runs of {args.rounds} rounds (seeds {args.seeds}), {args.jobs} at a time")
+    results = run_all(jobs, args.out, args.jobs)
+    ref, g32 = cell(results, sfl[0], args.seeds), cell(results, "down-g32", args.seeds)
+    print(f"\nmean +- 95 % interval over seeds {args.seeds}; against fp32 SFL's total bytes and the 32-bit "
+          f"downlink's accuracy seed by seed")
+    print(f"{'cell':<10} {'gradient bits':>14} {'final acc %':>12} {'last-5 %':>12} {'up/fp32':>8} {'down/fp32':>10}"
+          f" {'total/fp32':>11} {'total/sfl':>14} {'last-5 vs g32':>14}")
+    for name, _ in cells:
+        runs = cell(results, name, args.seeds)
+        bits = [float(np.mean([f.allocation.bits_down for r in read_round_records(args.out / f"{name}-s{seed}"
+                                                                                / "metrics.jsonl")
+                               for f in r.devices.values()])) for seed in args.seeds]
+        total = [_traffic(s) / _traffic(r) for s, r in zip(runs, ref)]
+        print(f"{name:<10} {fmt(bits, 1, 2):>14} {fmt([s['final_accuracy'] for s in runs]):>12}"
+              f" {fmt([tail_mean(s) for s in runs]):>12} {fmt([_traffic(s, 'up') for s in runs], 1, 3):>8}"
+              f" {fmt([_traffic(s, 'down') for s in runs], 1, 3):>10} {fmt([_traffic(s, 'total') for s in runs], 1, 3):>11}"
+              f" {fmt(total, 1, 3):>14} {fmt([tail_mean(s) - tail_mean(g) for s, g in zip(runs, g32)]):>14}")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, _ in cells:
+        band(axes[0], cell(results, name, args.seeds), name.removeprefix("down-"))
+    axes[0].set(xlabel="round", ylabel="test accuracy [%]", title="accuracy per round (bits up: auto)")
+    axes[0].legend(fontsize="small")
+    labels = [n.removeprefix("down-") for n, _ in cells] + ["fp32 SFL"]
+    for offset, key in ((-0.2, "bytes_up"), (0.2, "bytes_down")):
+        stats = [t_interval([s[key] / 1e6 for s in cell(results, n, args.seeds)]) for n in [*dict(cells), sfl[0]]]
+        axes[1].bar(np.arange(len(labels)) + offset, [m for m, _ in stats], width=0.4,
+                    yerr=[np.nan_to_num(h) for _, h in stats], capsize=3, label=key.replace("_", " "))
+    axes[1].set(xticks=np.arange(len(labels)), xticklabels=labels, ylabel="MB per run", title="traffic",
+                yscale="log")
+    axes[1].legend(fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, args.img / "results_downlink.png")
+
+
+# ---------------------------------------------------------------------------------------------
 # the schemes side by side
 
 
@@ -292,7 +349,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=("accuracy", "tmax", "schemes", "all"))
+    parser.add_argument("experiment", choices=("accuracy", "tmax", "schemes", "downlink", "all"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments", help="run directories")
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
     parser.add_argument("--jobs", type=int, default=1,
@@ -320,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.alphas, args.bits, args.tmax_rounds, args.tmax_runs = 2, "0.5", "2,32", 2, "2,20"
         args.seeds, args.schemes = [0, 1], "sflam,sfl"
-    for name in (("accuracy", "tmax", "schemes") if args.experiment == "all" else (args.experiment,)):
+    for name in (("accuracy", "tmax", "schemes", "downlink") if args.experiment == "all" else (args.experiment,)):
         print(f"== {name}")
         globals()[name](args)
     return 0

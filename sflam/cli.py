@@ -309,7 +309,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                      help="bits per activation-gradient value on the downlink; auto: the allocator's "
                           "(the default with --bits auto, else 32)")
     sim.add_argument("--model-bits", type=int, choices=(16, 32),
-                     help="precision of the global device weights broadcast each round (default 16)")
+                     help="precision of the global device weights broadcast each round (default 16 with "
+                          "--scheme sflam, else 32)")
     sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
     sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
     sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")

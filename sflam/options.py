@@ -73,7 +73,7 @@ class SimOptions:
     mode: str = "v1"  # SFL-V1 (server copy per device) or V2 (one shared server model)
     # downlink gradient bits; None: "auto" (the allocator's) when bits are "auto", else 32
     gradient_bits: int | str | None = None
-    model_bits: int = 16  # the broadcast global device weights: 16 (float16) or 32
+    model_bits: int | None = None  # the broadcast global device weights: 16 (float16) or 32; None: 16 for sflam
     profiles: tuple[str, ...] = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
     radius_m: float = 500.0
     emulate_link: bool = True
@@ -99,13 +99,15 @@ class SimOptions:
         if self.gradient_bits is None:  # both directions quantized by the allocator unless bits are fixed
             auto = self.scheme == "sflam" and self.bits == "auto"
             object.__setattr__(self, "gradient_bits", "auto" if auto else 32)
+        if self.model_bits is None:  # the float32 baselines (sfl, sl, fl) stay float32 throughout
+            object.__setattr__(self, "model_bits", 16 if self.scheme == "sflam" else 32)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
-CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits", "scheme",
-             "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
-             "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts", "engine", "ray_address",
-             "emulate_link", "t_max_s")
+CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits",
+             "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
+             "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
+             "engine", "ray_address", "emulate_link", "t_max_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +172,8 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
-    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "model_bits", "server_workers", "eval_every", "hosts")
+    ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "model_bits",
+            "server_workers", "eval_every", "hosts")
     floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
     for name in ints:
         if name in kwargs:

@@ -539,3 +539,14 @@ def test_device_hosts_refuse_what_they_cannot_share() -> None:
     assert "pass --hosts 0" in str(caught.value)
     with pytest.raises(SimulateError, match="hosts: must be >= 0"):
         build_options({"hosts": -1})
+
+
+@pytest.mark.parametrize(
+    ("flags", "gradient_bits", "model_bits"),
+    [({}, "auto", 16), ({"bits": 8}, 32, 16), ({"scheme": "sfl"}, 32, 32), ({"scheme": "fl"}, 32, 32),
+     ({"gradient_bits": 8}, 8, 16), ({"model_bits": 32}, "auto", 32)],
+)
+def test_the_downlink_defaults_follow_the_scheme(flags: dict, gradient_bits: object, model_bits: int) -> None:
+    # sflam with bits auto quantizes both directions; the float32 baselines stay float32 throughout
+    opts = resolve_options(_args(**flags))
+    assert (opts.gradient_bits, opts.model_bits) == (gradient_bits, model_bits)
