@@ -24,7 +24,7 @@ from allocator.scenario import (
     load_scenario,
     model_shape,
 )
-from allocator.system import Problem
+from allocator.system import Problem, bits_down_of
 
 if TYPE_CHECKING:
     from allocator.bcd import Result
@@ -37,6 +37,8 @@ PARAM_OPTIONS = {  # argparse dest -> SystemParams field
     "lambda_time": "lambda_time",
     "lambda_quant": "lambda_quant",
     "subchannels": "subchannels",
+    "bits_down": "allowed_bits_down",
+    "downlink_rate": "downlink_rate_bps",
 }
 
 
@@ -133,11 +135,13 @@ def _comparison_line(result: Result, baselines: dict[str, BaselineResult]) -> st
 def report(problem: Problem, result: Result, baselines: dict[str, BaselineResult]) -> dict[str, object]:
     """The --json object: the solve, every device's allocation and figures, the baselines."""
     alloc, ev, fleet = result.allocation, result.evaluation, problem.fleet
+    down = bits_down_of(problem.params, alloc)
     devices = [
         {
             "id": fleet.ids[k],
             "profile": fleet.profiles[k],
             "bits": int(alloc.bits[k]),
+            "bits_down": int(down[k]),
             "tx_power_w": float(alloc.tx_power_w[k]),
             "bandwidth_hz": float(alloc.bandwidth_hz[k]),
             "latency_s": _finite(ev.latency_s[k]),
@@ -175,11 +179,15 @@ def _baseline_summary(baseline: BaselineResult) -> dict[str, object]:
 def render(problem: Problem, result: Result, baselines: dict[str, BaselineResult]) -> str:
     """The human-readable report: a row per device, totals, baselines, improvement over fixed."""
     alloc, ev, fleet = result.allocation, result.evaluation, problem.fleet
-    lines = [f"{'id':<8} {'profile':<18} {'q':>3} {'p [W]':>8} {'B [MHz]':>9} {'T [s]':>10} {'E [J]':>10}"]
+    chosen = bool(problem.params.allowed_bits_down)  # a g column when the gradient bits are the allocator's
+    down = bits_down_of(problem.params, alloc)
+    lines = [f"{'id':<8} {'profile':<18} {'q':>3}" + (f" {'g':>3}" if chosen else "")
+             + f" {'p [W]':>8} {'B [MHz]':>9} {'T [s]':>10} {'E [J]':>10}"]
     for k in range(min(len(fleet), TABLE_ROWS)):
         lines.append(
-            f"{fleet.ids[k]:<8} {fleet.profiles[k]:<18} {alloc.bits[k]:>3d} {alloc.tx_power_w[k]:>8.4f}"
-            f" {alloc.bandwidth_hz[k] / 1e6:>9.4f} {ev.latency_s[k]:>10.3f} {ev.energy_j[k]:>10.3f}"
+            f"{fleet.ids[k]:<8} {fleet.profiles[k]:<18} {alloc.bits[k]:>3d}" + (f" {down[k]:>3d}" if chosen else "")
+            + f" {alloc.tx_power_w[k]:>8.4f} {alloc.bandwidth_hz[k] / 1e6:>9.4f} {ev.latency_s[k]:>10.3f}"
+            f" {ev.energy_j[k]:>10.3f}"
         )
     if len(fleet) > TABLE_ROWS:
         lines.append(f"... {len(fleet) - TABLE_ROWS} more devices (--json lists every one)")

@@ -288,6 +288,17 @@ def _bits(text: str) -> int | str:
     return value
 
 
+def _bit_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {BIT_WIDTHS_TEXT}, got {text!r}") from None
+    bad = [v for v in values if v not in BIT_WIDTHS]
+    if bad or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct bit widths of {BIT_WIDTHS_TEXT}, got {text!r}")
+    return values
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser(
         "simulate",
@@ -373,6 +384,9 @@ def _add_allocate(sub: argparse._SubParsersAction) -> None:
     prm.add_argument("--lambda-time", type=_non_negative_float, metavar="W", help="weight per second of round latency (default 0)")
     prm.add_argument("--lambda-quant", type=_non_negative_float, metavar="W", help="weight of the quantization term (default 1e-3)")
     prm.add_argument("--subchannels", type=_non_negative_int, metavar="N", help="N equal subchannels (0: continuous bandwidth)")
+    prm.add_argument("--bits-down", type=_bit_list, metavar="G,G,...",
+                     help="gradient bit-widths to choose from per device (default: the scenario's fixed gradient bits)")
+    prm.add_argument("--downlink-rate", type=_positive_float, metavar="BPS", help="downlink bit/s per device (default 100e6)")
     alloc.add_argument("--scenario", metavar="FILE", help="a scenario JSON file instead of a generated one")
     alloc.add_argument("--dump-scenario", metavar="FILE", help="write the problem as a scenario JSON file")
     alloc.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -40,6 +40,20 @@ def test_json_report_has_every_key(tmp_path: Path) -> None:
     assert json.loads(again.stdout)["objective"] == pytest.approx(report["objective"], rel=1e-9)
 
 
+def test_gradient_bits_to_choose_give_a_g_column_and_survive_a_scenario_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: gradient bits 4, 6 or 8 per device over a 20 Mbit/s downlink, dumped and solved again
+    args = ["allocate", "--devices", "4", "--seed", "3", "--bits-down", "4,6,8", "--downlink-rate", "20e6"]
+    assert main([*args, "--dump-scenario", str(tmp_path / "s.json")]) == 0
+    text = capsys.readouterr().out
+    assert main(["allocate", "--scenario", str(tmp_path / "s.json"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # Assert: a g column; every device's gradient bits from the allowed set, kept by the scenario file
+    assert text.splitlines()[0].split()[:4] == ["id", "profile", "q", "g"]
+    assert {d["bits_down"] for d in report["devices"]} <= {4, 6, 8}
+    assert json.loads((tmp_path / "s.json").read_text())["params"]["allowed_bits_down"] == [4, 6, 8]
+
+
 def test_text_report_shows_devices_totals_and_baselines(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["allocate", "--devices", "3", "--seed", "2", "--lambda-quant", "0.01"]) == 0
     out = capsys.readouterr().out
