@@ -67,25 +67,7 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
     counted = [r for r in records if r.counted]
     groups = [counted[i:i + turns] for i in range(0, len(counted) - turns + 1, turns)]
     accuracy = [(k + 1, g[-1].accuracy) for k, g in enumerate(groups) if g[-1].accuracy is not None]
-    elements = _elements_per_sample(options["model"])
-    # a float16 broadcast (--model-bits 16) carries 2 bytes fewer per device weight than float32
-    broadcast_saved = _device_weight_values(options["model"]) * 2 if options.get("model_bits", 32) == 16 else 0
-    bytes_up = bytes_down = 0
-    extra_fp32 = extra_down_fp32 = 0.0
-    energy = 0.0
-    for record in records:  # every attempt's traffic and energy was spent, counted or not
-        bytes_down += record.bytes_broadcast
-        extra_down_fp32 += broadcast_saved
-        for figures in record.devices.values():
-            bytes_up += figures.bytes_up
-            bytes_down += figures.bytes_down
-            energy += _num(figures.energy_j)
-            bits = figures.allocation.bits_up
-            values = _activation_values(figures, elements, options)  # one gradient value per activation value
-            if scheme in ("sflam", "sfl") and bits < 32:
-                extra_fp32 += values * (32 - bits) / 8.0
-            if scheme != "fl" and figures.allocation.bits_down < 32:
-                extra_down_fp32 += values * (32 - figures.allocation.bits_down) / 8.0
+    traffic = _traffic(records, options)
     per_round = [_round_breakdown(g) for g in groups]
     modeled = _modeled(out, scheme, groups, options)
     latencies = [sum(_num(r.phases_s.train) for r in g) for g in groups]
@@ -99,11 +81,7 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
         "best_on_validation": _best_on_validation(groups),
         "accuracy_per_round": [a for _, a in accuracy],
         "accuracy_rounds": [k for k, _ in accuracy],
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "bytes_up_fp32": int(round(bytes_up + extra_fp32)),
-        "bytes_down_fp32": int(round(bytes_down + extra_down_fp32)),
-        "device_energy_j": energy,
+        **traffic,
         "mean_round_latency_s": float(np.mean(latencies)) if latencies else None,
         "latency_breakdown_s": {p: float(np.mean([b[p] for b in per_round])) if per_round else None for p in PHASES},
         "per_round": {
@@ -119,6 +97,29 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
         "options": options,
     }
     return summary
+
+
+def _traffic(records: Sequence[RoundRecord], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Bytes each way, measured and as float32 (module docstring), and the devices' reported energy:
+    every attempt's traffic and energy was spent, counted or not."""
+    scheme, elements = options["scheme"], _elements_per_sample(options["model"])
+    # a float16 broadcast (--model-bits 16) carries 2 bytes fewer per device weight than float32
+    broadcast_saved = _device_weight_values(options["model"]) * 2 if options.get("model_bits", 32) == 16 else 0
+    up = down = 0
+    extra_up = extra_down = energy = 0.0
+    for record in records:
+        down += record.bytes_broadcast
+        extra_down += broadcast_saved
+        for figures in record.devices.values():
+            up, down, energy = up + figures.bytes_up, down + figures.bytes_down, energy + _num(figures.energy_j)
+            values = _activation_values(figures, elements, options)  # one gradient value per activation value
+            bits_up, bits_down = figures.allocation.bits_up, figures.allocation.bits_down
+            if scheme in ("sflam", "sfl") and bits_up < 32:
+                extra_up += values * (32 - bits_up) / 8.0
+            if scheme != "fl" and bits_down < 32:
+                extra_down += values * (32 - bits_down) / 8.0
+    return {"bytes_up": up, "bytes_down": down, "bytes_up_fp32": int(round(up + extra_up)),
+            "bytes_down_fp32": int(round(down + extra_down)), "device_energy_j": energy}
 
 
 def _best_on_validation(groups: Sequence[Sequence[RoundRecord]]) -> dict[str, Any] | None:
