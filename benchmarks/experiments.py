@@ -102,6 +102,15 @@ def band(ax: Any, summaries: list[dict[str, Any]], label: str) -> None:
     ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
 
 
+def mean_bits(args: argparse.Namespace, name: str, direction: str) -> list[float]:
+    """Per seed, the mean of every device's allocated ``direction`` bits (bits_up, bits_down) in cell ``name``."""
+    from server_runtime.metrics import read_round_records
+
+    return [float(np.mean([getattr(f.allocation, direction)
+                           for r in read_round_records(args.out / f"{name}-s{seed}" / "metrics.jsonl")
+                           for f in r.devices.values()])) for seed in args.seeds]
+
+
 def tail_mean(summary: dict[str, Any], k: int = 5) -> float:
     """Mean accuracy over the last k evaluated rounds (less noisy than the last one)."""
     acc = summary["accuracy_per_round"][-k:]
@@ -195,15 +204,11 @@ def tmax(args: argparse.Namespace) -> None:
     print(f"\nclosed loop: {len(jobs)} simulations of {args.tmax_rounds} rounds, bits auto, t_max {caps_run} s, "
           f"seeds {args.seeds}")
     results = run_all(jobs, args.out, args.jobs)
-    from server_runtime.metrics import read_round_records
-
     print(f"\n{'t_max s':>8} {'model E/round J':>18} {'reported E/round J':>19} {'model T/round s':>16}"
           f" {'mean bits':>12} {'final acc %':>12} {'last-5 %':>12}")
     for c in caps_run:
         runs = cell(results, f"tmax-{c:g}", args.seeds)
-        bits = [float(np.mean([f.allocation.bits_up for r in read_round_records(args.out / f"tmax-{c:g}-s{seed}"
-                                                                              / "metrics.jsonl")
-                               for f in r.devices.values()])) for seed in args.seeds]
+        bits = mean_bits(args, f"tmax-{c:g}", "bits_up")
         print(f"{c:>8g} {fmt([s['modeled']['energy_j'] for s in runs], 1, 4):>18}"
               f" {fmt([s['device_energy_j'] / s['rounds'] for s in runs], 1, 3):>19}"
               f" {fmt([s['modeled']['round_latency_s'] for s in runs], 1, 2):>16} {fmt(bits, 1, 2):>12}"
@@ -240,8 +245,6 @@ def _traffic(summary: dict[str, Any], against: str | None = None) -> float:
 
 
 def downlink(args: argparse.Namespace) -> None:
-    from server_runtime.metrics import read_round_records
-
     cells = [(name, [*flags, "--rounds", str(args.rounds)]) for name, flags in DOWNLINK]
     sfl = (SFL_REFERENCE[0], [*SFL_REFERENCE[1][:2], "--rounds", str(args.rounds), *SFL_REFERENCE[1][2:]])
     jobs = seeded([*cells, sfl], args.seeds)
@@ -254,9 +257,7 @@ def downlink(args: argparse.Namespace) -> None:
           f" {'total/fp32':>11} {'total/sfl':>14} {'last-5 vs g32':>14}")
     for name, _ in cells:
         runs = cell(results, name, args.seeds)
-        bits = [float(np.mean([f.allocation.bits_down for r in read_round_records(args.out / f"{name}-s{seed}"
-                                                                                / "metrics.jsonl")
-                               for f in r.devices.values()])) for seed in args.seeds]
+        bits = mean_bits(args, name, "bits_down")
         total = [_traffic(s) / _traffic(r) for s, r in zip(runs, ref)]
         print(f"{name:<10} {fmt(bits, 1, 2):>14} {fmt([s['final_accuracy'] for s in runs]):>12}"
               f" {fmt([tail_mean(s) for s in runs]):>12} {fmt([_traffic(s, 'up') for s in runs], 1, 3):>8}"
