@@ -439,9 +439,7 @@ class ServerDaemon:
             if self.validation_set is not None:
                 validation, _ = self.trainer.evaluate(self._eval_batches(self.validation_set))
         phases["evaluate"] = time.monotonic() - t
-        record = self._record(state, counted, (accuracy, test_loss, train_loss), phases, broadcast, t0)
-        if validation is not None:
-            record = dataclasses.replace(record, validation_accuracy=validation)
+        record = self._record(state, counted, (accuracy, test_loss, train_loss, validation), phases, broadcast, t0)
         t = time.monotonic()
         save_run_state(cfg.checkpoint_dir, RunState(
             self.round, self.plan_round, self.trainer.state_dict(), self.trainer.optimizer_state(),
@@ -473,17 +471,18 @@ class ServerDaemon:
         for start in range(0, len(data), size):
             yield preprocess(data.images[start:start + size], spec), data.labels[start:start + size]
 
-    def _record(self, state: RoundState, counted: bool, losses: tuple[float | None, float | None, float | None],
+    def _record(self, state: RoundState, counted: bool, figures: tuple[float | None, ...],
                 phases: dict[str, float], broadcast: int, t0: float) -> RoundRecord:
-        """The round's metrics record, all but the checkpoint's time (it goes into the checkpoint)."""
-        accuracy, test_loss, train_loss = losses
+        """The round's metrics record, all but the checkpoint's time (it goes into the checkpoint);
+        ``figures``: test accuracy, test loss, train loss and validation accuracy (None: not evaluated)."""
+        accuracy, test_loss, train_loss, validation = figures
         completed = state.completed()
         summary = self.auto.summary() if self.auto is not None else None
         return RoundRecord(
             event="round", round=state.round, plan_round=state.plan_round, counted=counted,
             mode=self.config.training.mode, time=time.time(), selected=tuple(sorted(state.devices)),
             completed=tuple(completed), failed=state.failures(), accuracy=accuracy, test_loss=test_loss,
-            train_loss=train_loss, samples=sum(state.devices[d].update.num_samples for d in completed),
+            train_loss=train_loss, validation_accuracy=validation, samples=sum(state.devices[d].update.num_samples for d in completed),
             duration_s=time.monotonic() - t0, phases_s=PhaseTimes(**phases), bytes_broadcast=broadcast,
             devices={device_id: _device_record(member) for device_id, member in state.devices.items()},
             counters=dict(self.all_counters()),
