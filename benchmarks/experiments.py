@@ -240,8 +240,10 @@ SFL_REFERENCE = ("scheme-sfl", ["--scheme", "sfl", "--no-emulate-link"])  # the 
 def _traffic(summary: dict[str, Any], against: str | None = None) -> float:
     """Bytes up + down of a run; with ``against`` ("up", "down", "total") the ratio to float32 instead."""
     up, down = summary["bytes_up"], summary["bytes_down"]
+    if against is None:
+        return up + down
     up32, down32 = summary["bytes_up_fp32"], summary["bytes_down_fp32"]
-    return {None: up + down, "up": up / up32, "down": down / down32, "total": (up + down) / (up32 + down32)}[against]
+    return {"up": up / up32, "down": down / down32, "total": (up + down) / (up32 + down32)}[against]
 
 
 def downlink(args: argparse.Namespace) -> None:
