@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     print("'solver s': the last run's Result.solve_time_s; 'vs fixed': objective below the fixed baseline")
     print("(8 bits, max power, equal bandwidth)\n")
     print(f"settings: default (lambda_time = 0, continuous band); lT={LAMBDA_TIME:g}: lambda_time = {LAMBDA_TIME:g};")
+    print("q,g: gradient bits chosen per device too (allowed_bits_down 4-8, downlink 20 Mbit/s);")
     print(f"M=2N: 2 N equal subchannels (swap matching; N = {SLOW_SUBCHANNEL_DEVICES} timed once, not with --quick)\n")
     print_solves(solve_rows(args.seed, args.repeat, args.quick))
 
