@@ -36,11 +36,10 @@ from allocator.system import (
     ModelError,
     Problem,
     check_allocation,
-    compute_time_s,
     evaluate,
     fixed_time_s,
+    quant_spread,
     relative_variance,
-    server_time_s,
     uplink_bits,
     uplink_rate_bps,
 )
@@ -103,12 +102,11 @@ def bits_table(problem: Problem) -> BitsTable:
     size = fleet.samples[:, None] * per_sample + params.weight_bits + params.overhead_bits
     quant = np.zeros(size.shape)
     if params.lambda_quant > 0:
-        spread = fleet.weight * params.elements_per_sample * fleet.activation_range**2
         per_pair = relative_variance(up) + params.downlink_quant_weight * relative_variance(down)
-        quant = params.lambda_quant * spread[:, None] * per_pair[None, :]
-    gradient = fleet.samples[:, None] * params.elements_per_sample * down[None, :].astype(np.float64)
-    downlink = (gradient + params.weight_bits) / params.downlink_rate_bps  # downlink_time_s for every g at once
-    fixed = (compute_time_s(fleet) + server_time_s(fleet, params))[:, None] + downlink
+        quant = params.lambda_quant * quant_spread(fleet, params)[:, None] * per_pair[None, :]
+    options = params.bits_down_options  # a_k(g) once per distinct g, then a column per pair
+    by_g = np.stack([fixed_time_s(fleet, params, np.full(len(fleet), g)) for g in options], axis=1)
+    fixed = by_g[:, np.searchsorted(options, down)]
     return BitsTable(up, down, size, quant, fixed, bool(params.allowed_bits_down))
 
 

@@ -24,11 +24,9 @@ from allocator.system import (
     ModelError,
     Problem,
     compute_energy_j,
-    compute_time_s,
-    downlink_time_s,
     evaluate,
+    fixed_time_s,
     quant_variance,
-    server_time_s,
 )
 
 MAX_DEVICES = 4
@@ -61,8 +59,7 @@ class _Combos:
         self.size = fleet.samples * per_sample + params.weight_bits + params.overhead_bits
         phi = np.stack([quant_variance(fleet, params, q, g) for q, g in zip(self.bits, self.bits_down)]).sum(axis=1)
         self.constant = params.lambda_energy * float(np.sum(compute_energy_j(fleet))) + params.lambda_quant * phi
-        self.fixed = np.stack([compute_time_s(fleet) + downlink_time_s(fleet, params, g) + server_time_s(fleet, params)
-                               for g in self.bits_down])
+        self.fixed = np.stack([fixed_time_s(fleet, params, g) for g in self.bits_down])
         self.gain_n0 = fleet.gain / params.noise_psd_w_per_hz
 
     def value(

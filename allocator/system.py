@@ -448,9 +448,13 @@ def quant_variance(fleet: DeviceArrays, params: SystemParams, bits: np.ndarray,
     """Phi_k = w s R^2 (1 / (4 (2^q - 1)^2) + mu / (4 (2^g - 1)^2)): the activations' quantization
     variance plus the gradients', priced as an activation error of the same relative step (docs/allocator.md);
     each part 0 at 32 bits (g: ``gradient_bits`` when ``bits_down`` is None)."""
-    spread = fleet.weight * params.elements_per_sample * fleet.activation_range**2
     g = np.full(np.shape(bits), params.gradient_bits) if bits_down is None else bits_down
-    return spread * (relative_variance(bits) + params.downlink_quant_weight * relative_variance(g))
+    return quant_spread(fleet, params) * (relative_variance(bits) + params.downlink_quant_weight * relative_variance(g))
+
+
+def quant_spread(fleet: DeviceArrays, params: SystemParams) -> np.ndarray:
+    """w s R^2 per device: what Phi_k multiplies the relative variances by."""
+    return fleet.weight * params.elements_per_sample * fleet.activation_range**2
 
 
 # ---------------------------------------------------------------- evaluation
