@@ -1,4 +1,4 @@
-"""The server daemon against real device processes over a real mosquitto, side by side in one run.
+"""The server daemon over a real mosquitto: against device processes (a, b) and a replay driver (c, d).
 
 (a) SFL training throughput: samples/s of the daemon's ``train`` phase (rounds 2..R; round 1 is
     warm-up) with N device processes (``sflam device --backend numpy``), q = 8 activations, fp32
@@ -10,13 +10,19 @@
     to a raw broker echo of the same payload sizes through ``edge_runtime.mqtt.MqttLink``
     (QoS 1, TCP_NODELAY, the same broker). Goal <= 2.
 
-    .venv/bin/python benchmarks/bench_server.py [--preset vit_mini_patch4_32] [--devices 3] [--quick]
+(c) and (d): ``sflam server`` as a process against the light replay driver (replay_driver.py: one
+process plays the devices, no compute), batch 64: samples/s of the ``train`` phase (rounds 2..R)
+under two ``[compute]`` settings. (c) ``trainers`` 2 / 1 (``--trainers-compare``), 4 devices, goal
+>= 1.6; (d) ``batch_steps`` "on" / "off", 8 devices, one trainer, reported without a goal.
+
+    .venv/bin/python benchmarks/bench_server.py [--preset vit_mini_patch4_32] [--devices 3] [--only a,b,c,d] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
@@ -45,9 +51,14 @@ from server_runtime.round_record import RoundRecord
 from sflam.broker import MosquittoBroker
 from sflam.processes import ProcessError, ProcessGroup, child_env
 
+from replay_driver import (  # benchmarks/, the folder of this script
+    ReplaySettings, add_replay_arguments, at_least, measure_replays, replay_header, replay_rows, replay_settings,
+    server_step_mean, sfl_throughput)
+
 GOAL_THROUGHPUT, GOAL_RTT = 0.85, 2.0
 BITS_UP, BITS_DOWN, LR, MOMENTUM, SEED = 8, 32, 0.05, 0.9, 0
 ROUND_TIMEOUT_S = 120.0
+PARTS = ("a", "b", "c", "d")
 
 # A device process whose DeviceClient._exchange is timed; the times go to a JSON file at exit.
 TIMED_DEVICE = r"""
@@ -85,6 +96,8 @@ class Settings:
     echo_iterations: int
     workers: int  # the daemon's compute.workers (server step threads)
     server_threads: int  # torch intra-op threads while the daemon runs
+    parts: tuple[str, ...]  # which of a, b, c, d run
+    replay: ReplaySettings
 
 
 @dataclass
@@ -120,31 +133,40 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"digits has {train} training images: too few for {args.devices} devices "
                          f"of batch {args.batch}")
     workers, threads = args.workers or args.devices, args.server_threads or torch.get_num_threads()
+    replay = replay_settings(args)
     if args.quick:
         return Settings(args.preset, args.devices, args.rounds or 2, args.batch, min(full, 4 * args.batch),
-                        2, min(full, 4 * args.batch), 50, workers, threads)
+                        2, min(full, 4 * args.batch), 50, workers, threads, args.only, replay)
     return Settings(args.preset, args.devices, args.rounds or 4, args.batch, full, 2,
-                    min(train // args.batch * args.batch, 10 * args.batch), 200, workers, threads)
+                    min(train // args.batch * args.batch, 10 * args.batch), 200, workers, threads, args.only, replay)
 
 
-def run_config(s: Settings, broker_url: str, ckpt: Path, run_id: str, devices: int, rounds: int):
-    """The daemon's RunConfig: SFL-V1, q = 8 up, fp32 down, SGD, one local epoch."""
+def config_text(preset: str, batch: int, broker_url: str, ckpt: Path, run_id: str, devices: int, rounds: int,
+                compute: dict, deadline_s: float = ROUND_TIMEOUT_S) -> str:
+    """The daemon's run.toml: SFL-V1, q = 8 up, fp32 down, SGD, one local epoch; ``compute`` adds
+    to (or replaces) the keys of ``[compute]``."""
     sections = {
-        "model": {"preset": s.preset},
+        "model": {"preset": preset},
         "data": {"eval": "digits", "eval_batch_size": 512, "eval_every": 1000},  # evaluate the last round only
-        "training": {"rounds": rounds, "devices_per_round": devices, "local_epochs": 1, "batch_size": s.batch,
+        "training": {"rounds": rounds, "devices_per_round": devices, "local_epochs": 1, "batch_size": batch,
                      "mode": "v1", "optimizer": "sgd", "lr": LR, "momentum": MOMENTUM},
         "quant": {"bits": BITS_UP, "gradient_bits": BITS_DOWN},
-        "round": {"deadline_s": ROUND_TIMEOUT_S, "min_completed": 1.0, "wait_for_devices_s": 60.0},
+        "round": {"deadline_s": deadline_s, "min_completed": 1.0, "wait_for_devices_s": 60.0},
         "broker": {"url": broker_url, "run_id": run_id},
         "checkpoint": {"dir": str(ckpt)},
         "metrics": {"progress": False},
-        "compute": {"device": "cpu", "amp": "off", "workers": s.workers},
+        "compute": {"device": "cpu", "amp": "off", **compute},
     }
     lines = [f"seed = {SEED}"]
     for name, values in sections.items():
         lines += [f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return parse_config("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def run_config(s: Settings, broker_url: str, ckpt: Path, run_id: str, devices: int, rounds: int):
+    """The daemon's RunConfig for (a) and (b) (see :func:`config_text`)."""
+    return parse_config(config_text(s.preset, s.batch, broker_url, ckpt, run_id, devices, rounds,
+                                    {"workers": s.workers}))
 
 
 def start_device(group: ProcessGroup, bundle: Path, url: str, run_id: str, device_id: str, shard: Path,
@@ -230,23 +252,11 @@ def wait_for(fleet: DaemonWithDevices, timeout_s: float) -> None:
                                  "the devices to finish their last round", watch=())
 
 
-def sfl_throughput(records: list[RoundRecord]) -> float:
-    """Samples per second of the ``train`` phase over the rounds after the first (all counted)."""
-    measured = records[1:]
-    return sum(r.samples for r in measured) / sum(r.phases_s.train for r in measured)
-
-
 def exchange_median(times: list[list]) -> tuple[float, int]:
     """(median seconds, steps) of the timed exchanges (round, step, seconds) after the first round."""
     first = min(t[0] for t in times)
     kept = [t[2] for t in times if t[0] != first]
     return statistics.median(kept), len(kept)
-
-
-def server_step_mean(records: list[RoundRecord]) -> float:
-    """Mean server compute per step (``server_time_s / steps``) over rounds after the first."""
-    rows = [d for r in records[1:] for d in r.devices.values()]
-    return sum(d.server_time_s for d in rows) / sum(d.steps for d in rows)
 
 
 # -- (a) baseline: centralized training ------------------------------------------------------------
@@ -380,24 +390,47 @@ def row(figure: str, value: str, goal: str = "", verdict: str = "") -> str:
 
 
 def print_report(s: Settings, r: dict) -> None:
+    parts = s.parts
     print()
-    print(f"sflam server benchmark: {s.preset}, digits, batch {s.batch}, SFL-V1, q={BITS_UP} up, "
-          f"fp{BITS_DOWN} down, SGD lr {LR} momentum {MOMENTUM}")
-    print(f"(a) {s.devices} device processes x {s.per_device} samples, {s.rounds} rounds (1 warm-up); "
-          f"daemon: {s.workers} step worker(s), torch {s.server_threads} thread(s); centralized: torch "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"(b) 1 device x {s.rtt_per_device} samples, {s.rtt_rounds} rounds; echo: {s.echo_iterations} round trips")
+    print(f"sflam server benchmark: {s.preset}, digits, SFL-V1, q={BITS_UP} up, fp{BITS_DOWN} down, "
+          f"SGD lr {LR} momentum {MOMENTUM}")
+    if "a" in parts:
+        print(f"(a) {s.devices} device processes x {s.per_device} samples, batch {s.batch}, {s.rounds} rounds "
+              f"(1 warm-up); daemon: {s.workers} step worker(s), torch {s.server_threads} thread(s); centralized: "
+              f"torch {torch.get_num_threads()} thread(s)")
+    if "b" in parts:
+        print(f"(b) 1 device x {s.rtt_per_device} samples, batch {s.batch}, {s.rtt_rounds} rounds; echo: "
+              f"{s.echo_iterations} round trips")
+    if "c" in parts or "d" in parts:
+        print(replay_header(s.replay, parts))
     print()
     print(row("figure", "value", "goal", "met?"))
     print(row("-" * 52, "-" * 14, "-" * 7, "------"))
-    ratio_a = r["sfl_sps"] / r["central_sps"]
-    print(row("(a) SFL train-phase throughput / centralized", f"{ratio_a:.3f}", f">= {GOAL_THROUGHPUT}",
-              "met" if ratio_a >= GOAL_THROUGHPUT else "missed"))
+    if "a" in parts:
+        report_a(r)
+    if "b" in parts:
+        report_b(s, r)
+    for line in replay_rows(r):
+        print(line if isinstance(line, str) else row(*line))
+    print()
+    print(f"caveat: {os.cpu_count()} CPU cores shared by the server, the devices (or the replay driver) and "
+          "mosquitto; in (a) device compute and the server's torch steps compete, and the centralized baseline has "
+          "the cores to itself. Device processes run with OPENBLAS_NUM_THREADS=1. Times are wall clock; load average "
+          f"before the run: {r['load']:.2f} (other work on the machine skews every figure).")
+
+
+def report_a(r: dict) -> None:
+    ratio = r["sfl_sps"] / r["central_sps"]
+    print(row("(a) SFL train-phase throughput / centralized", f"{ratio:.3f}", f">= {GOAL_THROUGHPUT}",
+              "met" if ratio >= GOAL_THROUGHPUT else "missed"))
     print(row("    SFL samples/s (train phase, rounds 2..R)", f"{r['sfl_sps']:.1f}"))
     print(row("    centralized samples/s (same samples)", f"{r['central_sps']:.1f}"))
-    ratio_b = r["rtt_s"] / r["echo_s"]
-    print(row("(b) device step round trip / raw broker echo", f"{ratio_b:.2f}", f"<= {GOAL_RTT:g}",
-              "met" if ratio_b <= GOAL_RTT else "missed"))
+
+
+def report_b(s: Settings, r: dict) -> None:
+    ratio = r["rtt_s"] / r["echo_s"]
+    print(row("(b) device step round trip / raw broker echo", f"{ratio:.2f}", f"<= {GOAL_RTT:g}",
+              "met" if ratio <= GOAL_RTT else "missed"))
     print(row(f"    device _exchange median ms ({r['rtt_steps']} steps)", f"{r['rtt_s'] * 1e3:.2f}"))
     print(row(f"    echo median ms ({r['up']} B up, {r['down']} B down)", f"{r['echo_s'] * 1e3:.2f}"))
     print(row("    server step compute, mean ms (in the round trip)", f"{r['server_step_s'] * 1e3:.2f}"))
@@ -405,78 +438,99 @@ def print_report(s: Settings, r: dict) -> None:
     if r["echo_chunked_s"] is not None:
         print(row(f"    echo chunked as sent ({len(r['up_chunks'])} up + {len(r['down_chunks'])} down frames), ms",
                   f"{r['echo_chunked_s'] * 1e3:.2f}"))
-    print(row(f"    exchange median ms under {s.devices}-device load", f"{r['loaded_rtt_s'] * 1e3:.2f}"))
-    print()
-    print(f"caveat: {os.cpu_count()} CPU cores shared by the server, {s.devices} device processes and mosquitto, so "
-          "device compute and the server's torch steps compete; the centralized baseline has the cores to itself. "
-          "Device processes run with OPENBLAS_NUM_THREADS=1. Times are wall clock; load average before the run: "
-          f"{r['load']:.2f} (other work on the machine skews every figure).")
+    if "loaded_rtt_s" in r:
+        print(row(f"    exchange median ms under {s.devices}-device load", f"{r['loaded_rtt_s'] * 1e3:.2f}"))
 
 
-def measure(s: Settings, work: Path) -> dict:
-    """Every phase, in order; returns the figures for the report."""
+def measure_rtt(s: Settings, broker_url: str, bundle: Path, work: Path) -> dict:
+    """(b): the raw echo (whole and chunked payloads), then one device alone against the daemon."""
+    log = logging.getLogger("bench_server")
+    up, down, up_chunks, down_chunks = frame_sizes(s, "fleet", "dev-0")
+    log.warning("raw broker echo: %d B up, %d B down", up, down)
+    echo_s = echo_rtt(broker_url, [up], [down], s.echo_iterations, "whole")
+    echo_chunked_s = None
+    if len(up_chunks) > 1 or len(down_chunks) > 1:
+        echo_chunked_s = echo_rtt(broker_url, up_chunks, down_chunks, s.echo_iterations, "chunked")
+    log.warning("one device alone: %d rounds", s.rtt_rounds)
+    records, times = run_fleet(s, broker_url, bundle, work, "alone", 1, s.rtt_per_device, s.rtt_rounds)
+    rtt_s, rtt_steps = exchange_median(times[0])
+    return {"rtt_s": rtt_s, "rtt_steps": rtt_steps, "echo_s": echo_s, "echo_chunked_s": echo_chunked_s, "up": up,
+            "down": down, "up_chunks": up_chunks, "down_chunks": down_chunks,
+            "server_step_s": server_step_mean(records)}
+
+
+def measure_devices(s: Settings, broker_url: str, work: Path) -> dict:
+    """(a) and (b), whichever are selected; centralized epochs run before and after the device
+    processes, so that a change in machine load hits both."""
     from export.bundle import export_bundle
 
-    log = logging.getLogger("bench_server")
+    log, parts, figures = logging.getLogger("bench_server"), s.parts, {}
     log.warning("exporting a %s bundle", s.preset)
     bundle = work / "bundle"
     export_bundle(s.preset, "raspberry-pi-5", bundle, batch=4, formats=("onnx",))
-    with MosquittoBroker(work / "mosquitto") as broker:
-        # centralized epochs before and after the fleet, so that a change in machine load hits both
-        epochs = s.rounds - 1
+    epochs, central = s.rounds - 1, []
+    if "a" in parts:
         log.warning("centralized training: 1 + %d epochs of %d samples", (epochs + 1) // 2, s.devices * s.per_device)
-        central = [centralized_in_child(s, (epochs + 1) // 2)]
-        up, down, up_chunks, down_chunks = frame_sizes(s, "fleet", "dev-0")
-        log.warning("raw broker echo: %d B up, %d B down", up, down)
-        echo_s = echo_rtt(broker.url, [up], [down], s.echo_iterations, "whole")
-        echo_chunked_s = None
-        if len(up_chunks) > 1 or len(down_chunks) > 1:
-            echo_chunked_s = echo_rtt(broker.url, up_chunks, down_chunks, s.echo_iterations, "chunked")
-        log.warning("one device alone: %d rounds", s.rtt_rounds)
-        records, times = run_fleet(s, broker.url, bundle, work, "alone", 1, s.rtt_per_device, s.rtt_rounds)
-        rtt_s, rtt_steps = exchange_median(times[0])
-        server_step_s = server_step_mean(records)
+        central.append(centralized_in_child(s, (epochs + 1) // 2))
+    if "b" in parts:
+        figures.update(measure_rtt(s, broker_url, bundle, work))
+    if "a" in parts:
         log.warning("%d devices: %d rounds", s.devices, s.rounds)
-        records, times = run_fleet(s, broker.url, bundle, work, "fleet", s.devices, s.per_device, s.rounds)
-        sfl_sps = sfl_throughput(records)
-        loaded_rtt_s, _ = exchange_median([t for device in times for t in device])
+        records, times = run_fleet(s, broker_url, bundle, work, "fleet", s.devices, s.per_device, s.rounds)
+        figures["sfl_sps"] = sfl_throughput(records)
+        figures["loaded_rtt_s"], _ = exchange_median([t for device in times for t in device])
         if epochs // 2:
             log.warning("centralized training: 1 + %d epochs", epochs // 2)
             central.append(centralized_in_child(s, epochs // 2))
-    central_sps = sum(n for n, _ in central) / sum(t for _, t in central)
-    return {"central_sps": central_sps, "sfl_sps": sfl_sps, "rtt_s": rtt_s, "rtt_steps": rtt_steps,
-            "echo_s": echo_s, "echo_chunked_s": echo_chunked_s, "up": up, "down": down, "up_chunks": up_chunks,
-            "down_chunks": down_chunks, "server_step_s": server_step_s, "loaded_rtt_s": loaded_rtt_s}
+        figures["central_sps"] = sum(n for n, _ in central) / sum(t for _, t in central)
+    return figures
 
 
-def at_least(low: int):
-    """argparse type: a whole number >= ``low``."""
-    def parse(text: str) -> int:
-        if not text.strip().isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
-        return int(text)
-    return parse
+def measure(s: Settings, work: Path) -> dict:
+    """Every selected part, in order; returns the figures for the report."""
+    parts, figures = s.parts, {}
+    with MosquittoBroker(work / "mosquitto") as broker:
+        if "a" in parts or "b" in parts:
+            figures.update(measure_devices(s, broker.url, work))
+        make_config = functools.partial(config_text, preset=s.preset, broker_url=broker.url)
+        figures.update(measure_replays(s.replay, parts, s.preset, make_config, broker.url, work))
+    return figures
 
 
-def main() -> int:
+def parts_list(text: str) -> tuple[str, ...]:
+    """argparse type: a comma-separated subset of a, b, c, d, kept in that order."""
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    if not chosen or chosen - set(PARTS):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(PARTS)}, got {text!r}")
+    return tuple(part for part in PARTS if part in chosen)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="vit_mini_patch4_32", help="model preset (vit_quick_patch4_16 is faster)")
+    parser.add_argument("--only", type=parts_list, default=PARTS, help="the parts to run, e.g. c,d (default a,b,c,d)")
     parser.add_argument("--devices", type=at_least(1), default=3, help="device processes in (a)")
     parser.add_argument("--rounds", type=at_least(2), help="rounds of (a), the first is warm-up (default 4; --quick 2)")
-    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--batch", type=at_least(1), default=32, help="batch size of (a) and (b)")
     parser.add_argument("--workers", type=at_least(1),
-                        help="the daemon's compute.workers, step threads (default: --devices)")
+                        help="the daemon's compute.workers, step threads (default: one per device)")
     parser.add_argument("--server-threads", type=at_least(1),
-                        help="torch intra-op threads while the daemon runs (default: torch's, as the centralized run)")
-    parser.add_argument("--quick", action="store_true", help="fewer samples and echoes: a smoke run under a minute")
+                        help="torch intra-op threads while the daemon of (a) and (b) runs (default: torch's)")
+    add_replay_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, rounds and echoes: a smoke run")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # optional-dependency notes while exporting
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     try:
         get_preset(args.preset)
     except ValueError as exc:
         parser.error(str(exc))
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # optional-dependency notes while exporting
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     s = settings_from(args)
     load = os.getloadavg()[0]
     try:
@@ -486,7 +540,8 @@ def main() -> int:
         print("interrupted; processes stopped and temporary files removed", file=sys.stderr)
         return 130
     print_report(s, {**figures, "load": load})
-    return 0
+    refused = any("refused" in f for part in ("c", "d") for f in figures.get(part, ()))
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ class MqttLink:
         self.loop = loop
         self.closed = threading.Event()  # set by a shared loop once it has let go of this link
         self._lock = threading.Lock()
+        self._subacks = threading.Condition()
+        self._acked: set[int] = set()  # SUBACKed message ids not yet collected by subscribe()
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -143,6 +145,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -319,15 +322,42 @@ class MqttLink:
         for hook in self._on_message_hooks:
             hook()
 
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: object, props: object) -> None:
+        with self._subacks:
+            self._acked.add(mid)
+            self._subacks.notify_all()
+
     # -- use ---------------------------------------------------------------------------------
 
-    def subscribe(self, filters: Iterable[str]) -> None:
-        """Subscribe (QoS 1) now and after every reconnect."""
-        for topic in filters:
-            self._filters.append(topic)
-            if self.connected:
-                self._client.subscribe(topic, qos=QOS)
+    def subscribe(self, filters: Iterable[str], *, timeout_s: float | None = None) -> None:
+        """Subscribe (QoS 1) now and after every reconnect. With ``timeout_s``, return only once the
+        broker acknowledged the subscription (messages published afterwards will arrive);
+        TransportError when it did not within ``timeout_s`` or the link is down."""
+        filters = list(filters)
+        self._filters.extend(filters)
+        if not filters or not self.connected:
+            self._wake()
+            if timeout_s is not None and filters:
+                raise TransportError(f"cannot subscribe to {filters[0]}: not connected")
+            return
+        _, mid = self._client.subscribe([(topic, QOS) for topic in filters])
         self._wake()
+        if timeout_s is None:
+            return
+        with self._subacks:
+            if not self._subacks.wait_for(lambda: mid in self._acked, timeout_s):
+                raise TransportError(f"the broker did not acknowledge the subscription to {filters[0]} "
+                                     f"within {timeout_s:g} s")
+            self._acked.discard(mid)
+
+    def unsubscribe(self, filters: Iterable[str]) -> None:
+        """Stop receiving ``filters`` (and do not subscribe to them again after a reconnect)."""
+        filters = [topic for topic in filters if topic in self._filters]
+        for topic in filters:
+            self._filters.remove(topic)
+        if filters and self.connected:
+            self._client.unsubscribe(filters)
+            self._wake()
 
     def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Queue a QoS 1 publish without waiting (safe inside an on_connect hook)."""

@@ -134,6 +134,10 @@ class ComputeSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | bf16 | off
     workers: int = 4
+    # trainer ranks (torch.distributed; docs/server.md "Trainer ranks"): rank 0 coordinates, all train
+    trainers: int = 1
+    batch_steps: str = "auto"  # auto (on with CUDA) | on | off: pending V1 steps as one computation
+    rank_timeout_s: float = 10.0  # a rank silent this long is lost: its devices fail, later rounds skip it
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,9 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "device": rule.compute_device,
         "amp": rule.choice(("auto", "bf16", "off")),
         "workers": rule.at_least(1),
+        "trainers": rule.at_least(1),
+        "batch_steps": rule.choice(("auto", "on", "off")),
+        "rank_timeout_s": rule.number(lambda v: v > 0, "a finite number of seconds > 0"),
     },
     "allocator": {
         "lambda_energy": rule.number(lambda v: v >= 0, _NON_NEGATIVE),
@@ -417,6 +424,12 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
         if training.get("mode") == "fl" and quant.get("bits") == "auto":
             problems.append("quant.bits: 'auto' allocates for split activations, which training.mode = 'fl' does "
                             "not send (devices upload the whole model); set a fixed bit-width")
+    compute = data.get("compute")
+    if isinstance(training, dict) and isinstance(compute, dict) and training.get("mode") == "fl":
+        trainers = compute.get("trainers", 1)
+        if isinstance(trainers, int) and trainers > 1:
+            problems.append("compute.trainers: training.mode = 'fl' trains nothing on the server (devices train the "
+                            "whole model), so it runs one trainer; set compute.trainers = 1")
     if isinstance(quant, dict) and quant.get("gradient_bits") == "auto" and quant.get("bits") != "auto":
         problems.append("quant.gradient_bits: 'auto' is chosen by the allocator, which runs with quant.bits = 'auto'; "
                         "set quant.bits = 'auto' or a fixed gradient_bits")

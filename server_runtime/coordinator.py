@@ -160,6 +160,14 @@ class RoundState:
             state.failure = reason
             log.warning("round %d: device %s failed (%s)", self.round, device_id, reason)
 
+    def revoke(self, device_id: str, reason: str) -> None:
+        """Fail a selected device even if it already uploaded: the server half of its training is
+        gone (its trainer rank was lost), so its update cannot be aggregated."""
+        state = self.devices.get(device_id)
+        if state is not None and state.failure is None:
+            state.update, state.failure = None, reason
+            log.warning("round %d: device %s failed (%s)", self.round, device_id, reason)
+
     def went_offline(self, device_id: str, reason: str, now: float) -> None:
         """A selected device's Status said offline (its last will, or a clean shutdown)."""
         state = self.devices.get(device_id)

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +33,14 @@ from server_runtime.config import RunConfig
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
 from server_runtime.data import ImageSet, load_dataset
 from server_runtime.metrics import MetricsLog, PrometheusExporter
+from server_runtime.rank_coordinator import RankCoordinator
+from server_runtime.rank_worker import batch_steps, rank_device
+from server_runtime.ranks import RankGroup, RankLaunch, config_digest
 from server_runtime.retained import Lease, RetainedPublisher
 from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
 from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
-from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, pick_device, use_bf16
+from server_runtime.steps import StepServer
+from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, use_bf16
 
 log = logging.getLogger(__name__)
 DEADLINE_GRACE_S = 2.0  # devices count the deadline from when they receive the plan
@@ -62,7 +65,7 @@ class ServerDaemon:
     """One run: broker link, coordinator, trainer, checkpoints and metrics."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, launch: RankLaunch | None = None) -> None:
         self.config, self.on_round = config, on_round
         cfg = config
         self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
@@ -70,7 +73,7 @@ class ServerDaemon:
         self.counters: Counter[str] = Counter()
         split = load_dataset(cfg.data.eval, seed=cfg.seed, validation_fraction=cfg.data.validation_fraction)
         self.eval_set, self.validation_set = split.test, split.validation
-        device = pick_device(cfg.compute.device)
+        device = rank_device(cfg.compute.device, launch.local_rank if launch is not None else 0)
         model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
                              num_classes=self.eval_set.num_classes, seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
@@ -87,11 +90,14 @@ class ServerDaemon:
         self.plan_round = max(self.plan_round, self.lease.plan_round)  # never reuse an issued plan round
         self.current: RoundState | None = None
         self._lock = threading.Lock()
-        self._futures: list[Future] = []
-        self._replies: dict[str, p.Gradient] = {}
         self._stop = threading.Event()
-        self.pool = ThreadPoolExecutor(cfg.compute.workers, thread_name_prefix="sflam-step")
+        self.ranks = self._start_ranks(launch, device)
+        self.assignment: dict[str, int] = {}  # device -> trainer rank, this round
+        self._deferred: list[tuple[str, p.RoundUpdate]] = []  # updates of other ranks' devices, for the allocator
         self.link = self._make_link()
+        self.steps = StepServer(self.trainer, self.link, self.topics, seed=cfg.seed, workers=cfg.compute.workers,
+                                batch=batch_steps(cfg.compute.batch_steps, device), lock=self._lock,
+                                counters=self.counters, on_refused=lambda state, d, reason: state.fail(d, reason))
         self.publisher = RetainedPublisher(self.link, self.topics, cfg.broker.max_frame_bytes, self.lease,
                                            cfg.checkpoint_dir)
         self.prometheus = (PrometheusExporter(cfg.metrics.prometheus_port, cfg.metrics.prometheus_addr)
@@ -131,6 +137,15 @@ class ServerDaemon:
             if old != new:
                 raise DaemonError(f"cannot resume: {key} was {old!r} in the checkpoint, the config says {new!r}")
 
+    def _start_ranks(self, launch: RankLaunch | None, device) -> RankCoordinator | None:
+        """With several trainer ranks: join them and hand them the global model."""
+        if launch is None or launch.world_size == 1:
+            return None
+        group = RankGroup(launch, "nccl" if device.type == "cuda" else "gloo")
+        ranks = RankCoordinator(group, self.config)
+        ranks.start(self.trainer, self.eval_set.num_classes, config_digest(self.config.to_dict()))
+        return ranks
+
     def _make_link(self) -> MqttLink:
         b = self.config.broker
         password = read_password_file(b.password_file) if b.password_file else None
@@ -162,8 +177,10 @@ class ServerDaemon:
         return RunSummary(self.round, self.plan_round, self.last_accuracy, dict(self.all_counters()))
 
     def close(self) -> None:
-        """Stop workers, the metrics endpoint and the broker link."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop workers, the other trainer ranks, the metrics endpoint and the broker link."""
+        self.steps.close()
+        if self.ranks is not None:
+            self.ranks.stop()
         if self.prometheus is not None:
             self.prometheus.close()
         self.metrics.close()
@@ -188,18 +205,30 @@ class ServerDaemon:
         selected = select_devices(online, cfg.training.devices_per_round, cfg.seed, plan_round)
         allocations = self.allocation.allocate(selected, self.registry)
         lr = cfg.training.lr_at(self.round + 1)
-        self.trainer.begin_round(selected, lr)
+        self.assignment = self._assign(selected)
+        self.trainer.begin_round([d for d in selected if self.assignment[d] == 0], lr)
         deadline = time.monotonic() + cfg.round.deadline_s + DEADLINE_GRACE_S
         state = RoundState(self.round + 1, plan_round, {a.device_id: DeviceRound(a) for a in allocations}, deadline, lr)
         self.receiver.min_round = plan_round
         with self._lock:
-            self.current, self._replies = state, {}
+            self.current, self.steps.replies, self._deferred = state, {}, []
+        if self.ranks is not None:
+            self.ranks.begin(state)
         t1 = time.monotonic()
         broadcast = self._publish_round(state, allocations)
         self._serve(state)
         phases["train"] = time.monotonic() - t1
         record = self._conclude(state, phases, broadcast, t0)
         return record
+
+    def _assign(self, selected: tuple[str, ...]) -> dict[str, int]:
+        """Device -> trainer rank; the predicted load of a device is its steps this round."""
+        if self.ranks is None:
+            return {d: 0 for d in selected}
+        training = self.config.training
+        loads = {d: training.local_epochs * max(1, -(-self.registry.devices[d].num_samples // training.batch_size))
+                 for d in selected}
+        return self.ranks.assign(selected, loads)
 
     def devices_needed(self) -> int:
         """Devices that must be online before the next round starts: ``min_devices`` (default
@@ -249,12 +278,12 @@ class ServerDaemon:
         while True:
             with self._lock:
                 state.expire(time.monotonic(), self.config.round.offline_grace_s)
+                if self.ranks is not None:
+                    self.ranks.poll(state, self.counters.update)
                 if state.done:
                     break
             self.pump(0.05)
-        for future in self._futures:
-            future.result()
-        self._futures = []
+        self.steps.wait()
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -271,7 +300,7 @@ class ServerDaemon:
             return
         if message is None:
             if self.receiver.last_duplicate is not None:
-                self._reanswer(self.receiver.last_duplicate)
+                self.steps.reanswer(self.receiver.last_duplicate)
             return
         self._dispatch(message)
 
@@ -318,7 +347,7 @@ class ServerDaemon:
             member = state.devices.get(env.device_id)
         if member is None or member.finished:
             self.counters[f"unexpected.{what}"] += 1
-            self._report(env.device_id, env.round, "not_in_round",
+            self.steps.report(env.device_id, env.round, "not_in_round",
                          f"{what} for plan round {env.round}: this device is not training in the round in flight")
             return None
         return member
@@ -330,49 +359,8 @@ class ServerDaemon:
                 return
             if self.auto is not None:
                 self.auto.observe_activations(message.envelope.device_id, message.tensor)
-            self._futures.append(self.pool.submit(self._serve_step, self.current, message, member))
-
-    def _serve_step(self, state: RoundState, message: p.Activations, member: DeviceRound) -> None:
-        """Worker thread: one server step and the gradient back."""
-        env, alloc = message.envelope, member.allocation
-        try:
-            result = self.trainer.step(env.device_id, message.tensor, message.labels.to_numpy(), alloc.bits_down,
-                                       "token" if alloc.per_token else "tensor")
-        except (StepError, ValueError) as exc:
-            with self._lock:
-                self.counters["rejected.activations"] += 1
-                state.fail(env.device_id, f"bad activations: {exc}")
-            self._report(env.device_id, env.round, "bad_activations", str(exc))
-            return
-        reply = p.Gradient(p.Envelope(env.run_id, env.round, env.device_id, env.step), result.gradient, result.loss)
-        with self._lock:
-            member.server_time_s += result.server_time_s
-            member.steps += 1
-            self._replies[env.device_id] = reply
-        t0 = time.perf_counter()
-        try:
-            sent = self.link.send(self.topics.down(env.device_id), reply)
-        except TransportError as exc:  # the device re-sends the step; we answer from _replies
-            log.info("gradient for %s step %d not delivered: %s", env.device_id, env.step, exc)
-            return
-        with self._lock:
-            member.downlink_time_s += time.perf_counter() - t0
-            member.bytes_down += sent
-
-    def _reanswer(self, duplicate: p.Envelope) -> None:
-        """A device re-sent a step we answered: send the same gradient again (the reply was lost)."""
-        with self._lock:
-            reply = self._replies.get(duplicate.device_id)
-            if reply is None or (reply.envelope.round, reply.envelope.step) != (duplicate.round, duplicate.step):
-                return
-            self.counters["reanswered_steps"] += 1
-            self._futures.append(self.pool.submit(self._resend, reply))
-
-    def _resend(self, reply: p.Gradient) -> None:
-        try:
-            self.link.send(self.topics.down(reply.envelope.device_id), reply)
-        except TransportError as exc:
-            log.info("re-answer to %s not delivered: %s", reply.envelope.device_id, exc)
+            if self.assignment.get(message.envelope.device_id, 0) == 0:  # else another rank serves it
+                self.steps.submit(self.current, message, member)
 
     def _on_update(self, message: p.RoundUpdate) -> None:
         env = message.envelope
@@ -387,11 +375,18 @@ class ServerDaemon:
             else:
                 member.update = message
                 self.registry.on_update(message)
-                if self.auto is not None:
-                    self.auto.observe_round(env.device_id, self.registry.devices[env.device_id].profile, message,
-                                            member.allocation, member.server_time_s)
+                if self.assignment.get(env.device_id, 0) == 0:
+                    self._observe(env.device_id, message, member)
+                else:  # its server time arrives with its rank's statistics at the round's end
+                    self._deferred.append((env.device_id, message))
         if problem is not None:
-            self._report(env.device_id, env.round, "bad_update", problem)
+            self.steps.report(env.device_id, env.round, "bad_update", problem)
+
+    def _observe(self, device_id: str, update: p.RoundUpdate, member: DeviceRound) -> None:
+        """Calibrate the allocator from a device's round (``quant.bits = "auto"``)."""
+        if self.auto is not None:
+            self.auto.observe_round(device_id, self.registry.devices[device_id].profile, update,
+                                    member.allocation, member.server_time_s)
 
     def _update_problem(self, message: p.RoundUpdate) -> str | None:
         if message.model_version != self.current.plan_round:
@@ -404,27 +399,23 @@ class ServerDaemon:
             return str(exc)
         return None
 
-    def _report(self, device_id: str, round_: int, code: str, detail: str) -> None:
-        """Tell a device why its message was refused (best effort, never blocks the caller long)."""
-        try:
-            report = p.ErrorReport(p.Envelope(self.config.broker.run_id, round_, device_id), code, detail[:500])
-            self.link.publish_nowait(self.topics.down(device_id), p.encode(report))
-        except (p.ProtocolError, ValueError) as exc:
-            log.info("could not report %s to %r: %s", code, device_id, exc)
-
     # -- round end -------------------------------------------------------------------------------
 
     def _conclude(self, state: RoundState, phases: dict[str, float], broadcast: int, t0: float) -> RoundRecord:
         cfg = self.config
         with self._lock:
             self.current = None
-        completed = state.completed()
-        counted = state.counts(cfg.round.min_completed)
-        train_loss = self.trainer.train_loss(completed or sorted(state.devices))
         t = time.monotonic()
+        if self.ranks is None:
+            completed = state.completed()
+            counted = state.counts(cfg.round.min_completed)
+            train_loss = self.trainer.train_loss(completed or sorted(state.devices))
+            if counted:
+                self.trainer.finish_round(_uploads(state))
+        else:
+            counted, train_loss = self._conclude_ranks(state)
+            completed = state.completed()
         if counted:
-            self.trainer.finish_round({d: (p.weights_to_numpy(state.devices[d].update.weights),
-                                           state.devices[d].update.num_samples) for d in completed})
             self.round += 1
         else:
             log.warning("round %d does not count: %d of %d devices completed", state.round, len(completed),
@@ -455,6 +446,29 @@ class ServerDaemon:
             self.on_round(record)
         return record
 
+    def _conclude_ranks(self, state: RoundState) -> tuple[bool, float | None]:
+        """The round's end on every trainer rank: their statistics into the record, FedAvg through
+        the reduce; returns (counted, train loss). A rank lost on the way fails its devices first."""
+        cfg = self.config
+        losses = {d: list(c.losses) for d, c in self.trainer.copies.items()} if cfg.training.mode == "v1" else {}
+        shared_loss = self.trainer.train_loss(sorted(state.devices)) if cfg.training.mode != "v1" else None
+        stats = self.ranks.end(state, lambda: state.counts(cfg.round.min_completed),
+                               lambda reduce: self.trainer.finish_round(_uploads(state), reduce=reduce),
+                               self.trainer.abort_round)
+        for device_id, figures in stats.items():
+            member = state.devices[device_id]
+            member.steps, member.server_time_s = figures["steps"], figures["server_time_s"]
+            member.bytes_down, member.downlink_time_s = figures["bytes_down"], figures["downlink_time_s"]
+            losses[device_id] = figures["losses"]
+        for device_id, update in self._deferred:
+            if state.devices[device_id].update is not None:
+                self._observe(device_id, update, state.devices[device_id])
+        completed = state.completed()
+        if shared_loss is not None:
+            return state.counts(cfg.round.min_completed), shared_loss
+        kept = [x for d in (completed or sorted(state.devices)) for x in losses.get(d, [])]
+        return state.counts(cfg.round.min_completed), (float(np.mean(kept)) if kept else None)
+
     def _extra_state(self) -> dict:
         """What else a resumed run needs: the allocator's per-device calibration and server times."""
         if self.auto is None:
@@ -484,13 +498,19 @@ class ServerDaemon:
             completed=tuple(completed), failed=state.failures(), accuracy=accuracy, test_loss=test_loss,
             train_loss=train_loss, validation_accuracy=validation, samples=sum(state.devices[d].update.num_samples for d in completed),
             duration_s=time.monotonic() - t0, phases_s=PhaseTimes(**phases), bytes_broadcast=broadcast,
-            devices={device_id: _device_record(member) for device_id, member in state.devices.items()},
+            devices={d: _device_record(member, self.assignment.get(d, 0)) for d, member in state.devices.items()},
             counters=dict(self.all_counters()),
             allocator=AllocatorSummary.from_dict(summary) if summary is not None else None,
         )
 
 
-def _device_record(member: DeviceRound) -> DeviceRoundRecord:
+def _uploads(state: RoundState) -> dict[str, tuple[dict[str, np.ndarray], int]]:
+    """The completed devices' uploaded device parts with their sample counts."""
+    return {d: (p.weights_to_numpy(state.devices[d].update.weights), state.devices[d].update.num_samples)
+            for d in state.completed()}
+
+
+def _device_record(member: DeviceRound, rank: int) -> DeviceRoundRecord:
     """One device's figures for the round; its telemetry's are None when no update came."""
     tel, a = (member.update.telemetry if member.update is not None else None), member.allocation
     return DeviceRoundRecord(
@@ -499,5 +519,5 @@ def _device_record(member: DeviceRound) -> DeviceRoundRecord:
         compute_time_s=tel.compute_time_s if tel else None, uplink_time_s=tel.uplink_time_s if tel else None,
         device_steps=tel.steps if tel else None, energy_j=tel.energy_j if tel else None,
         energy_source=tel.energy_source if tel else None,
-        allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz),
+        allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz), trainer_rank=rank,
     )

@@ -88,6 +88,7 @@ class DeviceRoundRecord(_JsonRecord):
     energy_j: float | None = _doc("energy the device reported")
     energy_source: str | None = _doc("how the device got `energy_j`: `measured` or `estimated`")
     allocation: AllocationRecord = _doc("its share of the round's plan")
+    trainer_rank: int = _doc("the trainer rank that served its steps (`compute.trainers`; 0 with one)", default=0)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,33 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid", file=sys.stderr)
         return 0
     from server_runtime.daemon import DaemonError
+    from server_runtime.ranks import RankError, RankLaunch, start_local_ranks, stop_local_ranks
 
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _serve(config, resume=args.resume)
-    except DaemonError as exc:
+        launch = RankLaunch.from_env()
+    except RankError as exc:
         print(f"sflam server: error: {exc}", file=sys.stderr)
         return 2
+    trainers = config.compute.trainers
+    if launch is not None and trainers not in (1, launch.world_size):
+        print(f"sflam server: error: compute.trainers is {trainers} but WORLD_SIZE is {launch.world_size}",
+              file=sys.stderr)
+        return 2
+    if launch is not None and launch.rank > 0:
+        from server_runtime.rank_worker import run_worker
+
+        return run_worker(config, launch)
+    signal.signal(signal.SIGTERM, _interrupt)
+    children = []
+    if launch is None and trainers > 1:  # the other ranks on this machine, torchrun --nproc-per-node style
+        launch, children = start_local_ranks(args.config, trainers, ["--broker", args.broker] if args.broker else [])
+    try:
+        return _serve(config, resume=args.resume, launch=launch)
+    except (DaemonError, RankError) as exc:
+        print(f"sflam server: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        stop_local_ranks(children)
 
 
 def _scheme(mode: str) -> str:
@@ -39,7 +59,7 @@ def _scheme(mode: str) -> str:
     return "FL (FedAvg baseline)" if mode == "fl" else f"SFL-{mode.upper()}"
 
 
-def _serve(config: RunConfig, *, resume: bool) -> int:
+def _serve(config: RunConfig, *, resume: bool, launch=None) -> int:
     """Build the daemon, run it to the end, print the summary line."""
     from server_runtime.daemon import ServerDaemon
     from server_runtime.metrics import progress_line
@@ -48,9 +68,10 @@ def _serve(config: RunConfig, *, resume: bool) -> int:
         if config.metrics.progress:
             print(progress_line(record, config.training.rounds), flush=True)
 
-    daemon = ServerDaemon(config, resume=resume, on_round=show)
+    daemon = ServerDaemon(config, resume=resume, on_round=show, launch=launch)
     print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} {_scheme(config.training.mode)}, "
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
+          + (f", {launch.world_size} trainer ranks" if launch is not None else "")
           + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
     try:
         summary = daemon.run()

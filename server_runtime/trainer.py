@@ -21,7 +21,8 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -31,12 +32,16 @@ import torch.nn.functional as F
 
 from edge_runtime.quantize import QuantizedTensor
 from server_runtime.aggregate import fedavg
+from server_runtime.batched import batched_step
 from server_runtime.config import MODES, OPTIMIZERS
 from server_runtime.quantize_torch import dequantize_torch, quantize_torch
 from server_runtime.split import ServerPart, split
 from server_runtime.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a float64 vector -> its sum over the trainer ranks
 
 
 class StepError(ValueError):
@@ -64,6 +69,18 @@ class OptimizerSpec:
 
 
 @dataclass(frozen=True)
+class StepRequest:
+    """One pending activation batch of one device (what :meth:`SplitTrainer.step_many` takes)."""
+
+    device_id: str
+    activations: QuantizedTensor
+    labels: np.ndarray
+    gradient_bits: int
+    per: str = "tensor"
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one server step returns to the device, and what it cost."""
 
@@ -79,6 +96,15 @@ class ServerCopy:
         self.part, self.optimizer = part, optimizer
         self.lock = threading.Lock()
         self.losses: list[float] = []
+
+
+def step_generator(seed: int, plan_round: int, device_id: str, step: int) -> torch.Generator:
+    """The CPU generator of one step's gradient quantization noise, seeded by (seed, plan round,
+    device, step): a gradient's codes do not depend on which rank or thread served the step, nor
+    in which order steps of several devices ran."""
+    generator = torch.Generator()
+    generator.manual_seed(hash((seed, plan_round, zlib.crc32(device_id.encode()), step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,12 +174,7 @@ class SplitTrainer:
     def step(self, device_id: str, activations: QuantizedTensor, labels: np.ndarray, gradient_bits: int,
              per: str = "tensor", generator: torch.Generator | None = None) -> StepResult:
         """Train the device's server copy on one batch; return the (quantized) activation gradient."""
-        if self.mode == "fl":
-            raise StepError("federated learning (mode fl): devices train the whole model; no activations")
-        server = self.copies.get(device_id)
-        if server is None:
-            raise StepError(f"device {device_id!r} is not training in this round")
-        self._check_batch(activations, labels)
+        server = self._copy_for(device_id, activations, labels)
         start = time.perf_counter()
         with server.lock:
             x = dequantize_torch(activations, self.device).requires_grad_(True)
@@ -169,6 +190,61 @@ class SplitTrainer:
             grad = x.grad.detach().float()
         packed = quantize_torch(grad, gradient_bits, per=per, generator=generator)
         return StepResult(packed, server.losses[-1], time.perf_counter() - start)
+
+    def step_many(self, requests: Sequence[StepRequest]) -> list[StepResult | StepError]:
+        """Steps of several devices at once, results in request order (a refused batch's entry is
+        its StepError). In V1, requests with equal batch shapes run as one batched computation
+        (:func:`server_runtime.batched.batched_step`); the rest, and every V2 step (one shared
+        copy is sequential by definition), run one by one. Each result's ``server_time_s`` is
+        its share of the batched computation's wall time."""
+        results: list[StepResult | StepError | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            try:
+                self._copy_for(request.device_id, request.activations, request.labels)
+            except StepError as exc:
+                results[index] = exc
+                continue
+            groups.setdefault(tuple(request.activations.shape), []).append(index)
+        for indices in groups.values():
+            ids = [requests[i].device_id for i in indices]
+            if self.mode != "v1" or len(indices) < 2 or len(set(ids)) < len(ids):
+                for i in indices:
+                    r = requests[i]
+                    results[i] = self.step(r.device_id, r.activations, r.labels, r.gradient_bits, r.per, r.generator)
+                continue
+            for i, result in zip(indices, self._step_batched([requests[i] for i in indices])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _step_batched(self, requests: list[StepRequest]) -> list[StepResult]:
+        copies = [self.copies[r.device_id] for r in requests]
+        start = time.perf_counter()
+        locked = [self.copies[d] for d in sorted({r.device_id for r in requests})]  # one order: no deadlock
+        for server in locked:
+            server.lock.acquire()
+        try:
+            xs = torch.stack([dequantize_torch(r.activations, self.device) for r in requests])
+            ys = torch.stack([torch.as_tensor(np.array(r.labels, dtype=np.int64), device=self.device) for r in requests])
+            grads, losses = batched_step(copies, xs, ys, self.bf16)
+            for server, loss in zip(copies, losses.tolist()):
+                server.losses.append(loss)
+        finally:
+            for server in locked:
+                server.lock.release()
+        packed = [quantize_torch(g, r.gradient_bits, per=r.per, generator=r.generator) for g, r in zip(grads, requests)]
+        share = (time.perf_counter() - start) / len(requests)
+        return [StepResult(q, server.losses[-1], share) for q, server in zip(packed, copies)]
+
+    def _copy_for(self, device_id: str, activations: QuantizedTensor, labels: np.ndarray) -> ServerCopy:
+        """The device's server copy, once its batch is checked; StepError otherwise."""
+        if self.mode == "fl":
+            raise StepError("federated learning (mode fl): devices train the whole model; no activations")
+        server = self.copies.get(device_id)
+        if server is None:
+            raise StepError(f"device {device_id!r} is not training in this round")
+        self._check_batch(activations, labels)
+        return server
 
     def _check_batch(self, activations: QuantizedTensor, labels: np.ndarray) -> None:
         shape, labels = tuple(activations.shape), np.asarray(labels)
@@ -193,18 +269,66 @@ class SplitTrainer:
                 losses += server.losses
         return float(np.mean(losses)) if losses else None
 
-    def finish_round(self, updates: Mapping[str, tuple[Mapping[str, np.ndarray], int]]) -> None:
-        """Aggregate the completed devices' uploads ({id: (device weights, samples)}) into the global model."""
-        if not updates:
+    def finish_round(self, updates: Mapping[str, tuple[Mapping[str, np.ndarray], int]], *,
+                     counts: Mapping[str, int] | None = None, reduce: Reduce | None = None,
+                     coordinator: bool = True) -> None:
+        """Aggregate the completed devices' uploads ({id: (device weights, samples)}) into the global model.
+
+        Several trainer ranks (``reduce`` sums a float64 vector over them): ``counts`` names every
+        completed device with its samples; each rank adds (n / total) x its own V1 copies, the
+        ``coordinator`` (rank 0) also the uploaded device parts and the V2 shared copy, and the
+        reduce turns those partial sums into the FedAvg every rank loads."""
+        counts = dict(counts) if counts is not None else {d: int(n) for d, (_, n) in updates.items()}
+        if not counts:
             raise ValueError("finish_round needs at least one completed device; use abort_round")
-        ids = sorted(updates)
-        counts = [int(updates[d][1]) for d in ids]
-        device_states = [self._device_state(updates[d][0]) for d in ids]
-        self.device_module.load_state_dict(fedavg(device_states, counts))
-        if self.mode == "v1":
-            states = [self.copies[d].part.state_dict() for d in ids]
-            self.halves.server.load_state_dict(fedavg(states, counts))
+        if reduce is not None:
+            self._load_vector(reduce(self._partial_sums(updates, counts, coordinator)))
+        else:
+            ids = sorted(updates)
+            samples = [int(updates[d][1]) for d in ids]
+            device_states = [self._device_state(updates[d][0]) for d in ids]
+            self.device_module.load_state_dict(fedavg(device_states, samples))
+            if self.mode == "v1":
+                states = [self.copies[d].part.state_dict() for d in ids]
+                self.halves.server.load_state_dict(fedavg(states, samples))
         self.copies, self._snapshot = {}, None
+
+    def _partial_sums(self, updates: Mapping[str, tuple[Mapping[str, np.ndarray], int]], counts: Mapping[str, int],
+                      coordinator: bool) -> torch.Tensor:
+        """This rank's share of the round's FedAvg, as one float64 vector in the model's key order."""
+        total = float(sum(counts.values()))
+        sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._float_state().items()}
+
+        def add(state: Mapping[str, torch.Tensor], weight: float) -> None:
+            for key, value in state.items():
+                if key in sums:
+                    sums[key].add_(value.detach().to(torch.float64), alpha=weight)
+
+        if coordinator:
+            for d in sorted(updates):
+                add(self._device_state(updates[d][0]), counts[d] / total)
+            if self.mode == "v2":
+                add(self.halves.server.state_dict(), 1.0)
+        if self.mode == "v1":
+            for d in sorted(set(self.copies) & set(counts)):
+                add(self.copies[d].part.state_dict(), counts[d] / total)
+        return torch.cat([t.reshape(-1) for t in sums.values()])
+
+    def _float_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+
+    def _load_vector(self, vector: torch.Tensor) -> None:
+        state, offset = self._float_state(), 0
+        with torch.no_grad():
+            for value in state.values():
+                value.copy_(vector[offset:offset + value.numel()].reshape(value.shape).to(value.dtype))
+                offset += value.numel()
+
+    def sync(self, reduce: Reduce, coordinator: bool) -> None:
+        """Every rank takes the coordinator's global model (start of a run, or after a resume)."""
+        state = self._float_state()
+        vector = torch.cat([v.detach().to(torch.float64).reshape(-1) for v in state.values()])
+        self._load_vector(reduce(vector if coordinator else torch.zeros_like(vector)))
 
     def abort_round(self) -> None:
         """Leave the global model as it was at round start (V2: restore the shared copy)."""

@@ -353,6 +353,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--hosts", type=_non_negative_int, metavar="N",
                      help="device host processes the devices are spread over (0: a process per device; "
                           "default: a process per device up to 50 devices, one host per core beyond)")
+    sim.add_argument("--trainers", type=_positive_int, metavar="N",
+                     help="server trainer ranks (torch.distributed, gloo on CPU); devices are balanced over "
+                          "them each round (default 1)")
     sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
                      help="do not pace uplinks at their allocated rate")
     sim.set_defaults(handler="sflam.simulate:cmd_simulate")

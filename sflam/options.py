@@ -83,6 +83,7 @@ class SimOptions:
     ray_address: str | None = None  # --engine ray: the cluster's HOST:PORT; None: a local Ray
     device_threads: int = 1
     server_workers: int = 2
+    trainers: int = 1  # trainer ranks of the server (torch.distributed; docs/server.md)
     deadline_s: float = 300.0
     t_max_s: float = 5.0  # the allocator's latency cap per round (bits = auto)
     min_completed: float = 0.5
@@ -173,7 +174,7 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
     ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "model_bits",
-            "server_workers", "eval_every", "hosts")
+            "server_workers", "eval_every", "hosts", "trainers")
     floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
     for name in ints:
         if name in kwargs:
@@ -267,7 +268,7 @@ def check_options(opts: SimOptions) -> list[str]:
 
     problems = []
     for name in ("devices", "per_round", "rounds", "local_epochs", "batch_size", "device_threads",
-                 "server_workers", "eval_every"):
+                 "server_workers", "eval_every", "trainers"):
         if getattr(opts, name) < 1:
             problems.append(f"{name}: must be >= 1, got {getattr(opts, name)}")
     if opts.per_round > opts.devices:
@@ -295,6 +296,9 @@ def check_options(opts: SimOptions) -> list[str]:
         problems.append(f"bits: scheme {opts.scheme!r} sends float32 (bits 32); drop --bits {opts.bits}")
     if opts.mode not in ("v1", "v2"):
         problems.append(f"mode: 'v1' or 'v2', got {opts.mode!r}")
+    if opts.trainers > 1 and opts.scheme == "fl":
+        problems.append("trainers: scheme 'fl' trains nothing on the server (devices train the whole model); "
+                        "drop --trainers")
     if opts.lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule: one of {', '.join(LR_SCHEDULES)}, got {opts.lr_schedule!r}"
                         + did_you_mean(opts.lr_schedule, LR_SCHEDULES))
@@ -430,7 +434,7 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "broker": {"url": broker_url, "run_id": RUN_ID},
         "checkpoint": {"dir": str(out / "server"), "keep": 1},
         "metrics": {"jsonl": str(out / "metrics.jsonl"), "progress": True},
-        "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers},
+        "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers, "trainers": opts.trainers},
         "allocator": {"t_max_s": opts.t_max_s},
     }
     if gains and opts.emulate_link:

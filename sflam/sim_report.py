@@ -73,6 +73,7 @@ def summarize(opts: Any, records: Sequence[RoundRecord], out: Path, *, wall_s: f
     latencies = [sum(_num(r.phases_s.train) for r in g) for g in groups]
     summary: dict[str, Any] = {
         "scheme": scheme,
+        "trainers": options.get("trainers", 1),
         "bits": options["bits"] if scheme == "sflam" else 32,
         "status": status,
         "rounds": len(groups),

@@ -405,7 +405,7 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
                              password_file="secrets/pw", ca_file="ca.pem", max_frame_bytes=1 << 20),
         checkpoint=CheckpointSection(dir='runs/"ä" \\ \t \x7f \U0001f642', keep=5),
         metrics=MetricsSection(jsonl="out/m.jsonl", prometheus_port=9100, prometheus_addr="0.0.0.0", progress=False),
-        compute=ComputeSection(device="cuda:1", amp="bf16", workers=2),
+        compute=ComputeSection(device="cuda:1", amp="bf16", workers=2, trainers=3, batch_steps="on", rank_timeout_s=4.5),
         allocator=AllocatorSection(lambda_energy=0.5, lambda_time=2.0, lambda_quant=1e-5, allowed_bits=(1, 4, 16, 32),
                                    allowed_bits_down=(6, 8, 16), downlink_quant_weight=0.25, t_max_s=60.0, default_distance_m=250.0, downlink_rate_bps=5e7,
                                    channel_gains={"dev-1": 1e-9, "dev 2": 0.1 + 0.2}),

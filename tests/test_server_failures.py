@@ -115,8 +115,8 @@ def test_a_broker_restart_mid_round_loses_no_step_and_applies_none_twice(quick_b
 
     daemon.trainer.step = holding_step
     resent_by: list[str] = []  # the sender of every duplicate step the server saw
-    reanswer = daemon._reanswer
-    daemon._reanswer = lambda envelope: (resent_by.append(envelope.device_id), reanswer(envelope))
+    reanswer = daemon.steps.reanswer
+    daemon.steps.reanswer = lambda envelope: (resent_by.append(envelope.device_id), reanswer(envelope))
     errors: list[BaseException] = []
     runner = threading.Thread(target=_run_into, args=(daemon, errors), daemon=True)
     runner.start()
