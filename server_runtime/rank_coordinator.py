@@ -118,10 +118,14 @@ class RankCoordinator:
                 log.warning("round-end reduce failed (%s); finding the lost rank", str(exc).splitlines()[0][:200])
                 self._await_loss(state)
 
-    def stop(self) -> None:
-        """Tell the workers the run is over (best effort: the store may be gone)."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Tell the workers the run is over and give them ``timeout_s`` to read it before this
+        process (which hosts the control store) exits; best effort."""
         try:
-            self.post("stop")
+            seq = self.post("stop")
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and any(self.group.get(f"ack/{seq}/{r}") is None for r in self.workers):
+                time.sleep(0.02)
         except (RuntimeError, OSError) as exc:
             log.info("could not tell the trainer ranks to stop: %s", exc)
 

@@ -105,6 +105,7 @@ class TrainerRank:
                 elif control["op"] == "end":
                     self._end(control)
                 elif control["op"] == "stop":
+                    self.group.set(f"ack/{control['seq']}/{self.rank}", {})
                     return
         finally:
             self.close()

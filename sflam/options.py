@@ -108,7 +108,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits",
              "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
              "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
-             "engine", "ray_address", "emulate_link", "t_max_s")
+             "engine", "ray_address", "emulate_link", "t_max_s", "trainers")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ next round runs on the survivor; rank 0 killed stops the other rank with a clear
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -196,3 +197,22 @@ def test_ranks_with_another_configuration_are_told_apart() -> None:
     elsewhere = parse_config("[compute]\ntrainers = 2\n[broker]\nurl = \"mqtt://10.0.0.2:1883\"\n").to_dict()
     assert config_digest(base) != config_digest(other)
     assert config_digest(base) == config_digest(elsewhere)  # each machine may reach the broker its own way
+
+
+def test_simulate_with_two_trainer_ranks_runs_end_to_end(tmp_path: Path) -> None:
+    from test_simulate import TINY, _children_of, _learning_args
+
+    # Execute: the tiny simulation with every device selected, served by two trainer ranks
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "sflam", "simulate", *TINY, "--per-round", "4", "--bits", "8",
+                           "--trainers", "2", "--out", str(out), *_learning_args(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Assert: it completed, the summary says two trainers, both ranks served devices every round
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainers"] == 2 and summary["rounds"] == 2 and summary["status"] == "completed"
+    records = read_round_records(out / "metrics.jsonl")
+    assert all(sorted(d.trainer_rank for d in r.devices.values()) == [0, 0, 1, 1] for r in records)
+    assert all(len(r.completed) == 4 for r in records)
+    assert _children_of(out) == []  # broker, both ranks and the devices are gone
