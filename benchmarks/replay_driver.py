@@ -247,6 +247,7 @@ class ReplayRun:
     samples: int  # per device: a multiple of the config's batch size
     rounds: int
     timeout_s: float
+    rank_threads: int | None = None  # torch threads per trainer rank (OMP_NUM_THREADS); None: torch's own
 
 
 def driver_command(run: ReplayRun, broker_url: str) -> list[str]:
@@ -298,7 +299,8 @@ def run_replay(run: ReplayRun, broker_url: str, folder: Path) -> tuple[list[Roun
     config = folder / "run.toml"
     config.write_text(run.config_text, encoding="utf-8")
     with ProcessGroup(folder) as group:
-        group.start("server", sflam_command("server", "--config", str(config)))  # torch's own threads
+        threads = None if run.rank_threads is None else child_env(threads=run.rank_threads)
+        group.start("server", sflam_command("server", "--config", str(config)), env=threads)
         group.wait_for_log("server", "sflam server: run", SERVER_READY_S)
         group.start("driver", driver_command(run, broker_url), env=child_env(threads=1))
         children = wait_server(group, run.timeout_s)
@@ -327,6 +329,7 @@ class ReplaySettings:
     batch_steps_devices: int  # (d)
     trainers: tuple[int, int]  # (c): compute.trainers of the baseline run, then of the compared one
     workers: int | None  # compute.workers; None: one per device
+    rank_threads: int | None = None  # torch threads of each trainer rank; None: torch's default
     deadline_s: float = 600.0  # per round: no replayed device may fail for time on a loaded machine
 
 
@@ -358,13 +361,15 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-steps-devices", type=at_least(1), default=8, help="replayed devices in (d)")
     parser.add_argument("--trainers-compare", type=trainer_pair, default=(1, 2), metavar="BASE,COMPARED",
                         help="compute.trainers of the two runs of (c) (default 1,2)")
+    parser.add_argument("--rank-threads", type=at_least(1), help="torch threads of each trainer rank in (c) and "
+                        "(d); with --workers 1, a rank per core (default: torch's, and the launcher's share)")
 
 
 def replay_settings(args: argparse.Namespace) -> ReplaySettings:
     """The (c) and (d) settings of bench_server.py's options (:func:`add_replay_arguments`)."""
     return ReplaySettings(args.replay_batch, args.replay_batches or (2 if args.quick else 4),
                           args.replay_rounds or (2 if args.quick else 3), args.replay_devices,
-                          args.batch_steps_devices, args.trainers_compare, args.workers)
+                          args.batch_steps_devices, args.trainers_compare, args.workers, args.rank_threads)
 
 
 def replay_header(r: ReplaySettings, parts: tuple[str, ...]) -> str:
@@ -372,7 +377,8 @@ def replay_header(r: ReplaySettings, parts: tuple[str, ...]) -> str:
     fleets = {"c": f"(c) {r.devices}", "d": f"(d) {r.batch_steps_devices}"}
     return (f"{' and '.join(v for k, v in fleets.items() if k in parts)} replayed devices (one driver process) x "
             f"{r.batches} batches of {r.batch}, {r.rounds} rounds (1 warm-up); sflam server in a process of its own "
-            f"with torch's default threads, compute.workers {r.workers or 'one per device'}")
+            f"with {f'{r.rank_threads} torch thread(s) per rank' if r.rank_threads else 'torch default threads'}, "
+            f"compute.workers {r.workers or 'one per device'}")
 
 
 def sfl_throughput(records: list[RoundRecord]) -> float:
@@ -399,7 +405,7 @@ def replay_figure(r: ReplaySettings, preset: str, make_config: Callable[..., str
     except ConfigError as exc:
         return {"compute": compute, "refused": str(exc)}
     run = ReplayRun(text, config.metrics_path, folder.name, preset, devices, r.batches * r.batch, r.rounds,
-                    r.rounds * (r.deadline_s + 60.0) + 120.0)
+                    r.rounds * (r.deadline_s + 60.0) + 120.0, r.rank_threads)
     records, children, driver_cpu_s = run_replay(run, broker_url, folder)
     return {"compute": compute, "sps": sfl_throughput(records), "children": children,
             "step_ms": server_step_mean(records) * 1e3, "driver_cpu_s": driver_cpu_s,
