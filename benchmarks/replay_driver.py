@@ -139,24 +139,10 @@ class ReplayDevice(DeviceClient):
         return update
 
     def _replay_step(self, plan: p.RoundPlan, message: p.Activations, stats: RoundStats) -> None:
-        """Publish one step's activations and wait for its gradient (kept encoded, not dequantized);
-        sent again after a reconnect or RESEND_AFTER_S without an answer (the server deduplicates)."""
-        key = self.awaiting = (message.envelope.round, message.envelope.step)
-        deadline, topic = self._deadline(plan), self.topics.up(self.device_id)
-        t0 = time.perf_counter()
-        generation, sent_at = self._send_reliably(topic, message, deadline, stats), time.monotonic()
-        stats.uplink_time_s += time.perf_counter() - t0
-        while key not in self.gradients:
-            if time.monotonic() > deadline:
-                raise RoundAborted(f"no gradient for round {key[0]} step {key[1]} before the deadline")
-            self._check_superseded(key[0])
-            reconnected = self.link.connections != generation and self.link.connected
-            if reconnected or time.monotonic() - sent_at > self.resend_after_s:
-                self.counters["resent_activations"] += 1
-                generation, sent_at = self._send_reliably(topic, message, deadline, stats), time.monotonic()
-            self.pump(0.1)
-        self.gradient_bytes += len(self.gradients.pop(key).tensor.payload)
-        self.awaiting = None
+        """One step through the device's own exchange (publish, wait for the gradient, re-send after a
+        reconnect or RESEND_AFTER_S); the gradient is only counted, never applied."""
+        gradient = self._exchange(plan, message, stats)
+        self.gradient_bytes += gradient.nbytes
         self.steps_done += 1
 
 

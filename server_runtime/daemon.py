@@ -39,7 +39,7 @@ from server_runtime.ranks import RankGroup, RankLaunch, config_digest
 from server_runtime.retained import Lease, RetainedPublisher
 from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
 from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
-from server_runtime.steps import StepServer
+from server_runtime.steps import StepServer, receive
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, use_bf16
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,9 @@ class ServerDaemon:
             return None
         group = RankGroup(launch, "nccl" if device.type == "cuda" else "gloo")
         ranks = RankCoordinator(group, self.config)
+        if self.config.training.mode != "v1":
+            log.warning("SFL-%s's shared server part is sequential: it trains on rank 0 and the other %d trainer "
+                        "rank(s) idle", self.config.training.mode.upper(), launch.world_size - 1)
         ranks.start(self.trainer, self.eval_set.num_classes, config_digest(self.config.to_dict()))
         return ranks
 
@@ -289,20 +292,9 @@ class ServerDaemon:
 
     def pump(self, timeout_s: float) -> None:
         """Handle at most one incoming publish."""
-        incoming = self.link.get(timeout_s)
-        if incoming is None:
-            return
-        self._count_bytes(incoming)
-        try:
-            message = self.receiver.accept(incoming.payload, incoming.topic)
-        except p.ProtocolError as exc:
-            self.receiver.log_refusal(incoming.topic, exc)
-            return
-        if message is None:
-            if self.receiver.last_duplicate is not None:
-                self.steps.reanswer(self.receiver.last_duplicate)
-            return
-        self._dispatch(message)
+        message = receive(self.link, self.receiver, self.steps, timeout_s, self._count_bytes)
+        if message is not None:
+            self._dispatch(message)
 
     def _count_bytes(self, incoming) -> None:
         try:

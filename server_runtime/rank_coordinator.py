@@ -155,7 +155,7 @@ class RankCoordinator:
                 return {rank: got[rank] for rank in self.workers}
             for rank in self.liveness.lost() + (missing if time.monotonic() > deadline else []):
                 self._lose(rank, state)
-            time.sleep(0.005)
+            time.sleep(0.01)
 
     def _await_loss(self, state: RoundState) -> None:
         """After a failed collective: wait until the heartbeats say which rank is gone."""

@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections import Counter
 
 from edge_runtime import protocol as p
@@ -22,11 +23,12 @@ from server_runtime.checkpoint import create_model
 from server_runtime.config import ConfigError, RunConfig, load_config
 from server_runtime.coordinator import DeviceRound, RoundState
 from server_runtime.ranks import Heartbeat, RankError, RankGroup, RankLaunch, config_digest
-from server_runtime.steps import StepServer
+from server_runtime.steps import StepServer, receive
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, pick_device, use_bf16
 
 log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 30.0
+CONTROL_POLL_S = 0.02  # how often a worker looks for rank 0's next control record
 
 
 def rank_device(name: str, local_rank: int):
@@ -112,13 +114,15 @@ class TrainerRank:
 
     def next_control(self) -> dict:
         """The next control record, serving MQTT meanwhile; RankError when rank 0 stopped answering."""
-        key = f"ctl/{self.seq + 1}"
+        key, next_check = f"ctl/{self.seq + 1}", 0.0
         while True:
-            try:
-                control = self.group.get(key)
-            except (RuntimeError, OSError):
-                control = None
-                self.heartbeat.lost.set()
+            control, now = None, time.monotonic()
+            if now >= next_check:  # one store round trip per CONTROL_POLL_S, not per message served
+                next_check = now + CONTROL_POLL_S
+                try:
+                    control = self.group.get(key)
+                except (RuntimeError, OSError):
+                    self.heartbeat.lost.set()
             if control is not None:
                 self.seq += 1
                 return control
@@ -132,18 +136,7 @@ class TrainerRank:
         if self.link is None:
             threading.Event().wait(timeout_s)
             return
-        incoming = self.link.get(timeout_s)
-        if incoming is None:
-            return
-        try:
-            message = self.receiver.accept(incoming.payload, incoming.topic)
-        except p.ProtocolError as exc:
-            self.receiver.log_refusal(incoming.topic, exc)
-            return
-        if message is None:
-            if self.receiver.last_duplicate is not None:
-                self.steps.reanswer(self.receiver.last_duplicate)
-            return
+        message = receive(self.link, self.receiver, self.steps, timeout_s)
         if isinstance(message, p.Activations):
             env = message.envelope
             with self.lock:

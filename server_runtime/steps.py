@@ -135,3 +135,23 @@ class StepServer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def receive(link: MqttLink, receiver: p.Receiver, steps: StepServer, timeout_s: float,
+            seen: Callable[[object], None] | None = None) -> p.Message | None:
+    """The next publish decoded: the message, or None when nothing came, it was refused (logged and
+    counted by ``receiver``) or it repeated a step (answered again from ``steps``). ``seen`` gets
+    every raw publish first (the daemon counts bytes there)."""
+    incoming = link.get(timeout_s)
+    if incoming is None:
+        return None
+    if seen is not None:
+        seen(incoming)
+    try:
+        message = receiver.accept(incoming.payload, incoming.topic)
+    except p.ProtocolError as exc:
+        receiver.log_refusal(incoming.topic, exc)
+        return None
+    if message is None and receiver.last_duplicate is not None:
+        steps.reanswer(receiver.last_duplicate)
+    return message

@@ -138,7 +138,9 @@ def test_a_rank_killed_mid_round_fails_only_its_devices(quick_bundle: Path, brok
 def test_rank_0_killed_stops_the_other_rank_and_resume_continues(quick_bundle: Path, broker, tmp_path: Path) -> None:
     # Prepare: two ranks by hand and two devices; kill rank 0 after round 1 was checkpointed
     shards = write_shards(tmp_path, 2, 16)
-    config = ranks_config(tmp_path, broker.url, "coord", 2, training__rounds=3, training__devices_per_round=2)
+    # (a device caught mid-round by the kill re-announces itself once its round deadline passed)
+    config = ranks_config(tmp_path, broker.url, "coord", 2, training__rounds=3, training__devices_per_round=2,
+                          round__deadline_s=20.0, round__wait_for_devices_s=120.0)
     port = free_port()
     rank0, rank1 = start_rank(config, 0, 2, port), start_rank(config, 1, 2, port)
     devices = [start_device(quick_bundle, broker.url, f"dev-{i}", shard, seed=i) for i, shard in enumerate(shards)]
