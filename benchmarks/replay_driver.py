@@ -5,7 +5,7 @@ id, retained online Status, last will, Hellos and heartbeats, Receiver, envelope
 what a real device does) whose round does no work: for every step of the plan it publishes the
 same Activations (random tokens of the preset's (batch, num_patches, embed_dim), quantized once
 per (bits_up, per_token, batch) and kept; labels in range), waits for the Gradient on its down
-topic (received and reassembled, never dequantized), and at the end publishes a RoundUpdate that
+topic (through the device's own exchange; never applied), and at the end publishes a RoundUpdate that
 returns the weights of the round's ModelWeights unchanged (float32) with telemetry from its own
 thread's CPU time. Every device runs on a thread of its own, so the server sees as many steps
 pending at once as there are devices, while the driver costs it little CPU.
@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
-from edge_runtime.device import DeviceClient, RoundAborted, RoundStats
+from edge_runtime.device import DeviceClient, RoundStats
 from edge_runtime.host import SharedDecoder
 from edge_runtime.quantize import QuantizedTensor, quantize
 from server_runtime.config import ConfigError, parse_config

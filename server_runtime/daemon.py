@@ -340,7 +340,7 @@ class ServerDaemon:
         if member is None or member.finished:
             self.counters[f"unexpected.{what}"] += 1
             self.steps.report(env.device_id, env.round, "not_in_round",
-                         f"{what} for plan round {env.round}: this device is not training in the round in flight")
+                              f"{what} for plan round {env.round}: this device is not training in the round in flight")
             return None
         return member
 
