@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server import ROOT, config_text, start_device, stop, write_shards
+from test_server import ROOT, config_text, start_device, stop, wait_for, write_shards
 
 from server_runtime.config import parse_config
 from server_runtime.metrics import read_round_records
@@ -92,14 +91,6 @@ def _lines_into(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
     return thread
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_a_rank_killed_mid_round_fails_only_its_devices(quick_bundle: Path, broker, tmp_path: Path) -> None:
     # Prepare: two ranks launched by hand (RANK, WORLD_SIZE, MASTER_*), four devices, three rounds
     shards = write_shards(tmp_path, 4, 48)
@@ -112,7 +103,7 @@ def test_a_rank_killed_mid_round_fails_only_its_devices(quick_bundle: Path, brok
                for i, shard in enumerate(shards)]
     try:
         # Execute: SIGKILL rank 1 once it trains its devices of round 2
-        wait_until(lambda: any("round 2 (plan round 2): rank 1 trains" in line for line in out1), 180,
+        wait_for(lambda: any("round 2 (plan round 2): rank 1 trains" in line for line in out1), 180,
                    "rank 1 to train in round 2")
         rank1.send_signal(signal.SIGKILL)
         rank0.wait(timeout=240)
@@ -145,7 +136,7 @@ def test_rank_0_killed_stops_the_other_rank_and_resume_continues(quick_bundle: P
     rank0, rank1 = start_rank(config, 0, 2, port), start_rank(config, 1, 2, port)
     devices = [start_device(quick_bundle, broker.url, f"dev-{i}", shard, seed=i) for i, shard in enumerate(shards)]
     try:
-        wait_until(lambda: len(read_round_records(tmp_path / "coord" / "metrics.jsonl")) >= 1
+        wait_for(lambda: len(read_round_records(tmp_path / "coord" / "metrics.jsonl")) >= 1
                    if (tmp_path / "coord" / "metrics.jsonl").exists() else False, 180, "round 1")
         rank0.send_signal(signal.SIGKILL)
         out1, _ = rank1.communicate(timeout=60)
