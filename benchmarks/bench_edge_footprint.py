@@ -29,6 +29,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RSS_GOAL_MB = 120.0
 INSTALL_GOAL_MB = 250.0
@@ -40,7 +42,10 @@ import json, resource, sys, time
 import numpy as np
 from pathlib import Path
 from edge_runtime.bundle import load_weights, open_backend
+from edge_runtime.memory import return_large_blocks
 from edge_runtime.quantize import pack_codes
+
+return_large_blocks()  # as `sflam device` does
 
 bundle, backend_name, steps, bits = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 dev = json.loads((bundle / "device.json").read_text())
@@ -51,7 +56,7 @@ weight, bias = weights["patch_embed.proj.weight"], weights["patch_embed.proj.bia
 mw, mb = np.zeros_like(weight), np.zeros_like(bias)
 b, n, d = dev["batch_size"], dev["num_patches"], dev["embed_dim"]
 rng = np.random.default_rng(0)
-images = rng.normal(size=(b, dev["in_chans"], dev["image_size"], dev["image_size"])).astype(np.float32)
+images = rng.standard_normal((b, dev["in_chans"], dev["image_size"], dev["image_size"]), dtype=np.float32)
 levels = float(2**bits - 1)
 load_s = time.perf_counter() - start
 start = time.perf_counter()
@@ -59,7 +64,7 @@ for _ in range(steps):
     noise = rng.random((b, n, d), dtype=np.float32)
     codes, lo, hi = backend.forward(images, weight, bias, noise, levels, False)
     payload = pack_codes(np.asarray(codes).astype(np.uint8), bits)
-    grad = (rng.normal(size=(b, n, d)) * 1e-2).astype(np.float32)
+    grad = rng.standard_normal((b, n, d), dtype=np.float32) * np.float32(1e-2)
     weight, bias, mw, mb = backend.train_step(weight, bias, mw, mb, images, grad, dev["lr"], dev["momentum"])
 step_ms = (time.perf_counter() - start) / max(steps, 1) * 1e3
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
@@ -127,6 +132,101 @@ print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
                   "torch": "torch" in sys.modules, "modules": len(sys.modules), "load_s": 0.0,
                   "step_ms": float("nan"), "payload": 0}))
 """
+
+# The device loop itself: `sflam device` on the onnx backend, one round against ScriptedServer.
+_DEVICE_RUN = "loop"
+
+
+class ScriptedServer:
+    """The server's half of one round, scripted: retained model + plan selecting one device, a
+    quantized random gradient for every step's activations, and the device's RoundUpdate."""
+
+    def __init__(self, broker_url: str, bundle: Path, run_id: str, device_id: str, steps: int, bits: int) -> None:
+        from edge_runtime import protocol as p
+        from edge_runtime.bundle import load_weights
+        from edge_runtime.mqtt import LinkConfig, MqttLink
+
+        self.p, self.run_id, self.device_id, self.bits = p, run_id, device_id, bits
+        dev = json.loads((bundle / "device.json").read_text())
+        self.batch, self.shape = dev["batch_size"], (dev["batch_size"], dev["num_patches"], dev["embed_dim"])
+        self.weights, self.steps = load_weights(bundle), steps
+        self.topics, self.receiver = p.Topics(run_id), p.Receiver(run_id)
+        self.link = MqttLink(broker_url, LinkConfig(client_id=f"bench-server-{run_id}"))
+        self.update = None
+        self.rng = np.random.default_rng(1)
+
+    def start(self) -> None:
+        p = self.p
+        self.link.subscribe([self.topics.up(self.device_id)])
+        self.link.start()
+        env = p.Envelope(self.run_id, 1, "server")
+        allocation = p.Allocation(self.device_id, self.bits, self.bits, 0.1, 1e6, False)
+        model = p.ModelWeights(env, 1, p.weights_from_numpy(self.weights))
+        for index, frame in enumerate(p.split(model, self.link.config.max_frame_bytes)):  # as the server retains it
+            self.link.publish(self.topics.retained_part("model", index), frame, retain=True)
+        self.link.send(self.topics.plan(), p.RoundPlan(env, 1, 600.0, 1, self.batch, 0.01, (allocation,)), retain=True)
+
+    def serve(self, timeout_s: float) -> None:
+        from edge_runtime.quantize import quantize
+
+        p, deadline = self.p, time.monotonic() + timeout_s
+        while self.update is None and time.monotonic() < deadline:
+            incoming = self.link.get(0.2)
+            try:
+                message = incoming and self.receiver.accept(incoming.payload, incoming.topic)
+            except p.ProtocolError as exc:
+                print(f"scripted server: refused a message ({exc})", file=sys.stderr)
+                continue
+            if isinstance(message, p.Activations):
+                grad = (self.rng.standard_normal(message.tensor.shape, dtype=np.float32) * 1e-3)
+                env = p.Envelope(self.run_id, 1, self.device_id, message.envelope.step)
+                self.link.send(self.topics.down(self.device_id), p.Gradient(env, quantize(grad, self.bits), 0.0))
+            elif isinstance(message, p.RoundUpdate):
+                self.update = message
+        self.link.close()
+
+
+def run_device_loop(bundle: Path, steps: int, bits: int, broker_url: str | None, workdir: Path) -> dict:
+    """One round of ``steps`` steps of ``sflam device --backend onnx`` against ScriptedServer; the
+    device's own summary line (peak RSS included)."""
+    import threading
+
+    dev = json.loads((bundle / "device.json").read_text())
+    size, count = dev["image_size"], dev["batch_size"] * steps
+    data = workdir / "device-data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), labels=rng.integers(0, 10, count))
+    broker = None
+    if broker_url is None:
+        from sflam.broker import start_local_broker
+
+        broker = start_local_broker(workdir / "broker")
+        broker_url = broker.url
+    run_id = f"footprint{os.getpid()}"
+    server = ScriptedServer(broker_url, bundle, run_id, "dev-0", steps, bits)
+    try:
+        server.start()
+        thread = threading.Thread(target=server.serve, args=(900.0,), daemon=True)
+        thread.start()
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+        cmd = [sys.executable, *(os.environ["FP_PROBE"].split() if os.environ.get("FP_PROBE") else ["-m", "sflam"]), "device", "--bundle", str(bundle), "--broker", broker_url,
+               "--device-id", "dev-0", "--data", f"npz:{data}", "--backend", "onnx", "--run-id", run_id,
+               "--rounds", "1", "--meter", "estimate"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=float(os.environ.get("FP_T", 900)))
+        seconds = time.perf_counter() - start
+        thread.join(30)
+    finally:
+        if broker is not None:
+            broker.stop()
+    if proc.returncode != 0 or server.update is None:
+        raise SystemExit(f"the device loop failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("sflam-device-summary "))
+    summary = json.loads(line.split(" ", 1)[1])
+    return {"maxrss_kib": int(summary["peak_rss_mib"] * 1024), "hwm_kib": int(summary["peak_rss_mib"] * 1024),
+            "backend": summary["backend"], "torch": summary["torch_loaded"], "modules": -1, "load_s": float("nan"),
+            "step_ms": seconds / steps * 1e3, "payload": server.update.telemetry.bytes_sent}
+
 
 # What a venv brings along besides the packages asked for.
 _TOOLING = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "distutils-precedence.pth")
@@ -203,6 +303,48 @@ def mark(value: float, goal: float) -> str:
     return "ok" if value <= goal else "MISS"
 
 
+CLIENTS = ("floor", "litert", "onnx", "loop", "torch")
+LABELS = {"floor": "python + numpy", "litert": "litert", "onnx": "onnxruntime", "loop": "sflam device (onnx)",
+          "torch": "torch (eager)"}
+
+
+def measure(args: argparse.Namespace, tmp_path: Path) -> tuple[list[tuple[str, dict]], dict[str, int]]:
+    """Export the bundle (unless --bundle), then run each selected client; its rows and artifact sizes."""
+    scripts = {}
+    for name, text in (("export_bundle_step.py", _EXPORT), ("edge_client.py", _EDGE_CLIENT),
+                       ("torch_client.py", _TORCH_CLIENT), ("floor.py", _FLOOR)):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(textwrap.dedent(text))
+    bundle = args.bundle
+    if bundle is None:
+        print(f"exporting {args.preset} for {args.profile} (batch {args.batch}, tflite + onnx) ...", flush=True)
+        bundle = tmp_path / "bundle"
+        run_client(scripts["export_bundle_step.py"], [args.preset, args.profile, str(bundle), str(args.batch), str(args.bits)], report=False)
+    common = [str(args.steps), str(args.bits)]
+    rows = []
+    for client in args.clients:
+        print(f"measuring {LABELS[client]} ...", flush=True)
+        if client == "floor":
+            row = run_client(scripts["floor.py"], [])
+        elif client in ("litert", "onnx"):
+            row = run_client(scripts["edge_client.py"], [str(bundle), client, *common])
+        elif client == "loop":
+            row = run_device_loop(bundle, args.steps, args.bits, args.broker, tmp_path)
+        else:
+            row = run_client(scripts["torch_client.py"], [str(bundle), *common])
+        rows.append((client, row))
+    artifacts = {p.name: p.stat().st_size for p in sorted(bundle.iterdir()) if p.suffix in (".tflite", ".onnx")}
+    return rows, artifacts
+
+
+def client_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CLIENTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"clients are a comma list of {', '.join(CLIENTS)}; got {text!r}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="vit_base_patch32_224")
@@ -210,45 +352,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="device steps each client runs")
+    parser.add_argument("--clients", type=client_list, default=list(CLIENTS),
+                        help=f"comma list of {', '.join(CLIENTS)} (default: all)")
+    parser.add_argument("--bundle", type=Path, help="measure this exported bundle instead of exporting one (no torch needed)")
+    parser.add_argument("--broker", help="mqtt://host:port for the loop client (default: a local mosquitto of its own)")
     parser.add_argument("--skip-install-size", action="store_true", help="skip the (slow, networked) venv install")
     parser.add_argument("--python", default="python3", help="interpreter that creates the install-size venv")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="sflam-footprint-") as tmp:
-        tmp_path = Path(tmp)
-        scripts = {}
-        for name, text in (("export_bundle_step.py", _EXPORT), ("edge_client.py", _EDGE_CLIENT),
-                           ("torch_client.py", _TORCH_CLIENT), ("floor.py", _FLOOR)):
-            scripts[name] = tmp_path / name
-            scripts[name].write_text(textwrap.dedent(text))
-        print(f"exporting {args.preset} for {args.profile} (batch {args.batch}, tflite + onnx) ...", flush=True)
-        bundle = tmp_path / "bundle"
-        run_client(scripts["export_bundle_step.py"], [args.preset, args.profile, str(bundle), str(args.batch), str(args.bits)], report=False)
-        common = [str(args.steps), str(args.bits)]
-        rows = [
-            ("python + numpy", run_client(scripts["floor.py"], [])),
-            ("litert", run_client(scripts["edge_client.py"], [str(bundle), "litert", *common])),
-            ("onnxruntime", run_client(scripts["edge_client.py"], [str(bundle), "onnx", *common])),
-            ("torch (eager)", run_client(scripts["torch_client.py"], [str(bundle), *common])),
-        ]
-        artifacts = {p.name: p.stat().st_size for p in sorted(bundle.iterdir()) if p.suffix in (".tflite", ".onnx")}
+        rows, artifacts = measure(args, Path(tmp))
 
-    torch_mb = rows[-1][1]["maxrss_kib"] / 1024
+    reference = dict(rows).get("torch")
     print(f"\n(1, 2) peak RSS of a fresh device process, {args.preset}, batch {args.batch}, q={args.bits}, "
-          f"{args.steps} steps (forward + pack + train_step)")
-    print(f"{'client':<16}{'peak RSS MB':>12}{'VmHWM MB':>10}{'/torch':>8}{'torch loaded':>14}{'modules':>9}{'load s':>8}{'step ms':>9}{'goal':>6}")
+          f"{args.steps} steps (forward + pack + train_step; the loop client: a whole round over MQTT)")
+    print(f"{'client':<22}{'VmHWM MB':>10}{'ru_maxrss':>10}{'/torch':>8}{'torch loaded':>14}{'modules':>9}{'load s':>8}{'step ms':>9}{'goal':>6}")
     for name, r in rows:
-        mb = r["maxrss_kib"] / 1024
-        goal = mark(mb, RSS_GOAL_MB) if name in ("litert", "onnxruntime") else ""
-        print(f"{name:<16}{mb:>12.1f}{r['hwm_kib'] / 1024:>10.1f}{mb / torch_mb:>8.2f}{'yes' if r['torch'] else 'no':>14}{r['modules']:>9}"
-              f"{r['load_s']:>8.2f}{r['step_ms']:>9.1f}{goal:>6}")
-    litert = rows[1][1]
-    print(f"\nLiteRT RSS / torch RSS = {litert['maxrss_kib'] / rows[-1][1]['maxrss_kib']:.2f}; "
-          f"goal: device process <= {RSS_GOAL_MB:.0f} MB. ru_maxrss is the peak resident set (KiB on Linux), "
-          "shared libraries included; VmHWM (/proc/self/status) is the same peak for this process image alone.")
+        mb = r["hwm_kib"] / 1024
+        ratio = f"{r['hwm_kib'] / reference['hwm_kib']:.2f}" if reference else "-"
+        goal = mark(mb, RSS_GOAL_MB) if name in ("litert", "onnx", "loop") else ""
+        print(f"{LABELS[name]:<22}{mb:>10.1f}{r['maxrss_kib'] / 1024:>10.1f}{ratio:>8}{'yes' if r['torch'] else 'no':>14}"
+              f"{r['modules']:>9}{r['load_s']:>8.2f}{r['step_ms']:>9.1f}{goal:>6}")
+    print(f"\ngoal: device process <= {RSS_GOAL_MB:.0f} MB peak resident set (VmHWM in /proc/self/status: this process "
+          "image alone, shared libraries included; ru_maxrss may carry a parent's peak across fork and exec).")
     print("artifacts (weights travel beside them): " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in artifacts.items()))
-    leaked = [name for name, r in rows[:3] if r["torch"]]
+    leaked = [name for name, r in rows if r["torch"] and name != "torch"]
     if leaked:
         raise SystemExit(f"torch entered sys.modules in the edge process(es): {', '.join(leaked)}")
     print("torch never entered sys.modules in the edge processes.")

@@ -82,17 +82,19 @@ def verify_bundle(bundle: Path) -> list[str]:
 
 def load_weights(bundle: Path) -> dict[str, np.ndarray]:
     """The bundle's device weights as float32 arrays."""
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     path = Path(bundle) / "weights.safetensors"
-    try:
-        weights = load_file(str(path))
+    try:  # tensor by tensor from the mapped file: one copy each, not the whole file twice
+        with safe_open(str(path), framework="numpy") as handle:
+            missing = [k for k in WEIGHT_KEYS if k not in handle.keys()]
+            if missing:
+                raise BundleError(f"{path}: missing {', '.join(missing)}")
+            return {k: handle.get_tensor(k).astype(np.float32, copy=False) for k in WEIGHT_KEYS}
     except (OSError, ValueError) as exc:
+        if isinstance(exc, BundleError):
+            raise
         raise BundleError(f"{path}: unreadable weights ({exc})") from None
-    missing = [k for k in WEIGHT_KEYS if k not in weights]
-    if missing:
-        raise BundleError(f"{path}: missing {', '.join(missing)}")
-    return {k: weights[k].astype(np.float32) for k in WEIGHT_KEYS}
 
 
 def artifacts_for(manifest: dict[str, Any], backend: str) -> list[str]:

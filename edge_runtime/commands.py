@@ -17,6 +17,7 @@ from pathlib import Path
 from edge_runtime.data import Preprocess, load_data
 from edge_runtime.device import DeviceClient, load_device_profile
 from edge_runtime.link import channel_gain_from_distance
+from edge_runtime.memory import peak_rss_mib, return_large_blocks
 from edge_runtime.mqtt import read_password_file
 from sflam_common.limits import raise_open_file_limit
 
@@ -27,6 +28,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
     """``sflam device``: run the device loop; prints a JSON summary line at exit."""
+    return_large_blocks()  # a weight-sized buffer a step must not stay resident (edge_runtime.memory)
     bundle = Path(args.bundle)
     device_json = json.loads((bundle / "device.json").read_text())
     data = load_data(args.data, Preprocess.from_device_json(device_json))
@@ -61,6 +63,7 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         "reassembler": dict(client.receiver.reassembler.counters),
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
         "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
+        "peak_rss_mib": peak_rss_mib(),
     }
     print("sflam-device-summary " + json.dumps(summary), flush=True)
     if interrupted:
@@ -73,6 +76,7 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     from edge_runtime.host import DeviceHost, read_host_file
 
     raise_open_file_limit()
+    return_large_blocks()
     host = DeviceHost(Path(args.bundle), args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
                       backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
                       threads=args.threads, meter=args.meter, emulate_link=args.emulate_link,

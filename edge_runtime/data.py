@@ -1,8 +1,8 @@
 """A device's local training data, numpy only, preprocessed the way the server preprocesses.
 
 ``--data npz:PATH``: an ``.npz`` with ``images`` uint8 (N, H, W, 3) and ``labels`` integer (N,).
-Images become float32 NCHW: ``/ 255``, resized to the bundle's image size, normalized with the
-bundle's mean and std. Resizing is **bilinear** with half-pixel centres (``align_corners=False``),
+Images stay uint8 in memory; each batch becomes float32 NCHW when it is drawn: ``/ 255``, resized
+to the bundle's image size, normalized with the bundle's mean and std. Resizing is **bilinear** with half-pixel centres (``align_corners=False``),
 antialiased (a triangle filter as wide as the scale) when shrinking: the resize torch's
 ``F.interpolate(mode="bilinear", antialias=shrinking)`` does for the server's data loaders, written
 as two small weight matrices so no image library is needed. Nearest neighbour upsampling of 8 x 8
@@ -37,10 +37,13 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class DeviceData:
-    """Preprocessed images (N, C, H, W) float32 and labels (N,) int64."""
+    """Images as stored (N, H, W, C) uint8 and labels (N,) int64; each batch is preprocessed when
+    it is drawn, so a shard costs its uint8 bytes, not float32 at the model's resolution (a 32 x 32
+    image kept at 224 x 224 float32 would be 196 times larger)."""
 
     images: np.ndarray
     labels: np.ndarray
+    spec: Preprocess
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -54,7 +57,7 @@ class DeviceData:
             index = order[start : start + batch_size]
             if drop_last and index.size < batch_size:
                 return
-            yield self.images[index], self.labels[index]
+            yield preprocess(self.images[index], self.spec), self.labels[index]
 
     def samples_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
         """How many samples one epoch trains on."""
@@ -121,7 +124,9 @@ def load_data(spec: str, preprocess_spec: Preprocess) -> DeviceData:
         raise DataError(f"{path}: labels must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}")
     if labels.size == 0 or labels.min() < 0:
         raise DataError(f"{path}: need at least one sample and non-negative labels")
-    return DeviceData(preprocess(images, preprocess_spec), labels.astype(np.int64))
+    if images.ndim != 4 or images.shape[-1] != len(preprocess_spec.mean):
+        raise DataError(f"{path}: images must be (N, H, W, {len(preprocess_spec.mean)}), got {images.shape}")
+    return DeviceData(images, labels.astype(np.int64), preprocess_spec)
 
 
 class LazyDeviceData:

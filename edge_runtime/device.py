@@ -54,6 +54,7 @@ WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
 FALLBACK_TX_POWER_W = 0.1
 HEARTBEAT_S = 10.0  # an idle device re-sends its Hello this often
+MODELS_KEPT = 2  # model versions held: the plan's and the one after it (each is the device weights' size)
 DEFAULT_DISTANCE_M = 100.0  # --emulate-link without --distance-m / --channel-gain
 
 
@@ -257,7 +258,7 @@ class DeviceClient:
     def _dispatch(self, message: p.Message) -> None:
         if isinstance(message, p.ModelWeights):
             self.models[message.version] = p.weights_to_numpy(message.weights)
-            for old in sorted(self.models)[:-4]:
+            for old in sorted(self.models)[:-MODELS_KEPT]:
                 del self.models[old]
         elif isinstance(message, p.RoundPlan):
             if self.plan is None or message.envelope.round > self.plan.envelope.round:
@@ -345,7 +346,9 @@ class DeviceClient:
         round_, alloc = plan.envelope.round, self._allocation(plan)
         self.receiver.min_round = max(self.receiver.min_round, round_)
         start = self._wait_model(plan)
-        weight, bias = (np.array(start[name], np.float32) for name in WEIGHT_NAMES)
+        # read-only views on the received model: the first step's outputs are new arrays, and a
+        # copy here would hold one more weight-sized buffer for the whole round
+        weight, bias = (np.asarray(start[name], np.float32) for name in WEIGHT_NAMES)
         optimizer = DeviceOptimizer.for_plan(plan)
         fixed = self.engine.name == "litert"
         batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
@@ -369,6 +372,7 @@ class DeviceClient:
                 self.applied.add((round_, step))
                 step += 1
         stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
+        del optimizer  # its momentum (weight-sized) is not needed while the update is encoded
         compute_j, source = self._compute_energy(metering, stats)
         stats.bytes_sent, stats.bytes_received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
 

@@ -29,6 +29,7 @@ from edge_runtime.bundle import SharedBundle
 from edge_runtime.data import LazyDeviceData, Preprocess
 from edge_runtime.device import DeviceClient
 from edge_runtime.mqtt_loop import LinkLoop
+from edge_runtime.memory import peak_rss_mib
 
 log = logging.getLogger(__name__)
 HOST_BACKENDS = ("onnx", "numpy", "auto")  # runtime sessions that several threads may call at once
@@ -200,17 +201,6 @@ class DeviceHost:
             "devices": len(self.devices),
             "connected": sum(1 for d in self.devices.values() if d.link.connections > 0),
             "rounds": counters["rounds"], "counters": dict(counters), "backend": self.shared.engine.name,
-            "peak_rss_mib": _peak_rss_mib(), "shared_decodes": self.decoder.hits,
+            "peak_rss_mib": peak_rss_mib(), "shared_decodes": self.decoder.hits,
         }
 
-
-def _peak_rss_mib() -> float | None:
-    """This process's resident-memory high-water mark (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None

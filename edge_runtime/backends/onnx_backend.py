@@ -44,6 +44,11 @@ class OnnxBackend:
             raise BackendError(f"unknown graph(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # A device process is memory-bound, not allocation-bound: an arena keeps the peak of every
+        # graph's buffers for the life of the session, and memory patterns pre-plan one more block
+        # per graph. Without them ViT-B/32 batch 8 peaks ~45 MB lower (benchmarks/bench_edge_footprint.py).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         if threads is not None:
             options.intra_op_num_threads = threads
         self._sessions = {sig: self._open(ort, options, sig, name) for sig, name in files.items()}

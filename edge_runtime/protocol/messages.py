@@ -52,7 +52,8 @@ class Tensor:
         name = array.dtype.name
         if name not in DTYPE_CODES:
             raise MalformedError(f"dtype {name} cannot travel; use one of {', '.join(DTYPE_CODES)}")
-        return cls(name, tuple(int(s) for s in array.shape), array.astype(array.dtype.newbyteorder("<")).tobytes())
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # no copy when it already is
+        return cls(name, tuple(int(s) for s in array.shape), little.tobytes())
 
     def to_numpy(self) -> np.ndarray:
         """A read-only array over the bytes."""

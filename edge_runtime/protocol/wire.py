@@ -65,6 +65,11 @@ class Writer:
     def getvalue(self) -> bytes:
         return b"".join(self._parts)
 
+    @property
+    def parts(self) -> list[bytes]:
+        """The encoded fields in order, not yet joined (``encode`` joins a frame in one copy)."""
+        return self._parts
+
 
 class Reader:
     """Reads fields from a buffer, refusing to read past its end."""
