@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.sflam-installed
 EXTRAS := edge,server,export,cluster,dev
 PIP_QUIET ?= -q
 
-.PHONY: all setup broker sshd test demo lock clean
+.PHONY: all setup broker sshd test drill demo lock clean
 
 all: test
 
@@ -40,6 +40,11 @@ sshd:
 test: setup sshd
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The drills: the device on an emulated aarch64 root (scripts/arm64_drill.sh; root, ~12 min the
+# first time, the root filesystem is cached after that). CI runs them after `make test`.
+drill: setup sshd
+	$(PY) -m pytest -m drill $(PYTEST_ARGS)
+
 # The main job: a split federated run over a private broker, with a server and 10 device processes.
 demo: setup
 	$(VENV)/bin/sflam simulate $(DEMO_ARGS)
@@ -47,7 +52,9 @@ demo: setup
 # Re-pin every transitive dependency after changing a pin in pyproject.toml.
 lock: $(STAMP)
 	@{ echo "# Every transitive pin of the full development environment (pip install -c). Regenerate with: make lock"; \
-	   $(PIP) freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements/constraints.txt
+	   $(PIP) freeze --exclude-editable | sed -e 's/+cpu$$//' \
+	     -e 's/^ai-edge-litert==.*/&; platform_machine != "aarch64"/'; } > requirements/constraints.txt
+	@# LiteRT's pin has no Linux aarch64 wheel; the edge extra pins 1.4.0 there (pyproject.toml)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime import platforms
 from edge_runtime.backends.base import Backend, BackendError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 WEIGHT_KEYS = ("patch_embed.proj.weight", "patch_embed.proj.bias")
-# Backend preference per artifact format, most capable first.
-_BACKEND_OF_FORMAT = {"tflite": "litert", "onnx": "onnx", "tflite-int8": "litert"}
 
 
 class BundleError(ValueError):
@@ -99,17 +98,19 @@ def load_weights(bundle: Path) -> dict[str, np.ndarray]:
 
 def artifacts_for(manifest: dict[str, Any], backend: str) -> list[str]:
     """Files of the manifest a backend can run, in manifest order."""
-    return [name for name, e in manifest["files"].items() if _BACKEND_OF_FORMAT.get(e.get("format")) == backend]
+    return [name for name, e in manifest["files"].items() if platforms.BACKEND_OF_FORMAT.get(e.get("format")) == backend]
 
 
 def open_backend(bundle: Path, name: str = "auto", threads: int | None = None) -> Backend:
     """The backend ``name`` (onnx | litert | numpy | auto) loaded on this bundle's artifacts.
 
-    ``threads`` caps the runtime's intra-op threads (None: the runtime's default, all cores).
+    ``auto`` tries this platform's order (:mod:`edge_runtime.platforms`: ONNX Runtime first on
+    aarch64, LiteRT first elsewhere). ``threads`` caps the runtime's intra-op threads (None: the
+    runtime's default, all cores).
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    order = ("litert", "onnx", "numpy") if name == "auto" else (name,)
+    order = platforms.auto_order() if name == "auto" else (name,)
     errors = []
     for candidate in order:
         try:

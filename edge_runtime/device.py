@@ -42,6 +42,7 @@ from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
 from edge_runtime.data import DeviceData
 from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
+from edge_runtime.memory import DeviceBuffers, check_fits, device_buffer_limits
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
 from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.optimizer import DeviceOptimizer
@@ -56,6 +57,10 @@ FALLBACK_TX_POWER_W = 0.1
 HEARTBEAT_S = 10.0  # an idle device re-sends its Hello this often
 MODELS_KEPT = 2  # model versions held: the plan's and the one after it (each is the device weights' size)
 DEFAULT_DISTANCE_M = 100.0  # --emulate-link without --distance-m / --channel-gain
+WEIGHTS_FILE = "weights.safetensors"
+# What a ModelWeights message adds to the raw tensor bytes: envelope, names, tensor headers and
+# the chunk frames' own headers (about 100 bytes per 256 KiB chunk).
+MESSAGE_ALLOWANCE_BYTES = 64 * 1024
 
 
 class RoundAborted(RuntimeError):
@@ -108,6 +113,27 @@ def load_device_profile(name: str | None):
         return None
 
 
+def weights_message_bytes(bundle: Path, manifest: dict) -> int:
+    """An upper bound of the ModelWeights message's size: the bundle's weights file (the raw
+    tensors plus a JSON header) and MESSAGE_ALLOWANCE_BYTES."""
+    size = manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("bytes")  # checked against the file by verify
+    if size is None:
+        size = (Path(bundle) / WEIGHTS_FILE).stat().st_size
+    return int(size) + MESSAGE_ALLOWANCE_BYTES
+
+
+@functools.lru_cache(maxsize=64)
+def buffers_for(profile: str | None, model_bytes: int) -> DeviceBuffers:
+    """The receive buffers of a device with this profile's RAM (edge_runtime.memory), checked to
+    hold a ``model_bytes`` weights message. Cached, and so logged once per profile: a device host
+    builds thousands of devices from a few profiles."""
+    spec = load_device_profile(profile)
+    buffers = device_buffer_limits(spec.memory.total_ram_bytes if spec is not None else None)
+    check_fits(buffers, model_bytes, f"profile {profile!r}: the model weights message")
+    log.info("receive buffers for profile %r: %s", profile, buffers.describe())
+    return buffers
+
+
 def open_compute_meter(kind: str, profile: object) -> object | None:
     """``edge_runtime.energy.open_meter(kind)``, or None (logged) when it cannot be had."""
     try:
@@ -158,8 +184,12 @@ class DeviceClient:
         shared = self.shared or SharedBundle.open(self.bundle, self.backend, self.threads)
         self.manifest, self.device_json, self.engine = shared.manifest, shared.device_json, shared.engine
         self.topics = p.Topics(self.run_id)
-        self.receiver = p.Receiver(self.run_id, broadcast_decode=self.broadcast_decode)
         self.profile = self.profile or self.manifest.get("profile")
+        # Buffers sized to the device's RAM, not a server's: a 512 MB board must not be allowed to
+        # queue 768 MiB of received messages (docs/reliability.md, "Device-sized buffers").
+        self.buffers = buffers_for(self.profile, weights_message_bytes(self.bundle, self.manifest))
+        self.receiver = p.Receiver(self.run_id, reassembler=self.buffers.reassembler(),
+                                   broadcast_decode=self.broadcast_decode)
         self.power = PowerModel.for_profile(self.profile)
         self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.profile))
         if self.emulate_link and self.channel_gain is None:
@@ -177,7 +207,7 @@ class DeviceClient:
         self.link = MqttLink(self.broker_url, LinkConfig(
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
             ca_file=self.ca_file, username=self.username, password=self.password,
-            max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s,
+            max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s, inbox=self.buffers.inbox,
         ), loop=self.link_loop)
 
     def _env(self, round_: int, step: int = 0, created_at: float | None = None) -> p.Envelope:

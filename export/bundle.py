@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_runtime import platforms
 from edge_runtime.backends.base import SIGNATURES
 from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, WEIGHT_KEYS, file_sha256
 from export.artifact import FORMATS, Artifact, ExportError
@@ -51,6 +52,8 @@ def export_bundle(
         raise ExportError(f"--bits must be 1..8 for the exported quantizer, got {bits}")
     profile = load_profile(profile_name)
     formats = _formats(profile, formats)
+    for note in platforms.format_notes(profile.kind, formats):  # a bundle the target cannot run says so
+        log.info("profile %s: %s", profile.name, note)
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; choose another --out or pass --force")
@@ -221,9 +224,19 @@ def _write_manifest(
         "quantizer": {"default_bits": bits, "granularities": ["tensor", "token"], "noise": "input U[0,1)",
                       "rounding": "floor((x - lo) / delta + u)"},
         "frozen_embedding": not (profile.runtime.supports_training and any(a.trainable for a in artifacts)),
+        "target_platform": _target_platform(profile, artifacts),
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _target_platform(profile: DeviceProfile, artifacts: list[Artifact]) -> dict[str, object]:
+    """The profile's client platform, the backends ``--backend auto`` tries there, and notes on
+    formats it cannot run (or does not trust yet); edge_runtime/platforms.py."""
+    target = platforms.for_profile_kind(profile.kind)
+    formats = tuple(dict.fromkeys(a.format for a in artifacts))
+    return {"name": target.name if target else "firmware", "auto": list(target.auto) if target else [],
+            "notes": platforms.format_notes(profile.kind, formats)}
 
 
 def _quiet_converters(verbose: bool) -> None:
@@ -246,6 +259,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     manifest = json.loads((out / MANIFEST).read_text())
     print(f"bundle written to {out} ({'frozen embedding' if manifest['frozen_embedding'] else 'trainable'})")
+    target = manifest["target_platform"]
+    if target["auto"]:
+        print(f"  target platform {target['name']}: --backend auto tries {', '.join(target['auto'])}")
+    for note in target["notes"]:
+        print(f"  note: {note}")
     for name, entry in manifest["files"].items():
         parity = ", ".join(f"{k}={v:.3g}" for k, v in entry.get("parity", {}).items() if isinstance(v, (int, float)))
         print(f"  {name:<28} {entry['bytes']:>12,} B  {entry.get('format', ''):<12} {parity}")
