@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_runtime.bundle import WEIGHT_KEYS, load_weights, read_manifest, verify_bundle
+from edge_runtime.bundle import WEIGHT_KEYS, BundleError, load_weights, read_manifest, verify_bundle
 from edge_runtime.launch import main as launch_main
 from edge_runtime.quantize import encode_codes, ranges
 from export.artifact import ExportError, ExportRefused
@@ -161,9 +161,30 @@ def test_cli_export_prints_the_files(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "forward.onnx" in result.stdout and verify_bundle(out) == []
+    assert "target platform linux-aarch64: --backend auto tries onnx, litert, numpy" in result.stdout
+    phone = subprocess.run(
+        [sys.executable, "-m", "sflam", "export", "--model", "vit_quick_patch4_16", "--profile", "android-midrange",
+         "--formats", "onnx", "--batch", "2", "--out", str(tmp_path / "phone")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert phone.returncode == 0, phone.stderr
+    assert "note: onnx: no onnx runtime installs on android-aarch64; the device client there runs numpy" in phone.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "sflam", "export", "--model", "vit_quick_patch4_16", "--profile", "esp32-s3",
          "--formats", "onnx", "--out", str(tmp_path / "x")],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert bad.returncode == 2 and "does not run onnx" in bad.stderr
+
+
+def test_unreadable_or_incomplete_weights_are_a_bundle_error(onnx_bundle: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    (tmp_path / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match=r"weights.safetensors: unreadable weights \(.*header"):
+        load_weights(tmp_path)
+    save_file({"patch_embed.proj.weight": np.zeros((2, 3, 4, 4), np.float32)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(BundleError, match=r"missing patch_embed.proj.bias"):
+        load_weights(tmp_path)
+    weights = load_weights(onnx_bundle)
+    assert all(w.dtype == np.float32 and w.flags.writeable for w in weights.values())
