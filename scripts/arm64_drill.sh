@@ -160,7 +160,7 @@ grep -q 'forward check: ok {"backend": "onnx"' "$WORK/flash.log" || fail "launch
 if "${SSH[@]}" "cd $REMOTE/bundle && ./launch.sh --check --backend litert" >"$WORK/litert.log" 2>&1; then
   say "launch.sh --check --backend litert: ok"
 else
-  say "launch.sh --check --backend litert: failed (exit $?; known under qemu-user, edge_runtime/platforms.py)"
+  say "launch.sh --check --backend litert: failed (exit $?, known under qemu-user: edge_runtime/platforms.py): $(grep -v cpuinfo "$WORK/litert.log" | tail -n 1)"
 fi
 
 # --- 4. a 2-round run: two x86 devices and the aarch64 one --------------------------------------
