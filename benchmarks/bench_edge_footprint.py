@@ -242,9 +242,14 @@ def run_client(script: Path, args: list[str], report: bool = True) -> dict:
 
 
 def edge_requirements() -> list[str]:
-    """The pinned requirements of the ``edge`` extra, from pyproject.toml."""
+    """The pinned requirements of the ``edge`` extra that apply here (their markers evaluated), from
+    pyproject.toml."""
+    from packaging.requirements import Requirement
+
     with open(ROOT / "pyproject.toml", "rb") as handle:
-        return list(tomllib.load(handle)["project"]["optional-dependencies"]["edge"])
+        lines = tomllib.load(handle)["project"]["optional-dependencies"]["edge"]
+    requirements = [Requirement(line) for line in lines]
+    return [f"{r.name}{r.specifier}" for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 
 def tree_bytes(path: Path) -> int:
