@@ -42,7 +42,7 @@ test: setup sshd
 
 # The drills: the device on an emulated aarch64 root (scripts/arm64_drill.sh; root, ~12 min the
 # first time, the root filesystem is cached after that). CI runs them after `make test`.
-drill: setup sshd
+drill: setup
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
 # The main job: a split federated run over a private broker, with a server and 10 device processes.
