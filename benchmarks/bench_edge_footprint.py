@@ -133,10 +133,6 @@ print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
                   "step_ms": float("nan"), "payload": 0}))
 """
 
-# The device loop itself: `sflam device` on the onnx backend, one round against ScriptedServer.
-_DEVICE_RUN = "loop"
-
-
 class ScriptedServer:
     """The server's half of one round, scripted: retained model + plan selecting one device, a
     quantized random gradient for every step's activations, and the device's RoundUpdate."""
@@ -153,6 +149,7 @@ class ScriptedServer:
         self.topics, self.receiver = p.Topics(run_id), p.Receiver(run_id)
         self.link = MqttLink(broker_url, LinkConfig(client_id=f"bench-server-{run_id}"))
         self.update = None
+        self.parts = 0
         self.rng = np.random.default_rng(1)
 
     def start(self) -> None:
@@ -162,8 +159,10 @@ class ScriptedServer:
         env = p.Envelope(self.run_id, 1, "server")
         allocation = p.Allocation(self.device_id, self.bits, self.bits, 0.1, 1e6, False)
         model = p.ModelWeights(env, 1, p.weights_from_numpy(self.weights))
-        for index, frame in enumerate(p.split(model, self.link.config.max_frame_bytes)):  # as the server retains it
+        frames = p.split(model, self.link.config.max_frame_bytes)
+        for index, frame in enumerate(frames):  # retained chunk by chunk, as the server does
             self.link.publish(self.topics.retained_part("model", index), frame, retain=True)
+        self.parts = len(frames)
         self.link.send(self.topics.plan(), p.RoundPlan(env, 1, 600.0, 1, self.batch, 0.01, (allocation,)), retain=True)
 
     def serve(self, timeout_s: float) -> None:
@@ -183,6 +182,8 @@ class ScriptedServer:
                 self.link.send(self.topics.down(self.device_id), p.Gradient(env, quantize(grad, self.bits), 0.0))
             elif isinstance(message, p.RoundUpdate):
                 self.update = message
+        for topic in [self.topics.plan(), *(self.topics.retained_part("model", i) for i in range(self.parts))]:
+            self.link.publish(topic, b"", retain=True)  # leave nothing retained on a shared broker
         self.link.close()
 
 
@@ -209,11 +210,11 @@ def run_device_loop(bundle: Path, steps: int, bits: int, broker_url: str | None,
         thread = threading.Thread(target=server.serve, args=(900.0,), daemon=True)
         thread.start()
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-        cmd = [sys.executable, *(os.environ["FP_PROBE"].split() if os.environ.get("FP_PROBE") else ["-m", "sflam"]), "device", "--bundle", str(bundle), "--broker", broker_url,
+        cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker_url,
                "--device-id", "dev-0", "--data", f"npz:{data}", "--backend", "onnx", "--run-id", run_id,
                "--rounds", "1", "--meter", "estimate"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=float(os.environ.get("FP_T", 900)))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         seconds = time.perf_counter() - start
         thread.join(30)
     finally:
