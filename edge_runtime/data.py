@@ -6,8 +6,8 @@ to the bundle's image size, normalized with the bundle's mean and std. Resizing 
 with half-pixel centres (``align_corners=False``), antialiased (a triangle filter as wide as the
 scale) when shrinking: the resize torch's ``F.interpolate(mode="bilinear", antialias=shrinking)``
 does for the server's data loaders, written as two small weight matrices so no image library is
-needed. Nearest neighbour upsampling of 8 x 8
-digits to 16 x 16 cost the quickstart ViT about 20 points of accuracy after 40 rounds.
+needed. Nearest neighbour upsampling of 8 x 8 digits to 16 x 16 cost the quickstart ViT about 20
+points of accuracy after 40 rounds.
 """
 
 from __future__ import annotations
