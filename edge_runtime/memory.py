@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from edge_runtime.inbox import InboxLimits
-from edge_runtime.protocol.chunking import Reassembler
+from edge_runtime.protocol.chunking import DEFAULT_MAX_BUFFERED_BYTES, Reassembler
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -34,7 +34,7 @@ MMAP_THRESHOLD_BYTES = 256 * 1024
 RAM_SHARE = 32  # the inbox and the reassembler may each hold 1/32 of the RAM: 1/16 in all
 BUFFER_FLOOR_BYTES = 16 * MIB  # below this a ViT-B/32 weights message (9.4 MB) would not fit
 DEFAULT_INBOX = InboxLimits()
-DEFAULT_REASSEMBLY_BYTES = 512 * MIB  # Reassembler's default: what a server uses
+DEFAULT_REASSEMBLY_BYTES = DEFAULT_MAX_BUFFERED_BYTES  # Reassembler's default: what a server uses
 
 
 def peak_rss_mib() -> float | None:

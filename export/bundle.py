@@ -52,8 +52,6 @@ def export_bundle(
         raise ExportError(f"--bits must be 1..8 for the exported quantizer, got {bits}")
     profile = load_profile(profile_name)
     formats = _formats(profile, formats)
-    for note in platforms.format_notes(profile.kind, formats):  # a bundle the target cannot run says so
-        log.info("profile %s: %s", profile.name, note)
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; choose another --out or pass --force")
@@ -232,7 +230,8 @@ def _write_manifest(
 
 def _target_platform(profile: DeviceProfile, artifacts: list[Artifact]) -> dict[str, object]:
     """The profile's client platform, the backends ``--backend auto`` tries there, and notes on
-    formats it cannot run (or does not trust yet); edge_runtime/platforms.py."""
+    formats it cannot run (or does not trust yet); edge_runtime/platforms.py. A bundle the target
+    cannot run says so here, and ``sflam export`` prints it."""
     target = platforms.for_profile_kind(profile.kind)
     formats = tuple(dict.fromkeys(a.format for a in artifacts))
     return {"name": target.name if target else "firmware", "auto": list(target.auto) if target else [],

@@ -20,6 +20,7 @@ from edge_runtime.protocol.codec import DEFAULT_LIMITS, Limits, check_chunk, dec
 from edge_runtime.protocol.errors import ChunkError, LimitError
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024  # a server's; a device's is sized to its RAM (edge_runtime.memory)
 # Bytes a chunk frame adds around its data, beyond the envelope's strings.
 _CHUNK_OVERHEAD = 12 + 4 + 8 + 4 + 4 + 4 + 4 + 2 + 16
 
@@ -62,7 +63,7 @@ class Reassembler:
         limits: Limits = DEFAULT_LIMITS,
         *,
         max_sets_per_device: int = 4,
-        max_buffered_bytes: int = 512 * 1024 * 1024,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         expiry_s: float = 120.0,
         remember_completed: int = 1024,
         clock: Callable[[], float] = time.monotonic,
