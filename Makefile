@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.sflam-installed
 EXTRAS := edge,server,export,cluster,dev
 PIP_QUIET ?= -q
 
-.PHONY: all setup broker sshd test drill demo lock clean
+.PHONY: all setup broker sshd netem test drill demo lock clean
 
 all: test
 
@@ -37,12 +37,17 @@ broker:
 sshd:
 	@scripts/ensure-sshd.sh
 
-test: setup sshd
+# kernel links (sflam simulate --network netem): ip, tc and iptables; the demo does not need them
+netem:
+	@scripts/ensure-netem.sh
+
+test: setup sshd netem
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The drills: the device on an emulated aarch64 root (scripts/arm64_drill.sh; root, ~12 min the
-# first time, the root filesystem is cached after that). CI runs them after `make test`.
-drill: setup
+# first time, the root filesystem is cached after that) and a link flap under kernel links (root).
+# CI runs them after `make test`.
+drill: setup netem
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
 # The main job: a split federated run over a private broker, with a server and 10 device processes.

@@ -44,6 +44,7 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         max_frame_bytes=args.max_frame_bytes, seed=args.seed, ca_file=args.ca_file,
         username=getattr(args, "username", None), password=password, meter=getattr(args, "meter", "auto"),
         emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
+        shaped_link=getattr(args, "shaped_link", None), keepalive_s=getattr(args, "keepalive_s", 30),
         profile=profile, threads=getattr(args, "threads", None),
     )
     if threading.current_thread() is threading.main_thread():
@@ -63,6 +64,7 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         "reassembler": dict(client.receiver.reassembler.counters),
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
         "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
+        "shaped_link": client.shaped_link, "uplink_wall_s": client.uplink_wall_s,
         "peak_rss_mib": peak_rss_mib(),
     }
     print("sflam-device-summary " + json.dumps(summary), flush=True)

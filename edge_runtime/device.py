@@ -24,6 +24,13 @@ Telemetry energy = compute + radio (docs/allocator.md, docs/profiles.md):
   the bucket slept plus the airtime. Without emulation the radio time is the measured wall time
   of the activation publishes (the first send of each step), which is also ``uplink_time_s``;
   the RoundUpdate's own publish is not counted (it carries the telemetry).
+  With ``--shaped-link IFACE`` (a kernel link, ``sflam simulate --network netem``) the device
+  re-rates IFACE's tc token bucket filter to each allocation's r before the round; the radio
+  time and ``uplink_time_s`` are then the airtime of what the interface really carried, 8 x (its
+  transmit byte counter's change over the round: frames, headers, TCP acknowledgements and
+  retransmissions) / r, plus the RoundUpdate's own 8 n / r. The wall time of the activation
+  publishes (first byte to PUBACK: airtime plus a round trip and TCP's ramp-up per step) is kept
+  per round in ``uplink_wall_s`` (the device's exit summary).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import numpy as np
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
 from edge_runtime.data import DeviceData
-from edge_runtime.link import TokenBucket, channel_gain_from_distance, uplink_rate_bps
+from edge_runtime.link import ShapedUplink, ShapedUplinkError, TokenBucket, channel_gain_from_distance, uplink_rate_bps
 from edge_runtime.memory import DeviceBuffers, check_fits, device_buffer_limits
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
 from edge_runtime.mqtt_loop import LinkLoop
@@ -79,6 +86,7 @@ class RoundStats:
     steps: int = 0
     airtime_s: float = 0.0  # emulated link: 8 n / r over every paced uplink frame
     pace_wait_s: float = 0.0  # emulated link: how long the bucket slept
+    publish_wall_s: float = 0.0  # wall time of the activation publishes (first send of each step)
 
 
 @dataclass
@@ -167,7 +175,9 @@ class DeviceClient:
     password: str | None = field(default=None, repr=False)
     meter: str = "auto"  # auto | rapl | jetson | android | estimate
     emulate_link: bool = False
-    channel_gain: float | None = None  # emulated link; None: path loss at DEFAULT_DISTANCE_M
+    channel_gain: float | None = None  # emulated or shaped link; None: path loss at DEFAULT_DISTANCE_M
+    shaped_link: str | None = None  # an interface whose egress tc shapes at each allocation's rate
+    keepalive_s: int = 30  # MQTT keep-alive: how soon a silent link is noticed (both ends)
     threads: int | None = None  # backend intra-op threads; None: the runtime's default
     profile: str | None = None  # hardware profile to announce and estimate energy with; None: the bundle's
     timeout_s: float = 10.0
@@ -192,9 +202,12 @@ class DeviceClient:
                                    broadcast_decode=self.broadcast_decode)
         self.power = PowerModel.for_profile(self.profile)
         self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.profile))
-        if self.emulate_link and self.channel_gain is None:
+        if self.emulate_link and self.shaped_link:
+            raise ValueError("--emulate-link and --shaped-link are two models of the same uplink: choose one")
+        if (self.emulate_link or self.shaped_link) and self.channel_gain is None:
             self.channel_gain = channel_gain_from_distance(DEFAULT_DISTANCE_M)
         self.bucket: TokenBucket | None = None
+        self.shaper = ShapedUplink(self.shaped_link) if self.shaped_link else None
         self.models: dict[int, dict[str, np.ndarray]] = {}
         self.plan: p.RoundPlan | None = None
         self.plan_received_at = 0.0
@@ -202,12 +215,14 @@ class DeviceClient:
         self.awaiting: tuple[int, int] | None = None  # the (round, step) whose gradient may be kept
         self.applied: set[tuple[int, int]] = set()
         self.done_rounds: set[int] = set()
+        self.uplink_wall_s: dict[int, float] = {}  # shaped link: round -> wall time of its activation publishes
         self._last_hello = time.monotonic()
         self._epoch = self._hello_at = 0.0  # presence stamps (PresenceOrder): strictly increasing
         self.link = MqttLink(self.broker_url, LinkConfig(
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
             ca_file=self.ca_file, username=self.username, password=self.password,
             max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s, inbox=self.buffers.inbox,
+            keepalive_s=self.keepalive_s,
         ), loop=self.link_loop)
 
     def _env(self, round_: int, step: int = 0, created_at: float | None = None) -> p.Envelope:
@@ -383,6 +398,7 @@ class DeviceClient:
         fixed = self.engine.name == "litert"
         batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
         self.bucket = self._bucket_for(alloc)
+        tx0 = self._shape_for(alloc)
         stats, cpu0 = RoundStats(), time.process_time()
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
         metering = self._start_meter()
@@ -402,6 +418,10 @@ class DeviceClient:
                 self.applied.add((round_, step))
                 step += 1
         stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
+        if self.shaper is not None:  # what the kernel link carried this round, at the shaped rate
+            stats.airtime_s += self.shaper.airtime_s(self._tx_bytes() - tx0)
+            stats.uplink_time_s = stats.airtime_s
+            self.uplink_wall_s[round_] = round(stats.publish_wall_s, 4)
         del optimizer  # its momentum (weight-sized) is not needed while the update is encoded
         compute_j, source = self._compute_energy(metering, stats)
         stats.bytes_sent, stats.bytes_received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
@@ -420,9 +440,10 @@ class DeviceClient:
                         stats: RoundStats, alloc: p.Allocation, compute_j: float, source: str) -> p.RoundUpdate:
         """Send the round's RoundUpdate; with an emulated link its own airtime (from its encoded
         size) is counted in the telemetry it carries. The telemetry is announced in the next Hello."""
-        if self.bucket is not None:
+        rate = self._modeled_rate_bps()
+        if rate:
             frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
-            own = 8.0 * sum(len(f) for f in frames) / self.bucket.rate_bps
+            own = 8.0 * sum(len(f) for f in frames) / rate
             stats.airtime_s += own
             stats.uplink_time_s += own
         update = make_update(self._telemetry(stats, alloc, compute_j, source))
@@ -453,8 +474,10 @@ class DeviceClient:
         topic = self.topics.up(self.device_id)
         t0, air0, wait0 = time.perf_counter(), stats.airtime_s, stats.pace_wait_s
         generation, sent_at = self._send_reliably(topic, message, deadline, stats), time.monotonic()
+        wall = time.perf_counter() - t0
+        stats.publish_wall_s += wall
         # emulated: loopback publish time without the bucket's sleeps, plus the airtime
-        stats.uplink_time_s += (time.perf_counter() - t0) - (stats.pace_wait_s - wait0) + (stats.airtime_s - air0)
+        stats.uplink_time_s += wall - (stats.pace_wait_s - wait0) + (stats.airtime_s - air0)
         while key not in self.gradients:
             if time.monotonic() > deadline:
                 raise RoundAborted(f"no gradient for round {key[0]} step {key[1]} before the deadline")
@@ -514,6 +537,32 @@ class DeviceClient:
                  rate, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
         return TokenBucket(rate, burst_bits=8.0 * self.max_frame_bytes)
 
+    def _modeled_rate_bps(self) -> float | None:
+        """This round's uplink rate when the link is emulated or shaped, else None."""
+        if self.bucket is not None:
+            return self.bucket.rate_bps
+        return self.shaper.rate_bps if self.shaper is not None else None
+
+    def _shape_for(self, alloc: p.Allocation) -> int:
+        """With --shaped-link: re-rate the interface to this allocation's uplink rate; returns its
+        transmit byte counter now (0 without a shaped link)."""
+        if self.shaper is None:
+            return 0
+        try:
+            rate = uplink_rate_bps(alloc.bandwidth_hz, alloc.tx_power_w, float(self.channel_gain))
+            self.shaper.set_rate(rate)
+        except (ValueError, ShapedUplinkError) as exc:
+            raise RoundAborted(f"cannot shape the uplink of this allocation: {exc}") from None
+        log.info("shaped uplink %s: %.3g bit/s (B=%.3g Hz, p=%.3g W, h=%.3g)",
+                 self.shaper.iface, rate, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
+        return self._tx_bytes()
+
+    def _tx_bytes(self) -> int:
+        try:
+            return self.shaper.tx_bytes()
+        except ShapedUplinkError as exc:
+            raise RoundAborted(str(exc)) from None
+
     def _start_meter(self) -> bool:
         """Start the compute meter; False (logged) when there is none or it fails."""
         if self.compute_meter is None:
@@ -544,7 +593,7 @@ class DeviceClient:
 
     def _telemetry(self, stats: RoundStats, alloc: p.Allocation, compute_j: float, source: str) -> p.Telemetry:
         """Energy = compute (meter or estimate) + the allocation's tx power x radio time (module doc)."""
-        radio_s = stats.airtime_s if self.emulate_link else stats.uplink_time_s
+        radio_s = stats.airtime_s if self.emulate_link or self.shaper is not None else stats.uplink_time_s
         energy_j = compute_j + alloc.tx_power_w * radio_s
         return p.Telemetry(stats.compute_time_s, stats.uplink_time_s, energy_j, source,
                            stats.bytes_sent, stats.bytes_received, stats.steps)

@@ -3,12 +3,17 @@
 ``uplink_rate_bps`` is r = B log2(1 + p h / (N0 B)); ``channel_gain_from_distance`` is the
 3GPP-style path loss 128.1 + 37.6 log10(d / km) dB as a linear gain; N0 defaults to -174 dBm/Hz.
 ``TokenBucket`` paces bytes at a fixed rate so a device on loopback sends as if over that radio
-(``sflam device --emulate-link``). Standard library only.
+(``sflam device --emulate-link``). ``ShapedUplink`` is the kernel's version of the same link
+(``sflam device --shaped-link IFACE``, which ``sflam simulate --network netem`` passes): the
+device's own interface, in its own network namespace, has a tc token bucket filter that this
+class re-rates to each allocation, and the interface's byte counter says what the link carried.
+Standard library only (``tc`` from iproute2 for the shaped link).
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -91,3 +96,59 @@ class TokenBucket:
         airtime = bits / self.rate_bps
         self.total_airtime_s += airtime
         return airtime
+
+
+class ShapedUplinkError(RuntimeError):
+    """tc refused to shape the interface, or its byte counter cannot be read."""
+
+
+class ShapedUplink:
+    """The uplink as the kernel carries it: ``iface``'s egress shaped by a tc token bucket filter.
+
+    ``set_rate(r)`` replaces the root qdisc with ``tbf rate r`` (a burst of BURST_S of the rate,
+    at least BURST_MIN_BYTES; a queue of QUEUE_S of the rate, at least QUEUE_MIN_BYTES, so TCP
+    is never the one dropping); ``tx_bytes()`` reads the interface's transmit byte counter,
+    which counts every frame the link carried (headers, TCP acknowledgements and retransmissions
+    included). ``airtime_s(n)`` is 8 n / rate: the time the shaped link is busy with n bytes.
+    ``run`` is injectable for tests.
+    """
+
+    BURST_S, BURST_MIN_BYTES = 0.002, 3028  # two full frames: tbf needs at least one
+    QUEUE_S, QUEUE_MIN_BYTES = 4.0, 256 * 1024
+
+    def __init__(self, iface: str, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
+        self.iface, self._run = iface, run
+        self.rate_bps: float | None = None
+
+    def tbf_args(self, rate_bps: float) -> list[str]:
+        rate = max(8, int(round(_positive("rate_bps", rate_bps))))
+        burst = max(self.BURST_MIN_BYTES, int(rate / 8 * self.BURST_S))
+        limit = min(2**31 - 1, max(self.QUEUE_MIN_BYTES, int(rate / 8 * self.QUEUE_S)))  # tc's u32
+        return ["tc", "qdisc", "replace", "dev", self.iface, "root", "tbf", "rate", f"{rate}bit",
+                "burst", str(burst), "limit", str(limit)]
+
+    def set_rate(self, rate_bps: float) -> None:
+        """Shape ``iface`` at ``rate_bps`` (no-op when already there); ShapedUplinkError if tc fails."""
+        if self.rate_bps == rate_bps:
+            return
+        cmd = self.tbf_args(rate_bps)
+        try:
+            done = self._run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ShapedUplinkError(f"{' '.join(cmd)}: {exc}") from None
+        if done.returncode != 0:
+            raise ShapedUplinkError(f"{' '.join(cmd)}: {(done.stderr or '').strip() or 'exit ' + str(done.returncode)}")
+        self.rate_bps = float(rate_bps)
+
+    def tx_bytes(self) -> int:
+        path = f"/sys/class/net/{self.iface}/statistics/tx_bytes"
+        try:
+            with open(path, encoding="ascii") as f:
+                return int(f.read())
+        except (OSError, ValueError) as exc:
+            raise ShapedUplinkError(f"reading {path}: {exc}") from None
+
+    def airtime_s(self, nbytes: int) -> float:
+        if self.rate_bps is None:
+            raise ShapedUplinkError(f"{self.iface}: no rate set yet")
+        return 8.0 * nbytes / self.rate_bps

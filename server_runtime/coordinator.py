@@ -126,6 +126,9 @@ class DeviceRound:
     update: p.RoundUpdate | None = None
     failure: str | None = None
     offline: tuple[float, str] | None = None  # (since, reason) while reported offline
+    outages: int = 0  # times reported offline during the round
+    offline_s: float = 0.0  # time offline during the round (of outages that ended)
+    repeated: int = 0  # messages received again (re-sent steps), answered but not trained twice
 
     @property
     def finished(self) -> bool:
@@ -173,14 +176,16 @@ class RoundState:
         state = self.devices.get(device_id)
         if state is not None and not state.finished and state.offline is None:
             state.offline = (now, reason)
+            state.outages += 1
             log.info("round %d: device %s offline (%s); waiting for it to come back", self.round, device_id, reason)
 
     def came_online(self, device_id: str) -> None:
         """The device reconnected (online Status or Hello): it goes on with the round."""
         state = self.devices.get(device_id)
         if state is not None and state.offline is not None:
-            log.info("round %d: device %s back online after %.1f s", self.round, device_id,
-                     time.monotonic() - state.offline[0])
+            away = time.monotonic() - state.offline[0]
+            log.info("round %d: device %s back online after %.1f s", self.round, device_id, away)
+            state.offline_s += away
             state.offline = None
 
     def expire(self, now: float, offline_grace_s: float = 0.0) -> None:

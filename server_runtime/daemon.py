@@ -295,6 +295,16 @@ class ServerDaemon:
         message = receive(self.link, self.receiver, self.steps, timeout_s, self._count_bytes)
         if message is not None:
             self._dispatch(message)
+        elif self.receiver.last_duplicate is not None:
+            self._repeated(self.receiver.last_duplicate)
+
+    def _repeated(self, envelope: p.Envelope) -> None:
+        """A message the device sent again (a step after a lost reply or a reconnect): the round's
+        record counts it for the device (it is answered, never trained twice)."""
+        with self._lock:
+            state = self.current
+            if state is not None and envelope.round == state.plan_round and envelope.device_id in state.devices:
+                state.devices[envelope.device_id].repeated += 1
 
     def _count_bytes(self, incoming) -> None:
         try:
@@ -512,4 +522,5 @@ def _device_record(member: DeviceRound, rank: int) -> DeviceRoundRecord:
         device_steps=tel.steps if tel else None, energy_j=tel.energy_j if tel else None,
         energy_source=tel.energy_source if tel else None,
         allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz), trainer_rank=rank,
+        outages=member.outages, offline_s=round(member.offline_s, 3), repeated=member.repeated,
     )

@@ -89,6 +89,10 @@ class DeviceRoundRecord(_JsonRecord):
     energy_source: str | None = _doc("how the device got `energy_j`: `measured` or `estimated`")
     allocation: AllocationRecord = _doc("its share of the round's plan")
     trainer_rank: int = _doc("the trainer rank that served its steps (`compute.trainers`; 0 with one)", default=0)
+    outages: int = _doc("times the device was reported offline during the round (its will: a dead link)", default=0)
+    offline_s: float = _doc("seconds it was offline in those outages, until it was back", default=0.0)
+    repeated: int = _doc("its messages that came again (steps re-sent after a reconnect or a lost reply): "
+                         "answered again, never trained twice", default=0)
 
 
 @dataclass(frozen=True)

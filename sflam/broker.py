@@ -8,12 +8,14 @@ on every connection), configured by ``amqtt.yaml`` and logging to ``amqtt.log``.
 MQTT 3.1.1, so its URL says ``?protocol=3.1.1`` (read by :mod:`edge_runtime.mqtt`), and it keeps
 no session of a disconnected anonymous client: QoS 1 messages sent while a client is away are lost
 (mosquitto queues them for the session's expiry). Either broker is stopped by its PID (never by
-name), can be restarted on the same port and never listens beyond loopback.
-:func:`start_local_broker` picks one and starts it.
+name), can be restarted on the same port and never listens beyond loopback, except on the addresses of
+``also_on``: the bridge of a run's own network namespaces (``sflam simulate --network netem``,
+:mod:`sflam.netem`), same port. :func:`start_local_broker` picks one and starts it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -75,23 +77,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config_text(port: int) -> str:
-    """The broker's mosquitto.conf: one loopback listener, anonymous, in memory, TCP_NODELAY."""
+def _hosts(port: int, also_on: tuple[str, ...]) -> tuple[str, ...]:
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
-    return f"listener {port} {HOST}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+    for host in also_on:
+        if ipaddress.ip_address(host).is_unspecified:  # ValueError for a name: addresses only
+            raise ValueError(f"also_on: {host} would listen on every interface; give the run's own addresses")
+    return (HOST, *also_on)
 
 
-def amqtt_config_text(port: int) -> str:
-    """The amqtt broker's YAML config: one loopback TCP listener, anonymous, no $SYS or packet logging."""
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
-    return (f"listeners:\n  default:\n    type: tcp\n    bind: {HOST}:{port}\n"
+def config_text(port: int, also_on: tuple[str, ...] = ()) -> str:
+    """The broker's mosquitto.conf: a loopback listener (and one per ``also_on`` address), anonymous,
+    in memory, TCP_NODELAY."""
+    listeners = "".join(f"listener {port} {host}\n" for host in _hosts(port, also_on))
+    return f"{listeners}allow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+
+
+def amqtt_config_text(port: int, also_on: tuple[str, ...] = ()) -> str:
+    """The amqtt broker's YAML config: a loopback TCP listener (and one per ``also_on`` address),
+    anonymous, no $SYS or packet logging."""
+    hosts = _hosts(port, also_on)
+    listeners = "".join(f"  {'default' if k == 0 else f'also{k}'}:\n    type: tcp\n    bind: {host}:{port}\n"
+                        for k, host in enumerate(hosts))
+    return (f"listeners:\n{listeners}"
             "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
 
 
-def start_local_broker(workdir: str | Path, kind: str = "auto") -> MosquittoBroker | AmqttBroker:
-    """A started private broker: ``"mosquitto"``, ``"amqtt"``, or ``"auto"`` (mosquitto when installed)."""
+def start_local_broker(workdir: str | Path, kind: str = "auto",
+                       also_on: tuple[str, ...] = ()) -> MosquittoBroker | AmqttBroker:
+    """A started private broker: ``"mosquitto"``, ``"amqtt"``, or ``"auto"`` (mosquitto when installed);
+    ``also_on``: more addresses to listen on, same port (see the module docstring)."""
     if kind not in BROKER_KINDS:
         raise ValueError(f"broker kind must be one of {', '.join(BROKER_KINDS)}; got {kind!r}")
     if kind == "auto":
@@ -102,7 +117,7 @@ def start_local_broker(workdir: str | Path, kind: str = "auto") -> MosquittoBrok
         else:
             log.info("local broker: embedded amqtt (mosquitto not found on PATH or at %s)", FALLBACK_PATH)
             kind = "amqtt"
-    broker = MosquittoBroker(workdir) if kind == "mosquitto" else AmqttBroker(workdir)
+    broker = MosquittoBroker(workdir, also_on=also_on) if kind == "mosquitto" else AmqttBroker(workdir, also_on=also_on)
     broker.start()
     return broker
 
@@ -124,6 +139,10 @@ class _LocalBroker:
     def url(self) -> str:
         """``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://{HOST}:{self.port}"
+
+    def url_on(self, host: str) -> str:
+        """The URL on one of ``also_on``'s addresses (same port, same query)."""
+        return self.url.replace(f"//{HOST}:", f"//{host}:", 1)
 
     @property
     def running(self) -> bool:
@@ -193,7 +212,7 @@ class MosquittoBroker(_LocalBroker):
     name = "mosquitto"
 
     def __init__(self, workdir: str | Path, *, executable: str | None = None,
-                 conf: str | Path | None = None, port: int | None = None) -> None:
+                 conf: str | Path | None = None, port: int | None = None, also_on: tuple[str, ...] = ()) -> None:
         """``conf``/``port``: run that mosquitto.conf (e.g. a provisioned TLS one) listening on 127.0.0.1:port."""
         if (conf is None) != (port is None):
             raise ValueError("conf= and port= go together: port= is the port the given conf listens on")
@@ -206,7 +225,7 @@ class MosquittoBroker(_LocalBroker):
         self.port = free_port() if port is None else port
         self.conf = self.workdir / "mosquitto.conf" if conf is None else Path(conf)
         if conf is None:
-            self.conf.write_text(config_text(self.port))
+            self.conf.write_text(config_text(self.port, also_on))
         self.log_path = self.workdir / "mosquitto.log"
         self.proc = None
 
@@ -219,7 +238,7 @@ class AmqttBroker(_LocalBroker):
 
     name = "amqtt"
 
-    def __init__(self, workdir: str | Path, *, python: str | None = None) -> None:
+    def __init__(self, workdir: str | Path, *, python: str | None = None, also_on: tuple[str, ...] = ()) -> None:
         self.python = python or sys.executable
         if python is None and find_spec("amqtt") is None:
             raise ModuleNotFoundError("amqtt is not installed in this Python; install mosquitto "
@@ -228,7 +247,7 @@ class AmqttBroker(_LocalBroker):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.workdir / "amqtt.yaml"
-        self.conf.write_text(amqtt_config_text(self.port))
+        self.conf.write_text(amqtt_config_text(self.port, also_on))
         self.log_path = self.workdir / "amqtt.log"
         self.proc = None
 

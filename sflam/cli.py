@@ -248,6 +248,13 @@ def _device_options(dev: argparse.ArgumentParser) -> None:
         "--emulate-link", action="store_true",
         help="pace uplink publishes at the plan's rate B log2(1 + p h / (N0 B)) and count p x airtime",
     )
+    dev.add_argument(
+        "--shaped-link", metavar="IFACE",
+        help="a kernel link: re-rate IFACE's tc token bucket to each plan's rate (root, in the device's "
+             "network namespace; what `sflam simulate --network netem` passes) and count p x what it carried",
+    )
+    dev.add_argument("--keepalive-s", type=_positive_int, default=30,
+                     help="MQTT keep-alive in seconds: a silent link is noticed after 1.5x this (default 30)")
     dev.add_argument("--threads", type=_positive_int, help="backend intra-op threads (default: the runtime's, all cores)")
     dev.add_argument(
         "--profile", metavar="NAME",
@@ -358,6 +365,20 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                           "them each round (default 1)")
     sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
                      help="do not pace uplinks at their allocated rate")
+    sim.add_argument("--network", choices=("bucket", "netem"),
+                     help="how the radios are emulated: bucket (default: a token bucket in each device) or "
+                          "netem (root: kernel links, a network namespace per device, tc at the allocated rate, "
+                          "delay, jitter and loss; docs/simulate.md)")
+    sim.add_argument("--link-delay-ms", type=_non_negative_float, metavar="MS",
+                     help="netem: one-way delay each way (default: the device radio's, e.g. wifi 2 ms, lte 15 ms)")
+    sim.add_argument("--link-jitter-ms", type=_non_negative_float, metavar="MS",
+                     help="netem: +- uniform jitter (default: the radio's; 0 when --link-delay-ms is given)")
+    sim.add_argument("--link-loss", type=_non_negative_float, metavar="P",
+                     help="netem: packet loss probability each way, e.g. 0.05 (default 0)")
+    sim.add_argument("--link-flap", metavar="ROUND:DOWN_S[:DEVICE]",
+                     help="netem: take device DEVICE's (index, default 0) link down for DOWN_S seconds in round ROUND")
+    sim.add_argument("--keepalive-s", type=_positive_int, metavar="SEC",
+                     help="the devices' MQTT keep-alive (default 30): a dead link is noticed after 1.5x this")
     sim.set_defaults(handler="sflam.simulate:cmd_simulate")
 
 

@@ -77,6 +77,14 @@ class SimOptions:
     profiles: tuple[str, ...] = ("raspberry-pi-5", "jetson-orin-nano", "android-flagship", "android-midrange")
     radius_m: float = 500.0
     emulate_link: bool = True
+    # how the radios are emulated: "bucket" (a token bucket in each device process) or "netem"
+    # (kernel links: network namespaces, tc and packet queues; sflam.netem, docs/simulate.md)
+    network: str = "bucket"
+    link_delay_ms: float | None = None  # netem: one-way delay; None: the radio kind's default
+    link_jitter_ms: float | None = None  # netem: +- uniform jitter; None: the radio's (0 when a delay is given)
+    link_loss: float | None = None  # netem: packet loss probability each way; None: the radio's (0)
+    link_flap: str | None = None  # netem: "ROUND:DOWN_S[:DEVICE]": that device's link down mid-round
+    keepalive_s: int = 30  # the devices' MQTT keep-alive
     backend: str = "onnx"
     hosts: int | None = None  # device host processes; 0: a process per device; None: auto (HOSTS_AUTO)
     engine: str = "local"  # where device hosts run: local processes, or Ray actors
@@ -108,7 +116,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits",
              "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
              "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
-             "engine", "ray_address", "emulate_link", "t_max_s", "trainers")
+             "engine", "ray_address", "emulate_link", "t_max_s", "trainers", "network", "link_delay_ms",
+             "link_jitter_ms", "link_loss", "link_flap", "keepalive_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,15 +183,16 @@ def build_options(values: Mapping[str, Any]) -> SimOptions:
 def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
     """Types: ints, floats, bits (``auto`` or an int), profiles (list or comma string)."""
     ints = ("devices", "per_round", "rounds", "seed", "local_epochs", "batch_size", "device_threads", "model_bits",
-            "server_workers", "eval_every", "hosts", "trainers")
-    floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction")
+            "server_workers", "eval_every", "hosts", "trainers", "keepalive_s")
+    floats = ("alpha", "lr", "radius_m", "deadline_s", "min_completed", "t_max_s", "validation_fraction",
+              "link_delay_ms", "link_jitter_ms", "link_loss")
     for name in ints:
         if name in kwargs:
             value = kwargs[name]
             if isinstance(value, bool) or not isinstance(value, int):
                 problems.append(f"{name}: expected an integer, got {value!r}")
     for name in floats:
-        if name in kwargs:
+        if name in kwargs and kwargs[name] is not None:
             value = kwargs[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 problems.append(f"{name}: expected a number, got {value!r}")
@@ -308,7 +318,83 @@ def check_options(opts: SimOptions) -> list[str]:
     if opts.backend not in BACKENDS:
         problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
     problems += _file_problems(opts)
+    problems += _network_problems(opts)
     return problems
+
+
+NETWORKS = ("bucket", "netem")
+
+
+@dataclass(frozen=True)
+class LinkFlap:
+    """``--link-flap ROUND:DOWN_S[:DEVICE]``: device DEVICE's (index, default 0) link goes down for
+    DOWN_S seconds during round ROUND (sflam.netem.Flap: 1.5 s after the round before was recorded)."""
+
+    round: int
+    down_s: float
+    device: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "LinkFlap":
+        parts = str(text).split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            flap = cls(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
+        except ValueError:
+            raise ValueError(f"link_flap: expected ROUND:DOWN_S[:DEVICE] such as 2:12, got {text!r}") from None
+        if flap.round < 2 or not (0 < flap.down_s < 3600) or flap.device < 0:
+            raise ValueError(f"link_flap: ROUND >= 2 (it is timed from the record of the round before), "
+                             f"0 < DOWN_S < 3600 and DEVICE >= 0, got {text!r}")
+        return flap
+
+
+def _network_problems(opts: SimOptions) -> list[str]:
+    """--network and the link options: what netem needs (root, ip, tc, iptables) and what it cannot do."""
+    problems = []
+    if opts.network not in NETWORKS:
+        return [f"network: one of {', '.join(NETWORKS)}, got {opts.network!r}" + did_you_mean(opts.network, NETWORKS)]
+    if not 1 <= opts.keepalive_s <= 3600:
+        problems.append(f"keepalive_s: must be in 1..3600 seconds, got {opts.keepalive_s}")
+    link = {"link_delay_ms": opts.link_delay_ms, "link_jitter_ms": opts.link_jitter_ms, "link_loss": opts.link_loss,
+            "link_flap": opts.link_flap}
+    if opts.network != "netem":
+        return problems + [f"{name}: kernel links only: add --network netem" for name, v in link.items() if v is not None]
+    from firmware_profiles import ProfileError, load_profile
+    from sflam.netem import MAX_DEVICES, impairment_for, preflight
+
+    kinds = set()
+    for name in opts.profiles:
+        try:
+            kinds.add(load_profile(name).radio.kind)
+        except (ProfileError, OSError):
+            pass  # _file_problems names it
+    for kind in sorted(kinds) or ["wifi"]:  # the overrides on each radio's defaults
+        try:
+            impairment_for(kind, opts.link_delay_ms, opts.link_jitter_ms, opts.link_loss)
+        except ValueError as exc:
+            problems.append(f"link ({kind} radios): {exc}")
+            break
+    if opts.link_flap is not None:
+        try:
+            flap = LinkFlap.parse(opts.link_flap)
+            if flap.device >= opts.devices or flap.round > opts.rounds:
+                problems.append(f"link_flap: device {flap.device} of round {flap.round}: the run has "
+                                f"{opts.devices} devices and {opts.rounds} rounds")
+        except ValueError as exc:
+            problems.append(str(exc))
+    if not opts.emulate_link:
+        problems.append("network netem: the kernel shapes each uplink; --no-emulate-link takes the radios away")
+    if opts.scheme == "fl":
+        problems.append("network netem: the split schemes (sflam, sfl, sl) only; fl devices do not re-rate their links")
+    if host_count(opts) or opts.engine == "ray":
+        problems.append("network netem: a namespace per device process; pass --hosts 0 (device hosts share one link)")
+    if opts.broker not in LOCAL_BROKERS:
+        problems.append("network netem: a private broker of the run (devices reach it over the run's bridge); "
+                        "drop --broker URL")
+    if opts.devices > MAX_DEVICES:
+        problems.append(f"network netem: at most {MAX_DEVICES} devices")
+    return problems + preflight()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +523,7 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers, "trainers": opts.trainers},
         "allocator": {"t_max_s": opts.t_max_s},
     }
-    if gains and opts.emulate_link:
+    if gains and opts.emulate_link:  # bucket or netem: the radios are emulated
         sections["allocator"]["channel_gains"] = dict(gains)
     if opts.checkpoint:
         sections["model"]["checkpoint"] = str(Path(opts.checkpoint).expanduser().resolve())

@@ -15,9 +15,11 @@ What it does, in order:
    :func:`sflam.options.server_config`) and one device process per device (``sflam device`` with
    ``--emulate-link``, so each uplink is paced at the rate of its allocation over its channel;
    ``sflam fl-device`` for the FL baseline), all under one :class:`sflam.processes.ProcessGroup`;
+   with ``--network netem`` each device process runs in a network namespace of its own behind a
+   kernel-shaped link instead (:mod:`sflam.netem`; the broker also listens on the run's bridge);
 6. shows the rounds as they finish (:mod:`sflam.progress`);
-7. stops every process and the broker on completion, on error and on Ctrl-C / SIGTERM, then writes
-   ``summary.json``, the plots and a result table (:mod:`sflam.sim_report`).
+7. stops every process and the broker on completion, on error and on Ctrl-C / SIGTERM, removes
+   the kernel links, then writes ``summary.json``, the plots and a result table (:mod:`sflam.sim_report`).
 
 Every path given to a child is absolute, and children start in the user's working directory, so
 a run works from any directory and from an installed package.
@@ -43,6 +45,7 @@ import numpy as np
 from server_runtime.round_record import RoundRecord
 from sflam.options import (
     LOCAL_BROKERS,
+    LinkFlap,
     RUN_ID,
     SchemePlan,
     SimOptions,
@@ -53,6 +56,7 @@ from sflam.options import (
     scheme_plan,
     server_config,
 )
+from sflam.netem import Flap, NetemError, RunLinks
 from sflam.processes import ProcessError, ProcessGroup, child_env, sflam_command
 from sflam_common.limits import raise_open_file_limit
 from sflam.progress import Progress, read_new_records
@@ -170,20 +174,25 @@ def _export(opts: SimOptions, out: Path, num_classes: int) -> Path:
 # processes
 
 
-def device_command(prepared: Prepared, spec: DeviceSpec, opts: SimOptions, broker_url: str) -> list[str]:
-    """``sflam device`` (or ``fl-device``) for one simulated device."""
+def device_command(prepared: Prepared, spec: DeviceSpec, opts: SimOptions, broker_url: str,
+                   links: RunLinks | None = None) -> list[str]:
+    """``sflam device`` (or ``fl-device``) for one simulated device; with ``links``, in its namespace."""
     cmd = sflam_command(prepared.plan.device_command, "--bundle", str(prepared.bundle), "--broker", broker_url,
                         "--device-id", spec.device_id, "--data", f"npz:{spec.shard}", "--run-id", RUN_ID,
                         "--seed", str(spec.seed), "--meter", "estimate", "--profile", spec.profile)
     if prepared.plan.device_command == "device":
         cmd += ["--backend", opts.backend, "--threads", str(opts.device_threads)]
+    if links is not None:
+        return links.device_command(prepared.devices.index(spec), cmd, spec.channel_gain)
     if opts.emulate_link:
         cmd += ["--emulate-link", "--channel-gain", repr(spec.channel_gain)]
     return cmd
 
 
-def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str) -> Workers:
-    """The server, once it waits for devices, then the devices: a process each, device-host
+def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_url: str,
+              links: RunLinks | None = None) -> Workers:
+    """The server, once it waits for devices, then the devices: a process each (with ``links``: each
+    in its network namespace, reaching the broker at ``broker_url`` on the run's bridge), device-host
     processes, or device-host Ray actors; returns what runs the devices."""
     group.start("server", sflam_command("server", "--config", str(prepared.config_path)))
     try:
@@ -201,7 +210,7 @@ def start_run(group: ProcessGroup, prepared: Prepared, opts: SimOptions, broker_
             group.start(f"host-{k}", _host_command(spec, opts), env=child_env(threads=opts.device_threads))
     else:
         for spec in prepared.devices:
-            group.start(spec.device_id, device_command(prepared, spec, opts, broker_url),
+            group.start(spec.device_id, device_command(prepared, spec, opts, broker_url, links),
                         env=child_env(threads=opts.device_threads))
     return Workers(group)
 
@@ -211,7 +220,7 @@ class Workers:
 
     def __init__(self, group: ProcessGroup) -> None:
         self.group = group
-        self.names = [name for name in group.procs if name != "server"]
+        self.names = [name for name in group.procs if name not in ("server", RunLinks.DELAYLINE)]
 
     def exited(self, names: list[str] | None = None) -> dict[str, int]:
         return self.group.exited(names or self.names)
@@ -299,31 +308,60 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
     ray_hosts: list[dict[str, Any]] = []
     group = ProcessGroup(out / "logs")
     memory = MemoryWatch(group)
+    links = run_links(opts)
     started = time.monotonic()
     status = "failed"
     try:
-        broker, broker_url = _start_broker(opts, out)
+        if links is not None:
+            links.open()  # the bridge first: the broker listens on it
+        broker, broker_url = _start_broker(opts, out, links)
         memory.broker = broker
-        say(f"broker: {broker_url} ({type(broker).__name__ if broker else 'external'})")
+        device_url = broker.url_on(links.broker_host) if links is not None else broker_url
+        say(f"broker: {device_url} ({type(broker).__name__ if broker else 'external'})")
         prepared = _prepare_and_say(opts, out, broker_url, say)
-        workers = start_run(group, prepared, opts, broker_url)
-        _monitor(prepared, group, workers, opts, quiet, memory)
+        if links is not None:
+            links.add_devices(prepared.devices, out / "scenario.json", prepared.plan.devices_per_round, group,
+                              out / "logs")
+            say(f"network netem: {opts.devices} devices in namespaces sflam-{links.topology.tag}-*, "
+                f"broker at {links.broker_host} on bridge {links.topology.bridge}")
+        workers = start_run(group, prepared, opts, device_url, links)
+        _monitor(prepared, group, workers, opts, quiet, memory, links)
         status = "completed"
     except (KeyboardInterrupt, Interrupted) as exc:
         status = "interrupted"
         say(f"\n{exc or 'interrupted'}: stopping the server, the devices and the broker")
+    except NetemError as exc:
+        raise SimulateError(str(exc)) from None
     finally:
-        if workers is not None:
-            ray_hosts = workers.stop()
-        group.stop()
-        if broker is not None:
-            broker.stop()
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            if workers is not None:
+                ray_hosts = workers.stop()
+            group.stop()
+            if broker is not None:
+                broker.stop()
+        finally:
+            if links is not None and links.close():
+                say(f"network netem: could not remove {', '.join(links.left)}")
+            signal.signal(signal.SIGTERM, previous)
     fleet = {"hosts": host_count(opts), "devices_connected": _devices_announced(group),
-             "peak_rss_mib": round(memory.peak_bytes / 2**20, 1), "engine": opts.engine}
+             "peak_rss_mib": round(memory.peak_bytes / 2**20, 1), "engine": opts.engine,
+             "network": opts.network if opts.emulate_link else "loopback"}
+    if links is not None:
+        fleet["links"] = links.summary(group.output(RunLinks.DELAYLINE) if RunLinks.DELAYLINE in group.procs else "")
+        fleet["links"]["walls"] = _device_walls(group, [link.device_id for link in links.topology.links])
     if ray_hosts:
         fleet["ray_hosts"] = ray_hosts
     return _report(opts, out, status, time.monotonic() - started, say, fleet)
+
+
+def run_links(opts: SimOptions) -> RunLinks | None:
+    """The run's kernel links (``--network netem``), not yet made; None with the token bucket."""
+    if opts.network != "netem":
+        return None
+    flap = LinkFlap.parse(opts.link_flap) if opts.link_flap else None
+    return RunLinks(delay_ms=opts.link_delay_ms, jitter_ms=opts.link_jitter_ms, loss=opts.link_loss,
+                    flap=Flap(flap.round, flap.down_s, flap.device) if flap else None, seed=opts.seed,
+                    keepalive_s=opts.keepalive_s)
 
 
 class MemoryWatch:
@@ -363,6 +401,20 @@ def _devices_announced(group: ProcessGroup) -> int | None:
         return None
 
 
+def _device_walls(group: ProcessGroup, names: list[str]) -> dict[str, dict[str, float]]:
+    """Each device's ``uplink_wall_s`` (plan round -> seconds) from its exit summary line."""
+    walls = {}
+    for name in names:
+        if name not in group.procs:
+            continue
+        lines = [line for line in group.output(name).splitlines() if line.startswith("sflam-device-summary ")]
+        try:
+            walls[name] = {str(k): float(v) for k, v in json.loads(lines[-1].split(" ", 1)[1])["uplink_wall_s"].items()}
+        except (IndexError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return walls
+
+
 def _prepare_and_say(opts: SimOptions, out: Path, broker_url: str, say) -> Prepared:
     t0 = time.monotonic()
     prepared = prepare(opts, out, broker_url)
@@ -383,6 +435,8 @@ def _report(opts: SimOptions, out: Path, status: str, wall_s: float, say, fleet:
     from sflam import sim_report
 
     records = sim_report.read_records(out / "metrics.jsonl")
+    if "links" in fleet:
+        fleet["links"]["uplink"] = sim_report.uplink_check(out, records, fleet["links"].pop("walls"))
     summary = {**sim_report.summarize(opts, records, out, wall_s=wall_s, status=status), **fleet}
     sim_report.write_summary(summary, out)
     if status == "interrupted":
@@ -394,19 +448,22 @@ def _report(opts: SimOptions, out: Path, status: str, wall_s: float, say, fleet:
     return summary
 
 
-def _start_broker(opts: SimOptions, out: Path) -> tuple[Any, str]:
-    """(broker object or None, its URL): a private loopback broker unless a URL was given."""
+def _start_broker(opts: SimOptions, out: Path, links: RunLinks | None = None) -> tuple[Any, str]:
+    """(broker object or None, its loopback URL): a private loopback broker unless a URL was given;
+    with ``links`` it listens on the run's bridge too."""
     if opts.broker not in LOCAL_BROKERS:
         return None, opts.broker
     from sflam.broker import start_local_broker
 
-    b = start_local_broker(out / "broker", LOCAL_BROKERS[opts.broker])
+    also_on = (links.broker_host,) if links is not None else ()
+    b = start_local_broker(out / "broker", LOCAL_BROKERS[opts.broker], also_on=also_on)
     return b, b.url
 
 
 def _monitor(prepared: Prepared, group: ProcessGroup, workers: Workers, opts: SimOptions, quiet: bool,
-             memory: MemoryWatch) -> list[RoundRecord]:
-    """Follow metrics.jsonl until the server exits; SimulateError when it fails."""
+             memory: MemoryWatch, links: RunLinks | None = None) -> list[RoundRecord]:
+    """Follow metrics.jsonl until the server exits (driving the links' flap); SimulateError when it
+    fails or the delay line dies."""
     progress = Progress(opts.rounds, prepared.plan.turns_per_round, stream=open(os.devnull, "w") if quiet else None)
     metrics = prepared.out / "metrics.jsonl"
     records: list[RoundRecord] = []
@@ -418,6 +475,8 @@ def _monitor(prepared: Prepared, group: ProcessGroup, workers: Workers, opts: Si
         new, offset = read_new_records(metrics, offset)
         records += new
         progress.update(records)
+        if links is not None:
+            _watch_links(links, group, records)
         code = group.exited(["server"]).get("server")
         if code is not None:
             new, offset = read_new_records(metrics, offset)
@@ -434,6 +493,13 @@ def _monitor(prepared: Prepared, group: ProcessGroup, workers: Workers, opts: Si
             raise SimulateError("every device process exited; the last one's log ends:\n"
                                 + workers.tail(sorted(reported_dead)[-1]))
         time.sleep(POLL_S)
+
+
+def _watch_links(links: RunLinks, group: ProcessGroup, records: list[RoundRecord]) -> None:
+    links.poll(sum(1 for r in records if r.counted), time.monotonic())
+    if RunLinks.DELAYLINE in group.procs and group.exited([RunLinks.DELAYLINE]):
+        raise SimulateError("the delay line exited (every delayed link is dead); its log ends:\n"
+                            + group.tail(RunLinks.DELAYLINE))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
