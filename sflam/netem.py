@@ -334,9 +334,9 @@ class RunLinks:
     DELAYLINE = "delayline"
 
     def __init__(self, *, delay_ms: float | None, jitter_ms: float | None, loss: float | None,
-                 flap: Flap | None, seed: int, keepalive_s: int) -> None:
+                 flap: Flap | None, seed: int) -> None:
         self.delay_ms, self.jitter_ms, self.loss = delay_ms, jitter_ms, loss
-        self.flap, self.seed, self.keepalive_s = flap, seed, keepalive_s
+        self.flap, self.seed = flap, seed
         self.topology = Topology()
         self.closed_clean: bool | None = None
         self.left: list[str] = []
@@ -376,11 +376,10 @@ class RunLinks:
                 raise NetemError(f"network netem: the delay line did not start: {exc}") from None
 
     def device_command(self, index: int, command: Sequence[str], channel_gain: float) -> list[str]:
-        """``sflam device`` in its namespace, re-rating its own link, with the run's keep-alive."""
+        """``sflam device`` in its namespace, re-rating its own link."""
         link = self.topology.links[index]
         return self.topology.device_command(index, [*command, "--shaped-link", link.device_if,
-                                                    "--channel-gain", repr(channel_gain),
-                                                    "--keepalive-s", str(self.keepalive_s)])
+                                                    "--channel-gain", repr(channel_gain)])
 
     def poll(self, counted_rounds: int, now: float) -> None:
         """Drive the flap: its round began when ``counted_rounds`` reached round - 1."""

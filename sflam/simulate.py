@@ -181,7 +181,7 @@ def device_command(prepared: Prepared, spec: DeviceSpec, opts: SimOptions, broke
                         "--device-id", spec.device_id, "--data", f"npz:{spec.shard}", "--run-id", RUN_ID,
                         "--seed", str(spec.seed), "--meter", "estimate", "--profile", spec.profile)
     if prepared.plan.device_command == "device":
-        cmd += ["--backend", opts.backend, "--threads", str(opts.device_threads)]
+        cmd += ["--backend", opts.backend, "--threads", str(opts.device_threads), "--keepalive-s", str(opts.keepalive_s)]
     if links is not None:
         return links.device_command(prepared.devices.index(spec), cmd, spec.channel_gain)
     if opts.emulate_link:
@@ -360,8 +360,7 @@ def run_links(opts: SimOptions) -> RunLinks | None:
         return None
     flap = LinkFlap.parse(opts.link_flap) if opts.link_flap else None
     return RunLinks(delay_ms=opts.link_delay_ms, jitter_ms=opts.link_jitter_ms, loss=opts.link_loss,
-                    flap=Flap(flap.round, flap.down_s, flap.device) if flap else None, seed=opts.seed,
-                    keepalive_s=opts.keepalive_s)
+                    flap=Flap(flap.round, flap.down_s, flap.device) if flap else None, seed=opts.seed)
 
 
 class MemoryWatch:

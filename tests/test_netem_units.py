@@ -497,7 +497,7 @@ def test_sweep_stale_spares_a_fresh_reservation_without_a_pid(tmp_path: Path) ->
 
 
 def _run_links(flap: Flap | None) -> tuple[RunLinks, FakeIp]:
-    links = RunLinks(delay_ms=None, jitter_ms=None, loss=None, flap=flap, seed=0, keepalive_s=30)
+    links = RunLinks(delay_ms=None, jitter_ms=None, loss=None, flap=flap, seed=0)
     run = FakeIp()
     links.topology = Topology(run=run, tag="ab12", subnet=201, links=[
         DeviceLink(f"dev-{k}", f"sflam-ab12-{k}", f"sfab12h{k}", f"sfab12d{k}", f"10.201.0.{k + 2}", LinkImpairment())

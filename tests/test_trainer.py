@@ -243,3 +243,20 @@ def test_every_optimizer_run_toml_accepts_is_built(name: str) -> None:
 def test_an_unknown_optimizer_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adam', 'adamw'\), got 'lion'"):
         OptimizerSpec("lion").build([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_a_round_counts_each_outage_and_how_long_it_lasted(monkeypatch) -> None:
+    """What a device's round record says about a dead link: outages, time offline, and the
+    offline report that repeats while it is away is not a second outage."""
+    alloc = p.Allocation("a", 8, 32, 0.1, 1e6)
+    state = RoundState(1, 1, {"a": DeviceRound(alloc), "b": DeviceRound(alloc)}, deadline=100.0, lr=0.05)
+    clock = iter([12.5, 30.0])
+    monkeypatch.setattr("server_runtime.coordinator.time.monotonic", lambda: next(clock))
+    state.went_offline("a", "connection lost", 10.0)
+    state.went_offline("a", "connection lost", 11.0)  # its will again: the same outage
+    state.came_online("a")  # at 12.5
+    state.went_offline("a", "connection lost", 20.0)
+    state.came_online("a")  # at 30.0
+    assert state.devices["a"].outages == 2
+    assert state.devices["a"].offline_s == pytest.approx(2.5 + 10.0)
+    assert state.devices["b"].outages == 0 and state.devices["b"].offline_s == 0.0
