@@ -2,22 +2,30 @@
 (NFQUEUE) whose verdicts this process hands out late.
 
 A kernel without ``sch_netem`` (this project's CI machine has none) still has netfilter queues, so
-the delay of a kernel-shaped link (docs/simulate.md, "Kernel links") is made that way: in each
-device's network namespace two iptables rules (written by :mod:`sflam.netem`) park every packet
-the device sends or receives on its link in the namespace's queue 0, and this daemon, holding a
-netlink socket bound to that queue in every namespace of the run, accepts each packet
-``delay +- jitter`` after it arrived, or drops it with probability ``loss``. The packets never
-leave the kernel: TCP on both ends sees the real round-trip time, the real losses and does its own
-retransmissions. Only packet metadata is read (the hook says the direction: output is the uplink,
-input the downlink). The rules and the queues live and die with the device's namespace.
+the delay of a kernel-shaped link (docs/simulate.md, "Kernel links") is made that way: iptables
+rules (written by :mod:`sflam.netem`) park each packet of a device's link in a queue at the
+*receiving* end's input hook, and this daemon accepts it ``delay +- jitter`` after it arrived,
+or drops it with probability ``loss``:
+
+- the downlink: in each device's namespace, everything that comes in on its link goes to the
+  namespace's queue 0 (one netlink socket per namespace, opened inside it);
+- the uplink: in the broker's namespace, everything that comes in on the run's bridge goes to the
+  run's queue (its number is the run's tag), and the packet's source address (the first 20 bytes,
+  the IPv4 header, are copied up) says which device sent it.
+
+Queuing at the receiver, never at the sender's output, matters: a packet parked at the sender
+still counts against its socket's TCP small queues, which would throttle TCP to a couple of
+packets per delay. Packets never leave the kernel: TCP on both ends sees the real round-trip
+time and the real losses and does its own retransmissions.
 
 Per device and direction, packets leave in the order they came (a radio link does not reorder):
 a packet is released at max(arrival + delay + U(-jitter, jitter), the previous one's release).
 
-``python -m sflam.delayline --links FILE`` (FILE: JSON ``{"seed": S, "links": {"<namespace>":
-{"delay_ms": .., "jitter_ms": .., "loss": ..}}}``) binds every queue, prints ``delayline: ready``
-and serves until SIGTERM or SIGINT. The protocol is ``linux/netfilter/nfnetlink_queue.h``;
-standard library only.
+``python -m sflam.delayline --links FILE`` (FILE: JSON ``{"seed": S, "uplink_queue": Q, "links":
+{"<namespace>": {"address": "10.x.y.z", "delay_ms": .., "jitter_ms": .., "loss": ..}}}``) binds
+every queue, prints ``delayline: ready`` and serves until SIGTERM or SIGINT, then prints its
+``delayline-summary`` (packets accepted and dropped per device and direction). The protocol is
+``linux/netfilter/nfnetlink_queue.h``; standard library only.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +50,8 @@ NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
-NFQNL_COPY_META = 1  # metadata only: the hook says the direction
+NFQNL_COPY_META, NFQNL_COPY_PACKET = 1, 2
+IPV4_HEADER_BYTES = 20  # the uplink queue reads the source address (bytes 12-16)
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_PAYLOAD = 1, 2, 10
 NF_DROP, NF_ACCEPT = 0, 1
 NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT = 1, 3
@@ -90,10 +100,12 @@ def _message(msg: int, queue: int, attrs: bytes, flags: int = NLM_F_REQUEST, seq
     return struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg, flags, seq, 0) + body
 
 
-def config_messages(queue: int) -> list[bytes]:
-    """Bind ``queue`` to this socket, copy no packet data, allow QUEUE_MAXLEN parked packets."""
+def config_messages(queue: int, copy_bytes: int = 0) -> list[bytes]:
+    """Bind ``queue`` to this socket, copy the first ``copy_bytes`` of each packet (0: metadata
+    only), allow QUEUE_MAXLEN parked packets."""
     bind = _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_INET)))
-    params = _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
+    mode = struct.pack("!IB", copy_bytes, NFQNL_COPY_PACKET) if copy_bytes else struct.pack("!IB", 0, NFQNL_COPY_META)
+    params = _attr(NFQA_CFG_PARAMS, mode)
     maxlen = _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
     return [_message(NFQNL_MSG_CONFIG, queue, bind, NLM_F_REQUEST | NLM_F_ACK, 1),
             _message(NFQNL_MSG_CONFIG, queue, params + maxlen, NLM_F_REQUEST | NLM_F_ACK, 2)]
@@ -135,15 +147,44 @@ def parse_messages(data: bytes) -> list[tuple[int, int, bytes] | int]:
     return out
 
 
-class DelayLine:
-    """One device namespace's queue: parks each packet for the link's delay (or drops it), then
-    accepts it. Uplink packets are those of the output hook, downlink those of the input hook."""
+class LinkSchedule:
+    """One device's link: its impairment, and when its next packet each way may leave."""
 
-    def __init__(self, name: str, spec: LinkImpairment, seed: int = 0, queue: int = 0) -> None:
-        self.name, self.spec, self.queue = name, spec, queue
+    def __init__(self, name: str, spec: LinkImpairment, seed: int = 0) -> None:
+        self.name, self.spec = name, spec
         self.rng = random.Random(f"{seed}:{name}")
         self.last_release = {UP: 0.0, DOWN: 0.0}
-        self.counters = {"accepted": 0, "dropped": 0}
+        self.counters = {UP: {"accepted": 0, "dropped": 0}, DOWN: {"accepted": 0, "dropped": 0}}
+
+    def schedule(self, direction: str, now: float) -> tuple[float, int]:
+        """(release time, verdict) of one packet that entered the queue at ``now``."""
+        spec, counts = self.spec, self.counters[direction]
+        if spec.loss and self.rng.random() < spec.loss:
+            counts["dropped"] += 1
+            return now, NF_DROP
+        delay = spec.delay_ms + (self.rng.uniform(-spec.jitter_ms, spec.jitter_ms) if spec.jitter_ms else 0.0)
+        release = max(now + delay / 1000.0, self.last_release[direction])
+        self.last_release[direction] = release
+        counts["accepted"] += 1
+        return release, NF_ACCEPT
+
+    def summary(self) -> dict:
+        """Packets accepted and dropped, in all and per direction."""
+        both = {k: self.counters[UP][k] + self.counters[DOWN][k] for k in ("accepted", "dropped")}
+        return {**both, UP: dict(self.counters[UP]), DOWN: dict(self.counters[DOWN])}
+
+
+Route = Callable[[bytes], LinkSchedule | None]
+
+
+class DelayQueue:
+    """One NFQUEUE: a netlink socket bound to queue ``queue`` in the namespace it was opened in.
+    ``route`` maps a packet (its first ``copy_bytes``) to the link it belongs to; ``direction``
+    is the way its packets go (the queue sits at the receiving end's input hook)."""
+
+    def __init__(self, name: str, queue: int, direction: str, route: Route, copy_bytes: int = 0) -> None:
+        self.name, self.queue, self.direction, self.route, self.copy_bytes = name, queue, direction, route, copy_bytes
+        self.unknown = 0
         self.sock: socket.socket | None = None
 
     def open(self) -> None:
@@ -152,7 +193,7 @@ class DelayLine:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.bind((0, 0))
-            for message in config_messages(self.queue):
+            for message in config_messages(self.queue, self.copy_bytes):
                 sock.send(message)
                 errors = [e for e in parse_messages(sock.recv(RECV_BYTES)) if isinstance(e, int)]
                 if errors and errors[0] != 0:
@@ -163,19 +204,15 @@ class DelayLine:
             raise
         self.sock = sock
 
-    def schedule(self, hook: int, now: float) -> tuple[float, int]:
-        """(release time, verdict) of one packet that entered the queue at ``now``."""
-        spec = self.spec
-        if spec.loss and self.rng.random() < spec.loss:
-            return now, NF_DROP
-        delay = spec.delay_ms + (self.rng.uniform(-spec.jitter_ms, spec.jitter_ms) if spec.jitter_ms else 0.0)
-        direction = UP if hook == NF_INET_LOCAL_OUT else DOWN
-        release = max(now + delay / 1000.0, self.last_release[direction])
-        self.last_release[direction] = release
-        return release, NF_ACCEPT
+    def schedule(self, header: bytes, now: float) -> tuple[float, int]:
+        """(release time, verdict) of one queued packet; an unknown one passes at once."""
+        link = self.route(header)
+        if link is None:
+            self.unknown += 1
+            return now, NF_ACCEPT
+        return link.schedule(self.direction, now)
 
     def verdict(self, packet_id: int, verdict: int) -> None:
-        self.counters["accepted" if verdict == NF_ACCEPT else "dropped"] += 1
         try:
             self.sock.send(verdict_message(self.queue, packet_id, verdict))
         except OSError as exc:
@@ -187,39 +224,39 @@ class DelayLine:
             self.sock = None
 
 
-def serve(lines: list[DelayLine], stop, clock=time.monotonic) -> None:
-    """Until ``stop()`` is true: read every line's queued packets, hand out the verdicts due."""
-    pending: list[tuple[float, int, int, int]] = []  # (release at, tie, line index, packet id, verdict)
-    by_fd = {line.sock.fileno(): k for k, line in enumerate(lines)}
+def serve(queues: list[DelayQueue], stop, clock=time.monotonic) -> None:
+    """Until ``stop()`` is true: read every queue's packets, hand out the verdicts that are due."""
+    pending: list[tuple[float, int, int, int, int]] = []  # (release at, tie, queue index, packet id, verdict)
+    by_fd = {queue.sock.fileno(): k for k, queue in enumerate(queues)}
     tie = 0
     while not stop():
         now = clock()
         while pending and pending[0][0] <= now:
             _, _, k, packet_id, verdict = heapq.heappop(pending)
-            lines[k].verdict(packet_id, verdict)
+            queues[k].verdict(packet_id, verdict)
         timeout = min(0.2, max(0.0, pending[0][0] - now)) if pending else 0.2
         ready, _, _ = select.select(list(by_fd), [], [], timeout)
         now = clock()
         for fd in ready:
             k = by_fd[fd]
-            line = lines[k]
+            queue = queues[k]
             try:
-                data = line.sock.recv(RECV_BYTES)
+                data = queue.sock.recv(RECV_BYTES)
             except OSError as exc:  # ENOBUFS: the kernel dropped queue messages; those packets are lost
-                print(f"delayline: {line.name}: {exc}", file=sys.stderr, flush=True)
+                print(f"delayline: {queue.name}: {exc}", file=sys.stderr, flush=True)
                 continue
             for item in parse_messages(data):
                 if isinstance(item, int):
                     continue
-                packet_id, hook, _ = item
-                release, verdict = line.schedule(hook, now)
+                packet_id, _hook, header = item
+                release, verdict = queue.schedule(header, now)
                 if release <= now:
-                    line.verdict(packet_id, verdict)
+                    queue.verdict(packet_id, verdict)
                 else:
                     tie += 1
                     heapq.heappush(pending, (release, tie, k, packet_id, verdict))
     for _, _, k, packet_id, verdict in sorted(pending):  # nothing stays parked
-        lines[k].verdict(packet_id, verdict)
+        queues[k].verdict(packet_id, verdict)
 
 
 def in_namespace(name: str):
@@ -248,38 +285,57 @@ def in_namespace(name: str):
     return entered()
 
 
-def load_links(path: Path) -> tuple[dict[str, LinkImpairment], int]:
-    """The links file: namespace name -> its impairment, and the seed."""
+def load_links(path: Path) -> dict:
+    """The links file (see the module docstring), its impairments checked."""
     data = json.loads(Path(path).read_text())
-    return {name: LinkImpairment(**spec) for name, spec in data["links"].items()}, int(data.get("seed", 0))
+    for name, link in data["links"].items():
+        LinkImpairment(**{k: link[k] for k in ("delay_ms", "jitter_ms", "loss")})
+    return data
+
+
+def build_queues(data: dict) -> tuple[list[DelayQueue], dict[str, LinkSchedule]]:
+    """The queues of a links file, not yet open: one per device namespace (its downlink, at the
+    device's input hook) and the uplink queue of this namespace (at the broker's input hook,
+    packets told apart by their source address)."""
+    seed = int(data.get("seed", 0))
+    links = {name: LinkSchedule(name, LinkImpairment(link["delay_ms"], link["jitter_ms"], link["loss"]), seed)
+             for name, link in data["links"].items()}
+    queues = [DelayQueue(name, 0, DOWN, lambda _header, link=link: link) for name, link in links.items()]
+    by_address = {socket.inet_aton(link["address"]): links[name] for name, link in data["links"].items()}
+    queues.append(DelayQueue("uplink", int(data["uplink_queue"]), UP,
+                             lambda header: by_address.get(header[12:16]), IPV4_HEADER_BYTES))
+    return queues, links
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sflam.delayline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--links", type=Path, required=True, help="JSON: seed and each namespace's impairment")
+    parser.add_argument("--links", type=Path, required=True, help="JSON: seed, uplink queue, each namespace's link")
     args = parser.parse_args(argv)
-    specs, seed = load_links(args.links)
+    queues, links = build_queues(load_links(args.links))
     stopping: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
-    lines = [DelayLine(name, spec, seed) for name, spec in specs.items()]
     try:
-        for line in lines:
-            with in_namespace(line.name):
-                line.open()
+        for queue in queues:
+            if queue.direction == DOWN:
+                with in_namespace(queue.name):
+                    queue.open()
+            else:
+                queue.open()
     except (DelayLineError, OSError) as exc:
         print(f"delayline: {exc}", file=sys.stderr, flush=True)
-        for line in lines:
-            line.close()
+        for queue in queues:
+            queue.close()
         return 1
-    print(f"delayline: ready, {len(lines)} links", flush=True)
+    print(f"delayline: ready, {len(links)} links", flush=True)
     try:
-        serve(lines, lambda: bool(stopping))
+        serve(queues, lambda: bool(stopping))
     finally:
-        for line in lines:
-            line.close()
-        counters = {line.name: line.counters for line in lines}
-        print("delayline-summary " + json.dumps(counters), flush=True)
+        for queue in queues:
+            queue.close()
+        summary = {name: link.summary() for name, link in links.items()}
+        summary["unknown"] = sum(queue.unknown for queue in queues)
+        print("delayline-summary " + json.dumps(summary), flush=True)
     return 0
 
 

@@ -12,9 +12,10 @@ The topology of one run (docs/simulate.md, "Kernel links"):
   :class:`edge_runtime.link.ShapedUplink`); before the first plan it holds the equal-share,
   full-power rate;
 - the downlink: a tbf on the bridge end at the system model's fixed downlink rate r_dn;
-- delay, jitter and loss: two iptables rules in the device's namespace park its packets (both
-  ways) in the namespace's NFQUEUE 0, served by :mod:`sflam.delayline` (``sch_netem`` is not in
-  every kernel, and not in this project's CI machine's);
+- delay, jitter and loss: iptables rules park each packet at the receiving end, served by
+  :mod:`sflam.delayline` (``sch_netem`` is not in every kernel, and not in this project's CI
+  machine's): the downlink in the device namespace's NFQUEUE 0 (input from its link), the
+  uplink in the run's NFQUEUE ``int(tag, 16)`` here (input from the bridge, one rule);
 - a link flap: the bridge end set down, then up.
 
 ``<tag>`` is 4 hex digits reserved per run by an exclusive state file
@@ -22,7 +23,9 @@ The topology of one run (docs/simulate.md, "Kernel links"):
 runs never collide; ``<B>`` is a /16 no interface or route of the machine uses yet. Everything is
 removed by :meth:`Topology.close` (the caller's ``finally``, so on completion, error, Ctrl-C and
 SIGTERM); a run killed with SIGKILL leaves its state file, and the next run sweeps what a dead
-owner left (:func:`sweep_stale`). Root, ``ip``/``tc`` (iproute2) and ``iptables`` are needed;
+owner left (:func:`sweep_stale`). The uplink rule is the one thing outside the run's namespaces
+and interfaces: it is deleted first (when iptables' ``filter`` table did not exist here before,
+it stays behind, empty). Root, ``ip``/``tc`` (iproute2) and ``iptables`` are needed;
 :func:`preflight` names what is missing.
 """
 
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = Path("/run/sflam-netem")
 TOOLS = {"ip": "iproute2", "tc": "iproute2", "iptables": "iptables"}
-QUEUE = 0  # each namespace's own NFQUEUE number (queues are per namespace)
+QUEUE = 0  # each device namespace's own NFQUEUE number (queues are per namespace); the uplink's is the tag
 MAX_DEVICES = 4096  # a namespace, a veth pair and two qdiscs each; a process per device anyway
 SUBNETS = range(200, 255)  # 10.<B>.0.0/16
 # One-way delay and jitter (ms) of a radio kind's air interface and core network, as round-trip
@@ -192,12 +195,22 @@ class Topology:
             down.iface = link.host_if
             self._do(down.tbf_args(downlink_bps))
             self._do(ns + ShapedUplink(link.device_if).tbf_args(uplink_bps[k]))
-            if impairment.active:
-                for chain, flag in (("OUTPUT", "-o"), ("INPUT", "-i")):
-                    self._do(ns + ["iptables", "-w", "-A", chain, flag, link.device_if, "-j", "NFQUEUE",
-                                   "--queue-num", str(QUEUE)])
+            if impairment.active:  # the downlink, parked where it arrives
+                self._do(ns + ["iptables", "-w", "-A", "INPUT", "-i", link.device_if, "-j", "NFQUEUE",
+                               "--queue-num", str(QUEUE)])
             self.links.append(link)
+        if any(link.impairment.active for link in self.links):  # the uplink, parked where it arrives
+            rule = self.uplink_rule
+            self._do(["iptables", "-w", "-I", *rule], made=["rule", *rule])
         self._save()
+
+    @property
+    def uplink_queue(self) -> int:
+        return int(self.tag, 16)
+
+    @property
+    def uplink_rule(self) -> list[str]:
+        return ["INPUT", "-i", self.bridge, "-j", "NFQUEUE", "--queue-num", str(self.uplink_queue)]
 
     def device_command(self, index: int, command: Sequence[str]) -> list[str]:
         """``command`` run inside device ``index``'s namespace (``ip netns exec`` execs it: same PID)."""
@@ -205,10 +218,11 @@ class Topology:
 
     def delayline_file(self, path: Path, seed: int) -> Path | None:
         """The :mod:`sflam.delayline` links file for the devices whose link delays or drops; None if none."""
-        active = {link.namespace: asdict(link.impairment) for link in self.links if link.impairment.active}
+        active = {link.namespace: {"address": link.address, **asdict(link.impairment)}
+                  for link in self.links if link.impairment.active}
         if not active:
             return None
-        path.write_text(json.dumps({"seed": seed, "links": active}, indent=1) + "\n")
+        path.write_text(json.dumps({"seed": seed, "uplink_queue": self.uplink_queue, "links": active}, indent=1) + "\n")
         return path
 
     def set_link(self, index: int, up: bool) -> None:
@@ -219,11 +233,8 @@ class Topology:
 
     def close(self) -> list[str]:
         """Remove everything this run made; returns what is still there afterwards (empty: clean)."""
-        for kind, name in reversed(self.made):
-            if kind == "link":
-                self.run(["ip", "link", "del", name])  # a veth goes with its peer; a device's qdisc with it
-            else:
-                self.run(["ip", "netns", "del", name])
+        for made in reversed(self.made):
+            self.run(_undo(made))
         left = self.leftovers()
         if not left and self.tag:
             self.state_file.unlink(missing_ok=True)
@@ -232,7 +243,7 @@ class Topology:
         return left
 
     def leftovers(self) -> list[str]:
-        """Interfaces and namespaces of this run's tag that exist now."""
+        """Interfaces, namespaces and the uplink rule of this run's tag that exist now."""
         return leftovers(self.tag, self.run) if self.tag else []
 
     def summary(self) -> dict:
@@ -260,12 +271,24 @@ class Topology:
             self.state_file.write_text(json.dumps({"pid": os.getpid(), "subnet": self.subnet, "made": self.made}))
 
 
+def _undo(made: Sequence[str]) -> list[str]:
+    """The command that removes what ``made`` records (a veth goes with its peer and qdiscs, a
+    namespace with its interfaces, rules and queue)."""
+    kind, rest = made[0], list(made[1:])
+    if kind == "rule":
+        return ["iptables", "-w", "-D", *rest]
+    return ["ip", "link", "del", *rest] if kind == "link" else ["ip", "netns", "del", *rest]
+
+
 def leftovers(tag: str, run: Callable[[Sequence[str]], subprocess.CompletedProcess] = _run) -> list[str]:
-    """Interfaces named ``sf<tag>...`` and namespaces named ``sflam-<tag>-...`` that exist now."""
+    """Interfaces named ``sf<tag>...``, namespaces named ``sflam-<tag>-...`` and iptables rules
+    naming the run's bridge that exist now."""
     links = re.findall(r"^\d+:\s+([^:@\s]+)", run(["ip", "-o", "link", "show"]).stdout or "", re.M)
     spaces = [line.split()[0] for line in (run(["ip", "netns", "list"]).stdout or "").splitlines() if line.strip()]
+    rules = run(["iptables", "-w", "-S", "INPUT"]).stdout or ""
     return ([f"link {name}" for name in links if name.startswith(f"sf{tag}")]
-            + [f"netns {name}" for name in spaces if name.startswith(f"sflam-{tag}-")])
+            + [f"netns {name}" for name in spaces if name.startswith(f"sflam-{tag}-")]
+            + [f"rule {line}" for line in rules.splitlines() if f"sf{tag}br" in line])
 
 
 def _states(state_dir: Path) -> list[dict]:
@@ -288,8 +311,8 @@ def sweep_stale(state_dir: Path = STATE_DIR,
             continue
         if pid is None and state["path"].stat().st_mtime > time.time() - 60:
             continue  # just reserved by a run that has not written its PID yet
-        for kind, name in reversed(state.get("made", [])):
-            run(["ip", "link", "del", name] if kind == "link" else ["ip", "netns", "del", name])
+        for made in reversed(state.get("made", [])):
+            run(_undo(made))
         if not leftovers(state["tag"], run):
             state["path"].unlink(missing_ok=True)
             swept.append(state["tag"])

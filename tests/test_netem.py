@@ -106,6 +106,57 @@ def _processes_of(out: Path) -> list[int]:
     return pids
 
 
+SINK = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+while conn.recv(1 << 16):
+    pass
+"""
+SEND = """
+import socket, sys, time
+t0 = time.monotonic()
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+connected = time.monotonic()
+conn.sendall(b"x" * int(sys.argv[3]))
+conn.shutdown(socket.SHUT_WR)
+conn.recv(1)  # the sink's close: every byte arrived
+print(connected - t0, time.monotonic() - connected)
+"""
+
+
+def test_a_kernel_link_carries_at_the_shaped_rate_with_its_delay(tmp_path: Path) -> None:
+    """The link itself, without sflam on it: 250 kB up a 1 Mbit/s, 50 ms-each-way link take
+    2 s plus a few round trips, and the TCP handshake takes one 100 ms round trip."""
+    from sflam.delayline import LinkImpairment
+    from sflam.netem import Topology
+
+    topology = Topology()
+    delayline = sink = None
+    try:
+        topology.open()
+        topology.add_devices(["dev-0"], [LinkImpairment(50.0, 0.0, 0.0)], 100e6, [1e6])
+        links = topology.delayline_file(tmp_path / "links.json", seed=0)
+        delayline = subprocess.Popen([sys.executable, "-m", "sflam.delayline", "--links", str(links)],
+                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert "ready" in delayline.stdout.readline()
+        sink = subprocess.Popen([sys.executable, "-c", SINK, topology.broker_host], stdout=subprocess.PIPE, text=True)
+        port = sink.stdout.readline().strip()
+        sent = subprocess.run(topology.device_command(0, [sys.executable, "-c", SEND, topology.broker_host, port,
+                                                         "250000"]), capture_output=True, text=True, timeout=60)
+        handshake, transfer = (float(x) for x in sent.stdout.split())
+        assert 0.1 <= handshake < 0.2, sent  # one round trip of 2 x 50 ms
+        # 8 x 250 kB (plus ~5 % of headers) at 1 Mbit/s is 2.1 s; slow start adds a few round trips
+        assert 2.0 <= transfer < 2.9, transfer
+    finally:
+        for proc in (sink, delayline):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        assert topology.close() == []
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 def test_kernel_links_honour_airtime_and_the_allocated_rate(tmp_path: Path) -> None:

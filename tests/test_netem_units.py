@@ -45,8 +45,14 @@ from sflam.delayline import (
     NLM_F_REQUEST,
     NLMSG_ERROR,
     QUEUE_MAXLEN,
-    DelayLine,
+    DOWN,
+    IPV4_HEADER_BYTES,
+    NFQNL_COPY_PACKET,
+    UP,
+    DelayQueue,
     LinkImpairment,
+    LinkSchedule,
+    build_queues,
     config_messages,
     load_links,
     parse_messages,
@@ -95,8 +101,10 @@ class FakeIp:
     """``run`` for Topology/leftovers/sweep_stale: records each argv, answers the queries with
     the configured outputs, fails the commands ``fail`` matches (exit 2, RTNETLINK's stderr)."""
 
-    def __init__(self, addrs: str = "", routes: str = "", links: str = "", netns: str = "", fail=None) -> None:
+    def __init__(self, addrs: str = "", routes: str = "", links: str = "", netns: str = "", fail=None,
+                 rules: str = "-P INPUT ACCEPT\n") -> None:
         self.calls: list[list[str]] = []
+        self.rules = rules
         self.addrs, self.routes, self.links, self.netns, self.fail = addrs, routes, links, netns, fail
 
     def __call__(self, cmd) -> subprocess.CompletedProcess:
@@ -105,13 +113,14 @@ class FakeIp:
         if self.fail is not None and self.fail(cmd):
             return subprocess.CompletedProcess(cmd, 2, "", "RTNETLINK answers: Operation not permitted\n")
         out = {("ip", "-4", "-o", "addr"): self.addrs, ("ip", "-4", "route"): self.routes,
-               ("ip", "-o", "link", "show"): self.links, ("ip", "netns", "list"): self.netns}.get(tuple(cmd), "")
+               ("ip", "-o", "link", "show"): self.links, ("ip", "netns", "list"): self.netns,
+               ("iptables", "-w", "-S", "INPUT"): self.rules}.get(tuple(cmd), "")
         return subprocess.CompletedProcess(cmd, 0, out, "")
 
     def changes(self) -> list[list[str]]:
-        """The calls that change something (not the four queries)."""
+        """The calls that change something (not the five queries)."""
         queries = {("ip", "-4", "-o", "addr"), ("ip", "-4", "route"), ("ip", "-o", "link", "show"),
-                   ("ip", "netns", "list")}
+                   ("ip", "netns", "list"), ("iptables", "-w", "-S", "INPUT")}
         return [c for c in self.calls if tuple(c) not in queries]
 
 
@@ -162,6 +171,8 @@ def test_config_messages_bind_the_queue_and_ask_for_acks() -> None:
     attrs = dict(read_attrs(second[20:]))
     assert struct.unpack("!IB", attrs[NFQA_CFG_PARAMS]) == (0, NFQNL_COPY_META)
     assert struct.unpack("!I", attrs[NFQA_CFG_QUEUE_MAXLEN]) == (QUEUE_MAXLEN,)
+    _, second = config_messages(7, copy_bytes=20)  # the uplink queue reads the IPv4 header
+    assert struct.unpack("!IB", dict(read_attrs(second[20:]))[NFQA_CFG_PARAMS]) == (20, NFQNL_COPY_PACKET)
 
 
 def test_parse_messages_reads_packets_past_other_attributes() -> None:
@@ -209,49 +220,51 @@ def test_link_impairment_is_active_when_it_delays_or_drops() -> None:
 
 
 def test_schedule_without_jitter_or_loss_releases_after_the_delay() -> None:
-    line = DelayLine("sflam-ab12-0", LinkImpairment(20.0))
-    assert line.sock is None  # nothing opened
+    link = LinkSchedule("sflam-ab12-0", LinkImpairment(20.0))
     for now in (1.0, 1.001, 2.5):
-        release, verdict = line.schedule(NF_INET_LOCAL_OUT, now)
+        release, verdict = link.schedule(UP, now)
         assert verdict == NF_ACCEPT and release == pytest.approx(now + 0.020)
+    assert link.summary() == {"accepted": 3, "dropped": 0, UP: {"accepted": 3, "dropped": 0},
+                              DOWN: {"accepted": 0, "dropped": 0}}
 
 
 def test_schedule_keeps_each_direction_in_order_under_jitter() -> None:
     """jitter == delay and packets 0.1 ms apart: without FIFO they would overtake each other."""
-    line = DelayLine("sflam-ab12-0", LinkImpairment(10.0, 10.0), seed=3)
-    releases: dict[int, list[float]] = {NF_INET_LOCAL_OUT: [], NF_INET_LOCAL_IN: []}
+    link = LinkSchedule("sflam-ab12-0", LinkImpairment(10.0, 10.0), seed=3)
+    releases: dict[str, list[float]] = {UP: [], DOWN: []}
     for k in range(2000):
-        hook = NF_INET_LOCAL_OUT if k % 3 else NF_INET_LOCAL_IN
+        direction = UP if k % 3 else DOWN
         now = 10.0 + k * 1e-4
-        release, verdict = line.schedule(hook, now)
+        release, verdict = link.schedule(direction, now)
         assert verdict == NF_ACCEPT
-        assert now - 1e-12 <= release <= max(now + 0.020, max(releases[hook], default=0.0)) + 1e-12
-        releases[hook].append(release)
-    for hook, times in releases.items():
-        assert times == sorted(times), hook
+        assert now - 1e-12 <= release <= max(now + 0.020, max(releases[direction], default=0.0)) + 1e-12
+        releases[direction].append(release)
+    for direction, times in releases.items():
+        assert times == sorted(times), direction
     # the jitter is real: not every packet waits exactly the delay
-    waits = [r - (10.0 + k * 1e-4) for k, r in enumerate(releases[NF_INET_LOCAL_OUT])]
+    waits = [r - (10.0 + k * 1e-4) for k, r in enumerate(releases[UP])]
     assert len({round(w, 6) for w in waits}) > 100
 
 
 def test_schedule_tracks_up_and_down_apart() -> None:
     """A late uplink packet holds back later uplink packets only, never the downlink."""
-    line = DelayLine("sflam-ab12-0", LinkImpairment(10.0))
-    assert line.schedule(NF_INET_LOCAL_OUT, 5.0)[0] == pytest.approx(5.010)
-    assert line.schedule(NF_INET_LOCAL_IN, 1.0)[0] == pytest.approx(1.010)  # not behind the uplink's 5.01
-    assert line.schedule(NF_INET_LOCAL_OUT, 1.0)[0] == pytest.approx(5.010)  # behind the uplink's 5.01
-    assert line.schedule(NF_INET_LOCAL_IN, 0.5)[0] == pytest.approx(1.010)  # behind the downlink's 1.01
+    link = LinkSchedule("sflam-ab12-0", LinkImpairment(10.0))
+    assert link.schedule(UP, 5.0)[0] == pytest.approx(5.010)
+    assert link.schedule(DOWN, 1.0)[0] == pytest.approx(1.010)  # not behind the uplink's 5.01
+    assert link.schedule(UP, 1.0)[0] == pytest.approx(5.010)  # behind the uplink's 5.01
+    assert link.schedule(DOWN, 0.5)[0] == pytest.approx(1.010)  # behind the downlink's 1.01
 
 
 def test_schedule_drops_at_the_loss_rate_deterministically_per_seed() -> None:
     def verdicts(seed: int, name: str = "sflam-ab12-0") -> list[int]:
-        line = DelayLine(name, LinkImpairment(5.0, 0.0, 0.3), seed=seed)
+        link = LinkSchedule(name, LinkImpairment(5.0, 0.0, 0.3), seed=seed)
         out = []
         for k in range(5000):
-            release, verdict = line.schedule(NF_INET_LOCAL_OUT, float(k))
+            release, verdict = link.schedule(UP, float(k))
             if verdict == NF_DROP:
                 assert release == float(k)  # a dropped packet is not parked
             out.append(verdict)
+        assert link.summary()["dropped"] == out.count(NF_DROP)
         return out
 
     first = verdicts(11)
@@ -259,21 +272,47 @@ def test_schedule_drops_at_the_loss_rate_deterministically_per_seed() -> None:
     assert 0.27 <= first.count(NF_DROP) / len(first) <= 0.33
     assert verdicts(11) == first
     assert verdicts(12) != first
-    assert verdicts(11, "sflam-ab12-1") != first  # each namespace its own stream
+    assert verdicts(11, "sflam-ab12-1") != first  # each device its own stream
 
 
-def test_load_links_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "links.json"
-    path.write_text(json.dumps({"seed": 9, "links": {
-        "sflam-ab12-0": {"delay_ms": 15.0, "jitter_ms": 5.0, "loss": 0.01},
-        "sflam-ab12-3": {"delay_ms": 300.0, "jitter_ms": 100.0, "loss": 0.0}}}))
-    assert load_links(path) == ({"sflam-ab12-0": LinkImpairment(15.0, 5.0, 0.01),
-                                 "sflam-ab12-3": LinkImpairment(300.0, 100.0, 0.0)}, 9)
-    path.write_text(json.dumps({"links": {"n": {"delay_ms": 1.0}}}))
-    assert load_links(path) == ({"n": LinkImpairment(1.0)}, 0)
-    path.write_text(json.dumps({"links": {"n": {"delay_ms": 1.0, "jitter_ms": 2.0}}}))
+def _links_file(path: Path, links: dict) -> Path:
+    path.write_text(json.dumps({"seed": 9, "uplink_queue": 4660, "links": links}))
+    return path
+
+
+def test_the_links_file_gives_a_downlink_queue_per_namespace_and_one_uplink_queue(tmp_path: Path) -> None:
+    """Downlink: each namespace's queue 0, metadata only. Uplink: the run's queue, the IPv4 header
+    copied, the packet's source address naming the device; an unknown sender passes at once."""
+    path = _links_file(tmp_path / "links.json", {
+        "sflam-ab12-0": {"address": "10.201.0.2", "delay_ms": 15.0, "jitter_ms": 0.0, "loss": 0.0},
+        "sflam-ab12-3": {"address": "10.201.0.5", "delay_ms": 300.0, "jitter_ms": 0.0, "loss": 0.0}})
+    queues, links = build_queues(load_links(path))
+    assert [(q.name, q.queue, q.direction, q.copy_bytes) for q in queues] == [
+        ("sflam-ab12-0", 0, DOWN, 0), ("sflam-ab12-3", 0, DOWN, 0), ("uplink", 4660, UP, IPV4_HEADER_BYTES)]
+    uplink = queues[-1]
+
+    def header(source: str) -> bytes:
+        return b"\x45\x00\x00\x3c" + b"\x00" * 8 + socket.inet_aton(source) + socket.inet_aton("10.201.0.1")
+
+    assert uplink.schedule(header("10.201.0.5"), 1.0) == (pytest.approx(1.3), NF_ACCEPT)
+    assert uplink.schedule(header("10.201.0.2"), 1.0) == (pytest.approx(1.015), NF_ACCEPT)
+    assert uplink.schedule(header("10.9.9.9"), 1.0) == (1.0, NF_ACCEPT) and uplink.unknown == 1
+    assert queues[1].schedule(b"", 2.0) == (pytest.approx(2.3), NF_ACCEPT)  # device 3's downlink
+    assert links["sflam-ab12-3"].summary()[UP]["accepted"] == 1
+    assert links["sflam-ab12-3"].summary()[DOWN]["accepted"] == 1
+
+
+def test_load_links_checks_every_impairment(tmp_path: Path) -> None:
+    path = _links_file(tmp_path / "links.json", {
+        "n": {"address": "10.201.0.2", "delay_ms": 1.0, "jitter_ms": 2.0, "loss": 0.0}})
     with pytest.raises(ValueError, match="jitter_ms"):
         load_links(path)
+
+
+def test_an_unopened_queue_has_no_socket() -> None:
+    queue = DelayQueue("sflam-ab12-0", 0, DOWN, lambda header: None)
+    assert queue.sock is None
+    queue.close()  # a no-op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,17 +411,20 @@ def test_add_devices_makes_namespaces_veths_qdiscs_and_queue_rules(tmp_path: Pat
         assert up in calls and f"{int([1e6, 2e6][k])}bit" in up
         assert calls.index(["ip", "netns", "add", ns]) < calls.index(up)
     rules = [c for c in calls if "iptables" in c]
-    assert rules == [["ip", "netns", "exec", ns0, "iptables", "-w", "-A", "OUTPUT", "-o", f"sf{tag}d0",
-                      "-j", "NFQUEUE", "--queue-num", "0"],
-                     ["ip", "netns", "exec", ns0, "iptables", "-w", "-A", "INPUT", "-i", f"sf{tag}d0",
-                      "-j", "NFQUEUE", "--queue-num", "0"]]
+    uplink_rule = ["INPUT", "-i", f"sf{tag}br", "-j", "NFQUEUE", "--queue-num", str(int(tag, 16))]
+    assert rules == [  # each parked where it arrives: the downlink in the device, the uplink here
+        ["ip", "netns", "exec", ns0, "iptables", "-w", "-A", "INPUT", "-i", f"sf{tag}d0",
+         "-j", "NFQUEUE", "--queue-num", "0"],
+        ["iptables", "-w", "-I", *uplink_rule]]
     assert [link.address for link in topo.links] == ["10.254.0.2", "10.254.0.3"]
     assert topo.device_command(1, ["sflam", "device"]) == ["ip", "netns", "exec", ns1, "sflam", "device"]
     assert topo.made == [["link", f"sf{tag}br"], ["netns", ns0], ["link", f"sf{tag}h0"],
-                         ["netns", ns1], ["link", f"sf{tag}h1"]]
+                         ["netns", ns1], ["link", f"sf{tag}h1"], ["rule", *uplink_rule]]
     assert json.loads(topo.state_file.read_text())["made"] == topo.made
     # only the delayed device's namespace goes to the delay line
-    assert load_links(topo.delayline_file(tmp_path / "links.json", 4)) == ({ns0: delayed}, 4)
+    assert load_links(topo.delayline_file(tmp_path / "links.json", 4)) == {
+        "seed": 4, "uplink_queue": int(tag, 16),
+        "links": {ns0: {"address": "10.254.0.2", "delay_ms": 15.0, "jitter_ms": 5.0, "loss": 0.01}}}
     summary = topo.summary()
     assert summary["subnet"] == "10.254.0.0/16" and summary["links"]["dev-1"]["address"] == "10.254.0.3"
 
@@ -424,10 +466,11 @@ def test_close_removes_in_reverse_order_and_the_state_file_when_clean(tmp_path: 
     topo.add_devices(["dev-0", "dev-1"], [LinkImpairment(5.0), LinkImpairment()], 1e8, [1e6, 1e6])
     tag, before = topo.tag, len(run.calls)
     assert topo.close() == []
-    assert run.changes()[-5:] == [["ip", "link", "del", f"sf{tag}h1"], ["ip", "netns", "del", f"sflam-{tag}-1"],
+    assert run.changes()[-6:] == [["iptables", "-w", "-D", *topo.uplink_rule],  # the uplink rule first
+                                  ["ip", "link", "del", f"sf{tag}h1"], ["ip", "netns", "del", f"sflam-{tag}-1"],
                                   ["ip", "link", "del", f"sf{tag}h0"], ["ip", "netns", "del", f"sflam-{tag}-0"],
                                   ["ip", "link", "del", f"sf{tag}br"]]
-    assert len(run.calls) == before + 7  # the five removals and the two listings of leftovers
+    assert len(run.calls) == before + 9  # the six removals and the three listings of leftovers
     assert not topo.state_file.exists()
 
 
@@ -453,22 +496,26 @@ def test_leftovers_lists_this_tags_links_and_namespaces_only() -> None:
                        "13: sfab12br: <BROADCAST,MULTICAST,UP> mtu 1500\n"
                        "14: sfcd34h0@if3: <BROADCAST,MULTICAST,UP> mtu 1500\n"
                        "15: eth0: <BROADCAST,MULTICAST,UP> mtu 1500 sfab12h9\n",
-                 netns="sflam-ab12-0 (id: 3)\nsflam-ab12-1\nsflam-cd34-0 (id: 4)\nother-ab12-0\n\n")
-    assert leftovers("ab12", run) == ["link sfab12h0", "link sfab12br", "netns sflam-ab12-0", "netns sflam-ab12-1"]
+                 netns="sflam-ab12-0 (id: 3)\nsflam-ab12-1\nsflam-cd34-0 (id: 4)\nother-ab12-0\n\n",
+                 rules="-P INPUT ACCEPT\n-A INPUT -i sfab12br -j NFQUEUE --queue-num 43538\n"
+                       "-A INPUT -i sfcd34br -j NFQUEUE --queue-num 52532\n")
+    assert leftovers("ab12", run) == ["link sfab12h0", "link sfab12br", "netns sflam-ab12-0", "netns sflam-ab12-1",
+                                      "rule -A INPUT -i sfab12br -j NFQUEUE --queue-num 43538"]
     assert leftovers("ef56", run) == []
 
 
 def test_sweep_stale_removes_what_a_dead_run_left_and_keeps_live_runs(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    made = [["link", "sfab12br"], ["netns", "sflam-ab12-0"], ["link", "sfab12h0"]]
+    rule = ["INPUT", "-i", "sfab12br", "-j", "NFQUEUE", "--queue-num", "43538"]
+    made = [["link", "sfab12br"], ["netns", "sflam-ab12-0"], ["link", "sfab12h0"], ["rule", *rule]]
     (tmp_path / "ab12.json").write_text(json.dumps({"pid": child.pid, "subnet": 203, "made": made}))
     (tmp_path / "cd34.json").write_text(json.dumps({"pid": os.getpid(), "subnet": 204,
                                                     "made": [["link", "sfcd34br"]]}))
     run = FakeIp()
     assert sweep_stale(tmp_path, run) == ["ab12"]
-    assert run.changes() == [["ip", "link", "del", "sfab12h0"], ["ip", "netns", "del", "sflam-ab12-0"],
-                             ["ip", "link", "del", "sfab12br"]]
+    assert run.changes() == [["iptables", "-w", "-D", *rule], ["ip", "link", "del", "sfab12h0"],
+                             ["ip", "netns", "del", "sflam-ab12-0"], ["ip", "link", "del", "sfab12br"]]
     assert not (tmp_path / "ab12.json").exists()
     assert (tmp_path / "cd34.json").exists()
 
