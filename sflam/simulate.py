@@ -336,6 +336,8 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
         try:
             if workers is not None:
                 ray_hosts = workers.stop()
+            # the delay line last: a device's goodbye on a delayed link waits in its queues
+            group.stop([name for name in group.procs if name != RunLinks.DELAYLINE])
             group.stop()
             if broker is not None:
                 broker.stop()
