@@ -15,27 +15,21 @@ Telemetry energy = compute + radio (docs/allocator.md, docs/profiles.md):
   A measured meter (RAPL, Jetson rails, Android battery) labels the round ``measured``;
   otherwise, or when the meter raises MeterError (logged), the estimate CPU seconds x kappa f^3
   of the profile is used and the round is labelled ``estimated``. Never 0.
-- radio: the allocation's ``tx_power_w`` x uplink time. With ``--emulate-link`` the uplink
-  publishes (Activations and RoundUpdate) are paced by a TokenBucket (``edge_runtime.link``)
-  at r = B log2(1 + p h / (N0 B)) from this round's allocation and the channel gain
-  (``--distance-m`` path loss or ``--channel-gain``); the radio time is then the airtime
-  8 n / r of every uplink frame, including re-sends and the RoundUpdate's own (computed from
-  its encoded size before it is sent). ``uplink_time_s`` = measured publish time minus the time
-  the bucket slept plus the airtime. Without emulation the radio time is the measured wall time
-  of the activation publishes (the first send of each step), which is also ``uplink_time_s``;
-  the RoundUpdate's own publish is not counted (it carries the telemetry).
-  With ``--shaped-link IFACE`` (a kernel link, ``sflam simulate --network netem``) the device
-  re-rates IFACE's tc token bucket filter to each allocation's r before the round; the radio
-  time and ``uplink_time_s`` are then the airtime of what the interface really carried, 8 x (its
-  transmit byte counter's change over the round: frames, headers, TCP acknowledgements and
-  retransmissions) / r, plus the RoundUpdate's own 8 n / r. The wall time of the activation
-  publishes (first byte to PUBACK: airtime plus a round trip and TCP's ramp-up per step) is kept
-  per round in ``uplink_wall_s`` (the device's exit summary).
+- radio: the allocation's ``tx_power_w`` x uplink time, the round's uplink being
+  ``edge_runtime.link.RoundUplink`` at r = B log2(1 + p h / (N0 B)) over the channel gain
+  (``--distance-m`` path loss or ``--channel-gain``). ``--emulate-link``: every uplink frame is
+  paced by a TokenBucket and the radio time is its airtime 8 n / r (re-sends included);
+  ``uplink_time_s`` = publish time minus the bucket's sleeps plus the airtime. ``--shaped-link
+  IFACE`` (kernel links): the device re-rates IFACE's tc filter to r each round, and the radio
+  time and ``uplink_time_s`` are the airtime of what IFACE really carried. Both add the
+  RoundUpdate's own 8 n / r (from its encoded size, before it is sent). Without either, the
+  radio time and ``uplink_time_s`` are the measured wall time of the activation publishes (the
+  RoundUpdate's own is not counted: it carries the telemetry). The publishes' wall time of each
+  round (first byte to PUBACK) is also kept in ``uplink_wall_s`` with a shaped link.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import Counter
@@ -48,8 +42,14 @@ import numpy as np
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
 from edge_runtime.data import DeviceData
-from edge_runtime.link import ShapedUplink, ShapedUplinkError, TokenBucket, channel_gain_from_distance, uplink_rate_bps
-from edge_runtime.memory import DeviceBuffers, check_fits, device_buffer_limits
+from edge_runtime.link import RoundUplink, ShapedUplink, ShapedUplinkError, channel_gain_from_distance
+from edge_runtime.device_profile import (
+    PowerModel,
+    buffers_for,
+    load_device_profile,
+    open_compute_meter,
+    weights_message_bytes,
+)
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink, TransportError
 from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.optimizer import DeviceOptimizer
@@ -59,15 +59,9 @@ from sflam_common.version import __version__
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = __version__  # what the device announces in its Hello
 WEIGHT_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias")
-FALLBACK_CPU_POWER_W = 2.0  # used only when the bundle's profile cannot be loaded; labelled estimated
-FALLBACK_TX_POWER_W = 0.1
 HEARTBEAT_S = 10.0  # an idle device re-sends its Hello this often
 MODELS_KEPT = 2  # model versions held: the plan's and the one after it (each is the device weights' size)
 DEFAULT_DISTANCE_M = 100.0  # --emulate-link without --distance-m / --channel-gain
-WEIGHTS_FILE = "weights.safetensors"
-# What a ModelWeights message adds to the raw tensor bytes: envelope, names, tensor headers and
-# the chunk frames' own headers (about 100 bytes per 256 KiB chunk).
-MESSAGE_ALLOWANCE_BYTES = 64 * 1024
 
 
 class RoundAborted(RuntimeError):
@@ -87,75 +81,6 @@ class RoundStats:
     airtime_s: float = 0.0  # emulated link: 8 n / r over every paced uplink frame
     pace_wait_s: float = 0.0  # emulated link: how long the bucket slept
     publish_wall_s: float = 0.0  # wall time of the activation publishes (first send of each step)
-
-
-@dataclass
-class PowerModel:
-    """Estimated power draw: CPU (kappa f^3 from the profile) and radio transmit power."""
-
-    cpu_power_w: float
-    tx_power_w: float
-
-    @classmethod
-    def for_profile(cls, name: str | None) -> "PowerModel":
-        profile = load_device_profile(name)
-        if profile is None:
-            log.warning("no profile %r for the energy estimate: assuming %.1f W", name, FALLBACK_CPU_POWER_W)
-            return cls(FALLBACK_CPU_POWER_W, FALLBACK_TX_POWER_W)
-        c = profile.compute
-        return cls(c.effective_capacitance * c.cpu_freq_hz**3, profile.radio.max_tx_power_w)
-
-
-@functools.lru_cache(maxsize=64)
-def load_device_profile(name: str | None):
-    """The firmware profile ``name``, or None when it (or firmware_profiles) is unavailable.
-
-    Cached (profiles are frozen): a device host builds thousands of devices from a few profiles,
-    and each device reads its profile twice (power model and energy meter)."""
-    try:
-        from firmware_profiles import load_profile  # stdlib + TOML only; optional on a device
-
-        return load_profile(name)
-    except (ImportError, ValueError, OSError, TypeError) as exc:
-        log.info("no device profile %r: %s", name, exc)
-        return None
-
-
-def weights_message_bytes(bundle: Path, manifest: dict) -> int:
-    """An upper bound of the ModelWeights message's size: the bundle's weights file (the raw
-    tensors plus a JSON header) and MESSAGE_ALLOWANCE_BYTES."""
-    size = manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("bytes")  # checked against the file by verify
-    if size is None:
-        size = (Path(bundle) / WEIGHTS_FILE).stat().st_size
-    return int(size) + MESSAGE_ALLOWANCE_BYTES
-
-
-@functools.lru_cache(maxsize=64)
-def buffers_for(profile: str | None, model_bytes: int) -> DeviceBuffers:
-    """The receive buffers of a device with this profile's RAM (edge_runtime.memory), checked to
-    hold a ``model_bytes`` weights message. Cached, and so logged once per profile: a device host
-    builds thousands of devices from a few profiles."""
-    spec = load_device_profile(profile)
-    buffers = device_buffer_limits(spec.memory.total_ram_bytes if spec is not None else None)
-    check_fits(buffers, model_bytes, f"profile {profile!r}: the model weights message")
-    log.info("receive buffers for profile %r: %s", profile, buffers.describe())
-    return buffers
-
-
-def open_compute_meter(kind: str, profile: object) -> object | None:
-    """``edge_runtime.energy.open_meter(kind)``, or None (logged) when it cannot be had."""
-    try:
-        from edge_runtime.energy import MeterError, open_meter
-    except ImportError as exc:  # edge_runtime.energy needs firmware_profiles
-        log.warning("energy meters unavailable (%s): using the estimate", exc)
-        return None
-    try:
-        meter = open_meter(kind, profile=profile)
-    except MeterError as exc:
-        log.warning("energy meter %r unavailable (%s): using the estimate", kind, exc)
-        return None
-    log.info("energy meter: %s (%s)", meter.name, meter.kind)
-    return meter
 
 
 @dataclass
@@ -206,8 +131,8 @@ class DeviceClient:
             raise ValueError("--emulate-link and --shaped-link are two models of the same uplink: choose one")
         if (self.emulate_link or self.shaped_link) and self.channel_gain is None:
             self.channel_gain = channel_gain_from_distance(DEFAULT_DISTANCE_M)
-        self.bucket: TokenBucket | None = None
         self.shaper = ShapedUplink(self.shaped_link) if self.shaped_link else None
+        self.uplink = RoundUplink()  # this round's (edge_runtime.link)
         self.models: dict[int, dict[str, np.ndarray]] = {}
         self.plan: p.RoundPlan | None = None
         self.plan_received_at = 0.0
@@ -397,8 +322,7 @@ class DeviceClient:
         optimizer = DeviceOptimizer.for_plan(plan)
         fixed = self.engine.name == "litert"
         batch = int(self.device_json["batch_size"]) if fixed else plan.batch_size
-        self.bucket = self._bucket_for(alloc)
-        tx0 = self._shape_for(alloc)
+        self.uplink = self._uplink_for(alloc)
         stats, cpu0 = RoundStats(), time.process_time()
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
         metering = self._start_meter()
@@ -419,7 +343,10 @@ class DeviceClient:
                 step += 1
         stats.steps, stats.cpu_time_s = step, time.process_time() - cpu0
         if self.shaper is not None:  # what the kernel link carried this round, at the shaped rate
-            stats.airtime_s += self.shaper.airtime_s(self._tx_bytes() - tx0)
+            try:
+                stats.airtime_s += self.uplink.airtime_s()
+            except ShapedUplinkError as exc:
+                raise RoundAborted(str(exc)) from None
             stats.uplink_time_s = stats.airtime_s
             self.uplink_wall_s[round_] = round(stats.publish_wall_s, 4)
         del optimizer  # its momentum (weight-sized) is not needed while the update is encoded
@@ -440,7 +367,7 @@ class DeviceClient:
                         stats: RoundStats, alloc: p.Allocation, compute_j: float, source: str) -> p.RoundUpdate:
         """Send the round's RoundUpdate; with an emulated link its own airtime (from its encoded
         size) is counted in the telemetry it carries. The telemetry is announced in the next Hello."""
-        rate = self._modeled_rate_bps()
+        rate = self.uplink.rate_bps
         if rate:
             frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
             own = 8.0 * sum(len(f) for f in frames) / rate
@@ -502,12 +429,12 @@ class DeviceClient:
     def _send_reliably(self, topic: str, message: p.Message, deadline: float, stats: RoundStats) -> int:
         """Send until PUBACKed, retrying across reconnects; returns the connection generation used.
 
-        With an emulated link every frame is paced by ``self.bucket``; its airtime and the time
-        the bucket slept are added to ``stats``.
+        With an emulated link every frame is paced by the round's token bucket; its airtime and
+        the time the bucket slept are added to ``stats``.
         """
         pace = None
-        if self.bucket is not None:
-            bucket = self.bucket
+        if self.uplink.bucket is not None:
+            bucket = self.uplink.bucket
 
             def pace(nbytes: int) -> None:
                 stats.airtime_s += bucket.pace(nbytes)
@@ -525,43 +452,18 @@ class DeviceClient:
                 self.counters["send_retries"] += 1
                 log.info("send failed (%s); retrying", exc)
 
-    def _bucket_for(self, alloc: p.Allocation) -> TokenBucket | None:
-        """This round's emulated uplink (one frame of burst), or None without --emulate-link."""
-        if not self.emulate_link:
-            return None
+    def _uplink_for(self, alloc: p.Allocation) -> RoundUplink:
+        """This round's uplink (module docstring); RoundAborted when it cannot have one."""
         try:
-            rate = uplink_rate_bps(alloc.bandwidth_hz, alloc.tx_power_w, float(self.channel_gain))
-        except ValueError as exc:
-            raise RoundAborted(f"cannot emulate the uplink of this allocation: {exc}") from None
-        log.info("emulated uplink: %.3g bit/s (B=%.3g Hz, p=%.3g W, h=%.3g)",
-                 rate, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
-        return TokenBucket(rate, burst_bits=8.0 * self.max_frame_bytes)
-
-    def _modeled_rate_bps(self) -> float | None:
-        """This round's uplink rate when the link is emulated or shaped, else None."""
-        if self.bucket is not None:
-            return self.bucket.rate_bps
-        return self.shaper.rate_bps if self.shaper is not None else None
-
-    def _shape_for(self, alloc: p.Allocation) -> int:
-        """With --shaped-link: re-rate the interface to this allocation's uplink rate; returns its
-        transmit byte counter now (0 without a shaped link)."""
-        if self.shaper is None:
-            return 0
-        try:
-            rate = uplink_rate_bps(alloc.bandwidth_hz, alloc.tx_power_w, float(self.channel_gain))
-            self.shaper.set_rate(rate)
+            uplink = RoundUplink.start(alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain,
+                                       emulate=self.emulate_link, shaper=self.shaper,
+                                       burst_bits=8.0 * self.max_frame_bytes)
         except (ValueError, ShapedUplinkError) as exc:
-            raise RoundAborted(f"cannot shape the uplink of this allocation: {exc}") from None
-        log.info("shaped uplink %s: %.3g bit/s (B=%.3g Hz, p=%.3g W, h=%.3g)",
-                 self.shaper.iface, rate, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
-        return self._tx_bytes()
-
-    def _tx_bytes(self) -> int:
-        try:
-            return self.shaper.tx_bytes()
-        except ShapedUplinkError as exc:
-            raise RoundAborted(str(exc)) from None
+            raise RoundAborted(f"cannot emulate the uplink of this allocation: {exc}") from None
+        if uplink.rate_bps is not None:
+            log.info("%s uplink: %.3g bit/s (B=%.3g Hz, p=%.3g W, h=%.3g)", "shaped" if self.shaper else "emulated",
+                     uplink.rate_bps, alloc.bandwidth_hz, alloc.tx_power_w, self.channel_gain)
+        return uplink
 
     def _start_meter(self) -> bool:
         """Start the compute meter; False (logged) when there is none or it fails."""

@@ -152,3 +152,41 @@ class ShapedUplink:
         if self.rate_bps is None:
             raise ShapedUplinkError(f"{self.iface}: no rate set yet")
         return 8.0 * nbytes / self.rate_bps
+
+
+class RoundUplink:
+    """A device's uplink for one round: paced by a TokenBucket (``--emulate-link``), shaped by
+    the kernel (``--shaped-link``, a :class:`ShapedUplink`), or neither (the real link). The
+    rate is r = B log2(1 + p h / (N0 B)) of the round's allocation.
+
+    ``airtime_s`` of what a shaped interface carried since the round started: 8 x the change of
+    its transmit byte counter (frames, headers, TCP acknowledgements, retransmissions) / r.
+    """
+
+    def __init__(self, bucket: TokenBucket | None = None, shaper: ShapedUplink | None = None) -> None:
+        self.bucket, self.shaper = bucket, shaper
+        self._tx0 = shaper.tx_bytes() if shaper is not None else 0
+
+    @classmethod
+    def start(cls, bandwidth_hz: float, tx_power_w: float, channel_gain: float | None, *, emulate: bool,
+              shaper: ShapedUplink | None, burst_bits: float) -> "RoundUplink":
+        """This round's uplink; ValueError for an allocation without a rate, ShapedUplinkError when
+        tc refuses or the counter cannot be read."""
+        if not emulate and shaper is None:
+            return cls()
+        rate = uplink_rate_bps(bandwidth_hz, tx_power_w, float(channel_gain))
+        if shaper is not None:
+            shaper.set_rate(rate)
+            return cls(shaper=shaper)
+        return cls(bucket=TokenBucket(rate, burst_bits))
+
+    @property
+    def rate_bps(self) -> float | None:
+        """The emulated or shaped rate; None for the real link."""
+        if self.bucket is not None:
+            return self.bucket.rate_bps
+        return self.shaper.rate_bps if self.shaper is not None else None
+
+    def airtime_s(self) -> float:
+        """A shaped link's airtime since the round started (0 for the others; ShapedUplinkError)."""
+        return self.shaper.airtime_s(self.shaper.tx_bytes() - self._tx0) if self.shaper is not None else 0.0

@@ -363,6 +363,13 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--trainers", type=_positive_int, metavar="N",
                      help="server trainer ranks (torch.distributed, gloo on CPU); devices are balanced over "
                           "them each round (default 1)")
+    _add_simulate_links(sim)
+    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
+
+
+
+def _add_simulate_links(sim: argparse.ArgumentParser) -> None:
+    """``sflam simulate``'s link model and the kernel links' options (docs/simulate.md)."""
     sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
                      help="do not pace uplinks at their allocated rate")
     sim.add_argument("--network", choices=("bucket", "netem"),
@@ -379,7 +386,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                      help="netem: take device DEVICE's (index, default 0) link down for DOWN_S seconds in round ROUND")
     sim.add_argument("--keepalive-s", type=_positive_int, metavar="SEC",
                      help="the devices' MQTT keep-alive (default 30): a dead link is noticed after 1.5x this")
-    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:

@@ -58,7 +58,7 @@ class FLDeviceClient(DeviceClient):
         self.receiver.min_round = max(self.receiver.min_round, round_)
         model = self._model_for(self._wait_model(plan))
         optimizer = OptimizerSpec(plan.optimizer, plan.lr, plan.momentum, plan.weight_decay).build(model.parameters())
-        self.bucket = self._bucket_for(alloc)
+        self.uplink = self._uplink_for(alloc)
         stats, cpu0 = RoundStats(), time.process_time()
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
         metering = self._start_meter()

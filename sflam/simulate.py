@@ -345,6 +345,12 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
             if links is not None and links.close():
                 say(f"network netem: could not remove {', '.join(links.left)}")
             signal.signal(signal.SIGTERM, previous)
+    return _report(opts, out, status, time.monotonic() - started, say, _fleet(opts, group, memory, links, ray_hosts))
+
+
+def _fleet(opts: SimOptions, group: ProcessGroup, memory: MemoryWatch, links: RunLinks | None,
+           ray_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's figures of the processes and links that ran the devices."""
     fleet = {"hosts": host_count(opts), "devices_connected": _devices_announced(group),
              "peak_rss_mib": round(memory.peak_bytes / 2**20, 1), "engine": opts.engine,
              "network": opts.network if opts.emulate_link else "loopback"}
@@ -353,7 +359,7 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
         fleet["links"]["walls"] = _device_walls(group, [link.device_id for link in links.topology.links])
     if ray_hosts:
         fleet["ray_hosts"] = ray_hosts
-    return _report(opts, out, status, time.monotonic() - started, say, fleet)
+    return fleet
 
 
 def run_links(opts: SimOptions) -> RunLinks | None:
