@@ -122,7 +122,7 @@ class Topology:
     tag: str = ""
     subnet: int = 0
     links: list[DeviceLink] = field(default_factory=list)
-    made: list[list[str]] = field(default_factory=list)  # what close() removes: ["netns", name] / ["link", name]
+    made: list[list[str]] = field(default_factory=list)  # what close() removes (_undo): netns, link, rule
 
     @property
     def bridge(self) -> str:
@@ -179,7 +179,6 @@ class Topology:
             raise ValueError("one impairment and one uplink rate per device")
         if not 0 < len(device_ids) <= MAX_DEVICES:
             raise NetemError(f"network netem: 1..{MAX_DEVICES} devices, got {len(device_ids)}")
-        down = ShapedUplink("")
         for k, (device_id, impairment) in enumerate(zip(device_ids, impairments)):
             n = k + 2  # .0.0 is the network, .0.1 the bridge
             link = DeviceLink(device_id, f"sflam-{self.tag}-{k}", f"sf{self.tag}h{k}", f"sf{self.tag}d{k}",
@@ -192,8 +191,7 @@ class Topology:
             self._do(["ip", "-n", link.namespace, "addr", "add", f"{link.address}/16", "dev", link.device_if])
             self._do(["ip", "-n", link.namespace, "link", "set", link.device_if, "up"])
             self._do(["ip", "-n", link.namespace, "link", "set", "lo", "up"])
-            down.iface = link.host_if
-            self._do(down.tbf_args(downlink_bps))
+            self._do(ShapedUplink(link.host_if).tbf_args(downlink_bps))  # the same filter, at r_dn
             self._do(ns + ShapedUplink(link.device_if).tbf_args(uplink_bps[k]))
             if impairment.active:  # the downlink, parked where it arrives
                 self._do(ns + ["iptables", "-w", "-A", "INPUT", "-i", link.device_if, "-j", "NFQUEUE",
