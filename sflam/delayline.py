@@ -31,6 +31,8 @@ every queue, prints ``delayline: ready`` and serves until SIGTERM or SIGINT, the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import heapq
 import json
 import os
@@ -41,7 +43,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,36 +261,30 @@ def serve(queues: list[DelayQueue], stop, clock=time.monotonic) -> None:
         queues[k].verdict(packet_id, verdict)
 
 
-def in_namespace(name: str):
-    """A context manager: this thread in network namespace ``name`` (``/run/netns/NAME``), then back."""
-    import contextlib
-    import ctypes
-
+@contextlib.contextmanager
+def in_namespace(name: str) -> Iterator[None]:
+    """This thread in network namespace ``name`` (``/run/netns/NAME``) for the block, then back:
+    a socket opened inside stays in that namespace."""
     libc = ctypes.CDLL(None, use_errno=True)
-
-    @contextlib.contextmanager
-    def entered():
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise DelayLineError(f"entering network namespace {name}: {os.strerror(ctypes.get_errno())}")
         try:
-            if libc.setns(target, CLONE_NEWNET) != 0:
-                raise DelayLineError(f"entering network namespace {name}: {os.strerror(ctypes.get_errno())}")
-            try:
-                yield
-            finally:
-                if libc.setns(own, CLONE_NEWNET) != 0:
-                    raise DelayLineError(f"leaving network namespace {name}: {os.strerror(ctypes.get_errno())}")
+            yield
         finally:
-            os.close(target)
-            os.close(own)
-
-    return entered()
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise DelayLineError(f"leaving network namespace {name}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(target)
+        os.close(own)
 
 
 def load_links(path: Path) -> dict:
     """The links file (see the module docstring), its impairments checked."""
     data = json.loads(Path(path).read_text())
-    for name, link in data["links"].items():
+    for link in data["links"].values():
         LinkImpairment(**{k: link[k] for k in ("delay_ms", "jitter_ms", "loss")})
     return data
 

@@ -335,8 +335,9 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Flap:
-    """A scheduled link flap: device ``device``'s link down ``after_s`` into round ``round`` (timed
-    from the record of the round before), for ``down_s`` seconds."""
+    """A scheduled link flap (``--link-flap ROUND:DOWN_S[:DEVICE]``): device ``device``'s link
+    (index, default 0) down ``after_s`` into round ``round`` (timed from the record of the round
+    before), for ``down_s`` seconds; and when that happened."""
 
     round: int
     down_s: float
@@ -345,6 +346,21 @@ class Flap:
     started_at: float | None = None
     down_at: float | None = None
     up_at: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Flap":
+        """``ROUND:DOWN_S[:DEVICE]``; ValueError saying what is wrong."""
+        parts = str(text).split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            flap = cls(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
+        except ValueError:
+            raise ValueError(f"link_flap: expected ROUND:DOWN_S[:DEVICE] such as 2:12, got {text!r}") from None
+        if flap.round < 2 or not (0 < flap.down_s < 3600) or flap.device < 0:
+            raise ValueError(f"link_flap: ROUND >= 2 (it is timed from the record of the round before), "
+                             f"0 < DOWN_S < 3600 and DEVICE >= 0, got {text!r}")
+        return flap
 
 
 class RunLinks:

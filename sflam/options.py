@@ -325,30 +325,6 @@ def check_options(opts: SimOptions) -> list[str]:
 NETWORKS = ("bucket", "netem")
 
 
-@dataclass(frozen=True)
-class LinkFlap:
-    """``--link-flap ROUND:DOWN_S[:DEVICE]``: device DEVICE's (index, default 0) link goes down for
-    DOWN_S seconds during round ROUND (sflam.netem.Flap: 1.5 s after the round before was recorded)."""
-
-    round: int
-    down_s: float
-    device: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "LinkFlap":
-        parts = str(text).split(":")
-        try:
-            if len(parts) not in (2, 3):
-                raise ValueError
-            flap = cls(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
-        except ValueError:
-            raise ValueError(f"link_flap: expected ROUND:DOWN_S[:DEVICE] such as 2:12, got {text!r}") from None
-        if flap.round < 2 or not (0 < flap.down_s < 3600) or flap.device < 0:
-            raise ValueError(f"link_flap: ROUND >= 2 (it is timed from the record of the round before), "
-                             f"0 < DOWN_S < 3600 and DEVICE >= 0, got {text!r}")
-        return flap
-
-
 def _network_problems(opts: SimOptions) -> list[str]:
     """--network and the link options: what netem needs (root, ip, tc, iptables) and what it cannot do."""
     problems = []
@@ -361,7 +337,7 @@ def _network_problems(opts: SimOptions) -> list[str]:
     if opts.network != "netem":
         return problems + [f"{name}: kernel links only: add --network netem" for name, v in link.items() if v is not None]
     from firmware_profiles import ProfileError, load_profile
-    from sflam.netem import MAX_DEVICES, impairment_for, preflight
+    from sflam.netem import MAX_DEVICES, Flap, impairment_for, preflight
 
     kinds = set()
     for name in opts.profiles:
@@ -377,7 +353,7 @@ def _network_problems(opts: SimOptions) -> list[str]:
             break
     if opts.link_flap is not None:
         try:
-            flap = LinkFlap.parse(opts.link_flap)
+            flap = Flap.parse(opts.link_flap)
             if flap.device >= opts.devices or flap.round > opts.rounds:
                 problems.append(f"link_flap: device {flap.device} of round {flap.round}: the run has "
                                 f"{opts.devices} devices and {opts.rounds} rounds")
@@ -485,10 +461,11 @@ def _file_problems(opts: SimOptions) -> list[str]:
 
 def host_count(opts: SimOptions) -> int:
     """Device host processes the run starts: ``hosts``, or by default a process per device up to
-    HOSTS_AUTO devices and one host per core beyond (never more hosts than devices)."""
+    HOSTS_AUTO devices (always with kernel links) and one host per core beyond (never more hosts
+    than devices)."""
     if opts.hosts is not None:
         return min(opts.hosts, opts.devices)
-    if opts.devices <= HOSTS_AUTO and opts.engine != "ray":
+    if (opts.devices <= HOSTS_AUTO or opts.network == "netem") and opts.engine != "ray":  # netem: a namespace each
         return 0
     return min(opts.devices, max(1, os.cpu_count() or 1))
 

@@ -45,7 +45,6 @@ import numpy as np
 from server_runtime.round_record import RoundRecord
 from sflam.options import (
     LOCAL_BROKERS,
-    LinkFlap,
     RUN_ID,
     SchemePlan,
     SimOptions,
@@ -366,9 +365,8 @@ def run_links(opts: SimOptions) -> RunLinks | None:
     """The run's kernel links (``--network netem``), not yet made; None with the token bucket."""
     if opts.network != "netem":
         return None
-    flap = LinkFlap.parse(opts.link_flap) if opts.link_flap else None
     return RunLinks(delay_ms=opts.link_delay_ms, jitter_ms=opts.link_jitter_ms, loss=opts.link_loss,
-                    flap=Flap(flap.round, flap.down_s, flap.device) if flap else None, seed=opts.seed)
+                    flap=Flap.parse(opts.link_flap) if opts.link_flap else None, seed=opts.seed)
 
 
 class MemoryWatch:

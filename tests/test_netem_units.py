@@ -59,7 +59,7 @@ from sflam.delayline import (
     verdict_message,
 )
 from sflam.netem import DeviceLink, Flap, NetemError, RunLinks, Topology, impairment_for, leftovers, sweep_stale
-from sflam.options import LinkFlap, SimulateError, build_options
+from sflam.options import SimulateError, build_options
 
 # ---------------------------------------------------------------------------------------------
 # helpers: netlink built and read independently of sflam.delayline, and a fake `ip`
@@ -697,12 +697,12 @@ def test_an_unknown_network_is_a_problem() -> None:
 
 
 def test_link_flap_parse() -> None:
-    assert LinkFlap.parse("2:12") == LinkFlap(2, 12.0, 0)
-    assert LinkFlap.parse("3:5:1") == LinkFlap(3, 5.0, 1)
-    assert LinkFlap.parse("4:0.5") == LinkFlap(4, 0.5, 0)
+    assert Flap.parse("2:12") == Flap(2, 12.0, 0)
+    assert Flap.parse("3:5:1") == Flap(3, 5.0, 1)
+    assert Flap.parse("4:0.5") == Flap(4, 0.5, 0)
     for bad in ("1:5", "x", "2:0", "2", "2:5:1:0", "2:3600", "2:5:-1", "2:x"):
         with pytest.raises(ValueError, match="link_flap"):
-            LinkFlap.parse(bad)
+            Flap.parse(bad)
 
 
 def test_netem_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -743,3 +743,17 @@ def test_a_jitter_alone_applies_to_each_radio_default_delay(monkeypatch) -> None
     with pytest.raises(SimulateError) as caught:  # wifi's 2 ms cannot carry +- 5 ms
         build_options({"network": "netem", "link_jitter_ms": 5, "profiles": "raspberry-pi-5"})
     assert any("wifi radios" in p and "jitter_ms" in p for p in caught.value.problems)
+
+
+def test_kernel_links_run_a_process_per_device_by_default(monkeypatch) -> None:
+    """Beyond 50 devices the token bucket's default is device hosts; kernel links keep a process
+    (and a namespace) per device unless --hosts says otherwise, which is then refused."""
+    from sflam.options import host_count
+
+    monkeypatch.setattr("sflam.netem.preflight", lambda: [])
+    opts = build_options({"network": "netem", "devices": 60, "per_round": 5})
+    assert host_count(opts) == 0
+    assert host_count(build_options({"devices": 60, "per_round": 5})) > 0
+    with pytest.raises(SimulateError) as caught:
+        build_options({"network": "netem", "devices": 60, "per_round": 5, "hosts": 2})
+    assert any("--hosts 0" in p for p in caught.value.problems)
