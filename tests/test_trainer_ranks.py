@@ -94,7 +94,10 @@ def _lines_into(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
 def test_a_rank_killed_mid_round_fails_only_its_devices(quick_bundle: Path, broker, tmp_path: Path) -> None:
     # Prepare: two ranks launched by hand (RANK, WORLD_SIZE, MASTER_*), four devices, three rounds
     shards = write_shards(tmp_path, 4, 48)
-    config = ranks_config(tmp_path, broker.url, "kill", 2, training__rounds=3, compute__rank_timeout_s=2.0)
+    # 4 local epochs (24 steps a device): rank 1's round outlasts the test's reaction to its log line,
+    # so the kill lands mid-round (with 6 steps it could finish first and nothing would fail)
+    config = ranks_config(tmp_path, broker.url, "kill", 2, training__rounds=3, training__local_epochs=4,
+                          compute__rank_timeout_s=2.0)
     port = free_port()
     rank0, rank1 = start_rank(config, 0, 2, port), start_rank(config, 1, 2, port)
     out0, out1 = [], []
