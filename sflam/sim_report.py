@@ -214,7 +214,7 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
     """(round latency s, device energy J) of one round of ``scheme`` by the system model."""
     from allocator.baselines import fl, fp32_sfl, sequential_sl
     from allocator.scenario import full_model_macs_per_sample, full_model_params, model_shape
-    from allocator.system import AllocationVectors, evaluate
+    from allocator.system import evaluate
 
     if scheme == "sl":  # turns one after another (a device may take more than one turn)
         turns = [sequential_sl(subset(problem, [d])).evaluation for d in ids]
@@ -222,13 +222,8 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
     sub = subset(problem, ids)
     if scheme == "sflam":
         allocs = {d: f.allocation for r in group for d, f in r.devices.items()}
-        down = np.array([int(allocs[d].bits_down) for d in ids], dtype=np.int64)
-        alloc = AllocationVectors(
-            np.array([int(allocs[d].bits_up) for d in ids], dtype=np.int64),
-            np.array([float(allocs[d].tx_power_w) for d in ids]),
-            np.array([float(allocs[d].bandwidth_hz) for d in ids]),
-            bits_down=down,
-        )
+        alloc = allocation_vectors([allocs[d] for d in ids])
+        down = alloc.bits_down
         # the gradient bits the server chose, fixed or allocated, are the ones the model is to score
         params = dataclasses.replace(sub.params, allowed_bits_down=tuple(sorted(set(down.tolist()))))
         ev = evaluate(dataclasses.replace(sub, params=params), alloc)
@@ -241,6 +236,16 @@ def modeled_round(problem: Any, scheme: str, ids: Sequence[str], group: Sequence
     return float(ev.round_latency_s), float(np.sum(ev.energy_j))
 
 
+def allocation_vectors(allocations: Sequence[Any]) -> Any:
+    """The allocator's AllocationVectors of round-record allocations (AllocationRecord), in order."""
+    from allocator.system import AllocationVectors
+
+    return AllocationVectors(np.array([int(a.bits_up) for a in allocations], dtype=np.int64),
+                             np.array([float(a.tx_power_w) for a in allocations]),
+                             np.array([float(a.bandwidth_hz) for a in allocations]),
+                             bits_down=np.array([int(a.bits_down) for a in allocations], dtype=np.int64))
+
+
 def uplink_check(out: Path, records: Sequence[RoundRecord],
                  walls: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """Kernel links: each completed device's measured uplink airtime in each counted round (what its
@@ -248,7 +253,7 @@ def uplink_check(out: Path, records: Sequence[RoundRecord],
     that allocation, and the wall time of its activation publishes (``walls``: device -> plan round
     -> seconds, from the devices' exit summaries). ``max_relative_error``: the largest
     |measured / modeled - 1|."""
-    from allocator.system import AllocationVectors, uplink_time_s
+    from allocator.system import uplink_time_s
 
     problem = load_problem(out)
     rows = []
@@ -256,10 +261,7 @@ def uplink_check(out: Path, records: Sequence[RoundRecord],
         ids = [d for d in record.completed if record.devices[d].uplink_time_s is not None]
         if not record.counted or not ids:
             continue
-        allocs = [record.devices[d].allocation for d in ids]
-        modeled = uplink_time_s(subset(problem, ids), AllocationVectors(
-            np.array([a.bits_up for a in allocs], dtype=np.int64), np.array([a.tx_power_w for a in allocs]),
-            np.array([a.bandwidth_hz for a in allocs])))
+        modeled = uplink_time_s(subset(problem, ids), allocation_vectors([record.devices[d].allocation for d in ids]))
         for d, model in zip(ids, modeled):
             measured = float(record.devices[d].uplink_time_s)
             wall = (walls or {}).get(d, {}).get(str(record.plan_round))

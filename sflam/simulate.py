@@ -395,14 +395,23 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+def _summary_line(group: ProcessGroup, name: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON of the last ``<prefix> {...}`` line a child printed (its exit summary), or None."""
+    if name not in group.procs:
+        return None
+    lines = [line for line in group.output(name).splitlines() if line.startswith(prefix + " ")]
+    try:
+        summary = json.loads(lines[-1].split(" ", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def _devices_announced(group: ProcessGroup) -> int | None:
     """Devices the server heard a Hello from (its summary line), None when it printed none."""
-    if "server" not in group.procs:
-        return None
-    lines = [line for line in group.output("server").splitlines() if line.startswith("sflam-server-summary ")]
     try:
-        return int(json.loads(lines[-1].split(" ", 1)[1])["devices_announced"])
-    except (IndexError, ValueError, KeyError, TypeError):
+        return int(_summary_line(group, "server", "sflam-server-summary")["devices_announced"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -410,12 +419,10 @@ def _device_walls(group: ProcessGroup, names: list[str]) -> dict[str, dict[str, 
     """Each device's ``uplink_wall_s`` (plan round -> seconds) from its exit summary line."""
     walls = {}
     for name in names:
-        if name not in group.procs:
-            continue
-        lines = [line for line in group.output(name).splitlines() if line.startswith("sflam-device-summary ")]
         try:
-            walls[name] = {str(k): float(v) for k, v in json.loads(lines[-1].split(" ", 1)[1])["uplink_wall_s"].items()}
-        except (IndexError, ValueError, KeyError, TypeError, AttributeError):
+            walls[name] = {str(k): float(v) for k, v in
+                           _summary_line(group, name, "sflam-device-summary")["uplink_wall_s"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return walls
 
