@@ -42,23 +42,25 @@ class SharedDecoder:
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._frames: OrderedDict[bytes, p.Message] = OrderedDict()
+        self._frames: OrderedDict[tuple, p.Message] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.selected: frozenset[str] = frozenset()  # the devices of the newest plan decoded
 
-    def __call__(self, data: bytes, limits: p.Limits) -> p.Message:
+    def __call__(self, data: bytes, limits: p.Limits, *, keys: object = None, signer: str | None = None) -> p.Message:
+        key = (bytes(data), id(keys), signer)  # verified against these keys: the devices of a host share them
         with self._lock:
-            message = self._frames.get(data)
+            message = self._frames.get(key)
             if message is not None:
-                self._frames.move_to_end(data)
+                self._frames.move_to_end(key)
                 self.hits += 1
                 return message
-        message = p.decode(data, limits)  # a ProtocolError is raised to each device, as without sharing
+        # a ProtocolError (a bad signature too) is raised to each device, as without sharing
+        message = p.decode(data, limits, keys=keys, signer=signer)
         if isinstance(message, p.RoundPlan):
             self.selected = frozenset(a.device_id for a in message.allocations)
         with self._lock:
-            self._frames[data] = message
+            self._frames[key] = message
             while len(self._frames) > self.size:
                 self._frames.popitem(last=False)
         return message
@@ -93,12 +95,24 @@ def read_host_file(path: Path) -> list[HostedDevice]:
     return devices
 
 
+def host_keys(keys: Path | None, device_ids: list[str]) -> tuple[p.Keyring | None, dict[str, p.SigningKey]]:
+    """A host's keys from a fleet's ``keys/`` folder (``server.pub``, ``devices/<id>.key``): the
+    server's public key and every device's signing key; (None, {}) without a folder (unsigned)."""
+    if keys is None:
+        return None, {}
+    try:
+        server = p.Keyring.server_only(Path(keys) / "server.pub")
+        return server, {d: p.SigningKey.from_file(d, Path(keys) / "devices" / f"{d}.key") for d in device_ids}
+    except p.KeyFileError as exc:
+        raise HostError(f"--keys {keys}: {exc}") from None
+
+
 class DeviceHost:
     """Many devices on one network thread and a few training threads (module docstring)."""
 
     def __init__(self, bundle: Path, broker_url: str, devices: list[HostedDevice], *, run_id: str,
                  backend: str = "auto", concurrency: int = 8, stagger_s: float = 1.0, threads: int | None = None,
-                 **device_options: object) -> None:
+                 keys: Path | None = None, **device_options: object) -> None:
         if backend not in HOST_BACKENDS:
             raise HostError(f"a device host runs the {', '.join(HOST_BACKENDS)} backends, not {backend!r} "
                             "(a LiteRT interpreter cannot be shared between threads)")
@@ -106,12 +120,15 @@ class DeviceHost:
         self.loop = LinkLoop(stagger_s=stagger_s, name="device-host-mqtt")
         preprocess = Preprocess.from_device_json(self.shared.device_json)
         self.decoder = SharedDecoder()
+        # signed: one ring with the server's key for all, and each device's own key (host_keys)
+        server_keys, signing = host_keys(keys, [d.device_id for d in devices])
+        self.signed = server_keys is not None
         self.devices = {
             d.device_id: DeviceClient(Path(bundle), broker_url, d.device_id, LazyDeviceData(d.data, preprocess),
                                       backend=backend, run_id=run_id, seed=d.seed, profile=d.profile,
                                       channel_gain=d.channel_gain, shared=self.shared, link_loop=self.loop,
-                                      broadcast_decode=self.decoder,
-                                      **device_options)
+                                      broadcast_decode=self.decoder, signing_key=signing.get(d.device_id),
+                                      server_keys=server_keys, **device_options)
             for d in devices
         }
         self.concurrency = concurrency

@@ -12,7 +12,8 @@
   limit, ``max_source_bytes``, is the same budget, since a source is one topic and a model's
   chunks all share the ``model`` source) and half in the chunk reassembler (RAM/32). Each is
   clamped to [``BUFFER_FLOOR_BYTES`` (16 MiB), the server-sized default: 256 MiB inbox, 64 MiB per
-  source, 512 MiB reassembly]; an unknown RAM (no profile) gets the defaults.
+  source, 512 MiB reassembly]; an unknown RAM (no profile) gets the defaults. The reassembler's
+  per-sender cap is its whole budget: what a device reassembles comes from the server.
   :func:`check_fits` refuses, with what to do, a device whose largest download does not fit.
 """
 
@@ -79,8 +80,9 @@ class DeviceBuffers:
     ram_bytes: int | None = None
 
     def reassembler(self) -> Reassembler:
-        """A chunk reassembler holding at most ``reassembly_bytes``."""
-        return Reassembler(max_buffered_bytes=self.reassembly_bytes)
+        """A chunk reassembler holding at most ``reassembly_bytes``, all of it open to one sender: a
+        device's chunk sets all come from the server (plans, models and its own gradients)."""
+        return Reassembler(max_buffered_bytes=self.reassembly_bytes, max_bytes_per_device=self.reassembly_bytes)
 
     def describe(self) -> str:
         ram = "unknown RAM" if self.ram_bytes is None else f"{self.ram_bytes / MIB:,.0f} MiB RAM"

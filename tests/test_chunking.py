@@ -75,7 +75,7 @@ def test_a_frame_one_byte_over_the_limit_is_chunked() -> None:
         (200, "run", "dev-1"),
         (1000, "run", "dev-1"),
         (4 * KB + 3, "run", "dev-1"),
-        (250, "r" * 64, "d" * 64),
+        (251, "r" * 64, "d" * 64),
         (1000, "r" * 64, "d" * 64),
         (4 * KB + 3, "r" * 64, "d" * 64),
     ],
@@ -416,18 +416,110 @@ def test_a_device_over_its_set_limit_loses_its_oldest_set() -> None:
     assert oldest == [None, None]
 
 
-def test_the_buffer_byte_limit_refuses_chunks_beyond_it() -> None:
-    # Prepare: room for two 3000-byte chunks, not three
-    reassembler = Reassembler(max_buffered_bytes=7000)
-    frames = [split(_weights_message(f"dev-{i}", seed=i), 3000)[0] for i in range(3)]
-    reassembler.feed(frames[0])
-    reassembler.feed(frames[1])
-    held = reassembler.buffered_bytes
-    # Execute / Assert
+def test_a_full_buffer_evicts_the_oldest_set_of_the_device_holding_the_most() -> None:
+    # Prepare: room for four 2933-byte chunks, not five; dev-1 holds three of them in two sets
+    clock = FakeClock()
+    reassembler = Reassembler(max_buffered_bytes=12_000, clock=clock)
+    older, newer = (split(_weights_message("dev-1", seed=i), 3000) for i in (1, 2))
+    reassembler.feed(split(_weights_message("dev-0"), 3000)[0])
+    clock.now += 1.0
+    _feed_all(reassembler, older[:2])
+    clock.now += 1.0
+    reassembler.feed(newer[0])
+    # Execute: dev-2's first chunk does not fit
+    assert reassembler.feed(split(_weights_message("dev-2", seed=3), 3000)[0]) is None
+    # Assert: dev-1's older set made room (not dev-0's smaller one); nothing was refused
+    assert reassembler.counters["evicted_for_space"] == 1 and reassembler.counters["rejected_chunks"] == 0
+    chunk = len(_chunks(newer)[0].data)
+    assert [reassembler.buffered_bytes_of(d) for d in ("dev-0", "dev-1", "dev-2")] == [chunk] * 3
+    assert reassembler.pending_sets == 3 and reassembler.buffered_bytes <= 12_000
+
+
+def test_one_device_filling_the_buffer_cannot_shut_another_out() -> None:
+    # The review's scenario: dev-a opens 4 sets it never finishes (2 of 3 chunks each) and, with a
+    # per-device cap as large as the buffer, fills it; dev-b's message must still get through
+    clock = FakeClock()
+    reassembler = Reassembler(max_buffered_bytes=24_000, max_bytes_per_device=24_000, clock=clock)
+    messages_a = [_weights_message("dev-a", seed=i) for i in range(4)]
+    for message in messages_a:
+        clock.now += 1.0
+        _feed_all(reassembler, split(message, 3000)[:2])
+    assert reassembler.pending_sets == 4 and 24_000 - reassembler.buffered_bytes < 2933  # full
+    other = _weights_message("dev-b", seed=9)
+    # Execute
+    results, peak = [], 0
+    for frame in split(other, 3000):
+        results.append(reassembler.feed(frame))
+        peak = max(peak, reassembler.buffered_bytes)
+    # Assert: dev-b's message completed within the budget; dev-a's two oldest sets were evicted for
+    # it (counted), its two newest are kept and still complete
+    assert results[-1] == other and reassembler.counters["rejected_chunks"] == 0
+    assert reassembler.counters["evicted_for_space"] == 2 and peak <= 24_000
+    assert [reassembler.feed(split(m, 3000)[2]) for m in messages_a[2:]] == messages_a[2:]
+
+
+def test_a_device_over_its_byte_cap_loses_its_own_oldest_sets_and_no_other_devices() -> None:
+    # Prepare: the same four unfinished dev-a sets against a cap of 12,000 bytes per device
+    clock = FakeClock()
+    reassembler = Reassembler(max_buffered_bytes=24_000, max_bytes_per_device=12_000, clock=clock)
+    messages_a = [_weights_message("dev-a", seed=i) for i in range(4)]
+    held_a = []
+    # Execute
+    for message in messages_a:
+        clock.now += 1.0
+        _feed_all(reassembler, split(message, 3000)[:2])
+        held_a.append(reassembler.buffered_bytes_of("dev-a"))
+    other = _weights_message("dev-b", seed=9)
+    other_result = _feed_all(reassembler, split(other, 3000))[-1]
+    # Assert: dev-a never held more than its cap: its two oldest sets made way for its newer ones
+    # (as a fifth set would); dev-b's message went through with nothing evicted for it
+    assert max(held_a) <= 12_000 < 3 * held_a[0]
+    assert reassembler.counters["evicted_sets"] == 2 and reassembler.counters["evicted_for_space"] == 0
+    assert other_result == other
+    assert reassembler.feed(split(messages_a[3], 3000)[2]) == messages_a[3]
+
+
+def test_a_device_never_evicts_a_device_holding_no_more_than_itself() -> None:
+    # Prepare: dev-0 and dev-1 hold one chunk each; a second dev-0 chunk does not fit
+    reassembler = Reassembler(max_buffered_bytes=8500)
+    own, peer = (split(_weights_message(f"dev-{i}", seed=i), 3000) for i in (0, 1))
+    reassembler.feed(peer[0])
+    reassembler.feed(own[0])
+    # Execute / Assert: on a tie the chunk's own device counts as the largest holder, so it is refused
     with pytest.raises(LimitError, match="chunk buffer full"):
-        reassembler.feed(frames[2])
-    assert reassembler.counters["rejected_chunks"] == 1
-    assert reassembler.buffered_bytes == held <= 7000
+        reassembler.feed(own[1])
+    assert reassembler.buffered_bytes_of("dev-1") == reassembler.buffered_bytes_of("dev-0") > 0
+    assert reassembler.counters["rejected_chunks"] == 1 and reassembler.pending_sets == 2
+
+
+def test_the_byte_bounds_hold_under_a_shuffled_stream_of_three_devices() -> None:
+    # Prepare: 30 sets of 3 chunks from 3 devices, shuffled 4 sets at a time, against bounds that
+    # hold one set per device, and two sets in all
+    clock = FakeClock()
+    reassembler = Reassembler(max_buffered_bytes=20_000, max_bytes_per_device=9000, clock=clock)
+    frames = [f for i in range(30) for f in split(_weights_message(f"dev-{i % 3}", seed=i), 3000)]
+    rng = random.Random(4)
+    windows = [frames[start : start + 12] for start in range(0, len(frames), 12)]
+    frames = [f for window in windows for f in rng.sample(window, len(window))]
+    completed, refused = 0, 0
+    for frame in frames:
+        clock.now += 1.0
+        # Execute
+        try:
+            completed += reassembler.feed(frame) is not None
+        except LimitError:
+            refused += 1
+        # Assert: both bounds, and the per-device counts add up to the total
+        held = [reassembler.buffered_bytes_of(f"dev-{d}") for d in range(3)]
+        assert max(held) <= 9000 and sum(held) == reassembler.buffered_bytes <= 20_000
+    assert completed > 0 and refused == reassembler.counters["rejected_chunks"]
+    assert reassembler.counters["evicted_sets"] > 0 and reassembler.counters["evicted_for_space"] > 0
+
+
+@pytest.mark.parametrize("bound", ["max_sets_per_device", "max_buffered_bytes", "max_bytes_per_device"])
+def test_a_bound_below_one_is_refused(bound: str) -> None:
+    with pytest.raises(ValueError, match=f"{bound} must be >= 1, got 0"):
+        Reassembler(**{bound: 0})
 
 
 def test_the_buffer_frees_its_bytes_when_a_set_completes() -> None:
@@ -439,51 +531,41 @@ def test_the_buffer_frees_its_bytes_when_a_set_completes() -> None:
     assert reassembler.feed(split(_weights_message("dev-1"), 3000)[0]) is None
 
 
-def test_a_refused_chunk_leaves_no_pending_set_behind() -> None:
-    # Prepare: the buffer is full with one set
-    reassembler = Reassembler(max_buffered_bytes=3000)
-    reassembler.feed(split(_weights_message("dev-0"), 3000)[0])
-    held = reassembler.buffered_bytes
-    # Execute: first chunks of 20 new sets from 20 devices are refused
-    for i in range(1, 21):
-        with pytest.raises(LimitError):
-            reassembler.feed(split(_weights_message(f"dev-{i}", seed=i), 3000)[0])
-    # Assert
-    assert reassembler.counters["rejected_chunks"] == 20
-    assert reassembler.pending_sets == 1
-    assert reassembler.buffered_bytes == held
-
-
-def test_a_refused_chunk_does_not_evict_its_devices_older_set() -> None:
-    # Prepare: one set per device allowed, and the buffer full with dev-0's first chunk
-    reassembler = Reassembler(max_buffered_bytes=3000, max_sets_per_device=1)
-    message = _weights_message("dev-0")
-    frames = split(message, 3000)
+def test_a_set_larger_than_a_device_may_hold_is_refused_at_its_first_chunk() -> None:
+    # Prepare: a device may hold 5000 bytes; dev-0 has a 4 KB set open
+    reassembler = Reassembler(max_buffered_bytes=50_000, max_bytes_per_device=5000)
+    small = _weights_message("dev-0", num_bytes=4 * KB)
+    frames = split(small, 3000)
     reassembler.feed(frames[0])
-    # Execute: a new set of the same device is refused for want of room (checked before opening)
-    with pytest.raises(LimitError, match="chunk buffer full"):
-        reassembler.feed(split(_weights_message("dev-0", seed=1), 3000)[0])
-    # Assert: the refusal opened nothing, so it evicted nothing; the older set still completes
-    assert reassembler.counters["evicted_sets"] == 0
-    assert reassembler.pending_sets == 1
-    reassembler.max_buffered_bytes = 9000
-    assert _feed_all(reassembler, frames[1:]) == [None, message]
+    held = reassembler.buffered_bytes
+    # Execute: first chunks of 8 KB sets (8254 bytes declared) from dev-0 itself and 20 others
+    for i in range(21):
+        with pytest.raises(LimitError, match="exceeds the 5000 bytes one device may buffer"):
+            reassembler.feed(split(_weights_message(f"dev-{i}", seed=i + 1), 3000)[0])
+    # Assert: none took a byte, opened a set or evicted one (not even dev-0's); dev-0's set completes
+    assert reassembler.counters["rejected_chunks"] == 21
+    assert reassembler.pending_sets == 1 and reassembler.buffered_bytes == held
+    assert not {"evicted_sets", "evicted_for_space"} & set(reassembler.counters)
+    assert reassembler.feed(frames[1]) == small
 
 
-def test_a_refused_chunk_of_an_open_set_keeps_the_set() -> None:
-    # Prepare: room for two of the three chunks
-    reassembler = Reassembler(max_buffered_bytes=6000)
+def test_a_chunk_of_the_device_holding_the_most_is_refused_and_its_set_kept() -> None:
+    # Prepare: dev-0 holds two of its three chunks, dev-1 one chunk; dev-0's last chunk does not
+    # fit, and dev-0 (the largest holder) has no other set to give up
+    reassembler = Reassembler(max_buffered_bytes=10_000)
     message = _weights_message("dev-0")
     frames = split(message, 3000)
     assert len(frames) == 3
-    reassembler.feed(frames[0])
-    reassembler.feed(frames[1])
+    _feed_all(reassembler, frames[:2])
+    reassembler.feed(split(_weights_message("dev-1", seed=1), 3000)[0])
     # Execute
-    with pytest.raises(LimitError):
+    with pytest.raises(LimitError, match="chunk buffer full"):
         reassembler.feed(frames[2])
-    # Assert: the set is kept with what it had; once room is made the last chunk completes it
-    assert reassembler.pending_sets == 1
-    reassembler.max_buffered_bytes = 9000
+    # Assert: the set is kept with what it had and dev-1's smaller set was not evicted for it;
+    # once room is made the last chunk completes it
+    assert reassembler.pending_sets == 2 and reassembler.counters["rejected_chunks"] == 1
+    assert not {"evicted_sets", "evicted_for_space"} & set(reassembler.counters)
+    reassembler.max_buffered_bytes = 12_000
     assert reassembler.feed(frames[2]) == message
 
 

@@ -2,11 +2,13 @@
 
 A device buffers at most 1/16 of its RAM for received messages: RAM/32 in the link inbox (and per
 topic), RAM/32 in the chunk reassembler, each clamped to [16 MiB, the server-sized default]. A
-512 MiB board therefore gets 16 MiB + 16 MiB, and must still receive a ViT-B/32 round whole.
+512 MiB board therefore gets 16 MiB + 16 MiB, and must still receive a ViT-B/32 round whole. The
+server's reassembler is sized from its model instead (server_runtime.budgets), tested at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -189,7 +191,7 @@ def test_a_512_mb_device_gets_bounded_buffers_and_still_completes_a_vit_b32_roun
     # Setup: the buffers of a 512 MiB profile; a round's real frames as the broker delivers them
     buffers = device_buffer_limits(load_profile(profile_with_ram(tmp_path, 512 * MIB)).memory.total_ram_bytes)
     inbox = Inbox(buffers.inbox)
-    receiver = p.Receiver(RUN, reassembler=p.Reassembler(max_buffered_bytes=buffers.reassembly_bytes))
+    receiver = p.Receiver(RUN, reassembler=buffers.reassembler())
     topics = p.Topics(RUN)
     weights, grads, model, plan, gradients = vit_b32_round()
     model_frames = [(topics.retained_part("model", i), f, True) for i, f in enumerate(p.split(model, FRAME))]
@@ -227,7 +229,8 @@ def test_a_512_mb_device_gets_bounded_buffers_and_still_completes_a_vit_b32_roun
     assert not [k for k in inbox.counters if k.startswith(("dropped", "expired"))], inbox.counters
     assert inbox.counters["queued"] == len(model_frames) + 1 + sum(map(len, gradient_frames))
     assert not [k for k in receiver.counters if k.startswith("rejected")], receiver.counters
-    assert not {"rejected_chunks", "evicted_sets", "expired_sets"} & set(receiver.reassembler.counters)
+    assert not {"rejected_chunks", "evicted_sets", "evicted_for_space", "expired_sets"} & set(
+        receiver.reassembler.counters)
     assert 9_000_000 < peak["inbox"] <= buffers.inbox.max_bytes
     assert 9_000_000 < peak["reassembler"] <= buffers.reassembly_bytes
     assert inbox.buffered_bytes == receiver.reassembler.buffered_bytes == 0
@@ -307,10 +310,12 @@ def test_device_client_takes_its_buffers_from_its_profile(quick_bundle: Path, tm
     assert client.buffers == device_buffer_limits(512 * MIB)
     assert client.link.inbox.limits.max_bytes == client.link.inbox.limits.max_source_bytes == 16 * MIB
     assert client.receiver.reassembler.max_buffered_bytes == 16 * MIB
+    assert client.receiver.reassembler.device_budget_bytes == 16 * MIB  # one sender: the server
     # the bundle's own profile (raspberry-pi-5, 8 GiB)
     assert client.link.inbox.limits is not default.link.inbox.limits
     assert default.link.inbox.limits.max_bytes == 256 * MIB
     assert default.receiver.reassembler.max_buffered_bytes == 256 * MIB
+    assert default.receiver.reassembler.device_budget_bytes == 256 * MIB  # not the server-side 128 MiB
     assert set(threading.enumerate()) == threads  # nothing was started, so nothing is left running
 
 
@@ -329,3 +334,119 @@ def test_device_client_refuses_a_profile_too_small_for_its_weights_message(
     with pytest.raises(ValueError, match=r"the model weights message \(20.0 MiB\) does not fit .*512 MiB RAM"):
         device.DeviceClient(quick_bundle, "mqtt://127.0.0.1:1", "dev-512", data, backend="numpy", run_id=RUN,
                             profile=str(profile_with_ram(tmp_path, 512 * MIB)))
+
+
+# -- the server's reassembler, sized from its model (server_runtime.budgets) ----------------------
+
+
+def round_update(preset_name: str, device: str, seed: int) -> p.RoundUpdate:
+    """The RoundUpdate a split device sends: the preset's patch-embedding weights, float32."""
+    from server_runtime.presets import get_preset
+
+    preset = get_preset(preset_name)
+    rng = np.random.default_rng(seed)
+    shape = (preset.embed_dim, preset.in_chans, preset.patch_size, preset.patch_size)
+    weights = {"patch_embed.proj.weight": rng.standard_normal(shape, dtype=np.float32),
+               "patch_embed.proj.bias": rng.standard_normal(preset.embed_dim, dtype=np.float32)}
+    telemetry = p.Telemetry(12.5, 3.25, 40.0, "estimated", 10**7, 10**7, 250)
+    return p.RoundUpdate(p.Envelope(RUN, 3, device, 250), 2, 8000, p.weights_from_numpy(weights), telemetry)
+
+
+@pytest.mark.parametrize("preset", ["vit_quick_patch4_16", "vit_base_patch32_224"])
+def test_the_servers_reassembler_holds_a_round_update_in_every_set_a_device_may_open(preset: str) -> None:
+    from server_runtime.budgets import chunk_budget, server_reassembler
+    from server_runtime.config import ModelSection, RunConfig
+
+    # Setup: the server of a default run of the preset (v1, 5 devices a round); as many distinct
+    # updates from one device as it may have sets open, chunked into 3 or more pieces each
+    config = RunConfig(model=ModelSection(preset=preset))
+    budget, reassembler = chunk_budget(config), server_reassembler(config)
+    updates = [round_update(preset, "dev-0", seed) for seed in range(reassembler.max_sets_per_device)]
+    frame_bytes = len(p.encode(updates[0]))
+    sets = [p.split(update, min(FRAME, frame_bytes // 3)) for update in updates]
+
+    # Execute: every set opened and filled but for its last chunk, then the last chunks
+    for frames in sets:
+        assert [reassembler.feed(frame) for frame in frames[:-1]] == [None] * (len(frames) - 1)
+    held = reassembler.buffered_bytes
+    completed = [reassembler.feed(frames[-1]) for frames in sets]
+
+    # Verify: the budgets hold one RoundUpdate frame per set, and all of them completed whole
+    assert frame_bytes <= budget.frame_bytes
+    assert reassembler.max_sets_per_device * frame_bytes <= budget.per_device_bytes <= budget.total_bytes
+    assert (reassembler.device_budget_bytes, reassembler.max_buffered_bytes) == (
+        budget.per_device_bytes, budget.total_bytes)
+    assert held > (reassembler.max_sets_per_device - 1) * frame_bytes
+    assert completed == updates
+    assert not {"rejected_chunks", "evicted_sets", "evicted_for_space"} & set(reassembler.counters)
+
+
+def test_the_server_budgets_of_the_quickstart_and_vit_b32_presets() -> None:
+    from server_runtime.budgets import DEVICE_MARGIN_BYTES, FRAME_OVERHEAD_BYTES, chunk_budget
+    from server_runtime.config import ModelSection, RunConfig, TrainingSection
+
+    # Setup: default runs (v1, batch 32, 8 bits up, 5 devices a round); ViT-B/32 also with the
+    # paper's batch 128 over 10 devices, and the quickstart in FL mode (the whole model goes up)
+    quick, b32 = (RunConfig(model=ModelSection(preset=n)) for n in ("vit_quick_patch4_16", "vit_base_patch32_224"))
+    paper = dataclasses.replace(b32, training=TrainingSection(batch_size=128, devices_per_round=10))
+    quick_fl = dataclasses.replace(quick, training=TrainingSection(mode="fl"))
+
+    # Execute
+    budgets = {name: chunk_budget(config) for name, config in
+               (("quick", quick), ("b32", b32), ("paper", paper), ("quick_fl", quick_fl))}
+
+    # Verify: the quickstart's largest upload is a step's activations (32 x 16 x 64 bytes at 8 bits,
+    # a range per token, the labels); ViT-B/32's is its RoundUpdate, 768 x 3 x 32 x 32 + 768 floats;
+    # FL sends the whole model (105,482 parameters for the quickstart)
+    device_weights = (768 * 3 * 32 * 32 + 768) * 4
+    assert budgets["quick"].frame_bytes == 32 * 16 * 64 + 32 * 16 * 8 + 32 * 8 + FRAME_OVERHEAD_BYTES
+    assert budgets["b32"].frame_bytes == budgets["paper"].frame_bytes == device_weights + FRAME_OVERHEAD_BYTES
+    assert budgets["quick_fl"].frame_bytes == 105_482 * 4 + FRAME_OVERHEAD_BYTES
+    for name, devices in (("quick", 5), ("b32", 5), ("paper", 10), ("quick_fl", 5)):
+        budget = budgets[name]
+        assert budget.per_device_bytes == 4 * budget.frame_bytes + DEVICE_MARGIN_BYTES, name
+        assert budget.total_bytes == devices * budget.per_device_bytes <= DEFAULT_REASSEMBLY_BYTES, name
+    assert 186 * MIB < budgets["b32"].total_bytes < 187 * MIB and budgets["quick"].total_bytes < 7 * MIB
+
+
+def test_a_server_budget_never_exceeds_the_protocol_default() -> None:
+    from server_runtime.budgets import chunk_budget
+    from server_runtime.config import ModelSection, RunConfig, TrainingSection
+
+    # Setup: ViT-S/32 in FL mode: 87 MiB uploads, 4 sets of them, 50 devices a round
+    config = RunConfig(model=ModelSection(preset="vit_small_patch32_224"),
+                       training=TrainingSection(mode="fl", devices_per_round=50))
+
+    # Execute
+    budget = chunk_budget(config)
+
+    # Verify: both capped at 512 MiB, one upload still fits per device
+    assert 87 * MIB < budget.frame_bytes < budget.per_device_bytes < budget.total_bytes == DEFAULT_REASSEMBLY_BYTES
+
+
+def test_the_sized_frames_bound_the_real_encoded_uploads_of_the_quickstart() -> None:
+    import torch
+
+    from allocator.scenario import ModelShape
+    from server_runtime.budgets import activations_frame_bytes, update_frame_bytes
+    from server_runtime.presets import get_preset
+    from server_runtime.vit import VisionTransformer
+
+    # Setup: a step's activations at 8 bits with a range per token, and an FL device's whole model
+    preset = get_preset("vit_quick_patch4_16")
+    shape = ModelShape.from_preset(preset)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, preset.num_patches, preset.embed_dim), dtype=np.float32)
+    step = p.Activations(p.Envelope(RUN, 3, "dev-0", 7), quantize(x, 8, per="token"), p.Tensor.from_numpy(
+        np.zeros(32, np.int64)))
+    torch.manual_seed(0)
+    whole = {k: v.numpy() for k, v in VisionTransformer(preset).state_dict().items()}
+    update = dataclasses.replace(round_update(preset.name, "dev-0", 0), weights=p.weights_from_numpy(whole))
+
+    # Execute
+    sizes = {"activations": len(p.encode(step)), "fl_update": len(p.encode(update))}
+
+    # Verify: each within its bound, and the bound mostly the data (64 KiB of it is overhead)
+    assert sum(v.size for v in whole.values()) == 105_482
+    assert 0 < activations_frame_bytes(shape, 32, 8) - sizes["activations"] < 64 * 1024
+    assert 0 < update_frame_bytes(shape, "fl") - sizes["fl_update"] < 64 * 1024

@@ -77,9 +77,9 @@ def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev", created
     return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, created_at)
 
 
-def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 2, magic: bytes = b"SFLM") -> bytes:
+def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 3, magic: bytes = b"SFLM") -> bytes:
     header = _header() if header is None else header
-    frame = struct.pack("<4sBBHI", magic, version, code, len(header), len(body)) + header + body
+    frame = struct.pack("<4sBBHI", magic, version, code, len(header), len(body)) + header + body + b"\x00"  # unsigned
     return frame + _u32(zlib.crc32(frame))
 
 
@@ -219,7 +219,8 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
 # --- frame prefix --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255])  # 1: the layout before RoundPlan carried the optimizer
+# 1: the layout before RoundPlan carried the optimizer; 2: before the signature block
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
 def test_unknown_protocol_version_is_refused(version: int) -> None:
     frame = _frame(STATUS, _status_body(), version=version)
     with pytest.raises(VersionError, match=f"protocol version {version} is not supported"):
@@ -244,13 +245,17 @@ def test_a_frame_over_the_size_limit_is_refused_before_parsing() -> None:
         decode(frame, Limits(max_frame_bytes=100))
 
 
-def _expected_for_flipped_byte(offset: int) -> tuple[type[ProtocolError], ...]:
+def _expected_for_flipped_byte(offset: int, size: int) -> tuple[type[ProtocolError], ...]:
     if offset < 4:
         return (BadMagicError,)
     if offset == 4:
         return (VersionError,)
-    if 6 <= offset < 12:  # header_len / body_len: the declared size no longer matches
-        return (TruncatedError, TrailingBytesError)
+    if 6 <= offset < 12:  # header_len / body_len: the declared size no longer matches (or a
+        # shorter body leaves bytes that do not parse as a signature block, or the CRC catches it)
+        return (TruncatedError, TrailingBytesError, MalformedError, IntegrityError)
+    if offset == size - 5:  # the (unsigned) signature block's scheme: now it announces a key id and
+        # a signature that are not there, or an unknown scheme
+        return (TruncatedError, MalformedError)
     return (IntegrityError,)  # type code, header, body and the CRC itself are all covered
 
 
@@ -266,7 +271,7 @@ FLIP_FRAMES = {
 def test_every_single_bit_flip_is_refused_with_the_right_error(name: str) -> None:
     frame = FLIP_FRAMES[name]
     for offset in range(len(frame)):
-        expected = _expected_for_flipped_byte(offset)
+        expected = _expected_for_flipped_byte(offset, len(frame))
         for bit in range(8):
             # Prepare
             corrupted = bytearray(frame)

@@ -8,6 +8,7 @@ these examples as seeds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 import zlib
 
@@ -212,7 +213,7 @@ def test_wire_type_codes_are_unique_and_stable() -> None:
 def test_frame_carries_magic_version_and_type_code(cls: type[Message]) -> None:
     frame = encode(EXAMPLES[cls])
     assert frame[:4] == b"SFLM"
-    assert frame[4] == 2 == VERSION
+    assert frame[4] == 3 == VERSION
     assert frame[5] == codec.type_code(cls)
 
 
@@ -373,7 +374,7 @@ def test_round_or_step_outside_u32_is_refused_at_encode(round_: int, step: int, 
 # written by hand from the layout in codec.py's docstring.
 GOLDEN_STATUS_HEX = (
     "53464c4d"  # magic "SFLM"
-    "02"  # version 2
+    "03"  # version 3
     "02"  # type: Status
     "1600"  # header_len u16 = 22
     "05000000"  # body_len u32 = 5
@@ -384,7 +385,8 @@ GOLDEN_STATUS_HEX = (
     "000000000000f83f"  # created_at f64 = 1.5
     "01"  # online = true
     "0200" "6f6b"  # reason: u16 length 2, "ok"
-    "51bd6faa"  # crc32 (zlib) of all of the above, u32
+    "00"  # signature scheme 0: unsigned
+    "c735b45b"  # crc32 (zlib) of all of the above, u32
 )
 
 
@@ -404,7 +406,7 @@ def test_status_frame_matches_the_documented_bytes() -> None:
 # lr 0.1, one Allocation("d7", up 4, down 8, 0.1 W, 1 MHz, per_token), AdamW, momentum 0.5,
 # weight decay 1e-4), by hand: lr and tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
 GOLDEN_PLAN_HEX = (
-    "53464c4d" "02" "03"  # magic, version 2, type: RoundPlan
+    "53464c4d" "03" "03"  # magic, version 3, type: RoundPlan
     "1700"  # header_len u16 = 23
     "43000000"  # body_len u32 = 67
     "02" "7231"  # run_id "r1"
@@ -425,7 +427,8 @@ GOLDEN_PLAN_HEX = (
     "9a9999999999b93f"  # tx_power_w f64 = 0.1
     "0000000080842e41"  # bandwidth_hz f64 = 1e6
     "01"  # per_token = true
-    "55e254b3"  # crc32 (zlib), u32
+    "00"  # signature scheme 0: unsigned
+    "d61fd53c"  # crc32 (zlib), u32
 )
 
 
@@ -440,6 +443,38 @@ def test_round_plan_frame_matches_the_documented_bytes() -> None:
     assert frame.hex() == golden.hex()
     assert struct.unpack("<I", golden[-4:])[0] == zlib.crc32(golden[:-4])
     assert decode(golden) == message
+
+
+# The same Status signed by "d7" with the Ed25519 key whose 32-byte seed is 00 01 02 .. 1f
+# (public key 03a107bf f3ce10be 1d70dd18 e74bc099 67e4d630 9ba50d5f 1ddc8664 125531b8).
+# Ed25519 is deterministic, so these bytes are what every correct signer writes.
+GOLDEN_SIGNED_STATUS_HEX = (
+    GOLDEN_STATUS_HEX[: -len("00c735b45b")]  # the frame up to the body, as above
+    + "01"  # signature scheme 1: Ed25519
+    "02" "6437"  # key_id: u8 length 2, "d7"
+    "d2b93c3d554dc572c40903a55c6f37e776b900128ca87e6b7a6be06e9ca342fa"  # signature (64 bytes) over
+    "0ce87026c299004be86d8e523fa1f1a962413b7eb0798204e00747595f615c02"  # DOMAIN + SHA-256(frame up to the key_id)
+    "637a9fc7"  # crc32 (zlib), u32
+)
+
+
+def test_signed_status_frame_matches_the_documented_bytes() -> None:
+    # Prepare
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_runtime.protocol.signing import DOMAIN, Keyring, SigningKey
+
+    key = SigningKey("d7", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    message = Status(Envelope("r1", 3, "d7", 5, 1.5), online=True, reason="ok")
+    golden = bytes.fromhex(GOLDEN_SIGNED_STATUS_HEX)
+    # Execute
+    frame = encode(message, key)
+    # Assert
+    assert frame.hex() == golden.hex()
+    assert key.public_bytes.hex() == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
+    signed, signature = golden[: -4 - 64], golden[-4 - 64 : -4]
+    key._key.public_key().verify(signature, DOMAIN + hashlib.sha256(signed).digest())  # the rule, by hand
+    assert decode(golden, keys=Keyring({"d7": key.public_bytes}), signer="d7") == message
 
 
 def test_float64_fields_of_the_examples_round_trip_exactly() -> None:

@@ -14,6 +14,7 @@ from edge_runtime.protocol.errors import (
     LimitError,
     MalformedError,
     ProtocolError,
+    SignatureError,
     StaleMessageError,
     TopicError,
     TrailingBytesError,
@@ -42,6 +43,7 @@ from edge_runtime.protocol.messages import (
     weights_to_numpy,
 )
 from edge_runtime.protocol.receive import Deduplicator, Receiver
+from edge_runtime.protocol.signing import KeyFileError, Keyring, SigningKey
 from edge_runtime.protocol.topics import Topics, parse_topic
 
 __all__ = [
@@ -52,5 +54,5 @@ __all__ = [
     "Status", "Telemetry", "Tensor", "TopicError", "Topics", "TrailingBytesError",
     "TruncatedError", "UnknownTypeError", "VERSION", "VersionError", "decode", "encode",
     "parse_topic", "split", "weights_from_numpy", "weights_to_numpy",
-    "OPTIMIZER_CODES",
+    "OPTIMIZER_CODES", "KeyFileError", "Keyring", "SignatureError", "SigningKey",
 ]

@@ -2,7 +2,11 @@
 
 Frame layout (little-endian; docs/protocol.md has the full byte map)::
 
-    magic "SFLM" | version u8 | type u8 | header_len u16 | body_len u32 | header | body | crc32 u32
+    magic "SFLM" | version u8 | type u8 | header_len u16 | body_len u32 | header | body
+        | signature block (scheme u8, then for Ed25519: key_id text8, signature 64 bytes) | crc32 u32
+
+A receiver holding a :class:`~edge_runtime.protocol.signing.Keyring` verifies the signature right
+after the CRC, before the envelope or body is parsed (``signing.py``).
 
 Each message type has a paired ``_put_x`` / ``_get_x`` and its rules (``checks.py``), applied
 on both sides. Decoding validates every declared size against what was received and against
@@ -33,6 +37,7 @@ from edge_runtime.protocol.checks import (
 )
 from edge_runtime.protocol.errors import (
     BadMagicError,
+    SignatureError,
     IntegrityError,
     LimitError,
     MalformedError,
@@ -41,12 +46,13 @@ from edge_runtime.protocol.errors import (
     UnknownTypeError,
     VersionError,
 )
+from edge_runtime.protocol.signing import SCHEME_ED25519, SCHEME_NONE, SIGNATURE_SIZE, Keyring, SigningKey, signed_digest
 from edge_runtime.protocol.wire import Reader, Writer
 from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, QuantizedTensor, num_groups, payload_nbytes
 from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
 
 MAGIC = b"SFLM"
-VERSION = 2
+VERSION = 3
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, type, header_len, body_len
 PREFIX_SIZE = _PREFIX.size
 CRC_SIZE = 4
@@ -442,8 +448,9 @@ def check_message(message: m.Message) -> None:
 # --- frames -----------------------------------------------------------------------------------
 
 
-def encode(message: m.Message) -> bytes:
-    """One complete frame for ``message`` (chunk it with ``chunking.split`` when too large).
+def encode(message: m.Message, signer: SigningKey | None = None) -> bytes:
+    """One complete frame for ``message`` (chunk it with ``chunking.split`` when too large),
+    signed by ``signer`` when given (else its signature block says "unsigned").
 
     The message is checked first against the rules the decoder applies, so nothing is written
     that a receiver would refuse.
@@ -464,6 +471,7 @@ def encode(message: m.Message) -> bytes:
     # resident on the device (docs/reliability.md, "Device-sized buffers")
     header = head.getvalue()
     parts = [_PREFIX.pack(MAGIC, VERSION, codec.code, len(header), sum(len(p) for p in body.parts)), header, *body.parts]
+    parts += signature_block(parts, signer)
     crc = 0
     for part in parts:
         crc = zlib.crc32(part, crc)
@@ -471,14 +479,33 @@ def encode(message: m.Message) -> bytes:
     return b"".join(parts)
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> m.Message:
-    """Parse and validate one frame; any problem raises a ``ProtocolError`` subclass."""
+def signature_block(parts: list[bytes], signer: SigningKey | None) -> list[bytes]:
+    """The signature block that follows ``parts`` (prefix, header, body): scheme, key id, signature."""
+    if signer is None:
+        return [bytes([SCHEME_NONE])]
+    head = Writer()
+    head.u8(SCHEME_ED25519)
+    head.text(signer.key_id)
+    signed = head.getvalue()
+    return [signed, signer.sign(signed_digest([*parts, signed]))]
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS, *,
+           keys: Keyring | None = None, signer: str | None = None) -> m.Message:
+    """Parse and validate one frame; any problem raises a ``ProtocolError`` subclass.
+
+    With ``keys``, the frame must be signed by a key in it (by ``signer``, when given), checked
+    before the envelope and body are parsed (``SignatureError``). Without, the signature block is
+    parsed but not verified: the receiver runs unsigned (docs/protocol.md 2.6).
+    """
     view = memoryview(data)
     code, header_len, body_len = _check_prefix(view, limits)
     frame_len = PREFIX_SIZE + header_len + body_len
-    (crc,) = struct.unpack_from("<I", view, frame_len)
-    if zlib.crc32(view[:frame_len]) != crc:
+    signature = _signature_block(view, frame_len)
+    (crc,) = struct.unpack_from("<I", view, len(view) - CRC_SIZE)
+    if zlib.crc32(view[:-CRC_SIZE]) != crc:
         raise IntegrityError("CRC-32 mismatch: the frame was corrupted or altered")
+    _check_signature(view, signature, keys, signer)
     if code not in _BY_CODE:
         raise UnknownTypeError(f"unknown message type code {code}")
     cls, codec = _BY_CODE[code]
@@ -502,9 +529,38 @@ def _check_prefix(view: memoryview, limits: Limits) -> tuple[int, int, int]:
         raise BadMagicError(f"not an sflam frame (magic {bytes(magic)!r})")
     if version != VERSION:
         raise VersionError(f"protocol version {version} is not supported (this side speaks {VERSION})")
-    declared = PREFIX_SIZE + header_len + body_len + CRC_SIZE
+    declared = PREFIX_SIZE + header_len + body_len + 1 + CRC_SIZE  # at least a one-byte signature block
     if declared > len(view):
         raise TruncatedError(f"frame declares {declared} bytes, received {len(view)}")
-    if declared < len(view):
-        raise TrailingBytesError(f"{len(view) - declared} bytes after the end of the frame")
     return code, header_len, body_len
+
+
+def _signature_block(view: memoryview, frame_len: int) -> tuple[str, bytes] | None:
+    """The signature block after the body: None (unsigned) or (key_id, signature). It must end
+    exactly where the CRC begins (TruncatedError / TrailingBytesError otherwise)."""
+    block = Reader(view[frame_len:], "signature block")
+    scheme = block.u8("signature scheme")
+    found = None
+    if scheme == SCHEME_ED25519:
+        key_id = block.text("key_id")
+        found = key_id, bytes(block.take(SIGNATURE_SIZE, "signature"))
+    elif scheme != SCHEME_NONE:
+        raise MalformedError(f"unknown signature scheme {scheme}")
+    if block.remaining < CRC_SIZE:
+        raise TruncatedError(f"frame declares {len(view) - block.remaining + CRC_SIZE} bytes, received {len(view)}")
+    if block.remaining > CRC_SIZE:
+        raise TrailingBytesError(f"{block.remaining - CRC_SIZE} bytes after the end of the frame")
+    return found
+
+
+def _check_signature(view: memoryview, signature: tuple[str, bytes] | None, keys: Keyring | None,
+                     signer: str | None) -> None:
+    """With ``keys``: SignatureError unless the frame is signed by a key in them (``signer``'s, when given)."""
+    if keys is None:
+        return  # an unsigned receiver: the block was parsed, nothing is verified
+    if signature is None:
+        raise SignatureError("unsigned frame: this receiver accepts signed frames only")
+    key_id, value = signature
+    if signer is not None and key_id != signer:
+        raise SignatureError(f"signed by {key_id!r}; on this topic only {signer!r} may sign")
+    keys.verify(key_id, signed_digest([view[: len(view) - CRC_SIZE - SIGNATURE_SIZE]]), value)

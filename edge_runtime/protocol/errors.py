@@ -57,3 +57,8 @@ class TopicError(ProtocolError):
 
 class ForeignRunError(ProtocolError):
     """A message of another run than the one being served."""
+
+
+class SignatureError(ProtocolError):
+    """A frame without the signature this receiver requires, signed by a key it does not know or
+    that may not speak on this topic, or whose signature does not match its bytes."""

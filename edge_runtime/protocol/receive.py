@@ -20,6 +20,7 @@ from edge_runtime.protocol import messages as m
 from edge_runtime.protocol.chunking import Reassembler
 from edge_runtime.protocol.codec import Limits, decode
 from edge_runtime.protocol.errors import ForeignRunError, ProtocolError, StaleMessageError, TopicError
+from edge_runtime.protocol.signing import SERVER_KEY_ID, Keyring
 from edge_runtime.protocol.topics import TopicRef, Topics
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ ROUND_KEYED = STEP_KEYED + (m.RoundPlan, m.ModelWeights)
 PRESENCE = (m.Hello, m.Status)
 # Topics whose frames reach every device of a run as the same bytes.
 BROADCAST_KINDS = ("plan", "model")
+# Topics a device signs (its own); the server signs every other kind.
+DEVICE_SIGNED = ("up", "status")
 # Which messages may arrive on which kind of topic (chunks carry any of them).
 ALLOWED_ON = {
     "up": (m.Hello, m.Activations, m.RoundUpdate, m.ErrorReport),
@@ -41,6 +44,14 @@ ALLOWED_ON = {
     "plan": (m.RoundPlan,),
     "model": (m.ModelWeights,),
 }
+
+
+def signer_of(ref: TopicRef | None) -> str | None:
+    """Whose signature a frame on ``ref`` must carry: the device on its own ``up`` and ``status``,
+    the server on ``down``, ``plan`` and ``model``; None (any key of the ring) without a topic."""
+    if ref is None:
+        return None
+    return ref.device_id if ref.kind in DEVICE_SIGNED else SERVER_KEY_ID
 
 
 class Deduplicator:
@@ -102,8 +113,11 @@ class Receiver:
     """Decode, reassemble, check topic/run/round, drop duplicates; count every outcome."""
 
     def __init__(self, run_id: str, reassembler: Reassembler | None = None, dedup: Deduplicator | None = None,
-                 broadcast_decode: Callable[[bytes, Limits], m.Message] | None = None) -> None:
+                 broadcast_decode: Callable[..., m.Message] | None = None, keys: Keyring | None = None) -> None:
         self.topics = Topics(run_id)
+        # signed mode: every frame must carry the signature of the party allowed on its topic
+        # (signer_of); None: unsigned mode, signatures are not checked (docs/protocol.md 2.6)
+        self.keys = keys
         # how frames on the broadcast topics (plan, model) are decoded: a device host passes one
         # shared decoder, so the identical bytes every device receives are decoded once
         self.broadcast_decode = broadcast_decode or decode
@@ -138,6 +152,8 @@ class Receiver:
         if not data:  # an empty publish clears a retained topic: not an error
             self.counters["empty"] += 1
             return None
+        if self.keys is not None:
+            self.keys.refresh()  # a revoked device's key leaves the ring without a restart
         try:
             message = self._receive(data, topic)
         except ProtocolError as exc:
@@ -157,11 +173,13 @@ class Receiver:
     def _receive(self, data: bytes, topic: str | None) -> m.Message | None:
         ref = self.topics.parse(topic) if topic is not None else None
         broadcast = ref is not None and ref.kind in BROADCAST_KINDS
-        message = (self.broadcast_decode if broadcast else decode)(data, self.reassembler.limits)
+        limits, signer = self.reassembler.limits, signer_of(ref)
+        message = (self.broadcast_decode if broadcast else decode)(data, limits, keys=self.keys, signer=signer)
         self._check_origin(message, ref)  # before a chunk takes buffer space
         if isinstance(message, m.Chunk):
             late = self.reassembler.is_completed(message)
-            chunk, message = message, self.reassembler.add(message)
+            chunk, message = message, self.reassembler.add(
+                message, decoder=lambda frame: decode(frame, limits, keys=self.keys, signer=signer))
             if message is None:
                 if late:
                     self._duplicate(chunk.envelope)
