@@ -1,19 +1,21 @@
 """``sflam fleet provision``: everything a TLS-only, per-device-authenticated broker needs.
 
-One call writes, into a new directory: a CA and a server certificate signed by it (ECDSA P-256),
-a random password per device and for the server, mosquitto's password file (``$7$`` PBKDF2-SHA512,
-hashed here so ``mosquitto_passwd`` is not needed), an ACL that confines each device to its own
-topics (docs/protocol.md section 1), a ``mosquitto.conf`` with one TLS listener and no anonymous access,
-a ``fleet.json`` manifest and a README with the commands. docs/security.md has the threat model.
-Everything is generated in memory first, then written; secrets are created 0600 (never widened).
+One call writes, into a new directory (layout in :mod:`sflam.fleet_layout`): a CA and a server
+certificate signed by it (ECDSA P-256; the CA's key is kept only with ``--write-ca-key``), a
+random password per device and for the server, an Ed25519 signing key per device and for the
+server (:mod:`sflam.fleet_keys`), mosquitto's password file (``$7$`` PBKDF2-SHA512, hashed here so
+``mosquitto_passwd`` is not needed), an ACL that confines each device to its own topics
+(docs/protocol.md section 1), a ``mosquitto.conf`` with one TLS listener, no anonymous access and
+limits sized for the fleet (:mod:`sflam.fleet_broker`), a ``fleet.json`` manifest and a README
+with the commands. docs/security.md has the threat model. Everything is generated in memory
+first, then written; secrets are created 0600 (never widened), folders 0700, and a folder others
+may write into is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -21,22 +23,29 @@ import pwd
 import re
 import secrets
 import shlex
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES
 from edge_runtime.protocol.topics import Topics, check_id
+from sflam import fleet_layout as layout
+from sflam.fleet_broker import SERVER_USERNAME, BrokerLimits, acl_text, mosquitto_conf_text, mosquitto_hash
+from sflam.fleet_keys import FleetKeys, generate_keys
 from sflam.fleet_pki import issue_certificates
 from sflam_common.problems import ProblemsError
 
-SERVER_USERNAME = "sflam-server"
+__all__ = ["SERVER_USERNAME", "FleetFiles", "FleetSpec", "add_user", "build", "check_location", "cmd_fleet_provision",
+           "manifest", "mosquitto_hash", "provision", "readme_text", "write"]
+
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 MAX_DEVICES = 100_000
 MAX_DAYS = 36_500
+MIN_FRAME_BYTES = 1024  # what server_runtime.config accepts for broker.max_frame_bytes
+MAX_FRAME_BYTES = 256 * 1024 * 1024 - 4096  # an MQTT packet holds at most 256 MiB, framing included
 PASSWORD_BYTES = 24  # 192 random bits: key stretching adds nothing, so mosquitto's default count is enough
-PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default (PW_DEFAULT_ITERATIONS)
-PBKDF2_SALT_BYTES = 12  # mosquitto_passwd's salt length
-SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
+SECRET_MODE, PUBLIC_MODE, DIR_MODE = 0o600, 0o644, 0o700
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -53,6 +62,8 @@ class FleetSpec:
     days: int = 365
     bind: str | None = None  # listener address; None: loopback for loopback names, else every interface
     broker_user: str | None = None  # who mosquitto runs as when started as root; None: whoever provisions
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # what senders chunk to: sizes the broker's max_packet_size
+    write_ca_key: bool = False  # keep the CA's private key (ca.key); otherwise it is dropped once it has signed
 
     def check(self) -> None:
         """ProblemsError (a ValueError) naming every bad field."""
@@ -63,6 +74,9 @@ class FleetSpec:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         if not 1 <= self.days <= MAX_DAYS:
             problems.append(f"--days must be in 1..{MAX_DAYS}, got {self.days}")
+        if not MIN_FRAME_BYTES <= self.max_frame_bytes <= MAX_FRAME_BYTES:
+            problems.append(f"--max-frame-bytes must be in {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES}, "
+                            f"got {self.max_frame_bytes}")
         problems.append(_id_problem(self.run_id, "--run-id"))
         if isinstance(self.devices, int) and 1 <= self.devices <= MAX_DEVICES:
             problems.append(_id_problem(self.device_ids()[-1], "--device-prefix + index (the device id)"))
@@ -95,6 +109,11 @@ class FleetSpec:
         return self.broker_user or pwd.getpwuid(os.geteuid()).pw_name
 
     @property
+    def limits(self) -> BrokerLimits:
+        """The broker's limits for this many devices and this frame size."""
+        return BrokerLimits.for_fleet(self.devices, self.max_frame_bytes)
+
+    @property
     def broker_url(self) -> str:
         host = self.hostnames[0]
         return f"mqtts://[{host}]:{self.port}" if ":" in host else f"mqtts://{host}:{self.port}"
@@ -111,55 +130,7 @@ class FleetFiles:
         self.files[path] = (content.encode() if isinstance(content, str) else content, mode)
 
 
-# ---------------------------------------------------------------- pieces
-
-
-def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
-    """A mosquitto 2 password-file hash: ``$7$iterations$b64(salt)$b64(PBKDF2-HMAC-SHA512)``."""
-    salt = secrets.token_bytes(PBKDF2_SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def acl_text(run_id: str, device_ids: list[str]) -> str:
-    """mosquitto acl_file: the server owns the run's prefix; device d writes d/up, d/status, reads d/down, plan, model."""
-    t = Topics(run_id)
-    lines = [f"# sflam fleet ACL for run {run_id!r}: users not listed here (and anonymous clients) get nothing.",
-             "", f"user {SERVER_USERNAME}", f"topic readwrite {t.prefix}/#"]
-    for device_id in device_ids:
-        lines += ["", f"user {device_id}", f"topic write {t.up(device_id)}", f"topic write {t.status(device_id)}",
-                  f"topic read {t.down(device_id)}", f"topic read {t.retained_filter('plan')}",
-                  f"topic read {t.retained_filter('model')}"]
-    return "\n".join(lines) + "\n"
-
-
-def mosquitto_conf_text(spec: FleetSpec, root: Path) -> str:
-    """One TLS listener (TLS 1.2+), passwords + ACL, no anonymous access, no persistence, TCP_NODELAY."""
-    address = spec.listen_address
-    listener = f"listener {spec.port} {address}" if address else f"listener {spec.port}"
-    return "\n".join([
-        f"# sflam fleet broker for run {spec.run_id!r} ({spec.broker_url}); start: mosquitto -c {root / 'mosquitto.conf'}",
-        "# Paths are absolute: provision again rather than move this directory.",
-        "# started as root, mosquitto switches to this user, who must be able to read the 0600 files here",
-        f"user {spec.run_as}",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {root / 'passwd'}",
-        f"acl_file {root / 'acl'}",
-        "persistence false",
-        "set_tcp_nodelay true",
-        "log_dest stderr",
-        "",
-        listener,
-        "protocol mqtt",
-        f"cafile {root / 'ca.crt'}",
-        f"certfile {root / 'server.crt'}",
-        f"keyfile {root / 'server.key'}",
-        "tls_version tlsv1.2",
-        "require_certificate false",
-        "# a device cannot take over another's session (or kick it off) by reusing its client id",
-        "use_username_as_clientid true",
-    ]) + "\n"
+# ---------------------------------------------------------------- checks
 
 
 def _id_problem(value: str, what: str) -> str | None:
@@ -180,7 +151,7 @@ def _is_hostname(name: str) -> bool:
     return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in name.rstrip(".").split("."))
 
 
-# ---------------------------------------------------------------- building and writing
+# ---------------------------------------------------------------- building
 
 
 def build(spec: FleetSpec, root: Path) -> FleetFiles:
@@ -189,23 +160,41 @@ def build(spec: FleetSpec, root: Path) -> FleetFiles:
     if not root.is_absolute() or any(c in str(root) for c in "\r\n"):
         raise ValueError(f"the fleet directory must be an absolute path on one line (mosquitto.conf names it): {root!r}")
     fleet = FleetFiles(spec)
-    pki = issue_certificates(_subject_names(spec.hostnames), spec.days)
-    fleet.add("ca.key", pki.ca_key, SECRET_MODE)
-    fleet.add("ca.crt", pki.ca_cert)
-    fleet.add("server.key", pki.server_key, SECRET_MODE)
-    fleet.add("server.crt", pki.server_cert)
+    pki = issue_certificates(_subject_names(spec.hostnames), spec.days, keep_ca_key=spec.write_ca_key)
+    if pki.ca_key is not None:
+        fleet.add(layout.CA_KEY, pki.ca_key, SECRET_MODE)
+    fleet.add(layout.CA_CERT, pki.ca_cert)
+    fleet.add(layout.BROKER_CA_CERT, pki.ca_cert)
+    fleet.add(layout.SERVER_TLS_KEY, pki.server_key, SECRET_MODE)
+    fleet.add(layout.SERVER_CERT, pki.server_cert)
+    _add_passwords(fleet)
+    keys = generate_keys(spec.device_ids())
+    for path, pem, secret in keys.files:
+        fleet.add(path, pem, SECRET_MODE if secret else PUBLIC_MODE)
+    fleet.add(layout.ACL, acl_text(spec.run_id, spec.device_ids()), SECRET_MODE)
+    fleet.add(layout.MOSQUITTO_CONF, _conf_text(spec, root))
+    fleet.add(layout.MANIFEST, json.dumps(manifest(spec, pki.not_after, keys), indent=2) + "\n")
+    fleet.add(layout.README, readme_text(spec, root, pki.not_after))
+    return fleet
+
+
+def _add_passwords(fleet: FleetFiles) -> None:
+    """A random password file for the server and each device, and mosquitto's passwd with their hashes."""
+    users = [(SERVER_USERNAME, layout.SERVER_PASSWORD)] + [(d, layout.device_password(d))
+                                                           for d in fleet.spec.device_ids()]
     passwd = []
-    for username, path in [(SERVER_USERNAME, "server.password")] + [(d, f"devices/{d}.password")
-                                                                      for d in spec.device_ids()]:
+    for username, path in users:
         password = secrets.token_urlsafe(PASSWORD_BYTES)
         fleet.add(path, password + "\n", SECRET_MODE)
         passwd.append(f"{username}:{mosquitto_hash(password)}")
-    fleet.add("passwd", "\n".join(passwd) + "\n", SECRET_MODE)  # mosquitto >= 2.0.16 warns on readable ones
-    fleet.add("acl", acl_text(spec.run_id, spec.device_ids()), SECRET_MODE)
-    fleet.add("mosquitto.conf", mosquitto_conf_text(spec, root))
-    fleet.add("fleet.json", json.dumps(manifest(spec, pki.not_after), indent=2) + "\n")
-    fleet.add("README.txt", readme_text(spec, root, pki.not_after))
-    return fleet
+    fleet.add(layout.PASSWD, "\n".join(passwd) + "\n", SECRET_MODE)  # mosquitto >= 2.0.16 warns on readable ones
+
+
+def _conf_text(spec: FleetSpec, root: Path) -> str:
+    address = spec.listen_address
+    listener = f"listener {spec.port} {address}" if address else f"listener {spec.port}"
+    return mosquitto_conf_text(root, run_id=spec.run_id, broker_url=spec.broker_url, run_as=spec.run_as,
+                               listener=listener, limits=spec.limits)
 
 
 def _subject_names(hostnames: tuple[str, ...]) -> list[str]:
@@ -216,27 +205,41 @@ def _subject_names(hostnames: tuple[str, ...]) -> list[str]:
     return names
 
 
-def manifest(spec: FleetSpec, not_after: dt.datetime) -> dict:
-    """fleet.json: what was provisioned and where each file is (paths relative to the directory)."""
+def manifest(spec: FleetSpec, not_after: dt.datetime, keys: FleetKeys) -> dict:
+    """fleet.json: what was provisioned, every party's public key, and where each file is (paths
+    relative to the directory). ``sflam fleet revoke`` moves a device from "devices" to "revoked"."""
+    files = {"ca_cert": layout.CA_CERT, "server_cert": layout.SERVER_CERT, "server_key": layout.SERVER_TLS_KEY,
+             "broker_ca_cert": layout.BROKER_CA_CERT, "passwd": layout.PASSWD, "acl": layout.ACL,
+             "mosquitto_conf": layout.MOSQUITTO_CONF, "server_public_key": layout.SERVER_PUBLIC_KEY}
+    if spec.write_ca_key:
+        files["ca_key"] = layout.CA_KEY
+    limits = spec.limits
     return {
-        "format": 1,
+        "format": layout.MANIFEST_FORMAT,
         "run_id": spec.run_id,
         "topics_prefix": Topics(spec.run_id).prefix,
         "broker_url": spec.broker_url,
         "hostnames": list(spec.hostnames),
         "listen": {"address": spec.listen_address or "*", "port": spec.port},
         "certificates_not_after": not_after.isoformat(),
-        "server": {"username": SERVER_USERNAME, "password_file": "server.password"},
-        "devices": [{"id": d, "username": d, "password_file": f"devices/{d}.password"} for d in spec.device_ids()],
-        "files": {"ca_cert": "ca.crt", "ca_key": "ca.key", "server_cert": "server.crt", "server_key": "server.key",
-                  "passwd": "passwd", "acl": "acl", "mosquitto_conf": "mosquitto.conf"},
+        "broker_limits": {"max_frame_bytes": spec.max_frame_bytes, "max_packet_size": limits.max_packet_size,
+                          "max_queued_messages": limits.max_queued_messages,
+                          "max_inflight_messages": limits.max_inflight_messages,
+                          "max_connections": limits.max_connections},
+        "server": {"username": SERVER_USERNAME, "password_file": layout.SERVER_PASSWORD,
+                   "public_key": keys.server_public, "signing_key_file": layout.SERVER_SIGNING_KEY},
+        "devices": [{"id": d, "username": d, "password_file": layout.device_password(d),
+                     "public_key": keys.device_public[d], "signing_key_file": layout.device_signing_key(d)}
+                    for d in spec.device_ids()],
+        "revoked": [],
+        "files": files,
     }
 
 
 def readme_text(spec: FleetSpec, root: Path, not_after: dt.datetime) -> str:
     """How to start the broker, the server and each device with these files."""
     ids = spec.device_ids()
-    span, conf = _span(ids), shlex.quote(str(root / "mosquitto.conf"))
+    span, conf = _span(ids), shlex.quote(str(root / layout.MOSQUITTO_CONF))
     return f"""sflam fleet for run {spec.run_id!r}: {_span(ids, count=True)}, broker {spec.broker_url}
 Certificates expire {not_after:%Y-%m-%d}. See docs/security.md for what this protects and what it does not.
 
@@ -248,20 +251,40 @@ Certificates expire {not_after:%Y-%m-%d}. See docs/security.md for what this pro
    url = "{spec.broker_url}"
    run_id = "{spec.run_id}"
    username = "{SERVER_USERNAME}"
-   password_file = {json.dumps(str(root / "server.password"))}
-   ca_file = {json.dumps(str(root / "ca.crt"))}
+   password_file = {json.dumps(str(root / layout.SERVER_PASSWORD))}
+   ca_file = {json.dumps(str(root / layout.CA_CERT))}
+   max_frame_bytes = {spec.max_frame_bytes}
+
+   [security]
+   signing = "ed25519"
+   signing_key = {json.dumps(str(root / layout.SERVER_SIGNING_KEY))}
+   device_keys = {json.dumps(str(root / layout.MANIFEST))}
    then: sflam server --config run.toml
 
-3. Each device gets ca.crt and its own devices/<id>.password, nothing else; from this directory:
+3. Each device gets ca.crt, {layout.SERVER_PUBLIC_KEY}, and its own {layout.device_password('<id>')} and
+   {layout.device_signing_key('<id>')}, nothing else; from this directory:
    sflam device --bundle BUNDLE --data npz:SHARD.npz --run-id {spec.run_id} --device-id {ids[0]} \\
-       --broker {spec.broker_url} --ca-file ca.crt --username {ids[0]} --password-file devices/{ids[0]}.password
+       --broker {spec.broker_url} --ca-file ca.crt --username {ids[0]} \\
+       --password-file {layout.device_password(ids[0])} \\
+       --signing-key {layout.device_signing_key(ids[0])} --server-key {layout.SERVER_PUBLIC_KEY}
    (likewise for every id in {span})
 
-ca.key signs certificates the devices will trust: keep it offline, not on the broker.
-The broker needs ca.crt, server.crt, server.key, passwd, acl and mosquitto.conf. Started as root,
-mosquitto switches to user {spec.run_as!r} (`user` in mosquitto.conf), who must be able to read them
-(server.key, passwd and acl are 0600): provision as that user, or chown them to it.
+4. To revoke a device: sflam fleet revoke --fleet {shlex.quote(str(root))} --device ID [--broker-pid PID]
+
+{_ca_key_note(spec, not_after)}
+The broker needs {layout.BROKER_DIR}/ and nothing else. Started as root, mosquitto switches to user
+{spec.run_as!r} (`user` in mosquitto.conf), who must be able to read {layout.BROKER_DIR}/ (0700) and its
+server.key, passwd and acl (0600): provision as that user, or chown {layout.BROKER_DIR}/ and its files to it.
+{layout.CREDENTIALS_DIR}/ and {layout.KEYS_DIR}/ are for the server and the devices; the broker never reads them.
 """
+
+
+def _ca_key_note(spec: FleetSpec, not_after: dt.datetime) -> str:
+    if spec.write_ca_key:
+        return (f"{layout.CA_KEY} signs certificates the devices will trust: move it offline now, "
+                "off the broker and the devices.")
+    return ("The CA's private key was not kept (--write-ca-key keeps it): no other certificate can be issued "
+            f"under this CA.\nBefore {not_after:%Y-%m-%d}, or to change host names, provision a new fleet.")
 
 
 def _span(ids: list[str], count: bool = False) -> str:
@@ -270,19 +293,44 @@ def _span(ids: list[str], count: bool = False) -> str:
     return f"{len(ids)} device{'s' if len(ids) > 1 else ''} ({span})" if count else span
 
 
+# ---------------------------------------------------------------- writing
+
+
+def check_location(out: Path) -> None:
+    """PermissionError when others could swap the fleet's files: ``out`` exists and is group- or
+    other-writable, or the folder it is (to be) made in is, without the sticky bit (/tmp has it)."""
+    if out.exists() and stat.S_IMODE(out.stat().st_mode) & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{out} is writable by group or others (mode {_mode(out):04o}): they could replace "
+                              f"the broker's files or its keys; chmod go-w it, or provision into another folder")
+    parent = out.parent
+    while not parent.exists():  # the nearest folder that exists; provision makes the rest
+        parent = parent.parent
+    mode = parent.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise PermissionError(f"{parent} is writable by group or others and not sticky (mode {_mode(parent):04o}): "
+                              f"they could rename {out.name} and put their own files in its place; chmod go-w it "
+                              f"(or +t), or provision into a folder of your own")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def _refuse_existing(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; provision into a new one")
 
 
 def write(fleet: FleetFiles, out: Path) -> None:
-    """Create ``out`` (0700; refused when it exists and is not empty) and write every file with its mode."""
+    """Create ``out`` and its folders (0700; refused when it exists and is not empty) and write every
+    file with its mode."""
     _refuse_existing(out)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    for folder in (out, *(out / d for d in layout.PRIVATE_DIRS)):
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(folder, DIR_MODE)  # whatever the umask
     for rel, (content, mode) in fleet.files.items():
-        path = out / rel
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # never wider than mode ...
+        fd = os.open(out / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # never wider than mode ...
         os.fchmod(fd, mode)  # ... nor narrower, whatever the umask
         with os.fdopen(fd, "wb") as f:
             f.write(content)
@@ -291,6 +339,7 @@ def write(fleet: FleetFiles, out: Path) -> None:
 def provision(spec: FleetSpec) -> FleetFiles:
     """Build the fleet and write it into ``spec.out``; returns what was written."""
     root = spec.out.resolve()
+    check_location(root)
     _refuse_existing(root)  # before spending time on keys
     fleet = build(spec, root)
     write(fleet, root)
@@ -302,17 +351,23 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
     spec = FleetSpec(
         devices=args.devices, out=Path(args.out), hostnames=tuple(args.hostname or ("127.0.0.1",)),
         run_id=args.run_id, device_prefix=args.device_prefix, port=args.port, days=args.days, bind=args.bind,
-        broker_user=args.broker_user,
+        broker_user=args.broker_user, max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
+        write_ca_key=args.write_ca_key,
     )
     provision(spec)
     root = spec.out.resolve()
-    ids = spec.device_ids()
-    print(f"provisioned {_span(ids, count=True)} for run {spec.run_id!r} in {root}")
-    print(f"broker: {spec.broker_url}   start it with: mosquitto -c {shlex.quote(str(root / 'mosquitto.conf'))}")
+    limits = spec.limits
+    print(f"provisioned {_span(spec.device_ids(), count=True)} for run {spec.run_id!r} in {root}")
+    print(f"broker: {spec.broker_url}   start it with: mosquitto -c {shlex.quote(str(root / layout.MOSQUITTO_CONF))}")
+    print(f"broker limits: max_packet_size {limits.max_packet_size} (frames of {spec.max_frame_bytes} bytes), "
+          f"max_queued_messages {limits.max_queued_messages}, max_inflight_messages {limits.max_inflight_messages}, "
+          f"max_connections {limits.max_connections}")
+    if not spec.write_ca_key:
+        print("the CA's private key was not kept: this fleet cannot issue new certificates (--write-ca-key keeps it)")
     if spec.run_as == "root":
         print("warning: mosquitto.conf says `user root`, so a broker started as root keeps root privileges; "
               "provision as an unprivileged user or pass --broker-user (and chown the files to it)", file=sys.stderr)
-    print(f"next steps: {root / 'README.txt'}")
+    print(f"next steps: {root / layout.README}")
     return 0
 
 
@@ -324,12 +379,12 @@ def add_user(fleet_dir: Path, username: str, acl_lines: list[str]) -> Path:
     if problem:
         raise ValueError(problem)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
-    path = fleet_dir / f"{username}.password"
+    path = fleet_dir / layout.user_password(username)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(password + "\n")
-    with open(fleet_dir / "passwd", "a", encoding="utf-8") as f:
+    with open(fleet_dir / layout.PASSWD, "a", encoding="utf-8") as f:
         f.write(f"{username}:{mosquitto_hash(password)}\n")
-    with open(fleet_dir / "acl", "a", encoding="utf-8") as f:
+    with open(fleet_dir / layout.ACL, "a", encoding="utf-8") as f:
         f.write(f"\nuser {username}\n" + "".join(line + "\n" for line in acl_lines))
     return path

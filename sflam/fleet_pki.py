@@ -3,7 +3,8 @@
 Devices verify the broker against the CA and the broker's name against the server certificate's
 subjectAltName (DNS names and IP addresses, as given). There are no client certificates: devices
 authenticate with passwords (:mod:`sflam.fleet`). Keys are unencrypted PKCS#8 PEM; the caller
-writes them 0600.
+writes them 0600. The CA's private key is serialized only when asked for: otherwise it is dropped
+once it has signed, and the fleet can issue no other certificate.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ CLOCK_SKEW = dt.timedelta(minutes=5)  # not-before this far back: a device clock
 
 @dataclass(frozen=True)
 class Pki:
-    """PEM bytes of the CA and server keys and certificates, and when the certificates expire."""
+    """PEM bytes of the CA and server keys and certificates, and when the certificates expire;
+    ``ca_key`` is None unless it was asked for."""
 
-    ca_key: bytes
+    ca_key: bytes | None
     ca_cert: bytes
     server_key: bytes
     server_cert: bytes
     not_after: dt.datetime
 
 
-def issue_certificates(names: list[str], days: int) -> Pki:
-    """A new CA and a server certificate for ``names`` (the first is the subject CN), both valid ``days``."""
+def issue_certificates(names: list[str], days: int, *, keep_ca_key: bool = False) -> Pki:
+    """A new CA and a server certificate for ``names`` (the first is the subject CN), both valid
+    ``days``; the CA's key comes back only with ``keep_ca_key``."""
     if not names:
         raise ValueError("a server certificate needs at least one host name")
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -58,7 +61,7 @@ def issue_certificates(names: list[str], days: int) -> Pki:
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    return Pki(_pem_key(ca_key), ca_cert.public_bytes(serialization.Encoding.PEM),
+    return Pki(_pem_key(ca_key) if keep_ca_key else None, ca_cert.public_bytes(serialization.Encoding.PEM),
                _pem_key(server_key), server_cert.public_bytes(serialization.Encoding.PEM), not_after)
 
 
