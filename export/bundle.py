@@ -286,13 +286,21 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-# Installed by `sflam flash`, which replaces @BUNDLE@ with the bundle's directory.
+# Rendered by `sflam flash` for the installed bundle's directory and for the ssh user that flashed
+# it (no Group=: systemd then uses that user's login group).
+User=@USER@
 WorkingDirectory=@BUNDLE@
 # SFLAM_DEVICE_ARGS="--broker mqtts://broker:8883 --device-id jetson-07 --data npz:/data/shard.npz"
 EnvironmentFile=-@BUNDLE@/device.env
 ExecStart=@BUNDLE@/launch.sh $SFLAM_DEVICE_ARGS
 Restart=on-failure
 RestartSec=5
+# Sandbox: no privilege gain, the whole file system read-only except the bundle, a private /tmp.
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+ReadWritePaths=@BUNDLE@
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target

@@ -7,7 +7,8 @@ after the other; a failing step raises :class:`FlashError` naming the step and t
 
 Over ssh the bundle travels as a tar stream, is verified remotely with ``sha256sum -c`` against
 checksums taken from the local manifest, gets a Python environment and a systemd unit, and
-finally must pass ``launch.sh --check`` on the device.
+finally must pass ``launch.sh --check`` on the device. With ``--fleet DIR --device-id ID`` the
+device's signing keys go to ``<path>/keys`` too (:mod:`export.flash_keys`), outside the manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import IO
 from urllib.parse import SplitResult, urlsplit
 
 from edge_runtime.bundle import MANIFEST, BundleError, file_sha256, read_manifest, verify_bundle
+from export import flash_keys
 
 log = logging.getLogger(__name__)
 UNIT_NAME = "sflam-device.service"
@@ -163,6 +165,18 @@ class SshOptions:
     connect_timeout_s: int = 15
 
 
+def check_remote_python(value: str, option: str = "--remote-python") -> str:
+    """``value`` when it is an absolute path that a systemd unit and a shell take literally.
+
+    It becomes ``Environment=SFLAM_PYTHON=...`` in the unit: a newline would add directives, and
+    ``%``, ``$``, quotes, ``\\`` or ``;`` would be expanded or split there; FlashError names the value.
+    """
+    if not value.startswith("/") or not _PATH.match(value):
+        raise FlashError(f"{option} {value!r}: expected an absolute path of letters, digits and ._+@-/ only "
+                         "(no spaces, control characters, quotes, $, %, ; or backslashes)")
+    return value
+
+
 @dataclass(frozen=True)
 class FlashOptions:
     """What to set up on the device besides the files."""
@@ -173,6 +187,11 @@ class FlashOptions:
     wheels: tuple[Path, ...] = ()  # copied to <path>/wheels and offered to pip (--find-links)
     pip_args: tuple[str, ...] = ()
     ssh: SshOptions = field(default_factory=SshOptions)
+    keys: flash_keys.DeviceKeys | None = None  # installed in <path>/keys (ssh and adb)
+
+    def __post_init__(self) -> None:
+        if self.remote_python is not None:
+            check_remote_python(self.remote_python, "remote_python")
 
 
 
@@ -233,6 +252,9 @@ def plan_ssh(bundle: Path, target: Target, options: FlashOptions) -> list[Step]:
              f"tar of {len(names)} files from {bundle}", timeout_s=1800),
         verify_step(bundle, target, options.ssh, names),
     ]
+    if options.keys:
+        steps.append(Step(flash_keys.INSTALL_STEP, ssh(flash_keys.ssh_install_command(target.path)),
+                          Upload(options.keys.members), options.keys.note))
     if options.venv and not options.remote_python:
         steps += _venv_steps(bundle, target, options)
     steps.append(check_step(target, options))
@@ -269,10 +291,22 @@ def check_step(target: Target, options: FlashOptions) -> Step:
 
 
 def render_unit(template: str, target: Target, remote_python: str | None) -> str:
-    """The bundle's unit template for its installed location (and interpreter, when given)."""
-    unit = template.replace("@BUNDLE@", target.path)
-    if remote_python:
-        unit = unit.replace("[Service]\n", f"[Service]\nEnvironment=SFLAM_PYTHON={remote_python}\n", 1)
+    """The bundle's unit template for its installed location, run as the ssh user (and interpreter).
+
+    A root target renders ``User=root``: the flashing user owns the installed files, so it is the one
+    account sure to read them without a chown; the sandbox still applies (docs/export.md 8.4).
+    """
+    if "User=@USER@" not in template:
+        raise FlashError("the bundle's systemd unit has no User=@USER@ (exported by an older sflam): "
+                         "re-export the bundle, or flash it with --no-unit")
+    if not _USER.match(target.user) or not target.path.startswith("/") or not _PATH.match(target.path):
+        raise FlashError(f"cannot render a unit for user {target.user!r} and path {target.path!r}")
+    if target.user == "root":
+        log.warning("the systemd unit will run the device as root; flash as an unprivileged user to avoid that")
+    unit = template.replace("@USER@", target.user).replace("@BUNDLE@", target.path)
+    if remote_python is not None:
+        python = check_remote_python(remote_python)
+        unit = unit.replace("[Service]\n", f"[Service]\nEnvironment=SFLAM_PYTHON={python}\n", 1)
     return unit
 
 
@@ -289,16 +323,20 @@ def _unit_step(bundle: Path, target: Target, options: FlashOptions) -> Step:
 
 
 
-def plan_adb(bundle: Path, target: Target, staging: Path) -> list[Step]:
+def plan_adb(bundle: Path, target: Target, staging: Path, keys: flash_keys.DeviceKeys | None = None) -> list[Step]:
     """Every command of an adb flash; generated files (checksums, Termux runner) go to ``staging``."""
-    bundle, names = Path(bundle), bundle_files(bundle)
+    bundle, names, key_files = Path(bundle), bundle_files(bundle), keys.members if keys else ()
     (Path(staging) / CHECKSUMS).write_bytes(checksum_list(bundle, names))
     (Path(staging) / RUNNER).write_text(TERMUX_RUNNER.replace("@REQUIREMENT@", _sflam_requirement(bundle)))
     adb, q = ("adb", "-s", target.serial), shlex.quote(target.path)
-    dirs = sorted({str(PurePosixPath(target.path, n).parent) for n in names})
+    dirs = sorted({str(PurePosixPath(target.path, n).parent) for n in [*names, *(n for n, _ in key_files)]})
     steps = [Step("create remote dir", (*adb, "shell", shlex.join(["mkdir", "-p", *dirs])))]
     pushes = [(bundle / n, n) for n in names] + [(Path(staging) / n, n) for n in (CHECKSUMS, RUNNER)]
+    pushes += [(local, n) for n, local in key_files]
     steps += [Step(f"copy {n}", (*adb, "push", str(local), f"{target.path}/{n}"), timeout_s=1800) for local, n in pushes]
+    if keys:
+        protect = flash_keys.adb_protect_command(target.path)
+        steps.append(Step(flash_keys.PROTECT_STEP, (*adb, "shell", protect), expect=flash_keys.KEY_MODE_MARK))
     verify = f"cd {q} && sha256sum -c {CHECKSUMS} && echo {_VERIFIED}"
     steps.append(Step("verify hashes", (*adb, "shell", verify), timeout_s=600, expect=_VERIFIED))
     return steps
@@ -314,6 +352,8 @@ dest=${SFLAM_HOME:-$HOME/sflam}/$(basename "$src")
 mkdir -p "$dest"
 cp -r "$src"/. "$dest"/
 cd "$dest"
+# keys/ comes from shared storage, which keeps no modes: the device refuses a key others can read
+if [ -f keys/device.key ]; then chmod 700 keys && chmod 600 keys/device.key; fi
 sha256sum -c SHA256SUMS >/dev/null
 chmod 755 launch.sh
 python=${SFLAM_PYTHON:-}
@@ -429,7 +469,9 @@ def plan(bundle: Path, target: Target, options: FlashOptions, staging: Path) -> 
     """The flash's commands for the target's kind."""
     if not Path(bundle).is_dir():
         raise FlashError(f"bundle {bundle}: not a directory")
-    return plan_adb(bundle, target, staging) if target.scheme == "adb" else plan_ssh(bundle, target, options)
+    if target.scheme == "adb":
+        return plan_adb(bundle, target, staging, options.keys)
+    return plan_ssh(bundle, target, options)
 
 
 def execute(steps: Sequence[Step], target: Target, progress: Progress = log.info) -> None:
@@ -450,9 +492,12 @@ def _report(step: Step, stdout: str, target: Target, progress: Progress) -> None
             progress(f"    no systemd on {target.where}: unit not installed")
         else:
             progress(
-                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME}; put SFLAM_DEVICE_ARGS=\"--broker URL "
-                f"--device-id ID --data SPEC\" in {target.path}/device.env, then: systemctl start {UNIT_NAME}"
+                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME} (runs as {target.user}); put "
+                f"SFLAM_DEVICE_ARGS=\"--broker URL --device-id ID --data SPEC\" in {target.path}/device.env, "
+                f"then: systemctl start {UNIT_NAME}"
             )
+    elif step.name == flash_keys.PROTECT_STEP:
+        progress(flash_keys.adb_key_report(stdout))
     elif step.name == "launch.sh --check":
         for line in stdout.strip().splitlines():
             progress(f"    {line}")
@@ -481,10 +526,12 @@ def cmd_flash(args: argparse.Namespace) -> int:
     print(f"done: {target.where}:{target.path} verified" + (" and checked" if target.scheme == "ssh" else ""))
     if target.scheme == "adb":
         print(f"on the phone, in Termux: sh {target.path}/{RUNNER} --check")
+    print(flash_keys.keys_line(options.keys, target.path))
     return 0
 
 
 def _options(args: argparse.Namespace) -> FlashOptions:
+    keys = flash_keys.keys_from_options(args.fleet, args.device_id)  # first: a half-given pair is a usage error
     wheels = tuple(Path(w) for w in (args.wheel or ()))
     missing = [str(w) for w in wheels if not w.is_file()]
     if missing:
@@ -495,5 +542,6 @@ def _options(args: argparse.Namespace) -> FlashOptions:
         config=Path(args.ssh_config) if args.ssh_config else None,
         extra=tuple(args.ssh_option or ()),
     )
-    return FlashOptions(remote_python=args.remote_python, venv=not args.no_venv, unit=not args.no_unit,
-                        wheels=wheels, pip_args=tuple(args.pip_arg or ()), ssh=ssh)
+    remote_python = None if args.remote_python is None else check_remote_python(args.remote_python)
+    return FlashOptions(remote_python=remote_python, venv=not args.no_venv, unit=not args.no_unit,
+                        wheels=wheels, pip_args=tuple(args.pip_arg or ()), ssh=ssh, keys=keys)

@@ -53,7 +53,8 @@ SYSTEMD = Path("/run/systemd/system")
 UNIT_PATH = Path("/etc/systemd/system/sflam-device.service")
 NO_SYSTEMD = ("this machine runs systemd: a flash as root to 127.0.0.1 would install and enable a real "
               f"{UNIT_PATH}; run the flash tests where systemd is not running (a container)")
-UNIT_TEMPLATE = "[Unit]\nDescription=sflam\n\n[Service]\nWorkingDirectory=@BUNDLE@\nExecStart=@BUNDLE@/launch.sh\n"
+UNIT_TEMPLATE = ("[Unit]\nDescription=sflam\n\n[Service]\nUser=@USER@\nWorkingDirectory=@BUNDLE@\n"
+                 "ExecStart=@BUNDLE@/launch.sh\nReadWritePaths=@BUNDLE@\n")
 # A stand-in launcher: the real integrity check of edge_runtime, run by the chosen interpreter.
 LAUNCHER = """#!/bin/sh
 here=$(cd "$(dirname "$0")" && pwd)
@@ -204,8 +205,10 @@ def test_unit_is_rendered_for_its_location() -> None:
     target = parse_target("ssh://pi@host/home/pi/b1")
     unit = render_unit(UNIT_TEMPLATE, target, "/opt/py/bin/python")
     assert "WorkingDirectory=/home/pi/b1\nExecStart=/home/pi/b1/launch.sh" in unit
-    assert "[Service]\nEnvironment=SFLAM_PYTHON=/opt/py/bin/python\n" in unit
-    assert "@BUNDLE@" not in render_unit(UNIT_TEMPLATE, target, None)
+    assert "[Service]\nEnvironment=SFLAM_PYTHON=/opt/py/bin/python\nUser=pi\n" in unit
+    assert unit.endswith("ReadWritePaths=/home/pi/b1\n")
+    assert "@" not in render_unit(UNIT_TEMPLATE, target, None)
+    # The sandbox lines of the exported template: tests/test_flash_unit.py
 
 
 def test_a_corrupt_local_bundle_is_not_flashed(tmp_path: Path) -> None:
@@ -220,7 +223,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path, capsys, monkey
     args = argparse.Namespace(
         bundle=str(make_bundle(tmp_path)), target="ssh://pi@127.0.0.1:2222/home/pi/sflam", remote_python=None,
         no_venv=True, no_unit=True, dry_run=True, wheel=None, pip_arg=None, identity=None, known_hosts=None,
-        ssh_config=None, ssh_option=None,
+        ssh_config=None, ssh_option=None, fleet=None, device_id=None,
     )
     assert cmd_flash(args) == 0
     out = capsys.readouterr().out
@@ -439,7 +442,8 @@ def test_ssh_unit_step_reports_missing_systemd(sshd, exported_bundle: Path, tmp_
     assert not UNIT_PATH.exists()
     unit = steps[-1].stdin.decode()  # the export's real template, rendered for this device
     assert f"WorkingDirectory={remote}\n" in unit and f"Environment=SFLAM_PYTHON={sys.executable}\n" in unit
-    assert "@BUNDLE@" not in unit
+    assert "User=root\n" in unit and f"ReadWritePaths={remote}\n" in unit and "NoNewPrivileges=yes\n" in unit
+    assert "@BUNDLE@" not in unit and "@USER@" not in unit
 
 
 def _not_in_the_wheels_source(directory: str, names: list[str]) -> set[str]:
@@ -486,8 +490,11 @@ def test_default_ssh_flash_installs_a_torch_free_venv_from_the_wheel_and_checks_
     check = lines[lines.index("[6/7] launch.sh --check ...") + 1:lines.index("[7/7] systemd unit ...")]
     assert check[0].startswith("    bundle integrity: ok (") and len(check) == 2, check
     assert check[1].startswith('    forward check: ok {"backend": "onnx"'), check
-    assert lines[-2:] == ["    no systemd on root@127.0.0.1: unit not installed",
-                          f"done: root@127.0.0.1:{remote} verified and checked"]
+    assert lines[-3:-1] == ["    no systemd on root@127.0.0.1: unit not installed",
+                            f"done: root@127.0.0.1:{remote} verified and checked"]
+    assert lines[-1].startswith("no signing keys installed: start the device with --signing-key FILE --server-key "
+                                "FILE, or --unsigned")  # no --fleet
+    assert not (remote / "keys").exists()
     # the device's venv: sflam from the copied wheel, the edge runtime importable, torch absent
     assert (remote / "wheels" / sflam_wheel.name).read_bytes() == sflam_wheel.read_bytes()
     probe = ("import importlib.metadata as m, importlib.util as u, edge_runtime; "
