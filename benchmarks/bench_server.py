@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from edge_runtime.data import Preprocess, preprocess
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES, LinkConfig, MqttLink
 from edge_runtime.quantize import quantize
 from server_runtime.checkpoint import create_model
-from server_runtime.config import parse_config
+from server_runtime.config import RunConfig, parse_config
 from server_runtime.data import load_dataset, write_digits_shards
 from server_runtime.presets import get_preset
 from server_runtime.round_record import RoundRecord
@@ -170,12 +171,13 @@ def run_config(s: Settings, broker_url: str, ckpt: Path, run_id: str, devices: i
 
 
 def start_device(group: ProcessGroup, bundle: Path, url: str, run_id: str, device_id: str, shard: Path,
-                 rounds: int, seed: int) -> Path:
-    """A ``sflam device`` process with its exchanges timed; returns the file the times go to."""
+                 rounds: int, seed: int, extra: tuple[str, ...] = ()) -> Path:
+    """A ``sflam device`` process (``extra`` appended to its arguments) with its exchanges timed;
+    returns the file the times go to."""
     times = group.logs / f"{run_id}-{device_id}-exchange.json"
     cmd = [sys.executable, "-c", TIMED_DEVICE, str(times), "device", "--bundle", str(bundle), "--broker", url,
            "--device-id", device_id, "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", run_id,
-           "--seed", str(seed), "--meter", "estimate", "--rounds", str(rounds)]
+           "--seed", str(seed), "--meter", "estimate", "--rounds", str(rounds), *extra]
     # one BLAS thread: an idle device's OpenBLAS worker otherwise spins while it waits for its
     # gradient, taking a core the co-located server needs (a real device has its own CPU)
     group.start(device_id, cmd, env=child_env(extra={"OPENBLAS_NUM_THREADS": "1"}))
@@ -186,13 +188,16 @@ def start_device(group: ProcessGroup, bundle: Path, url: str, run_id: str, devic
 
 
 def run_fleet(s: Settings, broker_url: str, bundle: Path, work: Path, run_id: str, devices: int,
-              per_device: int, rounds: int) -> tuple[list[RoundRecord], list[list]]:
-    """One daemon run with ``devices`` device processes; (round records, per-device exchange times)."""
+              per_device: int, rounds: int, *, change: Callable[[RunConfig], RunConfig] | None = None,
+              device_extra: Callable[[str], tuple[str, ...]] | None = None) -> tuple[list[RoundRecord], list[list]]:
+    """One daemon run with ``devices`` device processes; (round records, per-device exchange times).
+    ``change`` edits the daemon's config, ``device_extra(device_id)`` adds device arguments."""
     from server_runtime.daemon import ServerDaemon
 
     folder = work / run_id
     folder.mkdir()
     cfg = run_config(s, broker_url, folder / "ckpt", run_id, devices, rounds)
+    cfg = change(cfg) if change is not None else cfg
     records: list[RoundRecord] = []
     errors: list[BaseException] = []
     daemon = ServerDaemon(cfg, on_round=records.append)
@@ -214,8 +219,9 @@ def run_fleet(s: Settings, broker_url: str, bundle: Path, work: Path, run_id: st
         torch.set_num_threads(s.server_threads)
         fleet.thread.start()
         for i, shard in enumerate(write_digits_shards(folder, devices, per_device, SEED, stem="shard")):
+            extra = device_extra(f"dev-{i}") if device_extra is not None else ()
             fleet.timing_files.append(start_device(fleet.devices, bundle, broker_url, run_id, f"dev-{i}", shard,
-                                                   cfg.training.rounds, seed=i))
+                                                   cfg.training.rounds, seed=i, extra=extra))
         wait_for(fleet, cfg.training.rounds * ROUND_TIMEOUT_S + 60.0)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\n{log_tails(folder)}") from None

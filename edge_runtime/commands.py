@@ -1,8 +1,10 @@
 """The commands that run devices: ``sflam device`` (one device, its own process) and
 ``sflam device-host`` (many devices in one process; :mod:`edge_runtime.host`).
 
-Both print one JSON summary line at exit (``sflam-device-summary`` / ``sflam-host-summary``) and
-treat SIGTERM like Ctrl-C: the devices announce themselves offline, then the process exits 130.
+Both verify the bundle's hashes before anything connects (a tampered or corrupted bundle is refused
+with every problem listed), print one JSON summary line at exit (``sflam-device-summary`` /
+``sflam-host-summary``) and treat SIGTERM like Ctrl-C: the devices announce themselves offline,
+then the process exits 130.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import sys
 import threading
 from pathlib import Path
 
+from edge_runtime.bundle import BundleError, verify_bundle
 from edge_runtime.data import Preprocess, load_data
 from edge_runtime.device import DeviceClient, load_device_profile
+from edge_runtime.device_keys import device_signing
 from edge_runtime.link import channel_gain_from_distance
 from edge_runtime.memory import peak_rss_mib, return_large_blocks
-from edge_runtime.mqtt import read_password_file
+from edge_runtime.mqtt import BrokerAddress, PlaintextSecretsError, plaintext_problem, read_password_file
 from sflam_common.limits import raise_open_file_limit
 
 
@@ -26,16 +30,45 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def verified_bundle(path: str | Path) -> Path:
+    """The bundle directory once every file its manifest lists matches its sha256; BundleError, with
+    every problem, when not (files the manifest does not list, such as ``keys/``, are not checked)."""
+    bundle = Path(path)
+    problems = verify_bundle(bundle)
+    if problems:
+        raise BundleError(f"bundle {bundle} failed its integrity check (re-flash or re-export it):\n  "
+                          + "\n  ".join(problems))
+    return bundle
+
+
+def plaintext_opt_in(args: argparse.Namespace) -> bool:
+    """``--insecure-plaintext``, once --username / --password-file / --ca-file are known safe to use with
+    ``--broker``; PlaintextSecretsError for credentials over mqtt:// to a host that is not loopback."""
+    insecure = bool(getattr(args, "insecure_plaintext", False))
+    given = [flag for flag, key in (("--username", "username"), ("--password-file", "password_file"),
+                                    ("--ca-file", "ca_file")) if getattr(args, key, None) is not None]
+    problem = plaintext_problem(BrokerAddress.parse(args.broker), given, insecure=insecure,
+                                opt_in="pass --insecure-plaintext")
+    if problem is not None:
+        raise PlaintextSecretsError(problem)
+    return insecure
+
+
 def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = DeviceClient) -> int:
     """``sflam device``: run the device loop; prints a JSON summary line at exit."""
+    bundle = verified_bundle(args.bundle)  # before anything is loaded or connects
+    insecure = plaintext_opt_in(args)  # before anything is loaded or connects
     return_large_blocks()  # a weight-sized buffer a step must not stay resident (edge_runtime.memory)
-    bundle = Path(args.bundle)
     device_json = json.loads((bundle / "device.json").read_text())
     data = load_data(args.data, Preprocess.from_device_json(device_json))
     password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
     profile = getattr(args, "profile", None)
     if profile is not None and load_device_profile(profile) is None:
         raise ValueError(f"--profile {profile!r}: no such hardware profile here (see `sflam profiles list`)")
+    signing = device_signing(args.device_id, bundle, signing_key=getattr(args, "signing_key", None),
+                             server_key=getattr(args, "server_key", None), unsigned=getattr(args, "unsigned", False),
+                             credentials=getattr(args, "username", None) is not None)
+    print(f"sflam device {args.device_id}: messages {signing.description}", file=sys.stderr, flush=True)
     gain = getattr(args, "channel_gain", None)
     if gain is None and getattr(args, "distance_m", None) is not None:
         gain = channel_gain_from_distance(args.distance_m)
@@ -46,6 +79,8 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         emulate_link=bool(getattr(args, "emulate_link", False)), channel_gain=gain,
         shaped_link=getattr(args, "shaped_link", None), keepalive_s=getattr(args, "keepalive_s", 30),
         profile=profile, threads=getattr(args, "threads", None),
+        signing_key=signing.key, server_keys=signing.server_keys,
+        insecure_plaintext=insecure,
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: like Ctrl-C
@@ -77,15 +112,18 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     """``sflam device-host``: many devices in one process until SIGTERM / Ctrl-C; prints a summary line."""
     from edge_runtime.host import DeviceHost, read_host_file
 
+    bundle = verified_bundle(args.bundle)  # before anything is loaded or connects
     raise_open_file_limit()
     return_large_blocks()
-    host = DeviceHost(Path(args.bundle), args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
+    host = DeviceHost(bundle, args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
                       backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
                       threads=args.threads, meter=args.meter, emulate_link=args.emulate_link,
-                      heartbeat_s=args.heartbeat_s)
+                      heartbeat_s=args.heartbeat_s, keys=Path(args.keys) if args.keys else None)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-    print(f"sflam device-host: {len(host.devices)} devices, run {args.run_id!r}, broker {args.broker}", flush=True)
+    print(f"sflam device-host: {len(host.devices)} devices, run {args.run_id!r}, broker {args.broker}, messages "
+          + (f"signed (Ed25519, each device's key from {args.keys})" if host.signed else "UNSIGNED (no --keys)"),
+          flush=True)
     host.start()
     interrupted = False
     try:

@@ -113,6 +113,9 @@ class DeviceClient:
     shared: SharedBundle | None = None  # a device host's bundle, opened once for all its devices
     link_loop: LinkLoop | None = None  # a device host's shared network thread; None: a thread of our own
     broadcast_decode: Callable | None = None  # a device host's shared decoder of plan/model frames
+    insecure_plaintext: bool = False  # --insecure-plaintext (edge_runtime.mqtt.plaintext_problem)
+    signing_key: p.SigningKey | None = None  # signs every frame we send; None: unsigned (docs/security.md)
+    server_keys: p.Keyring | None = None  # the server's public key: refuse any frame it did not sign
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
@@ -123,8 +126,10 @@ class DeviceClient:
         # Buffers sized to the device's RAM, not a server's: a 512 MB board must not be allowed to
         # queue 768 MiB of received messages (docs/reliability.md, "Device-sized buffers").
         self.buffers = buffers_for(self.profile, weights_message_bytes(self.bundle, self.manifest))
+        if self.signing_key is not None and self.signing_key.key_id != self.device_id:
+            raise ValueError(f"the signing key is {self.signing_key.key_id!r}'s, this device is {self.device_id!r}")
         self.receiver = p.Receiver(self.run_id, reassembler=self.buffers.reassembler(),
-                                   broadcast_decode=self.broadcast_decode)
+                                   broadcast_decode=self.broadcast_decode, keys=self.server_keys)
         self.power = PowerModel.for_profile(self.profile)
         self.compute_meter = open_compute_meter(self.meter, load_device_profile(self.profile))
         if self.emulate_link and self.shaped_link:
@@ -147,7 +152,7 @@ class DeviceClient:
             client_id=f"sflam-{self.run_id}-{self.device_id}", will_topic=self.topics.status(self.device_id),
             ca_file=self.ca_file, username=self.username, password=self.password,
             max_frame_bytes=self.max_frame_bytes, timeout_s=self.timeout_s, inbox=self.buffers.inbox,
-            keepalive_s=self.keepalive_s,
+            keepalive_s=self.keepalive_s, insecure_plaintext=self.insecure_plaintext,
         ), loop=self.link_loop)
 
     def _env(self, round_: int, step: int = 0, created_at: float | None = None) -> p.Envelope:
@@ -179,11 +184,11 @@ class DeviceClient:
         """
         self._epoch = self._now_after(self._epoch)
         will = p.Status(self._env(0, 1, self._epoch), online=False, reason="connection lost")
-        self.link.set_will(p.encode(will))
+        self.link.set_will(p.encode(will, self.signing_key))
 
     def _announce(self) -> None:
         """Retained Status(online) and a Hello; runs on the network thread, so no waiting here."""
-        status = p.encode(p.Status(self._env(0, 0, self._epoch), online=True, reason=""))
+        status = p.encode(p.Status(self._env(0, 0, self._epoch), online=True, reason=""), self.signing_key)
         self.link.publish_nowait(self.topics.status(self.device_id), status, retain=True)
         self._hello(heartbeat=False)
 
@@ -193,14 +198,14 @@ class DeviceClient:
         hello = p.Hello(self._env(0, 0, self._hello_at), str(self.profile or "unknown"), self.engine.name,
                         SOFTWARE_VERSION, len(self.data), heartbeat=heartbeat, last_telemetry=self.last_telemetry)
         self._last_hello = time.monotonic()
-        for frame in p.split(hello, self.max_frame_bytes):
+        for frame in p.split(hello, self.max_frame_bytes, self.signing_key):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
 
     def close(self, *, wait: bool = True) -> None:
         """Retained Status(offline), stamped after the connection's will, then disconnect
         (``wait=False``: queued on a shared loop, see MqttLink.close)."""
         self._epoch = self._now_after(self._epoch)
-        final = p.encode(p.Status(self._env(0, 0, self._epoch), online=False, reason="shutdown"))
+        final = p.encode(p.Status(self._env(0, 0, self._epoch), online=False, reason="shutdown"), self.signing_key)
         self.link.close(final=(self.topics.status(self.device_id), final), wait=wait)
 
     # -- receiving ---------------------------------------------------------------------------
@@ -369,7 +374,8 @@ class DeviceClient:
         size) is counted in the telemetry it carries. The telemetry is announced in the next Hello."""
         rate = self.uplink.rate_bps
         if rate:
-            frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes)
+            frames = p.split(make_update(self._telemetry(stats, alloc, compute_j, source)), self.max_frame_bytes,
+                             self.signing_key)
             own = 8.0 * sum(len(f) for f in frames) / rate
             stats.airtime_s += own
             stats.uplink_time_s += own
@@ -446,7 +452,8 @@ class DeviceClient:
                 raise RoundAborted(f"could not deliver {type(message).__name__} before the deadline")
             try:
                 generation = self.link.connections
-                self.link.send(topic, message, timeout_s=min(remaining, self.timeout_s), pace=pace)
+                self.link.send(topic, message, timeout_s=min(remaining, self.timeout_s), pace=pace,
+                               signer=self.signing_key)
                 return generation
             except TransportError as exc:
                 self.counters["send_retries"] += 1

@@ -15,10 +15,15 @@ speaks MQTT 5 and, when a broker answers CONNACK "unsupported protocol version" 
 broker that reads the protocol level first), reconnects at once with 3.1.1 and keeps it. Under
 3.1.1 the persistent session is Clean Session 0 without an expiry (3.1.1 has none); QoS 1,
 retained messages, the retained last will, chunking and TCP_NODELAY are the same.
+
+Credentials and a CA file are refused with a plaintext ``mqtt://`` URL to any host but loopback
+(:func:`plaintext_problem`): the CONNECT would carry the password in the clear, and the CA file
+would be ignored. ``insecure_plaintext`` opts in, for a network the user trusts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import socket
@@ -36,18 +41,27 @@ from paho.mqtt.properties import Properties
 
 from edge_runtime.inbox import Inbox, InboxLimits, Incoming
 from edge_runtime.mqtt_loop import LinkLoop
-from edge_runtime.protocol import Message, split
+from edge_runtime.protocol import Message, SigningKey, split
 from edge_runtime.protocol.topics import QOS
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024
+# TLS 1.2 suites offered (TLS 1.3 ones are all AEAD): ECDHE with AES-GCM or ChaCha20-Poly1305, no CBC;
+# a provisioned broker allows the same (sflam.fleet_broker)
+TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+                 "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 UNSUPPORTED_PROTOCOL_VERSION = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
 _SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
+INSECURE_OPT_IN = "pass --insecure-plaintext (sflam device) or set broker.insecure_plaintext = true (run.toml)"
 
 
 class TransportError(RuntimeError):
     """The broker cannot be reached, or a wait on it timed out."""
+
+
+class PlaintextSecretsError(ValueError):
+    """Credentials or a CA file given with a plaintext ``mqtt://`` URL to a host that is not loopback."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class LinkConfig:
     ca_file: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # from a file (read_password_file), never argv
+    insecure_plaintext: bool = False  # allow credentials over mqtt:// to a host that is not loopback
     keepalive_s: int = 30
     session_expiry_s: int = 600
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -105,6 +120,7 @@ class MqttLink:
     def __init__(self, url: str, config: LinkConfig, loop: LinkLoop | None = None) -> None:
         self.address = BrokerAddress.parse(url)
         self.config = config
+        _check_plaintext(self.address, config)  # before any connect: a refused password never leaves
         self.protocol = self.address.protocol or "5"  # the version spoken now
         self._downgrade = False  # set when MQTT 5 was refused and the URL did not pin it
         self.inbox = Inbox(config.inbox)
@@ -137,7 +153,7 @@ class MqttLink:
         elif cfg.password is not None:
             raise ValueError("an MQTT password needs a username")
         if self.address.tls:
-            client.tls_set(ca_certs=cfg.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(ca_certs=cfg.ca_file, cert_reqs=ssl.CERT_REQUIRED, ciphers=TLS12_CIPHERS)
         if cfg.will_topic is not None:
             client.will_set(cfg.will_topic, cfg.will_payload, qos=QOS, retain=True)
         client.on_socket_open = _set_nodelay
@@ -371,14 +387,15 @@ class MqttLink:
         self._publish_all(topic, [payload], retain=retain, timeout_s=timeout_s)
 
     def send(self, topic: str, message: Message, *, retain: bool = False, timeout_s: float | None = None,
-             pace: Callable[[int], object] | None = None) -> int:
-        """Encode (chunked to ``max_frame_bytes``) and publish ``message``; returns bytes sent.
+             pace: Callable[[int], object] | None = None, signer: SigningKey | None = None) -> int:
+        """Encode (chunked to ``max_frame_bytes``, signed by ``signer`` when given) and publish
+        ``message``; returns bytes sent.
 
         Every frame is handed to the client before any PUBACK is awaited (a chunked message
         costs one round trip, not one per chunk). ``pace(nbytes)``, when given, is called
         before each frame and may block (link emulation).
         """
-        frames = split(message, self.config.max_frame_bytes)
+        frames = split(message, self.config.max_frame_bytes, signer)
         self._publish_all(topic, frames, retain=retain, timeout_s=timeout_s, pace=pace)
         return sum(len(f) for f in frames)
 
@@ -421,6 +438,41 @@ def _protocol_from_query(url: str, query: str) -> str | None:
     if key != "protocol" or value not in PROTOCOLS:
         raise ValueError(f"broker URL query must be protocol=5 or protocol=3.1.1, got {url!r}")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (an IPv4-mapped loopback too): a broker on this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def plaintext_problem(address: BrokerAddress, given: Iterable[str], *, insecure: bool = False,
+                      opt_in: str = INSECURE_OPT_IN) -> str | None:
+    """Why the credentials or CA file named in ``given`` must not be used with ``address``; None when
+    they may (TLS, a loopback host, nothing given, or the ``insecure`` opt-in)."""
+    given = list(given)
+    if address.tls or insecure or not given or is_loopback(address.host):
+        return None
+    return (f"{' and '.join(given)} given for the plaintext broker URL mqtt://{address.host}:{address.port}: "
+            "MQTT without TLS sends the username and password in the clear, and ignores a CA file; "
+            f"use mqtts:// (TLS), or {opt_in} on a network you trust")
+
+
+def _check_plaintext(address: BrokerAddress, config: LinkConfig) -> None:
+    """PlaintextSecretsError per :func:`plaintext_problem`; a warning for a CA file that mqtt:// ignores."""
+    given = [name for name in ("username", "password", "ca_file") if getattr(config, name) is not None]
+    problem = plaintext_problem(address, given, insecure=config.insecure_plaintext)
+    if problem is not None:
+        raise PlaintextSecretsError(problem)
+    if config.ca_file is not None and not address.tls:
+        log.warning("ca_file %s is ignored: mqtt://%s:%s does not use TLS (mqtts:// does)",
+                    config.ca_file, address.host, address.port)
 
 
 def read_password_file(path: str | Path) -> str:

@@ -20,6 +20,7 @@ from edge_runtime.protocol import OPTIMIZER_CODES
 from server_runtime import config_rules as rule
 from sflam_common.problems import ProblemsError, did_you_mean
 
+SIGNING = ("auto", "ed25519", "off")
 MODES = ("v1", "v2", "fl")  # SFL-V1 (a server copy per device), V2 (one shared model), FL (FedAvg baseline)
 OPTIMIZERS = tuple(OPTIMIZER_CODES)  # server and device optimizers: the names RoundPlan carries
 LR_SCHEDULES = ("constant", "cosine")
@@ -107,6 +108,20 @@ class BrokerSection:
     password_file: str | None = None
     ca_file: str | None = None
     max_frame_bytes: int = 262144
+    insecure_plaintext: bool = False  # allow username/password/CA file with mqtt:// to a host that is not loopback
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    """Message signatures (docs/security.md): every frame signed with Ed25519 and verified, or not."""
+
+    signing: str = "auto"  # ed25519 | off | auto (off with no broker credentials: a loopback run)
+    signing_key: str | None = None  # the server's Ed25519 private key (PEM, mode 0600)
+    device_keys: str | None = None  # the fleet.json listing the devices' public keys (reloaded when it changes)
+
+    @property
+    def signed(self) -> bool:
+        return self.signing == "ed25519"
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,7 @@ _SECTIONS: dict[str, type] = {
     "quant": QuantSection,
     "round": RoundSection,
     "broker": BrokerSection,
+    "security": SecuritySection,
     "checkpoint": CheckpointSection,
     "metrics": MetricsSection,
     "compute": ComputeSection,
@@ -208,7 +224,10 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "password_file": rule.optional_text,
         "ca_file": rule.optional_text,
         "max_frame_bytes": rule.at_least(1024),
+        "insecure_plaintext": rule.flag,
     },
+    "security": {"signing": rule.choice(SIGNING), "signing_key": rule.optional_text,
+                 "device_keys": rule.optional_text},
     "checkpoint": {"dir": rule.text, "keep": rule.at_least(1)},
     "metrics": {
         "jsonl": rule.optional_text,
@@ -250,6 +269,7 @@ class RunConfig:
     quant: QuantSection = field(default_factory=QuantSection)
     round: RoundSection = field(default_factory=RoundSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     compute: ComputeSection = field(default_factory=ComputeSection)
@@ -419,6 +439,8 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
     if isinstance(broker, dict):
         if broker.get("password_file") is not None and broker.get("username") is None:
             problems.append("broker.password_file: is set but broker.username is not")
+        _check_broker_plaintext(broker, problems)
+    _check_signing(data.get("security"), broker if isinstance(broker, dict) else {}, problems)
     training, quant = data.get("training"), data.get("quant")
     if isinstance(training, dict) and isinstance(quant, dict):
         if training.get("mode") == "fl" and quant.get("bits") == "auto":
@@ -433,6 +455,41 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
     if isinstance(quant, dict) and quant.get("gradient_bits") == "auto" and quant.get("bits") != "auto":
         problems.append("quant.gradient_bits: 'auto' is chosen by the allocator, which runs with quant.bits = 'auto'; "
                         "set quant.bits = 'auto' or a fixed gradient_bits")
+
+
+def _check_signing(security: object, broker: Mapping[str, object], problems: list[str]) -> None:
+    """Signed mode needs both key files; a provisioned fleet (broker credentials) must say
+    whether it signs; keys with signing off are a mistake."""
+    security = security if isinstance(security, dict) else {}
+    signing = security.get("signing", SecuritySection.signing)
+    keys = [f"security.{k}" for k in ("signing_key", "device_keys") if security.get(k) is not None]
+    if signing == "ed25519" and len(keys) < 2:
+        problems.append("security.signing: 'ed25519' needs security.signing_key (the server's private key) and "
+                        "security.device_keys (the fleet.json with the device keys); sflam fleet provision writes both")
+    elif signing in ("off", "auto") and keys:
+        problems.append(f"{' and '.join(keys)}: set, but security.signing is {signing!r}; set signing = 'ed25519'")
+    elif signing == "auto" and broker.get("username") is not None:
+        problems.append("security.signing: a broker with credentials is a provisioned fleet, whose messages are signed: "
+                        "set signing = 'ed25519' with signing_key and device_keys, or signing = 'off' to run unsigned")
+
+
+def _check_broker_plaintext(broker: Mapping[str, object], problems: list[str]) -> None:
+    """Credentials or a CA file with a plaintext mqtt:// URL to a host that is not loopback, unless
+    broker.insecure_plaintext (:func:`edge_runtime.mqtt.plaintext_problem`, which the link applies too)."""
+    from edge_runtime.mqtt import BrokerAddress, plaintext_problem
+
+    url = broker.get("url", BrokerSection.url)
+    try:
+        address = BrokerAddress.parse(url) if isinstance(url, str) else None
+    except ValueError:
+        address = None  # reported by rule.broker_url
+    if address is None:
+        return
+    given = [f"broker.{key}" for key in ("username", "password_file", "ca_file") if broker.get(key) is not None]
+    problem = plaintext_problem(address, given, insecure=broker.get("insecure_plaintext") is True,
+                                opt_in="set broker.insecure_plaintext = true")
+    if problem is not None:
+        problems.append(f"broker.url: {problem}")
 
 
 # ---------------------------------------------------------------- writing

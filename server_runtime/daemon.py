@@ -28,6 +28,7 @@ from edge_runtime.data import Preprocess, preprocess
 from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_password_file
 from server_runtime.aggregate import broadcast_weights
 from server_runtime.auto_allocation import AutoAllocation, DeviceCalibration
+from server_runtime.budgets import server_reassembler
 from server_runtime.checkpoint import create_model
 from server_runtime.config import RunConfig
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
@@ -39,6 +40,7 @@ from server_runtime.ranks import RankGroup, RankLaunch, config_digest
 from server_runtime.retained import Lease, RetainedPublisher
 from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
 from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
+from server_runtime.signing import load_signing
 from server_runtime.steps import StepServer, receive
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, StepError, use_bf16
 
@@ -68,7 +70,9 @@ class ServerDaemon:
                  on_round: Callable[[RoundRecord], None] | None = None, launch: RankLaunch | None = None) -> None:
         self.config, self.on_round = config, on_round
         cfg = config
-        self.topics, self.receiver = p.Topics(cfg.broker.run_id), p.Receiver(cfg.broker.run_id)
+        self.signing = load_signing(cfg)  # first: a key that cannot be used stops the run before any work
+        self.topics = p.Topics(cfg.broker.run_id)
+        self.receiver = p.Receiver(cfg.broker.run_id, reassembler=server_reassembler(cfg), keys=self.signing.keys)
         self.registry = DeviceRegistry()
         self.counters: Counter[str] = Counter()
         split = load_dataset(cfg.data.eval, seed=cfg.seed, validation_fraction=cfg.data.validation_fraction)
@@ -97,9 +101,10 @@ class ServerDaemon:
         self.link = self._make_link()
         self.steps = StepServer(self.trainer, self.link, self.topics, seed=cfg.seed, workers=cfg.compute.workers,
                                 batch=batch_steps(cfg.compute.batch_steps, device), lock=self._lock,
-                                counters=self.counters, on_refused=lambda state, d, reason: state.fail(d, reason))
+                                counters=self.counters, on_refused=lambda state, d, reason: state.fail(d, reason),
+                                signer=self.signing.key)
         self.publisher = RetainedPublisher(self.link, self.topics, cfg.broker.max_frame_bytes, self.lease,
-                                           cfg.checkpoint_dir)
+                                           cfg.checkpoint_dir, signer=self.signing.key)
         self.prometheus = (PrometheusExporter(cfg.metrics.prometheus_port, cfg.metrics.prometheus_addr)
                            if cfg.metrics.prometheus_port else None)
 
@@ -154,7 +159,7 @@ class ServerDaemon:
         password = read_password_file(b.password_file) if b.password_file else None
         return MqttLink(b.url, LinkConfig(
             client_id=f"sflam-{b.run_id}-server", ca_file=b.ca_file, username=b.username, password=password,
-            max_frame_bytes=b.max_frame_bytes, reconnect_max_s=5.0,
+            max_frame_bytes=b.max_frame_bytes, insecure_plaintext=b.insecure_plaintext, reconnect_max_s=5.0,
         ))
 
     # -- the run ---------------------------------------------------------------------------------

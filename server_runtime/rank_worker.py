@@ -19,10 +19,12 @@ from collections import Counter
 
 from edge_runtime import protocol as p
 from edge_runtime.mqtt import LinkConfig, MqttLink, TransportError, read_password_file
+from server_runtime.budgets import server_reassembler
 from server_runtime.checkpoint import create_model
 from server_runtime.config import ConfigError, RunConfig, load_config
 from server_runtime.coordinator import DeviceRound, RoundState
 from server_runtime.ranks import Heartbeat, RankError, RankGroup, RankLaunch, config_digest
+from server_runtime.signing import load_signing
 from server_runtime.steps import StepServer, receive
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, pick_device, use_bf16
 
@@ -52,10 +54,13 @@ class TrainerRank:
 
     def __init__(self, config: RunConfig, launch: RankLaunch) -> None:
         self.config, self.launch, self.rank = config, launch, launch.rank
+        self.signing = load_signing(config)
         self.device = rank_device(config.compute.device, launch.local_rank)
         self.group = RankGroup(launch, "nccl" if self.device.type == "cuda" else "gloo")
         self.heartbeat = Heartbeat(launch)
-        self.topics, self.receiver = p.Topics(config.broker.run_id), p.Receiver(config.broker.run_id)
+        self.topics = p.Topics(config.broker.run_id)
+        self.receiver = p.Receiver(config.broker.run_id, reassembler=server_reassembler(config),
+                                   keys=self.signing.keys)
         self.counters: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.seq, self.state = 0, None
@@ -73,7 +78,7 @@ class TrainerRank:
         self.link = self._make_link()
         self.steps = StepServer(self.trainer, self.link, self.topics, seed=cfg.seed, workers=cfg.compute.workers,
                                 batch=batch_steps(cfg.compute.batch_steps, self.device), lock=self.lock,
-                                counters=self.counters, on_refused=self._refused)
+                                counters=self.counters, on_refused=self._refused, signer=self.signing.key)
 
     def _check_start(self, start: dict) -> str:
         if start.get("op") != "start":
@@ -88,7 +93,7 @@ class TrainerRank:
         password = read_password_file(b.password_file) if b.password_file else None
         return MqttLink(b.url, LinkConfig(
             client_id=f"sflam-{b.run_id}-server-r{self.rank}", ca_file=b.ca_file, username=b.username,
-            password=password, max_frame_bytes=b.max_frame_bytes, reconnect_max_s=5.0))
+            password=password, max_frame_bytes=b.max_frame_bytes, insecure_plaintext=b.insecure_plaintext, reconnect_max_s=5.0))
 
     # -- the run ---------------------------------------------------------------------------------
 

@@ -55,8 +55,9 @@ class Lease:
 class RetainedPublisher:
     """Publishes plan/model retained, chunked onto sub-topics when needed, clearing leftovers."""
 
-    def __init__(self, link, topics: p.Topics, max_frame_bytes: int, lease: Lease, lease_dir: Path) -> None:
-        self.link, self.topics, self.max_frame_bytes = link, topics, max_frame_bytes
+    def __init__(self, link, topics: p.Topics, max_frame_bytes: int, lease: Lease, lease_dir: Path,
+                 signer: p.SigningKey | None = None) -> None:
+        self.link, self.topics, self.max_frame_bytes, self.signer = link, topics, max_frame_bytes, signer
         self.lease, self.lease_dir = lease, lease_dir
 
     def issue(self, plan_round: int) -> None:
@@ -66,7 +67,7 @@ class RetainedPublisher:
 
     def publish(self, kind: str, message: p.Message) -> int:
         """Retain ``message`` under ``kind``; returns the bytes published."""
-        frames = p.split(message, self.max_frame_bytes)
+        frames = p.split(message, self.max_frame_bytes, self.signer)
         previous = self.lease.parts[kind]
         new_parts = len(frames) if len(frames) > 1 else 0
         self.lease.parts[kind] = max(previous, new_parts)  # covers a crash mid-publish

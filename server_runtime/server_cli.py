@@ -26,6 +26,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 0
     from server_runtime.daemon import DaemonError
     from server_runtime.ranks import RankError, RankLaunch, start_local_ranks, stop_local_ranks
+    from server_runtime.signing import SigningSetupError
 
     try:
         launch = RankLaunch.from_env()
@@ -47,7 +48,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         launch, children = start_local_ranks(args.config, trainers, ["--broker", args.broker] if args.broker else [])
     try:
         return _serve(config, resume=args.resume, launch=launch)
-    except (DaemonError, RankError) as exc:
+    except (DaemonError, RankError, SigningSetupError) as exc:
         print(f"sflam server: error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -73,6 +74,7 @@ def _serve(config: RunConfig, *, resume: bool, launch=None) -> int:
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
           + (f", {launch.world_size} trainer ranks" if launch is not None else "")
           + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
+    print(f"sflam server: messages {daemon.signing.description}", flush=True)
     try:
         summary = daemon.run()
     except KeyboardInterrupt:  # still say what was done and counted, then exit 130 (sflam.cli)

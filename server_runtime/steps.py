@@ -30,8 +30,10 @@ class StepServer:
     """The steps of this rank's devices: compute on worker threads, reply on the device's ``down``."""
 
     def __init__(self, trainer: SplitTrainer, link: MqttLink, topics: p.Topics, *, seed: int, workers: int,
-                 batch: bool, lock: threading.Lock, counters: Counter[str], on_refused: Refused) -> None:
+                 batch: bool, lock: threading.Lock, counters: Counter[str], on_refused: Refused,
+                 signer: p.SigningKey | None = None) -> None:
         self.trainer, self.link, self.topics, self.seed, self.batch = trainer, link, topics, seed, batch
+        self.signer = signer  # signs every gradient and error report (None: unsigned mode)
         self.lock, self.counters, self.on_refused = lock, counters, on_refused
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sflam-step")
         self._futures: list[Future] = []
@@ -92,7 +94,7 @@ class StepServer:
             self.replies[env.device_id] = reply
         t0 = time.perf_counter()
         try:
-            sent = self.link.send(self.topics.down(env.device_id), reply)
+            sent = self.link.send(self.topics.down(env.device_id), reply, signer=self.signer)
         except TransportError as exc:  # the device re-sends the step; we answer from replies
             log.info("gradient for %s step %d not delivered: %s", env.device_id, env.step, exc)
             return
@@ -111,7 +113,7 @@ class StepServer:
 
     def _resend(self, reply: p.Gradient) -> None:
         try:
-            self.link.send(self.topics.down(reply.envelope.device_id), reply)
+            self.link.send(self.topics.down(reply.envelope.device_id), reply, signer=self.signer)
         except TransportError as exc:
             log.info("re-answer to %s not delivered: %s", reply.envelope.device_id, exc)
 
@@ -119,7 +121,7 @@ class StepServer:
         """Tell a device why its message was refused (best effort, never blocks the caller long)."""
         try:
             report = p.ErrorReport(p.Envelope(self.topics.run_id, round_, device_id), code, detail[:500])
-            self.link.publish_nowait(self.topics.down(device_id), p.encode(report))
+            self.link.publish_nowait(self.topics.down(device_id), p.encode(report, self.signer))
         except (p.ProtocolError, ValueError) as exc:
             log.info("could not report %s to %r: %s", code, device_id, exc)
 

@@ -156,6 +156,10 @@ def _add_flash(sub: argparse._SubParsersAction) -> None:
     flash.add_argument(
         "-o", "--ssh-option", action="append", metavar="KEY=VALUE", help="extra ssh -o option (repeatable)"
     )
+    flash.add_argument("--fleet", metavar="DIR",
+                       help="a fleet from `sflam fleet provision`: install --device-id's signing key (as "
+                            "keys/device.key, 0600) and the server's public key (keys/server.pub) with the bundle")
+    flash.add_argument("--device-id", metavar="ID", help="the fleet's device whose keys to install (with --fleet)")
     flash.set_defaults(handler="export.flash:cmd_flash")
 
 
@@ -204,6 +208,8 @@ def _add_device_host(sub: argparse._SubParsersAction) -> None:
     host.add_argument("--heartbeat-s", type=_positive_float, default=10.0,
                       help="an idle device's Hello interval (a fleet of N devices sends N / this per second)")
     host.add_argument("--threads", type=_positive_int, help="backend intra-op threads of the shared session")
+    host.add_argument("--keys", metavar="DIR",
+                      help="sign and verify: a fleet's keys/ folder (server.pub, devices/<id>.key); default unsigned")
     host.set_defaults(handler="edge_runtime.commands:cmd_device_host")
 
 
@@ -240,6 +246,15 @@ def _device_options(dev: argparse.ArgumentParser) -> None:
     dev.add_argument(
         "--password-file", help="file whose first line is the MQTT password (never pass it on the command line)"
     )
+    dev.add_argument("--insecure-plaintext", action="store_true",
+                     help="allow --username/--password-file/--ca-file with mqtt:// to a host that is not loopback")
+    dev.add_argument("--signing-key", metavar="FILE",
+                     help="this device's Ed25519 private key (PEM, mode 0600); default: the bundle's keys/device.key")
+    dev.add_argument("--server-key", metavar="FILE",
+                     help="the server's Ed25519 public key; default: the bundle's keys/server.pub")
+    dev.add_argument("--unsigned", action="store_true",
+                     help="run without signatures even with broker credentials (anyone who may publish on the "
+                          "run's topics can then steer this device)")
     dev.add_argument(
         "--meter", default="auto", choices=("auto", "rapl", "jetson", "android", "estimate"),
         help="compute energy meter; auto: the first measured one readable here, else the profile estimate",
@@ -424,10 +439,13 @@ def _add_allocate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fleet(sub: argparse._SubParsersAction) -> None:
-    fleet = sub.add_parser("fleet", help="provision a TLS broker with per-device credentials (docs/security.md)")
+    fleet = sub.add_parser(
+        "fleet", help="provision a TLS broker with per-device credentials and keys; revoke a device (docs/security.md)",
+    )
     actions = fleet.add_subparsers(dest="action", metavar="ACTION", required=True)
     prov = actions.add_parser(
-        "provision", help="CA + server certificate, device passwords, mosquitto passwd/ACL/conf, fleet.json",
+        "provision", help="CA + server certificate, device passwords and signing keys, mosquitto "
+                          "passwd/ACL/conf, fleet.json",
     )
     prov.add_argument("--devices", type=_positive_int, required=True, metavar="N", help="devices in the fleet")
     prov.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write into")
@@ -442,7 +460,21 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
                       help="listener address (default: 127.0.0.1 when every --hostname is loopback, else all)")
     prov.add_argument("--broker-user", metavar="USER",
                       help="user mosquitto switches to when started as root (default: the user running this)")
+    prov.add_argument("--max-frame-bytes", type=_positive_int, metavar="BYTES",
+                      help="the frame size the server and devices chunk to (their max_frame_bytes); sizes the "
+                           "broker's max_packet_size (default 262144, theirs)")
+    prov.add_argument("--write-ca-key", action="store_true",
+                      help="keep the CA's private key as ca.key (default: drop it once it has signed, so "
+                           "this fleet can never issue another certificate)")
     prov.set_defaults(handler="sflam.fleet:cmd_fleet_provision")
+    revoke = actions.add_parser(
+        "revoke", help="remove a device's broker login, password and signing key; list it as revoked in fleet.json",
+    )
+    revoke.add_argument("--fleet", required=True, metavar="DIR", help="the provisioned fleet's directory")
+    revoke.add_argument("--device", required=True, metavar="ID", help="the device id to revoke")
+    revoke.add_argument("--broker-pid", type=_positive_int, metavar="PID",
+                        help="the running mosquitto's PID: send it SIGHUP so it re-reads passwd and acl now")
+    revoke.set_defaults(handler="sflam.fleet_revoke:cmd_fleet_revoke")
 
 
 def build_parser() -> argparse.ArgumentParser:

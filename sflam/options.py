@@ -495,6 +495,7 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits, "model_bits": opts.model_bits},
         "round": {"deadline_s": opts.deadline_s, "min_completed": opts.min_completed, "wait_for_devices_s": 300.0},
         "broker": {"url": broker_url, "run_id": RUN_ID},
+        "security": {"signing": "off"},  # a private loopback broker: unsigned, and said so (docs/security.md)
         "checkpoint": {"dir": str(out / "server"), "keep": 1},
         "metrics": {"jsonl": str(out / "metrics.jsonl"), "progress": True},
         "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers, "trainers": opts.trainers},

@@ -1,9 +1,11 @@
 """10,000 hostile messages at a live server and live devices on the provisioned TLS broker.
 
-sflam.testing.hostile builds them from captured traffic (malformed, mutated, oversized, replayed, stale)
-and publishes them as a user the ACL lets write every topic of the run, while a server and two
-device processes train. Every one must be refused and counted, no process may fall over,
-training must go on, and resident memory must stay bounded.
+sflam.testing.hostile builds them from captured traffic (malformed, mutated, oversized, replayed,
+stale, and forged: well-formed new plans, models, gradients, activations and updates, unsigned or
+signed with the attacker's own key) and publishes them as a user the ACL lets write every topic
+of the run (the server's broker rights, not its signing key), while a server and two device
+processes of a signed fleet train. Every one must be refused and counted, every forged one by its
+signature, no process may fall over, training must go on, and resident memory must stay bounded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def test_ten_thousand_hostile_messages_are_refused_and_counted_while_training_go
     for name, sent in report.sent_by_target.items():
         refused = report.refused[name]
         assert sent <= refused <= sent + report.slack[name], (name, sent, refused, report.counters[name])
+    # every forged shot was refused for its signature (other shots may be too: they are unsigned)
+    forged = {"server": report.sent["server/forged"], "dev-0": report.sent["dev-0/forged"]}
+    forged["dev-0"] += report.sent["all devices/forged"]
+    for name, count in forged.items():
+        assert report.counters[name].get("receiver.rejected.SignatureError", 0) >= count > 0, name
     # training went on, with both devices in every round
     assert report.rounds_during_attack >= 2
     assert all(completed == ["dev-0", "dev-1"] for completed in report.completed_during_attack)

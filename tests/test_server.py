@@ -51,6 +51,7 @@ def config_text(broker_url: str, ckpt: Path, **overrides: object) -> str:
         "quant": {"bits": 8, "gradient_bits": 32},
         "round": {"deadline_s": 60.0, "min_completed": 0.5, "wait_for_devices_s": 60.0},
         "broker": {"url": broker_url, "run_id": "srv"},
+        "security": {},
         "checkpoint": {"dir": str(ckpt)},
         "metrics": {"progress": True},
         "compute": {"device": "cpu", "amp": "off", "workers": 3},
@@ -262,7 +263,7 @@ def test_sigkill_and_resume_counts_every_round_once(quick_bundle: Path, fleet, t
     shards = write_shards(tmp_path, 2, 96)
     ckpt = tmp_path / "ckpt"
     config = tmp_path / "run.toml"
-    login = {f"broker__{key}": value for key, value in fleet.server_config().items()}
+    login = fleet.server_overrides()  # log in, and sign
     config.write_text(config_text(fleet.url, ckpt, training__rounds=4, training__devices_per_round=2,
                                   training__local_epochs=2, **login))
     metrics = ckpt / "metrics.jsonl"

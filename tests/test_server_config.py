@@ -22,6 +22,7 @@ from server_runtime.config import (
     QuantSection,
     RoundSection,
     RunConfig,
+    SecuritySection,
     TrainingSection,
     load_config,
     parse_config,
@@ -161,7 +162,7 @@ deadline_s = 10
 def test_a_section_with_no_close_name_lists_the_sections() -> None:
     # Execute / Assert
     assert _problems("[zzz]\nx = 1") == [
-        "[zzz]: unknown section (sections: [model], [data], [training], [quant], [round], [broker], "
+        "[zzz]: unknown section (sections: [model], [data], [training], [quant], [round], [broker], [security], "
         "[checkpoint], [metrics], [compute], [allocator])"
     ]
 
@@ -273,6 +274,8 @@ devices_per_round = 5
 url = "mqtts://broker.example:8884"
 username = "server"
 password_file = "secrets/pw"
+[security]
+signing = "off"
 [metrics]
 jsonl = "out/m.jsonl"
 [compute]
@@ -322,7 +325,7 @@ def test_bad_overrides_are_reported_with_the_file_problems() -> None:
 
 def test_to_dict_round_trips_through_json_and_from_dict() -> None:
     # Prepare
-    config = load_config(EXAMPLE, {"quant.bits": "auto", "broker.username": "u"})
+    config = load_config(EXAMPLE, {"quant.bits": "auto", "broker.username": "u", "security.signing": "off"})
 
     # Execute
     restored = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
@@ -402,7 +405,9 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
         round=RoundSection(deadline_s=42.5, min_completed=0.75, wait_for_devices_s=1 / 3,
                            total_bandwidth_hz=1.5e7, offline_grace_s=0.0),
         broker=BrokerSection(url="mqtts://broker.example:8884", run_id="run-7", username="server",
-                             password_file="secrets/pw", ca_file="ca.pem", max_frame_bytes=1 << 20),
+                             password_file="secrets/pw", ca_file="ca.pem", max_frame_bytes=1 << 20,
+                             insecure_plaintext=True),
+        security=SecuritySection(signing="ed25519", signing_key="fleet/keys/server.key", device_keys="fleet/fleet.json"),
         checkpoint=CheckpointSection(dir='runs/"ä" \\ \t \x7f \U0001f642', keep=5),
         metrics=MetricsSection(jsonl="out/m.jsonl", prometheus_port=9100, prometheus_addr="0.0.0.0", progress=False),
         compute=ComputeSection(device="cuda:1", amp="bf16", workers=2, trainers=3, batch_steps="on", rank_timeout_s=4.5),

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.broker
 
 def fleet_config(fleet: LocalFleet, ckpt: Path, **overrides: object) -> str:
     """tests/test_server.config_text logged in to ``fleet`` as the server."""
-    login = {f"broker__{key}": value for key, value in fleet.server_config().items()}
+    login = fleet.server_overrides()  # log in, and sign
     return config_text(fleet.url, ckpt, **login, **overrides)
 
 

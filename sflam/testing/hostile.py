@@ -15,7 +15,16 @@ publish, aimed at a topic a server reads (``d/{id}/up``, ``d/{id}/status``) or a
   that never complete (they take buffer space until evicted or expired);
 - **replayed**: captured frames published again, verbatim;
 - **stale**: real messages re-encoded for a finished round, or presence older than the device's
-  newest.
+  newest;
+- **forged** (signed runs only): well-formed *new* messages a receiver would act on if it did not
+  check signatures: a plan for a later round with another learning rate, zeroed model weights, a
+  gradient for a new step, activations and a round update under a device's id, a newer Hello or
+  Status; unsigned, signed by the attacker's own key under the rightful signer's id, or a real
+  signed frame with one payload byte changed and its CRC recomputed.
+
+In a signed run (the default) the attacker holds the broker rights of the server but none of its
+keys, so most shots of the other categories are refused for their signature before the rule they
+aim at is reached; replayed frames carry valid signatures and meet the replay rules.
 
 Nothing a valid sender would send is in the corpus: a receiver that accepted one of these shots
 would have a bug. :func:`run_attack` drives a whole run (provisioned TLS broker, a server process,
@@ -45,9 +54,10 @@ from server_runtime.data import write_digits_shards
 from sflam.processes import ProcessError, ProcessGroup, sflam_command
 from sflam.testing.local_fleet import LocalFleet, local_fleet
 
-CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale")
+CATEGORIES = ("malformed", "mutated", "oversized", "replayed", "stale", "forged")
+UNSIGNED_CATEGORIES = CATEGORIES[:-1]  # forged shots would be accepted where nothing is signed: that is the point
 ATTACKER = "intruder"  # the attacker's broker user: may read and write every topic of the run
-BIG_JUNK_BYTES = 512 * 1024
+BIG_JUNK_BYTES = 200 * 1024  # under the provisioned broker's max_packet_size (a larger one costs the connection)
 BASELINE_ROUNDS = 4  # rounds trained before the first shot, to compare round times with
 # Counters that record a refused (or dropped, or held-then-evicted) message; their sum over a
 # run is at least the number of hostile shots a receiver got.
@@ -86,10 +96,12 @@ class Captured:
 class Corpus:
     """Hostile shots built from captured traffic (module doc); seeded, so a run can be repeated."""
 
-    def __init__(self, run_id: str, seed: int = 0, keep: int = 64) -> None:
+    def __init__(self, run_id: str, seed: int = 0, keep: int = 64, signed: bool = True) -> None:
         self.topics = p.Topics(run_id)
         self.run_id = run_id
         self.rng = random.Random(seed)
+        self.categories = CATEGORIES if signed else UNSIGNED_CATEGORIES
+        self._thieves: dict[str, p.SigningKey] = {}  # the attacker's own keys, one per id it poses as
         self.captured: dict[str, deque[Captured]] = defaultdict(lambda: deque(maxlen=keep))
         self._lock = threading.Lock()
 
@@ -119,7 +131,7 @@ class Corpus:
 
     def shot(self, topic: str, category: str | None = None) -> Shot:
         """One hostile publish on ``topic`` (a captured frame of it must exist)."""
-        category = category or self.rng.choice(CATEGORIES)
+        category = category or self.rng.choice(self.categories)
         make: Callable[[Captured], tuple[str, str, bytes]] = getattr(self, f"_{category}")
         what, target, payload = make(self._pick(topic))
         return Shot(category, what, target, payload)
@@ -204,6 +216,43 @@ class Corpus:
         return f"old_round_{type(message).__name__}", c.topic, p.encode(stale)
 
 
+    def _forged(self, c: Captured) -> tuple[str, str, bytes]:
+        rng, message = self.rng, c.message
+        if rng.random() < 0.25:  # a real signed frame, one payload byte changed, the CRC made to match
+            data = bytearray(c.frame)
+            body = PREFIX_SIZE + int.from_bytes(data[6:8], "little")  # the body follows the envelope
+            data[rng.randrange(body, body + int.from_bytes(data[8:12], "little"))] ^= rng.randint(1, 255)
+            return "tampered", c.topic, _recrc(bytes(data[:-4]))
+        forged = _new_work(message, rng)
+        ref = self.topics.parse(c.topic)
+        signer_id = ref.device_id if ref.kind in ("up", "status") else p.SERVER_ID
+        signer = None if rng.random() < 0.5 else self._thief(signer_id)
+        how = "unsigned" if signer is None else "thief_key"
+        return f"{type(forged).__name__}_{how}", c.topic, p.encode(forged, signer)
+
+    def _thief(self, key_id: str) -> p.SigningKey:
+        if key_id not in self._thieves:
+            self._thieves[key_id] = p.SigningKey.generate(key_id)
+        return self._thieves[key_id]
+
+
+def _new_work(message: p.Message, rng: random.Random) -> p.Message:
+    """A well-formed message a receiver that trusted its sender would act on: new round or step."""
+    env = message.envelope
+    later = dataclasses.replace(env, round=env.round + rng.randint(1, 3), created_at=time.time() + 1.0)
+    if isinstance(message, p.RoundPlan):
+        return dataclasses.replace(message, envelope=later, lr=10.0)
+    if isinstance(message, p.ModelWeights):
+        zeros = p.weights_from_numpy({k: v * 0 for k, v in p.weights_to_numpy(message.weights).items()})
+        return dataclasses.replace(message, envelope=later, version=later.round, weights=zeros)
+    if isinstance(message, (p.Hello, p.Status)):
+        return dataclasses.replace(message, envelope=dataclasses.replace(env, created_at=time.time() + 3600.0))
+    if isinstance(message, p.RoundUpdate):
+        return dataclasses.replace(message, envelope=later)
+    step = dataclasses.replace(env, step=env.step + rng.randint(1000, 10**6))  # Activations, Gradient
+    return dataclasses.replace(message, envelope=step)
+
+
 def _recrc(frame_without_crc: bytes) -> bytes:
     import struct
     import zlib
@@ -237,6 +286,7 @@ class AttackConfig:
     run_id: str = "srv"
     timeout_s: float = 600.0
     progress: Callable[[str], None] = print
+    signed: bool = True  # the fleet signs (as provisioned); False: unsigned mode, no forged shots
 
 
 @dataclass
@@ -289,6 +339,7 @@ def _sum_refusals(flat: dict[str, int], prefixes: tuple[str, ...]) -> int:
 
 def _run_toml(fleet: LocalFleet, cfg: AttackConfig, ckpt: Path) -> str:
     broker = {"url": fleet.url, "run_id": cfg.run_id, **fleet.server_config()}
+    security = fleet.security_config() if cfg.signed else {"signing": "off"}
     sections = {
         "model": {"preset": "vit_quick_patch4_16"},
         "data": {"eval": "digits", "eval_batch_size": 512},
@@ -297,6 +348,7 @@ def _run_toml(fleet: LocalFleet, cfg: AttackConfig, ckpt: Path) -> str:
         "quant": {"bits": 8, "gradient_bits": 32},
         "round": {"deadline_s": 60.0, "min_completed": 0.5, "wait_for_devices_s": 120.0},
         "broker": broker,
+        "security": security,
         "checkpoint": {"dir": str(ckpt)},
         "metrics": {"progress": False},
         "compute": {"device": "cpu", "amp": "off", "workers": 1},
@@ -328,7 +380,7 @@ def run_attack(cfg: AttackConfig) -> AttackReport:
             group.start(name, sflam_command(
                 "device", "--bundle", str(cfg.bundle), "--broker", fleet.url, "--device-id", name,
                 "--data", f"npz:{shard}", "--backend", "numpy", "--run-id", cfg.run_id, "--seed", str(i),
-                "--meter", "estimate", *fleet.device_args(name)))
+                "--meter", "estimate", *(fleet.device_args(name) if cfg.signed else (*fleet.login_args(name), "--unsigned"))))
         failure: Exception | None = None
         try:
             _attack(cfg, fleet, group, report, ckpt)
@@ -374,7 +426,7 @@ def _read_summaries(report: AttackReport, texts: dict[str, str]) -> None:
 def _attack(cfg: AttackConfig, fleet: LocalFleet, group: ProcessGroup, report: AttackReport, ckpt: Path) -> None:
     topics = p.Topics(cfg.run_id)
     devices = [f"dev-{i}" for i in range(cfg.devices)]
-    corpus = Corpus(cfg.run_id, cfg.seed)
+    corpus = Corpus(cfg.run_id, cfg.seed, signed=cfg.signed)
     sent_hashes: set[bytes] = set()
     # one connection both listens and fires: the provisioned broker takes the user name as the
     # client id, so a second connection of the same user would take the first one's place
