@@ -1,15 +1,16 @@
 """What Ed25519 message signatures cost on a ViT-B/32 step, measured side by side (docs/security.md).
 
-(1) Codec: the q = 8, batch-8 Activations frame of ViT-B/32 and the q = 8 Gradient that answers
-    it, encoded unsigned and signed, decoded unsigned and with the signature verified (median of
-    ``--repeat`` runs each, alternating).
+(1) Codec: the q = 8, batch-8 Activations of ViT-B/32 and the q = 8 Gradient that answers it,
+    split into frames as a device and the server send them (each chunk and the inner frame signed)
+    and taken by a Receiver on their topic (signatures verified), against the same unsigned
+    (median of ``--repeat`` runs each, alternating).
 (2) Step round trip: one ``sflam device`` process (numpy backend) against the daemon over a real
     mosquitto, q = 8 both ways, batch 8: the median of ``DeviceClient._exchange`` (quantize and
     publish the activations, the server's step, the gradient back, decoded), rounds after the
-    first. Unsigned and signed runs alternate (``--pairs`` pairs, unsigned first); the overhead is
-    signed / unsigned - 1 per pair. Goal: <= 5 %.
+    first. Unsigned and signed runs alternate (``--pairs`` pairs, the first mode alternating too);
+    the overhead is signed / unsigned - 1 per pair. Goal: <= 5 %.
 
-    .venv/bin/python benchmarks/bench_signing.py [--preset vit_base_patch32_224] [--pairs 2] [--rounds 3]
+    .venv/bin/python benchmarks/bench_signing.py [--preset vit_base_patch32_224] [--pairs 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from edge_runtime import protocol as p
+from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES
 from edge_runtime.protocol.signing import SERVER_KEY_ID, public_b64, write_secret
 from edge_runtime.quantize import quantize
 from server_runtime.config import RunConfig, SecuritySection
@@ -41,33 +43,37 @@ BITS, BATCH = 8, 8
 
 
 def codec_costs(preset: str, repeat: int) -> dict[str, float]:
-    """Median seconds of encode/decode, unsigned and signed, for one step's two frames."""
+    """Median seconds to send and to receive one step's two frames, unsigned and signed: split into
+    frames of DEFAULT_MAX_FRAME_BYTES (each chunk signed too) and taken by a Receiver on its topic."""
     config = get_preset(preset)
     tokens = (config.img_size // config.patch_size) ** 2
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, tokens, config.embed_dim)).astype(np.float32)
-    env = p.Envelope("bench", 1, "dev-0", 0, 1.0)
-    up = p.Activations(env, quantize(x, BITS, rng=rng), p.Tensor.from_numpy(np.arange(BATCH, dtype=np.uint8)))
-    down = p.Gradient(env, quantize(x * 1e-3, BITS, rng=rng), 2.3)
+    topics = p.Topics("bench")
     device, server = p.SigningKey.generate("dev-0"), p.SigningKey.generate(SERVER_KEY_ID)
     keys = p.Keyring({"dev-0": device.public_bytes, SERVER_KEY_ID: server.public_bytes})
-    figures: dict[str, float] = {"up_bytes": len(p.encode(up)), "down_bytes": len(p.encode(down))}
-    cases = {
-        "encode": (lambda: p.encode(up), lambda: p.encode(up, device)),
-        "decode": (lambda f=p.encode(up): p.decode(f), lambda f=p.encode(up, device): p.decode(f, keys=keys, signer="dev-0")),
-        "encode_down": (lambda: p.encode(down), lambda: p.encode(down, server)),
-        "decode_down": (lambda f=p.encode(down): p.decode(f),
-                        lambda f=p.encode(down, server): p.decode(f, keys=keys, signer=SERVER_KEY_ID)),
-    }
-    for name, (plain, signed) in cases.items():
-        times = {"plain": [], "signed": []}
-        for _ in range(repeat):
-            for mode, fn in (("plain", plain), ("signed", signed)):
+    figures: dict[str, float] = {}
+    for name, topic, signer in (("up", topics.up("dev-0"), device), ("down", topics.down("dev-0"), server)):
+        times: dict[str, list[float]] = {"send_plain": [], "send_signed": [], "receive_plain": [], "receive_signed": []}
+        for i in range(repeat):
+            env = p.Envelope("bench", 1, "dev-0", i, 1.0)
+            if name == "up":
+                message = p.Activations(env, quantize(x, BITS, rng=rng), p.Tensor.from_numpy(np.arange(BATCH, dtype=np.uint8)))
+            else:
+                message = p.Gradient(env, quantize(x * 1e-3, BITS, rng=rng), 2.3)
+            for mode, key, ring in (("plain", None, None), ("signed", signer, keys)):
                 t0 = time.perf_counter()
-                fn()
-                times[mode].append(time.perf_counter() - t0)
-        figures[f"{name}_plain_s"] = statistics.median(times["plain"])
-        figures[f"{name}_signed_s"] = statistics.median(times["signed"])
+                frames = p.split(message, DEFAULT_MAX_FRAME_BYTES, key)
+                t1 = time.perf_counter()
+                receiver = p.Receiver("bench", keys=ring)
+                got = [receiver.accept(f, topic) for f in frames][-1]
+                t2 = time.perf_counter()
+                assert got == message
+                times[f"send_{mode}"].append(t1 - t0)
+                times[f"receive_{mode}"].append(t2 - t1)
+        figures[f"{name}_bytes"] = sum(len(f) for f in p.split(message, DEFAULT_MAX_FRAME_BYTES))
+        figures[f"{name}_frames"] = len(p.split(message, DEFAULT_MAX_FRAME_BYTES))
+        figures.update({f"{name}_{k}_s": statistics.median(v) for k, v in times.items()})
     return figures
 
 
@@ -103,28 +109,32 @@ def round_trips(s: Settings, url: str, bundle: Path, work: Path, pairs: int, key
     device_args = ("--signing-key", str(keys.device_key), "--server-key", str(keys.server_pub))
     log, results = logging.getLogger("bench_signing"), []
     for i in range(pairs):
-        pair = []
-        for mode in ("unsigned", "signed"):
+        pair = {}
+        for mode in ("unsigned", "signed") if i % 2 == 0 else ("signed", "unsigned"):  # no order bias
             log.warning("pair %d/%d: %s run, %d rounds", i + 1, pairs, mode, s.rounds)
             change = q8 if mode == "unsigned" else (lambda cfg: q8(cfg).replace(security=signed_cfg))
             extra = (lambda _d: ()) if mode == "unsigned" else (lambda _d: device_args)
             _, times = run_fleet(s, url, bundle, work, f"{mode}-{i}", 1, s.per_device, s.rounds, change=change,
                                  device_extra=extra)
-            pair.append(exchange_median(times[0])[0])
-        results.append((pair[0], pair[1]))
+            pair[mode] = exchange_median(times[0])[0]
+        results.append((pair["unsigned"], pair["signed"]))
     return results
 
 
 def report(preset: str, codec: dict[str, float], pairs: list[tuple[float, float]], steps: int) -> bool:
     print(f"\nEd25519 signatures on {preset}, q = {BITS} both ways, batch {BATCH}")
-    print(f"\n(1) codec, median of alternating runs ({codec['up_bytes']} B activations, {codec['down_bytes']} B gradient)")
-    for name in ("encode", "decode", "encode_down", "decode_down"):
-        plain, signed = codec[f"{name}_plain_s"], codec[f"{name}_signed_s"]
-        print(f"    {name:<12} unsigned {plain * 1e3:8.3f} ms   signed {signed * 1e3:8.3f} ms   "
-              f"+{(signed - plain) * 1e3:.3f} ms")
-    added = sum(codec[f"{n}_signed_s"] - codec[f"{n}_plain_s"] for n in ("encode", "decode", "encode_down", "decode_down"))
-    print(f"    one step's signing and verification, both frames: +{added * 1e3:.3f} ms")
-    print(f"\n(2) device step round trip, median of {steps} steps per run (rounds after the first)")
+    print("\n(1) one step's frames, split to the default frame size and received on their topic (median)")
+    added = 0.0
+    for name, what in (("up", "activations"), ("down", "gradient")):
+        print(f"    {what}: {codec[f'{name}_bytes']:.0f} B in {codec[f'{name}_frames']:.0f} frame(s)")
+        for side in ("send", "receive"):
+            plain, signed = codec[f"{name}_{side}_plain_s"], codec[f"{name}_{side}_signed_s"]
+            added += signed - plain
+            print(f"      {side:<8} unsigned {plain * 1e3:8.3f} ms   signed {signed * 1e3:8.3f} ms   "
+                  f"+{(signed - plain) * 1e3:.3f} ms")
+    print(f"    one step's signing and verification, both directions: +{added * 1e3:.3f} ms")
+    print(f"\n(2) device step round trip, median of {steps} steps per run (rounds after the first); the pairs"
+          " alternate which mode runs first")
     overheads = []
     for i, (plain, signed) in enumerate(pairs):
         overheads.append(signed / plain - 1)
@@ -132,7 +142,7 @@ def report(preset: str, codec: dict[str, float], pairs: list[tuple[float, float]
               f"overhead {overheads[-1] * 100:+6.2f} %")
     mean = statistics.mean(overheads)
     spread = f" (min {min(overheads) * 100:+.2f} %, max {max(overheads) * 100:+.2f} %)" if len(overheads) > 1 else ""
-    print(f"    mean overhead {mean * 100:+.2f} %{spread}; the codec's share of a round trip: "
+    print(f"    mean overhead {mean * 100:+.2f} %{spread}; the codec's share of an unsigned round trip: "
           f"{added / statistics.mean(u for u, _ in pairs) * 100:.3f} %")
     met = mean <= GOAL
     print(f"\ngoal: signing + verification <= {GOAL * 100:g} % of the round trip: {'met' if met else 'missed'}")
@@ -142,7 +152,7 @@ def report(preset: str, codec: dict[str, float], pairs: list[tuple[float, float]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="vit_base_patch32_224", help="model preset (default ViT-B/32)")
-    parser.add_argument("--pairs", type=int, default=2, help="unsigned/signed run pairs (default 2)")
+    parser.add_argument("--pairs", type=int, default=4, help="unsigned/signed run pairs (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run, the first is warm-up (default 3)")
     parser.add_argument("--steps", type=int, default=4, help="steps per round (batches of 8 per device, default 4)")
     parser.add_argument("--repeat", type=int, default=50, help="codec repetitions (default 50)")

@@ -37,7 +37,6 @@ from edge_runtime.protocol.checks import (
 )
 from edge_runtime.protocol.errors import (
     BadMagicError,
-    SignatureError,
     IntegrityError,
     LimitError,
     MalformedError,
@@ -46,7 +45,7 @@ from edge_runtime.protocol.errors import (
     UnknownTypeError,
     VersionError,
 )
-from edge_runtime.protocol.signing import SCHEME_ED25519, SCHEME_NONE, SIGNATURE_SIZE, Keyring, SigningKey, signed_digest
+from edge_runtime.protocol.signing import Keyring, SigningKey, check_signature, read_signature_block, signature_block
 from edge_runtime.protocol.wire import Reader, Writer
 from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, QuantizedTensor, num_groups, payload_nbytes
 from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
@@ -479,17 +478,6 @@ def encode(message: m.Message, signer: SigningKey | None = None) -> bytes:
     return b"".join(parts)
 
 
-def signature_block(parts: list[bytes], signer: SigningKey | None) -> list[bytes]:
-    """The signature block that follows ``parts`` (prefix, header, body): scheme, key id, signature."""
-    if signer is None:
-        return [bytes([SCHEME_NONE])]
-    head = Writer()
-    head.u8(SCHEME_ED25519)
-    head.text(signer.key_id)
-    signed = head.getvalue()
-    return [signed, signer.sign(signed_digest([*parts, signed]))]
-
-
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS, *,
            keys: Keyring | None = None, signer: str | None = None) -> m.Message:
     """Parse and validate one frame; any problem raises a ``ProtocolError`` subclass.
@@ -501,11 +489,15 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     view = memoryview(data)
     code, header_len, body_len = _check_prefix(view, limits)
     frame_len = PREFIX_SIZE + header_len + body_len
-    signature = _signature_block(view, frame_len)
-    (crc,) = struct.unpack_from("<I", view, len(view) - CRC_SIZE)
-    if zlib.crc32(view[:-CRC_SIZE]) != crc:
+    signature, end = read_signature_block(view, frame_len)
+    if len(view) - end < CRC_SIZE:
+        raise TruncatedError(f"frame declares {end + CRC_SIZE} bytes, received {len(view)}")
+    if len(view) - end > CRC_SIZE:
+        raise TrailingBytesError(f"{len(view) - end - CRC_SIZE} bytes after the end of the frame")
+    (crc,) = struct.unpack_from("<I", view, end)
+    if zlib.crc32(view[:end]) != crc:
         raise IntegrityError("CRC-32 mismatch: the frame was corrupted or altered")
-    _check_signature(view, signature, keys, signer)
+    check_signature(view[:end], signature, keys, signer)
     if code not in _BY_CODE:
         raise UnknownTypeError(f"unknown message type code {code}")
     cls, codec = _BY_CODE[code]
@@ -533,34 +525,3 @@ def _check_prefix(view: memoryview, limits: Limits) -> tuple[int, int, int]:
     if declared > len(view):
         raise TruncatedError(f"frame declares {declared} bytes, received {len(view)}")
     return code, header_len, body_len
-
-
-def _signature_block(view: memoryview, frame_len: int) -> tuple[str, bytes] | None:
-    """The signature block after the body: None (unsigned) or (key_id, signature). It must end
-    exactly where the CRC begins (TruncatedError / TrailingBytesError otherwise)."""
-    block = Reader(view[frame_len:], "signature block")
-    scheme = block.u8("signature scheme")
-    found = None
-    if scheme == SCHEME_ED25519:
-        key_id = block.text("key_id")
-        found = key_id, bytes(block.take(SIGNATURE_SIZE, "signature"))
-    elif scheme != SCHEME_NONE:
-        raise MalformedError(f"unknown signature scheme {scheme}")
-    if block.remaining < CRC_SIZE:
-        raise TruncatedError(f"frame declares {len(view) - block.remaining + CRC_SIZE} bytes, received {len(view)}")
-    if block.remaining > CRC_SIZE:
-        raise TrailingBytesError(f"{block.remaining - CRC_SIZE} bytes after the end of the frame")
-    return found
-
-
-def _check_signature(view: memoryview, signature: tuple[str, bytes] | None, keys: Keyring | None,
-                     signer: str | None) -> None:
-    """With ``keys``: SignatureError unless the frame is signed by a key in them (``signer``'s, when given)."""
-    if keys is None:
-        return  # an unsigned receiver: the block was parsed, nothing is verified
-    if signature is None:
-        raise SignatureError("unsigned frame: this receiver accepts signed frames only")
-    key_id, value = signature
-    if signer is not None and key_id != signer:
-        raise SignatureError(f"signed by {key_id!r}; on this topic only {signer!r} may sign")
-    keys.verify(key_id, signed_digest([view[: len(view) - CRC_SIZE - SIGNATURE_SIZE]]), value)

@@ -30,7 +30,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from edge_runtime.protocol.errors import SignatureError
+from edge_runtime.protocol.errors import MalformedError, SignatureError
+from edge_runtime.protocol.wire import Reader, Writer
 
 log = logging.getLogger(__name__)
 SCHEME_NONE, SCHEME_ED25519 = 0, 1
@@ -269,3 +270,45 @@ def write_secret(path: Path, data: bytes) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+# --- the frame's signature block (docs/protocol.md 2.6) ------------------------------------------
+
+
+def signature_block(parts: list[bytes], signer: SigningKey | None) -> list[bytes]:
+    """The signature block that follows ``parts`` (prefix, header, body): scheme, key id, signature."""
+    if signer is None:
+        return [bytes([SCHEME_NONE])]
+    head = Writer()
+    head.u8(SCHEME_ED25519)
+    head.text(signer.key_id)
+    signed = head.getvalue()
+    return [signed, signer.sign(signed_digest([*parts, signed]))]
+
+
+def read_signature_block(view: memoryview, start: int) -> tuple[tuple[str, bytes] | None, int]:
+    """The block at ``start``: (None, its end) when unsigned, ((key_id, signature), its end) when
+    signed; TruncatedError when the data ends inside it, MalformedError for an unknown scheme."""
+    block = Reader(view[start:], "signature block")
+    scheme = block.u8("signature scheme")
+    if scheme == SCHEME_NONE:
+        return None, start + 1
+    if scheme != SCHEME_ED25519:
+        raise MalformedError(f"unknown signature scheme {scheme}")
+    key_id = block.text("key_id")
+    signature = bytes(block.take(SIGNATURE_SIZE, "signature"))
+    return (key_id, signature), len(view) - block.remaining
+
+
+def check_signature(frame: memoryview, signature: tuple[str, bytes] | None, keys: Keyring | None,
+                    signer: str | None) -> None:
+    """With ``keys``: SignatureError unless ``frame`` (everything before the CRC) is signed by a key
+    in them (``signer``'s, when given). Without, nothing is verified (unsigned mode)."""
+    if keys is None:
+        return
+    if signature is None:
+        raise SignatureError("unsigned frame: this receiver accepts signed frames only")
+    key_id, value = signature
+    if signer is not None and key_id != signer:
+        raise SignatureError(f"signed by {key_id!r}; on this topic only {signer!r} may sign")
+    keys.verify(key_id, signed_digest([frame[: len(frame) - SIGNATURE_SIZE]]), value)
