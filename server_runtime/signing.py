@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from edge_runtime import protocol as p
-from edge_runtime.protocol.signing import SERVER_KEY_ID, signed_digest
+from edge_runtime.protocol.signing import SERVER_KEY_ID
 from server_runtime.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,8 @@ def load_signing(config: RunConfig) -> ServerSigning:
         keys = p.Keyring.from_fleet_json(security.device_keys)
     except p.KeyFileError as exc:
         raise SigningSetupError(str(exc)) from None
-    if SERVER_KEY_ID not in keys or not _listed(keys, key):
+    if not keys.holds(SERVER_KEY_ID, key.public_bytes):
         raise SigningSetupError(f"security.signing_key {security.signing_key} is not the server key listed in "
                                 f"{security.device_keys}: devices would refuse everything the server signs")
     return ServerSigning(key, keys)
 
-
-def _listed(keys: p.Keyring, key: p.SigningKey) -> bool:
-    """Whether ``keys`` holds ``key``'s public half under the server's id (a signature round trip)."""
-    digest = signed_digest([b"sflam key check"])
-    try:
-        keys.verify(SERVER_KEY_ID, digest, key.sign(digest))
-    except p.SignatureError:
-        return False
-    return True

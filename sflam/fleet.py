@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime.mqtt import DEFAULT_MAX_FRAME_BYTES
+from edge_runtime.protocol.signing import write_secret
 from edge_runtime.protocol.topics import Topics, check_id
 from sflam import fleet_layout as layout
 from sflam.fleet_broker import SERVER_USERNAME, BrokerLimits, acl_text, mosquitto_conf_text, mosquitto_hash
@@ -380,9 +381,7 @@ def add_user(fleet_dir: Path, username: str, acl_lines: list[str]) -> Path:
         raise ValueError(problem)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     path = fleet_dir / layout.user_password(username)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(password + "\n")
+    write_secret(path, (password + "\n").encode())
     with open(fleet_dir / layout.PASSWD, "a", encoding="utf-8") as f:
         f.write(f"{username}:{mosquitto_hash(password)}\n")
     with open(fleet_dir / layout.ACL, "a", encoding="utf-8") as f:

@@ -263,3 +263,22 @@ def test_the_server_config_makes_unsigned_mode_explicit_for_a_fleet() -> None:
     with pytest.raises(ConfigError, match="needs security.signing_key"):
         parse_config(fleet + '[security]\nsigning = "ed25519"\n')
     assert not parse_config("").security.signed  # a loopback demo: auto is off
+
+
+def test_the_server_refuses_a_signing_key_that_is_not_the_fleets(tmp_path: Path) -> None:
+    from server_runtime.config import parse_config
+    from server_runtime.signing import SigningSetupError, load_signing
+
+    # Prepare: fleet.json lists SERVER's public key; one key file is SERVER's, one another key
+    fleet = tmp_path / "fleet.json"
+    _write_fleet(fleet, [DEV0])
+    right, wrong = tmp_path / "server.key", tmp_path / "other.key"
+    for path, key in ((right, SERVER), (wrong, THIEF)):
+        path.write_bytes(key.pem())
+        path.chmod(0o600)
+    text = '[security]\nsigning = "ed25519"\nsigning_key = "{}"\ndevice_keys = "' + str(fleet) + '"\n'
+    # Execute / Assert
+    signing = load_signing(parse_config(text.format(right)))
+    assert signing.key.public_bytes == SERVER.public_bytes and "dev-0" in signing.keys
+    with pytest.raises(SigningSetupError, match="is not the server key listed"):
+        load_signing(parse_config(text.format(wrong)))

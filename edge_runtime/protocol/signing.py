@@ -128,6 +128,7 @@ class Keyring:
         self.source = source
         self._lock = threading.Lock()
         self._keys: dict[str, object] = {}
+        self._raw: dict[str, bytes] = {}
         self._fleet: Path | None = None
         self._stamp: tuple[int, int, int] | None = None
         self._checked_at = 0.0
@@ -168,7 +169,12 @@ class Keyring:
                 raise KeyFileError(f"public key of {key_id!r} has {len(raw)} bytes, Ed25519 needs {PUBLIC_KEY_SIZE}")
             loaded[key_id] = Ed25519PublicKey.from_public_bytes(bytes(raw))
         with self._lock:
-            self._keys = loaded
+            self._keys, self._raw = loaded, {key_id: bytes(raw) for key_id, raw in keys.items()}
+
+    def holds(self, key_id: str, public: bytes) -> bool:
+        """Whether ``key_id``'s key in the ring is ``public`` (raw 32 bytes)."""
+        with self._lock:
+            return self._raw.get(key_id) == bytes(public)
 
     def __contains__(self, key_id: object) -> bool:
         with self._lock:
