@@ -58,6 +58,10 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
     """``sflam device``: run the device loop; prints a JSON summary line at exit."""
     bundle = verified_bundle(args.bundle)  # before anything is loaded or connects
     insecure = plaintext_opt_in(args)  # before anything is loaded or connects
+    signing = device_signing(args.device_id, bundle, signing_key=getattr(args, "signing_key", None),
+                             server_key=getattr(args, "server_key", None), unsigned=getattr(args, "unsigned", False),
+                             credentials=getattr(args, "username", None) is not None)
+    print(f"sflam device {args.device_id}: messages {signing.description}", file=sys.stderr, flush=True)
     return_large_blocks()  # a weight-sized buffer a step must not stay resident (edge_runtime.memory)
     device_json = json.loads((bundle / "device.json").read_text())
     data = load_data(args.data, Preprocess.from_device_json(device_json))
@@ -65,10 +69,6 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
     profile = getattr(args, "profile", None)
     if profile is not None and load_device_profile(profile) is None:
         raise ValueError(f"--profile {profile!r}: no such hardware profile here (see `sflam profiles list`)")
-    signing = device_signing(args.device_id, bundle, signing_key=getattr(args, "signing_key", None),
-                             server_key=getattr(args, "server_key", None), unsigned=getattr(args, "unsigned", False),
-                             credentials=getattr(args, "username", None) is not None)
-    print(f"sflam device {args.device_id}: messages {signing.description}", file=sys.stderr, flush=True)
     gain = getattr(args, "channel_gain", None)
     if gain is None and getattr(args, "distance_m", None) is not None:
         gain = channel_gain_from_distance(args.distance_m)
