@@ -364,9 +364,12 @@ if ! "$python" -c 'import edge_runtime' 2>/dev/null; then
   echo "the sflam edge runtime is missing for $python; install it: $python -m pip install '@REQUIREMENT@'" >&2
   exit 3
 fi
+if [ -f keys/device.key ] && ! "$python" -c 'import cryptography' 2>/dev/null; then
+  echo "signed messages need the cryptography package for $python; in Termux: pkg install python-cryptography" >&2
+  exit 3
+fi
 SFLAM_PYTHON=$python exec ./launch.sh "$@"
 """
-
 
 
 def run_step(step: Step, where: str) -> str:
