@@ -401,6 +401,9 @@ def _add_simulate_links(sim: argparse.ArgumentParser) -> None:
                      help="netem: take device DEVICE's (index, default 0) link down for DOWN_S seconds in round ROUND")
     sim.add_argument("--keepalive-s", type=_positive_int, metavar="SEC",
                      help="the devices' MQTT keep-alive (default 30): a dead link is noticed after 1.5x this")
+    sim.add_argument("--sign", action="store_true", default=None,
+                     help="sign every message with Ed25519 keys made for the run, as a provisioned fleet does "
+                          "(default: unsigned, on the run's private loopback broker)")
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:

@@ -85,6 +85,7 @@ class SimOptions:
     link_loss: float | None = None  # netem: packet loss probability each way; None: the radio's (0)
     link_flap: str | None = None  # netem: "ROUND:DOWN_S[:DEVICE]": that device's link down mid-round
     keepalive_s: int = 30  # the devices' MQTT keep-alive
+    sign: bool = False  # sign every message with keys made for the run (docs/security.md); else unsigned
     backend: str = "onnx"
     hosts: int | None = None  # device host processes; 0: a process per device; None: auto (HOSTS_AUTO)
     engine: str = "local"  # where device hosts run: local processes, or Ray actors
@@ -112,12 +113,13 @@ class SimOptions:
             object.__setattr__(self, "model_bits", 16 if self.scheme == "sflam" else 32)
 
 
+RUN_KEYS = "keys"  # --sign: the run's keys, laid out as a fleet's keys/ (server.key, server.pub, devices/, fleet.json)
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits",
              "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
              "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
              "engine", "ray_address", "emulate_link", "t_max_s", "trainers", "network", "link_delay_ms",
-             "link_jitter_ms", "link_loss", "link_flap", "keepalive_s")
+             "link_jitter_ms", "link_loss", "link_flap", "keepalive_s", "sign")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def _coerce(kwargs: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"profiles: expected a comma list of profile names, got {value!r}")
         else:
             kwargs["profiles"] = tuple(n.strip() for n in names if n.strip())
-    for name in ("emulate_link",):
+    for name in ("emulate_link", "sign"):
         if name in kwargs and not isinstance(kwargs[name], bool):
             problems.append(f"{name}: expected true or false, got {kwargs[name]!r}")
     if "resample" in kwargs:
@@ -495,7 +497,9 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "quant": {"bits": plan.bits, "gradient_bits": opts.gradient_bits, "model_bits": opts.model_bits},
         "round": {"deadline_s": opts.deadline_s, "min_completed": opts.min_completed, "wait_for_devices_s": 300.0},
         "broker": {"url": broker_url, "run_id": RUN_ID},
-        "security": {"signing": "off"},  # a private loopback broker: unsigned, and said so (docs/security.md)
+        # a private loopback broker: unsigned and said so, or signed with the run's keys (--sign)
+        "security": ({"signing": "ed25519", "signing_key": str(out / RUN_KEYS / "server.key"),
+                      "device_keys": str(out / RUN_KEYS / "fleet.json")} if opts.sign else {"signing": "off"}),
         "checkpoint": {"dir": str(out / "server"), "keep": 1},
         "metrics": {"jsonl": str(out / "metrics.jsonl"), "progress": True},
         "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers, "trainers": opts.trainers},

@@ -46,6 +46,7 @@ from server_runtime.round_record import RoundRecord
 from sflam.options import (
     LOCAL_BROKERS,
     RUN_ID,
+    RUN_KEYS,
     SchemePlan,
     SimOptions,
     SimulateError,
@@ -125,6 +126,10 @@ def prepare(opts: SimOptions, out: Path, broker_url: str) -> Prepared:
         devices.append(DeviceSpec(device_id, shard, len(index), scenario.fleet.profiles[k],
                                   float(scenario.fleet.gain[k]), float(distances[k]), opts.seed * 1000 + k))
     bundle = _export(opts, out, data.train.num_classes)
+    if opts.sign:
+        from sflam.fleet_keys import write_key_folder
+
+        write_key_folder(out / RUN_KEYS, ids)
     plan = scheme_plan(opts)
     config = server_config(opts, plan, out, broker_url, {d.device_id: d.channel_gain for d in devices})
     config_path = out / "run.toml"
@@ -181,6 +186,9 @@ def device_command(prepared: Prepared, spec: DeviceSpec, opts: SimOptions, broke
                         "--seed", str(spec.seed), "--meter", "estimate", "--profile", spec.profile)
     if prepared.plan.device_command == "device":
         cmd += ["--backend", opts.backend, "--threads", str(opts.device_threads), "--keepalive-s", str(opts.keepalive_s)]
+    if opts.sign:
+        keys = prepared.out / RUN_KEYS
+        cmd += ["--signing-key", str(keys / "devices" / f"{spec.device_id}.key"), "--server-key", str(keys / "server.pub")]
     if links is not None:
         return links.device_command(prepared.devices.index(spec), cmd, spec.channel_gain)
     if opts.emulate_link:
@@ -253,7 +261,8 @@ def _host_specs(prepared: Prepared, opts: SimOptions, broker_url: str, hosts: in
         options = {"run_id": RUN_ID, "backend": opts.backend,
                    "concurrency": max(1, min(len(mine), prepared.plan.devices_per_round)),
                    "stagger_s": max(0.5, len(mine) / 500), "threads": opts.device_threads, "meter": "estimate",
-                   "emulate_link": opts.emulate_link, "heartbeat_s": heartbeat_s(opts.devices)}
+                   "emulate_link": opts.emulate_link, "heartbeat_s": heartbeat_s(opts.devices),
+                   "keys": str(prepared.out / RUN_KEYS) if opts.sign else None}
         specs.append({"bundle": str(prepared.bundle), "broker": broker_url, "devices": devices, "file": str(path),
                       "options": options})
     return specs
@@ -265,7 +274,7 @@ def _host_command(spec: dict[str, Any], opts: SimOptions) -> list[str]:
                         "--run-id", o["run_id"], "--backend", o["backend"], "--concurrency", str(o["concurrency"]),
                         "--stagger-s", f"{o['stagger_s']:g}", "--threads", str(o["threads"]),
                         "--heartbeat-s", f"{o['heartbeat_s']:g}")
-    return cmd + (["--emulate-link"] if o["emulate_link"] else [])
+    return cmd + (["--emulate-link"] if o["emulate_link"] else []) + (["--keys", o["keys"]] if o["keys"] else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +361,8 @@ def _fleet(opts: SimOptions, group: ProcessGroup, memory: MemoryWatch, links: Ru
     """summary.json's figures of the processes and links that ran the devices."""
     fleet = {"hosts": host_count(opts), "devices_connected": _devices_announced(group),
              "peak_rss_mib": round(memory.peak_bytes / 2**20, 1), "engine": opts.engine,
-             "network": opts.network if opts.emulate_link else "loopback"}
+             "network": opts.network if opts.emulate_link else "loopback",
+             "signing": "ed25519" if opts.sign else "off"}
     if links is not None:
         fleet["links"] = links.summary(group.output(RunLinks.DELAYLINE) if RunLinks.DELAYLINE in group.procs else "")
         fleet["links"]["walls"] = _device_walls(group, [link.device_id for link in links.topology.links])

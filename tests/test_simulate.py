@@ -550,3 +550,26 @@ def test_the_downlink_defaults_follow_the_scheme(flags: dict, gradient_bits: obj
     # sflam with bits auto quantizes both directions; the float32 baselines stay float32 throughout
     opts = resolve_options(_args(**flags))
     assert (opts.gradient_bits, opts.model_bits) == (gradient_bits, model_bits)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("hosts", ["0", "1"], ids=["a-process-per-device", "a-device-host"])
+def test_a_signed_simulation_signs_and_checks_every_message(tmp_path: Path, hosts: str) -> None:
+    # Execute: --sign, with a process per device and with the devices in one device host
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "sflam", "simulate", *ONE_ROUND, "--sign", "--hosts", hosts,
+                             "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Assert: the run completed signed, the server accepted the devices' work and refused nothing
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["rounds"], summary["signing"]) == ("completed", 1, "ed25519")
+    assert load_config(out / "run.toml").security.signed
+    server_log = (out / "logs" / "server.log").read_text()
+    assert "messages signed (Ed25519)" in server_log
+    counters = json.loads(next(line for line in server_log.splitlines()
+                               if line.startswith("sflam-server-summary ")).split(" ", 1)[1])["counters"]
+    assert counters.get("receiver.accepted.Activations", 0) > 0 and counters.get("receiver.accepted.RoundUpdate") == 1
+    assert not any("SignatureError" in key for key in counters), counters
+    assert oct((out / "keys" / "devices" / "dev-0.key").stat().st_mode & 0o777) == "0o600"
+    assert _children_of(out) == []
