@@ -282,3 +282,22 @@ def test_the_server_refuses_a_signing_key_that_is_not_the_fleets(tmp_path: Path)
     assert signing.key.public_bytes == SERVER.public_bytes and "dev-0" in signing.keys
     with pytest.raises(SigningSetupError, match="is not the server key listed"):
         load_signing(parse_config(text.format(wrong)))
+
+
+def test_a_device_host_checks_a_chunked_signed_broadcast_once_for_all_its_devices() -> None:
+    from edge_runtime.host import SharedDecoder
+
+    # Prepare: a model broadcast in signed chunks, and two devices' receivers sharing one decoder
+    model = p.ModelWeights(p.Envelope(RUN, 1, SERVER_KEY_ID, 0, 1.0), 1,
+                           p.weights_from_numpy({"w": np.ones(50_000, np.float32)}))
+    frames = p.split(model, 50_000, SERVER)
+    shared = SharedDecoder()
+    # Execute
+    got = []
+    for _ in range(2):
+        receiver = p.Receiver(RUN, keys=_ring(SERVER), broadcast_decode=shared)
+        got.append([receiver.accept(f, TOPICS.retained_part("model", i)) for i, f in enumerate(frames)][-1])
+    # Assert: the second device got the first one's message: its chunks and the frame they carry
+    # were decoded and verified once
+    assert got[0] == model and got[1] is got[0]
+    assert shared.hits == len(frames) + 1

@@ -174,12 +174,15 @@ class Receiver:
         ref = self.topics.parse(topic) if topic is not None else None
         broadcast = ref is not None and ref.kind in BROADCAST_KINDS
         limits, signer = self.reassembler.limits, signer_of(ref)
-        message = (self.broadcast_decode if broadcast else decode)(data, limits, keys=self.keys, signer=signer)
+        # a device host shares the decoding (and signature check) of broadcast frames, the frame a
+        # chunked plan or model carries included: every device reassembles the same bytes
+        decoding = self.broadcast_decode if broadcast else decode
+        message = decoding(data, limits, keys=self.keys, signer=signer)
         self._check_origin(message, ref)  # before a chunk takes buffer space
         if isinstance(message, m.Chunk):
             late = self.reassembler.is_completed(message)
             chunk, message = message, self.reassembler.add(
-                message, decoder=lambda frame: decode(frame, limits, keys=self.keys, signer=signer))
+                message, decoder=lambda frame: decoding(frame, limits, keys=self.keys, signer=signer))
             if message is None:
                 if late:
                     self._duplicate(chunk.envelope)
