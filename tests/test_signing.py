@@ -291,11 +291,11 @@ def test_a_device_host_checks_a_chunked_signed_broadcast_once_for_all_its_device
     model = p.ModelWeights(p.Envelope(RUN, 1, SERVER_KEY_ID, 0, 1.0), 1,
                            p.weights_from_numpy({"w": np.ones(50_000, np.float32)}))
     frames = p.split(model, 50_000, SERVER)
-    shared = SharedDecoder()
+    shared, ring = SharedDecoder(), _ring(SERVER)  # a host's devices share the server's key ring too
     # Execute
     got = []
     for _ in range(2):
-        receiver = p.Receiver(RUN, keys=_ring(SERVER), broadcast_decode=shared)
+        receiver = p.Receiver(RUN, keys=ring, broadcast_decode=shared)
         got.append([receiver.accept(f, TOPICS.retained_part("model", i)) for i, f in enumerate(frames)][-1])
     # Assert: the second device got the first one's message: its chunks and the frame they carry
     # were decoded and verified once
