@@ -51,6 +51,7 @@ from edge_runtime.quantize import QuantizedTensor, quantize
 NAN, INF = float("nan"), float("inf")
 HELLO, STATUS, PLAN, MODEL, ACTIVATIONS, GRADIENT, UPDATE, ERROR, CHUNK = range(1, 10)
 ENV = Envelope("run", 2, "dev", 3, 1.5)
+DIGEST = bytes(range(1, 33))  # a classes_digest whose every byte differs, so a misplaced one shows
 
 
 # --- frame builders (the documented layout, little-endian) ---------------------------------------
@@ -77,7 +78,7 @@ def _header(run_id: str | bytes = "run", device_id: str | bytes = "dev", created
     return _text(run_id) + _text(device_id) + struct.pack("<IId", 2, 3, created_at)
 
 
-def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 3, magic: bytes = b"SFLM") -> bytes:
+def _frame(code: int, body: bytes, header: bytes | None = None, version: int = 4, magic: bytes = b"SFLM") -> bytes:
     header = _header() if header is None else header
     frame = struct.pack("<4sBBHI", magic, version, code, len(header), len(body)) + header + body + b"\x00"  # unsigned
     return frame + _u32(zlib.crc32(frame))
@@ -142,10 +143,15 @@ def _plan_body(
     optimizer: int = 0,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    num_classes: int = 0,
+    digest: bytes = bytes(32),
+    crop_padding: int = 0,
+    hflip: int = 0,
 ) -> bytes:
     allocations = (_allocation(),) if allocations is None else allocations
     head = _u32(4) + struct.pack("<d", deadline) + _u16(epochs) + _u32(batch) + struct.pack("<d", lr)  # lr is f64
     head += _u8(optimizer) + struct.pack("<dd", momentum, weight_decay)
+    head += _u16(num_classes) + digest + _u8(crop_padding) + _u8(hflip)  # the digest is 32 raw bytes, no length
     return head + _u16(len(allocations) if count is None else count) + b"".join(allocations)
 
 
@@ -179,8 +185,9 @@ def _telemetry_bytes(times: tuple[float, float, float] = (1.0, 2.0, 3.0), source
     return struct.pack("<3d", *times) + _u8(source) + struct.pack("<QQI", 10, 20, 5)
 
 
-def _hello_body(heartbeat: int = 0, has_telemetry: int = 0, telemetry: bytes = b"") -> bytes:
-    return _text("pi-4") + _text("onnx") + _text("0.1") + _u32(10) + _u8(heartbeat) + _u8(has_telemetry) + telemetry
+def _hello_body(heartbeat: int = 0, has_telemetry: int = 0, telemetry: bytes = b"", skipped: int = 0) -> bytes:
+    texts = _text("pi-4") + _text("onnx") + _text("0.1")
+    return texts + _u32(10) + _u32(skipped) + _u8(heartbeat) + _u8(has_telemetry) + telemetry
 
 
 # --- the builders are right (otherwise every rejection below could be an accident) --------------
@@ -193,21 +200,23 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
     expected = {
         ACTIVATIONS: Activations(ENV, quantized, labels),
         STATUS: Status(ENV, True, "ok"),
-        PLAN: RoundPlan(ENV, 4, 30.0, 1, 16, 0.1, (Allocation("d", 8, 8, 0.1, 1e6), Allocation("e", 2, 16, 1e39, 0.0, True))),
+        PLAN: RoundPlan(ENV, 4, 30.0, 1, 16, 0.1, (Allocation("d", 8, 8, 0.1, 1e6), Allocation("e", 2, 16, 1e39, 0.0, True)),
+                        num_classes=10, classes_digest=DIGEST, crop_padding=4, hflip=True),
         MODEL: ModelWeights(ENV, 7, (("w", Tensor.from_numpy(np.zeros(2, np.float32))),)),
         GRADIENT: Gradient(ENV, quantized, 0.1),
         CHUNK: Chunk(ENV, 99, 0, 2, 100, b"x" * 50),
-        HELLO: Hello(ENV, "pi-4", "onnx", "0.1", 10, last_telemetry=Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)),
+        HELLO: Hello(ENV, "pi-4", "onnx", "0.1", 10, last_telemetry=Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5), skipped_samples=3),
         UPDATE: RoundUpdate(ENV, 7, 100, (), Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)),
     }
     built = {
         ACTIVATIONS: _frame(ACTIVATIONS, _activations_body()),
         STATUS: _frame(STATUS, _status_body()),
-        PLAN: _frame(PLAN, _plan_body(lr=0.1, allocations=(_allocation(power=0.1), _allocation("e", 2, 16, 1e39, 0.0, 1)))),
+        PLAN: _frame(PLAN, _plan_body(lr=0.1, allocations=(_allocation(power=0.1), _allocation("e", 2, 16, 1e39, 0.0, 1)),
+                                      num_classes=10, digest=DIGEST, crop_padding=4, hflip=1)),
         MODEL: _frame(MODEL, _model_body()),
         GRADIENT: _frame(GRADIENT, _gradient_body(loss=0.1)),
         CHUNK: _frame(CHUNK, _chunk_body()),
-        HELLO: _frame(HELLO, _hello_body(has_telemetry=1, telemetry=_telemetry_bytes())),
+        HELLO: _frame(HELLO, _hello_body(has_telemetry=1, telemetry=_telemetry_bytes(), skipped=3)),
         UPDATE: _frame(UPDATE, _update_body()),
     }
     # Assert
@@ -219,12 +228,23 @@ def test_hand_built_frames_equal_the_encoders_bytes() -> None:
 # --- frame prefix --------------------------------------------------------------------------------
 
 
-# 1: the layout before RoundPlan carried the optimizer; 2: before the signature block
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
+# 1: the layout before RoundPlan carried the optimizer; 2: before the signature block; 3: before
+# the plan's class list and augmentation and the Hello's skipped count
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, 255])
 def test_unknown_protocol_version_is_refused(version: int) -> None:
     frame = _frame(STATUS, _status_body(), version=version)
     with pytest.raises(VersionError, match=f"protocol version {version} is not supported"):
         decode(frame)
+
+
+# A genuine version 3 frame (the Status of test_protocol_roundtrip's golden bytes, as v3 wrote it)
+V3_STATUS = bytes.fromhex("53464c4d03021600050000000272310264370300000005000000000000000000f83f0102006f6b00c735b45b")
+
+
+def test_a_version_3_frame_is_refused_with_version_error() -> None:
+    assert struct.unpack("<I", V3_STATUS[-4:])[0] == zlib.crc32(V3_STATUS[:-4])  # intact: only the version is wrong
+    with pytest.raises(VersionError, match="protocol version 3 is not supported \\(this side speaks 4\\)"):
+        decode(V3_STATUS)
 
 
 @pytest.mark.parametrize("magic", [b"SFLN", b"sflm", b"\x00\x00\x00\x00", b"MQTT"])
@@ -328,6 +348,14 @@ def test_body_shorter_than_its_fields_is_refused() -> None:
     frame = _frame(STATUS, _status_body()[:-1])
     with pytest.raises(TruncatedError, match="Status body: reason needs 2 bytes, only 1 left"):
         decode(frame)
+
+
+def test_a_plan_body_cut_inside_the_classes_digest_is_refused_as_truncated() -> None:
+    # Prepare: the fixed fields up to num_classes (45 bytes), then 31 of the digest's 32 bytes
+    body = _plan_body(allocations=())[: 45 + 31]
+    # Execute / Assert
+    with pytest.raises(TruncatedError, match="RoundPlan body: classes_digest needs 32 bytes, only 31 left"):
+        decode(_frame(PLAN, body))
 
 
 def test_patching_a_field_with_the_crc_recomputed_reaches_the_body_check() -> None:
@@ -487,6 +515,7 @@ MALFORMED = {
     "hello telemetry NaN": (HELLO, _hello_body(has_telemetry=1, telemetry=_telemetry_bytes((float("nan"), 0.0, 1.0))),
                             "compute_time_s"),
     "per_token 255": (PLAN, _plan_body(allocations=(_allocation(per_token=255),)), "per_token must be 0 or 1, got 255"),
+    "hflip 2": (PLAN, _plan_body(hflip=2), "hflip must be 0 or 1, got 2"),
     # text
     "reason not UTF-8": (STATUS, _status_body(reason=b"\xff\xfe"), "reason is not valid UTF-8"),
     "truncated UTF-8": (STATUS, _status_body(reason="é".encode()[:1]), "reason is not valid UTF-8"),
@@ -504,6 +533,8 @@ MALFORMED = {
     "momentum 1": (PLAN, _plan_body(momentum=1.0), "momentum must be < 1, got 1.0"),
     "momentum NaN": (PLAN, _plan_body(momentum=NAN), "momentum: must be a finite number"),
     "weight decay negative": (PLAN, _plan_body(weight_decay=-1e-4), "weight_decay: must be >= 0"),
+    "crop_padding 65": (PLAN, _plan_body(crop_padding=65), r"crop_padding: must be an integer in \[0, 64\], got 65"),
+    "crop_padding 255": (PLAN, _plan_body(crop_padding=255), r"crop_padding: must be an integer in \[0, 64\], got 255"),
     "bits_up 0": (PLAN, _plan_body(allocations=(_allocation(up=0),)), "allocation 'd' bits_up: 0 is not one of 1..8, 16, 32"),
     "bits_down 17": (PLAN, _plan_body(allocations=(_allocation(down=17),)), "allocation 'd' bits_down: 17 is not one of"),
     "negative power": (PLAN, _plan_body(allocations=(_allocation(power=-1.0),)), "allocation 'd' tx_power_w: must be >= 0"),
@@ -552,6 +583,10 @@ ACCEPTED = {
     "lr 0": (PLAN, _plan_body(lr=0.0)),
     "lr 1e39": (PLAN, _plan_body(lr=1e39)),
     "epochs 65535": (PLAN, _plan_body(epochs=65535)),
+    "crop_padding 64": (PLAN, _plan_body(crop_padding=64)),
+    "num_classes 65535": (PLAN, _plan_body(num_classes=65535, digest=b"\xff" * 32)),
+    "hflip 1": (PLAN, _plan_body(hflip=1)),
+    "skipped u32 max": (HELLO, _hello_body(skipped=2**32 - 1)),
     "no allocations": (PLAN, _plan_body(allocations=())),
     "two devices": (PLAN, _plan_body(allocations=(_allocation("d"), _allocation("D")))),
     "zero power and bandwidth": (PLAN, _plan_body(allocations=(_allocation(power=0.0, bandwidth=0.0),))),
@@ -644,12 +679,21 @@ TELEMETRY = Telemetry(1.0, 2.0, 3.0, "measured", 10, 20, 5)
             "per must be one of",
         ),
         (Hello(ENV, "p", "b", "v", 2**32), "num_samples: must be an integer"),
+        (Hello(ENV, "p", "b", "v", 1, skipped_samples=2**32), "skipped_samples: must be an integer"),
+        (Hello(ENV, "p", "b", "v", 1, skipped_samples=-1), "skipped_samples: must be an integer"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), num_classes=2**16), r"num_classes: must be an integer in \[0, 65535\]"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), classes_digest=bytes(31)), "classes_digest: must be 32 bytes, got 31 bytes"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), classes_digest=bytes(33)), "classes_digest: must be 32 bytes, got 33 bytes"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), classes_digest="0" * 32), "classes_digest: must be 32 bytes, got '0"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), crop_padding=65), r"crop_padding: must be an integer in \[0, 64\], got 65"),
+        (RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), crop_padding=-1), r"crop_padding: must be an integer in \[0, 64\], got -1"),
         (Chunk(ENV, 2**64, 0, 1, 1, b"x"), "message_id: must be an integer"),
         (RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, bytes_sent=2**64)), "telemetry bytes_sent: must be an integer"),
         (RoundUpdate(ENV, 1, 1, (), dataclasses.replace(TELEMETRY, energy_source="guessed")), "telemetry energy_source: must be one of"),
     ],
     ids=[
         "created_at text", "version 2**32", "epochs 2**16", "optimizer lion", "dtype bool", "granularity channel", "samples 2**32",
+        "skipped 2**32", "skipped -1", "num_classes 2**16", "digest 31 bytes", "digest 33 bytes", "digest text", "crop 65", "crop -1",
         "message_id 2**64", "bytes 2**64", "energy source",
     ],
 )
@@ -732,6 +776,7 @@ BROKEN = {
     "allocation id": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d/1", 8, 8, 0.5, 1e6),)),
     "power NaN": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, NAN, 1e6),)),
     "bandwidth negative": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 0.5, -1.0),)),
+    "crop_padding 65": RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), crop_padding=65),
     "tensor bytes != shape": ModelWeights(ENV, 1, (("w", Tensor("float32", (3,), bytes(4))),)),
     "weight NaN": ModelWeights(ENV, 1, (("w", Tensor.from_numpy(np.array([1.0, NAN], np.float32))),)),
     "weight inf": ModelWeights(ENV, 1, (("w", Tensor.from_numpy(np.array([INF], np.float64))),)),
@@ -804,8 +849,10 @@ def test_duplicate_weight_names_are_refused() -> None:
         Status(ENV, 1.5, "x"),  # type: ignore[arg-type]
         Hello(ENV, "p", "b", "v", 1, heartbeat=2),  # type: ignore[arg-type]
         RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (Allocation("d", 8, 8, 0.5, 1e6, per_token=2),)),  # type: ignore[arg-type]
+        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), hflip=2),  # type: ignore[arg-type]
+        RoundPlan(ENV, 1, 1.0, 1, 1, 0.5, (), hflip=1),  # type: ignore[arg-type]
     ],
-    ids=["online 2", "online 1.5", "heartbeat 2", "per_token 2"],
+    ids=["online 2", "online 1.5", "heartbeat 2", "per_token 2", "hflip 2", "hflip 1"],
 )
 def test_encode_refuses_a_flag_that_is_not_a_bool(message: Message) -> None:
     with pytest.raises(MalformedError, match="must be True or False"):

@@ -32,6 +32,7 @@ from edge_runtime.protocol import (
     Telemetry,
     Tensor,
     VERSION,
+    classes_digest,
     decode,
     encode,
     weights_from_numpy,
@@ -85,7 +86,7 @@ def _chunk_payload() -> bytes:
 EXAMPLES: dict[type[Message], Message] = {
     Hello: Hello(
         _env(step=0), "raspberry-pi-4", "onnxruntime", "0.3.1", 5_000, heartbeat=True,
-        last_telemetry=Telemetry(12.5, 3.25, 41.0625, "estimated", 2_000_000, 30_000, 40),
+        last_telemetry=Telemetry(12.5, 3.25, 41.0625, "estimated", 2_000_000, 30_000, 40), skipped_samples=17,
     ),
     Status: Status(_env(step=0), online=False, reason="last will: connection lost"),
     RoundPlan: RoundPlan(
@@ -100,6 +101,10 @@ EXAMPLES: dict[type[Message], Message] = {
             Allocation("pi-01", bits_up=1, bits_down=16, tx_power_w=0.2, bandwidth_hz=2.0e5),
             Allocation("phone-3", bits_up=32, bits_down=32, tx_power_w=0.0, bandwidth_hz=0.0),
         ),
+        num_classes=1000,
+        classes_digest=hashlib.sha256(b"".join(f"class-{i}\n".encode() for i in range(1000))).digest(),
+        crop_padding=4,
+        hflip=True,
     ),
     ModelWeights: ModelWeights(_env(device_id="server", step=0), version=41, weights=_mixed_weights()),
     Activations: _activations(3, "token"),
@@ -213,7 +218,7 @@ def test_wire_type_codes_are_unique_and_stable() -> None:
 def test_frame_carries_magic_version_and_type_code(cls: type[Message]) -> None:
     frame = encode(EXAMPLES[cls])
     assert frame[:4] == b"SFLM"
-    assert frame[4] == 3 == VERSION
+    assert frame[4] == 4 == VERSION
     assert frame[5] == codec.type_code(cls)
 
 
@@ -374,7 +379,7 @@ def test_round_or_step_outside_u32_is_refused_at_encode(round_: int, step: int, 
 # written by hand from the layout in codec.py's docstring.
 GOLDEN_STATUS_HEX = (
     "53464c4d"  # magic "SFLM"
-    "03"  # version 3
+    "04"  # version 4
     "02"  # type: Status
     "1600"  # header_len u16 = 22
     "05000000"  # body_len u32 = 5
@@ -386,7 +391,7 @@ GOLDEN_STATUS_HEX = (
     "01"  # online = true
     "0200" "6f6b"  # reason: u16 length 2, "ok"
     "00"  # signature scheme 0: unsigned
-    "c735b45b"  # crc32 (zlib) of all of the above, u32
+    "ae160407"  # crc32 (zlib) of all of the above, u32
 )
 
 
@@ -404,11 +409,13 @@ def test_status_frame_matches_the_documented_bytes() -> None:
 
 # RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), model_version 2, deadline 30 s, 1 epoch, batch 16,
 # lr 0.1, one Allocation("d7", up 4, down 8, 0.1 W, 1 MHz, per_token), AdamW, momentum 0.5,
-# weight decay 1e-4), by hand: lr and tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
+# weight decay 1e-4, 2 classes named "0" and "1", crop padding 4, flip), by hand: lr and
+# tx_power_w are f64 (0.1 as float32 would be "cdcccc3d").
+CLASSES_01_DIGEST_HEX = "82c1315e6c757f33c4a77ca58b2a184f5a88614470c05ec77f3d28918db6b8ae"  # SHA-256 of b"0\n1\n"
 GOLDEN_PLAN_HEX = (
-    "53464c4d" "03" "03"  # magic, version 3, type: RoundPlan
+    "53464c4d" "04" "03"  # magic, version 4, type: RoundPlan
     "1700"  # header_len u16 = 23
-    "43000000"  # body_len u32 = 67
+    "67000000"  # body_len u32 = 103 = 81 + 20 + 2
     "02" "7231"  # run_id "r1"
     "03" "737276"  # device_id "srv"
     "03000000" "00000000"  # round 3, step 0
@@ -421,6 +428,10 @@ GOLDEN_PLAN_HEX = (
     "02"  # optimizer u8 = 2 (adamw)
     "000000000000e03f"  # momentum f64 = 0.5
     "2d431cebe2361a3f"  # weight_decay f64 = 1e-4
+    "0200"  # num_classes u16 = 2
+    + CLASSES_01_DIGEST_HEX  # classes_digest, 32 raw bytes
+    + "04"  # crop_padding u8 = 4
+    "01"  # hflip = true
     "0100"  # allocation count u16 = 1
     "02" "6437"  # allocation device_id "d7"
     "04" "08"  # bits_up 4, bits_down 8
@@ -428,14 +439,14 @@ GOLDEN_PLAN_HEX = (
     "0000000080842e41"  # bandwidth_hz f64 = 1e6
     "01"  # per_token = true
     "00"  # signature scheme 0: unsigned
-    "d61fd53c"  # crc32 (zlib), u32
+    "7a3ad0b7"  # crc32 (zlib), u32
 )
 
 
 def test_round_plan_frame_matches_the_documented_bytes() -> None:
     # Prepare
     message = RoundPlan(Envelope("r1", 3, "srv", 0, 1.5), 2, 30.0, 1, 16, 0.1, (Allocation("d7", 4, 8, 0.1, 1e6, per_token=True),),
-                        "adamw", 0.5, 1e-4)
+                        "adamw", 0.5, 1e-4, num_classes=2, classes_digest=classes_digest(["0", "1"]), crop_padding=4, hflip=True)
     golden = bytes.fromhex(GOLDEN_PLAN_HEX)
     # Execute
     frame = encode(message)
@@ -449,12 +460,12 @@ def test_round_plan_frame_matches_the_documented_bytes() -> None:
 # (public key 03a107bf f3ce10be 1d70dd18 e74bc099 67e4d630 9ba50d5f 1ddc8664 125531b8).
 # Ed25519 is deterministic, so these bytes are what every correct signer writes.
 GOLDEN_SIGNED_STATUS_HEX = (
-    GOLDEN_STATUS_HEX[: -len("00c735b45b")]  # the frame up to the body, as above
+    GOLDEN_STATUS_HEX[: -len("00ae160407")]  # the frame up to the body, as above
     + "01"  # signature scheme 1: Ed25519
     "02" "6437"  # key_id: u8 length 2, "d7"
-    "d2b93c3d554dc572c40903a55c6f37e776b900128ca87e6b7a6be06e9ca342fa"  # signature (64 bytes) over
-    "0ce87026c299004be86d8e523fa1f1a962413b7eb0798204e00747595f615c02"  # DOMAIN + SHA-256(frame up to the key_id)
-    "637a9fc7"  # crc32 (zlib), u32
+    "bd259c330b2d4e0597fefcc5cede372ca304258814d277c4d78207c7532ce1cd"  # signature (64 bytes) over
+    "45a06895232f0a4c361f378554c2f3a1f08c43710bfb6174c936b25ba19a3d00"  # DOMAIN + SHA-256(frame up to the key_id)
+    "e8a3f30b"  # crc32 (zlib), u32
 )
 
 
@@ -475,6 +486,70 @@ def test_signed_status_frame_matches_the_documented_bytes() -> None:
     signed, signature = golden[: -4 - 64], golden[-4 - 64 : -4]
     key._key.public_key().verify(signature, DOMAIN + hashlib.sha256(signed).digest())  # the rule, by hand
     assert decode(golden, keys=Keyring({"d7": key.public_bytes}), signer="d7") == message
+
+
+# --- protocol version 4: the plan's class list and augmentation, the Hello's skipped count ------
+
+
+def test_classes_digest_is_sha256_of_the_names_each_followed_by_a_newline() -> None:
+    # Prepare
+    expected = hashlib.sha256(b"0\n1\n").digest()
+    # Execute
+    digest = classes_digest(["0", "1"])
+    # Assert
+    assert digest == expected and digest.hex() == CLASSES_01_DIGEST_HEX
+    assert classes_digest(["1", "0"]) != digest  # order is class-id order: swapped ids differ
+    assert classes_digest(["chat", "été"]) == hashlib.sha256("chat\nété\n".encode()).digest()
+    assert len(digest) == 32 and digest != messages.NO_CLASSES_DIGEST
+
+
+@pytest.mark.parametrize("names", [[], ["a\nb"], ["a", "b\n"], [b"a"]], ids=["empty", "newline", "trailing newline", "bytes"])
+def test_classes_digest_refuses_names_it_cannot_state_unambiguously(names: list) -> None:
+    with pytest.raises(ValueError):
+        classes_digest(names)
+
+
+def test_a_plan_without_classes_or_augmentation_states_none() -> None:
+    # Prepare: built the version 3 way, without the new fields
+    plan = RoundPlan(_env(device_id="server"), 1, 10.0, 1, 32, 0.1, ())
+    # Execute
+    decoded = decode(encode(plan))
+    # Assert
+    assert decoded == plan
+    assert (decoded.num_classes, decoded.classes_digest, decoded.crop_padding, decoded.hflip) == (0, bytes(32), 0, False)
+
+
+@pytest.mark.parametrize(("num_classes", "crop_padding", "hflip"), [(1, 0, True), (10, 4, False), (65535, 64, True)])
+def test_plan_classes_and_augmentation_round_trip(num_classes: int, crop_padding: int, hflip: bool) -> None:
+    # Prepare
+    digest = classes_digest([f"c{i}" for i in range(num_classes)])
+    plan = RoundPlan(_env(device_id="server"), 1, 10.0, 1, 32, 0.1, (), num_classes=num_classes, classes_digest=digest,
+                     crop_padding=crop_padding, hflip=hflip)
+    # Execute
+    decoded = decode(encode(plan))
+    # Assert
+    assert decoded == plan
+    assert (decoded.num_classes, decoded.classes_digest, decoded.crop_padding, decoded.hflip) == (num_classes, digest, crop_padding, hflip)
+
+
+@pytest.mark.parametrize("device_ids", [(), ("d",), ("dev7", "x" * 64)])
+def test_plan_body_is_81_bytes_plus_20_plus_d_per_allocation(device_ids: tuple[str, ...]) -> None:
+    plan = RoundPlan(_env(device_id="server"), 1, 10.0, 1, 32, 0.1, tuple(Allocation(d, 8, 8, 0.1, 1e6) for d in device_ids))
+    frame = encode(plan)
+    assert struct.unpack_from("<I", frame, 8)[0] == 81 + sum(20 + len(d) for d in device_ids)
+
+
+@pytest.mark.parametrize("skipped", [0, 1, 2**32 - 1])
+def test_hello_skipped_samples_round_trip_after_num_samples(skipped: int) -> None:
+    # Prepare
+    hello = Hello(_env(step=0), "pi", "onnx", "1", 1234, skipped_samples=skipped)
+    # Execute
+    frame = encode(hello)
+    decoded = decode(frame)
+    # Assert: on the wire it follows num_samples (and the three one-byte texts)
+    assert decoded == hello and decoded.skipped_samples == skipped
+    body = frame[12 + struct.unpack_from("<H", frame, 6)[0]:]
+    assert struct.unpack_from("<II", body, len(b"\x02pi\x04onnx\x011")) == (1234, skipped)
 
 
 def test_float64_fields_of_the_examples_round_trip_exactly() -> None:

@@ -32,6 +32,8 @@ from edge_runtime.protocol.messages import (
     Hello,
     Message,
     ModelWeights,
+    MAX_CROP_PADDING,
+    NO_CLASSES_DIGEST,
     OPTIMIZER_CODES,
     RoundPlan,
     SERVER_ID,
@@ -39,6 +41,7 @@ from edge_runtime.protocol.messages import (
     Status,
     Telemetry,
     Tensor,
+    classes_digest,
     weights_from_numpy,
     weights_to_numpy,
 )
@@ -55,4 +58,5 @@ __all__ = [
     "TruncatedError", "UnknownTypeError", "VERSION", "VersionError", "decode", "encode",
     "parse_topic", "split", "weights_from_numpy", "weights_to_numpy",
     "OPTIMIZER_CODES", "KeyFileError", "Keyring", "SignatureError", "SigningKey",
+    "MAX_CROP_PADDING", "NO_CLASSES_DIGEST", "classes_digest",
 ]

@@ -51,7 +51,7 @@ from edge_runtime.quantize import FLOAT_BITS, GRANULARITIES, QuantizedTensor, nu
 from sflam_common.bits import BIT_WIDTHS_TEXT, is_bit_width
 
 MAGIC = b"SFLM"
-VERSION = 3
+VERSION = 4
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, type, header_len, body_len
 PREFIX_SIZE = _PREFIX.size
 CRC_SIZE = 4
@@ -189,6 +189,7 @@ def _put_hello(w: Writer, msg: m.Hello) -> None:
     w.text(msg.backend)
     w.text(msg.software_version)
     w.u32(msg.num_samples)
+    w.u32(msg.skipped_samples)
     w.u8(int(msg.heartbeat))
     w.u8(int(msg.last_telemetry is not None))
     if msg.last_telemetry is not None:
@@ -197,13 +198,14 @@ def _put_hello(w: Writer, msg: m.Hello) -> None:
 
 def _get_hello(r: Reader, env: m.Envelope, limits: Limits) -> m.Hello:
     profile, backend, software = r.text("profile"), r.text("backend"), r.text("software_version")
-    samples, heartbeat = r.u32("num_samples"), _flag(r, "heartbeat")
+    samples, skipped, heartbeat = r.u32("num_samples"), r.u32("skipped_samples"), _flag(r, "heartbeat")
     telemetry = _get_telemetry(r) if _flag(r, "has_telemetry") else None
-    return m.Hello(env, profile, backend, software, samples, heartbeat, telemetry)
+    return m.Hello(env, profile, backend, software, samples, heartbeat, telemetry, skipped)
 
 
 def _check_hello(msg: m.Hello) -> None:
     check_uint(msg.num_samples, "num_samples")
+    check_uint(msg.skipped_samples, "skipped_samples")
     check_flag(msg.heartbeat, "heartbeat")
     if msg.last_telemetry is not None:
         check_telemetry(msg.last_telemetry)
@@ -248,6 +250,10 @@ def _put_plan(w: Writer, msg: m.RoundPlan) -> None:
     w.u8(m.OPTIMIZER_CODES[msg.optimizer])
     w.f64(msg.momentum)
     w.f64(msg.weight_decay)
+    w.u16(msg.num_classes)
+    w.raw(msg.classes_digest)
+    w.u8(msg.crop_padding)
+    w.u8(int(msg.hflip))
     w.u16(len(msg.allocations))
     for a in msg.allocations:
         w.text(a.device_id)
@@ -267,11 +273,14 @@ def _get_plan(r: Reader, env: m.Envelope, limits: Limits) -> m.RoundPlan:
         raise MalformedError(f"optimizer code {code} is undefined (known: "
                              f"{', '.join(f'{c} {n}' for c, n in _OPTIMIZER_NAMES.items())})")
     momentum, weight_decay = r.f64("momentum"), r.f64("weight_decay")
+    num_classes, digest = r.u16("num_classes"), bytes(r.take(m.CLASSES_DIGEST_SIZE, "classes_digest"))
+    crop_padding, hflip = r.u8("crop_padding"), _flag(r, "hflip")
     count = r.u16("allocation count")
     if count > limits.max_allocations:
         raise LimitError(f"{count} allocations exceed the limit of {limits.max_allocations}")
     allocations = tuple(_get_allocation(r) for _ in range(count))
-    return m.RoundPlan(env, version, deadline, epochs, batch, lr, allocations, optimizer, momentum, weight_decay)
+    return m.RoundPlan(env, version, deadline, epochs, batch, lr, allocations, optimizer, momentum, weight_decay,
+                       num_classes, digest, crop_padding, hflip)
 
 
 def _get_allocation(r: Reader) -> m.Allocation:
@@ -294,11 +303,23 @@ def _check_plan(msg: m.RoundPlan) -> None:
     if msg.momentum >= 1:
         raise MalformedError(f"momentum must be < 1, got {msg.momentum}")
     check_finite(msg.weight_decay, "weight_decay", minimum=0)
+    _check_plan_data(msg)
     devices = [a.device_id for a in msg.allocations]
     if len(set(devices)) != len(devices):
         raise MalformedError("a device appears twice in the plan's allocations")
     for allocation in msg.allocations:
         check_allocation(allocation)
+
+
+def _check_plan_data(msg: m.RoundPlan) -> None:
+    """The class list the plan states and the augmentation it asks for."""
+    check_uint(msg.num_classes, "num_classes", maximum=0xFFFF)
+    digest = msg.classes_digest
+    if not isinstance(digest, bytes) or len(digest) != m.CLASSES_DIGEST_SIZE:  # raw bytes: the wire has no length for it
+        shown = f"{len(digest)} bytes" if isinstance(digest, bytes) else repr(digest)
+        raise MalformedError(f"classes_digest: must be {m.CLASSES_DIGEST_SIZE} bytes, got {shown}")
+    check_uint(msg.crop_padding, "crop_padding", maximum=m.MAX_CROP_PADDING)
+    check_flag(msg.hflip, "hflip")
 
 
 def _put_model(w: Writer, msg: m.ModelWeights) -> None:

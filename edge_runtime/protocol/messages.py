@@ -7,9 +7,10 @@ version, the type code and the integrity check are added by the codec. Tensors a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,9 @@ ENERGY_SOURCES = ("measured", "estimated")
 # RoundPlan.optimizer on the wire; the names are training.optimizer's (server and device alike)
 OPTIMIZER_CODES = {"sgd": 0, "adam": 1, "adamw": 2}
 SERVER_ID = "server"  # the envelope's device id on the broadcast plan and model topics
+CLASSES_DIGEST_SIZE = 32  # SHA-256
+NO_CLASSES_DIGEST = bytes(CLASSES_DIGEST_SIZE)  # RoundPlan.classes_digest when the plan names no classes
+MAX_CROP_PADDING = 64  # pixels per side; RoundPlan.crop_padding travels as u8 but is refused above this
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,21 @@ def weights_to_numpy(weights: Weights) -> dict[str, np.ndarray]:
     return {name: tensor.to_numpy() for name, tensor in weights}
 
 
+def classes_digest(names: Sequence[str]) -> bytes:
+    """SHA-256 of the class names in class-id order, each as UTF-8 followed by one newline byte.
+
+    ValueError for an empty list or a name containing a newline (two lists would share a digest).
+    """
+    if not names:
+        raise ValueError("no class names")
+    h = hashlib.sha256()
+    for name in names:
+        if not isinstance(name, str) or "\n" in name:
+            raise ValueError(f"a class name must be a string without a newline, got {name!r}")
+        h.update(name.encode("utf-8") + b"\n")
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class Allocation:
     """One selected device's share of a round: bits up/down, transmit power, bandwidth."""
@@ -120,6 +139,7 @@ class Hello(Message):
     num_samples: int
     heartbeat: bool = False
     last_telemetry: "Telemetry | None" = None  # the device's last round, for the allocator
+    skipped_samples: int = 0  # local images left out because they were unreadable or corrupt
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,11 @@ class RoundPlan(Message):
     the plan (relative, so device clocks need not agree). ``lr`` is this round's learning rate
     (a schedule may change it every round); ``optimizer``, ``momentum`` and ``weight_decay`` are
     the server's, which the device follows (edge_runtime.optimizer).
+
+    ``num_classes`` and ``classes_digest`` (:func:`classes_digest` of the class names) state the
+    run's class list, so a device whose folder maps names to ids differently refuses to train
+    (0 and :data:`NO_CLASSES_DIGEST`: not stated). ``crop_padding`` (pixels of zero padding per
+    side before a random crop, 0 = none) and ``hflip`` are the augmentation of training batches.
     """
 
     model_version: int
@@ -149,6 +174,10 @@ class RoundPlan(Message):
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    num_classes: int = 0
+    classes_digest: bytes = NO_CLASSES_DIGEST
+    crop_padding: int = 0
+    hflip: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Ed25519 signatures on frames: who wrote a message, checked before anything in it is parsed.
 
-Every frame of protocol version 3 ends with a signature block before its CRC
+Every frame (since protocol version 3) ends with a signature block before its CRC
 (docs/protocol.md 2.6)::
 
     scheme u8 = 0                                   unsigned
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SCHEME_NONE, SCHEME_ED25519 = 0, 1
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32
+# "v3" names this signature scheme (introduced with frame version 3), not the frame version: later
+# frame versions keep it, and the version byte is inside the signed bytes anyway
 DOMAIN = b"sflam frame signature v3\x00"
 SERVER_KEY_ID = "server"  # the same string as messages.SERVER_ID: the server signs as "server"
 
