@@ -108,6 +108,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="resample each device to a size drawn in [LO, HI], as the SFLAM code does (400-500)",
     )
     part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--out", metavar="DIR", help="also write one shard per device to DIR (new or empty)")
+    part.add_argument("--format", choices=("folder", "npz"), help="shard layout with --out (default folder)")
     part.set_defaults(handler="server_runtime.data.cli:cmd_partition")
 
 
@@ -160,6 +162,8 @@ def _add_flash(sub: argparse._SubParsersAction) -> None:
                        help="a fleet from `sflam fleet provision`: install --device-id's signing key (as "
                             "keys/device.key, 0600) and the server's public key (keys/server.pub) with the bundle")
     flash.add_argument("--device-id", metavar="ID", help="the fleet's device whose keys to install (with --fleet)")
+    flash.add_argument("--data", metavar="PATH", help="a device's data shard (a folder or an .npz from `sflam data "
+                       "partition`) to install in <path>/data, hashed and verified there")
     flash.set_defaults(handler="export.flash:cmd_flash")
 
 
@@ -227,7 +231,9 @@ def _device_options(dev: argparse.ArgumentParser) -> None:
     dev.add_argument("--bundle", required=True, help="bundle directory made by `sflam export`")
     dev.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
     dev.add_argument("--device-id", required=True, help="1-64 of A-Z a-z 0-9 _ . -")
-    dev.add_argument("--data", required=True, help="npz:PATH with images uint8 (N,H,W,3) and labels")
+    dev.add_argument("--data", required=True, help="the device's shard: folder:DIR (a sub-folder per class), "
+                     "manifest:FILE.csv (path,label rows) or npz:PATH (images uint8 (N,H,W,3), labels)")
+    dev.add_argument("--data-cache-mb", type=float, default=16.0, help="MB of decoded images a shard keeps (0: none)")
     dev.add_argument("--backend", default="auto", choices=("auto", "litert", "onnx", "numpy"))
     dev.add_argument("--run-id", default="default", help="the run's id (topic level)")
     dev.add_argument("--rounds", type=_positive_int, help="exit after N rounds (default: serve forever)")
