@@ -8,7 +8,8 @@ after the other; a failing step raises :class:`FlashError` naming the step and t
 Over ssh the bundle travels as a tar stream, is verified remotely with ``sha256sum -c`` against
 checksums taken from the local manifest, gets a Python environment and a systemd unit, and
 finally must pass ``launch.sh --check`` on the device. With ``--fleet DIR --device-id ID`` the
-device's signing keys go to ``<path>/keys`` too (:mod:`export.flash_keys`), outside the manifest.
+device's signing keys go to ``<path>/keys`` too (:mod:`export.flash_keys`), outside the manifest, and
+with ``--data PATH`` a data shard goes to ``<path>/data``, hashed and verified (:mod:`export.flash_data`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 from edge_runtime.bundle import MANIFEST, BundleError, file_sha256, read_manifest, verify_bundle
 from export import flash_keys
+
+if TYPE_CHECKING:  # flash_data builds on this module
+    from export.flash_data import DataShard
 
 log = logging.getLogger(__name__)
 UNIT_NAME = "sflam-device.service"
@@ -40,9 +44,9 @@ CHECKSUMS = "SHA256SUMS"
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*\Z")
 _HOST = re.compile(r"([A-Za-z0-9][A-Za-z0-9.-]*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)\Z")
 _SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
-_PATH = re.compile(r"[A-Za-z0-9._+@/-]+\Z")
+SAFE_PATH = re.compile(r"[A-Za-z0-9._+@/-]+\Z")
 _NO_SYSTEMD = "sflam-no-systemd"
-_VERIFIED = "sflam-verify-ok"
+VERIFIED = "sflam-verify-ok"
 
 
 class FlashError(ValueError):
@@ -59,7 +63,6 @@ class HashMismatch(FlashError):
     def __init__(self, message: str, files: Sequence[str], **kwargs: str) -> None:
         super().__init__(message, **kwargs)
         self.files = tuple(files)
-
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def _remote_path(url: str, raw: str) -> str:
         raise FlashError(f"target {url!r}: no directory; add an absolute path such as /home/pi/sflam")
     if not raw.startswith("/"):
         raise FlashError(f"target {url!r}: path {raw!r} must be absolute")
-    if not _PATH.match(raw):
+    if not SAFE_PATH.match(raw):
         raise FlashError(f"target {url!r}: path {raw!r} may contain only letters, digits and ._+@-/")
     path = PurePosixPath(raw)
     if ".." in path.parts or "." in raw.split("/"):
@@ -129,7 +132,6 @@ def _adb_target(url: str, serial: str, path: str) -> Target:
     return Target("adb", path, serial=serial)
 
 
-
 @dataclass(frozen=True)
 class Upload:
     """Local files streamed to a step's stdin as one tar archive (archive name -> local path)."""
@@ -147,11 +149,11 @@ class Step:
     stdin_note: str = ""  # what stdin carries, for --dry-run
     timeout_s: float = 120.0
     expect: str = ""  # stdout must contain this (adb shells may not return exit codes)
+    verify_against: str = ""  # a sha256sum -c step: what the files must match (a HashMismatch names those that differ)
 
     def describe(self) -> str:
         """The step as a person would type it."""
-        command = shlex.join(self.argv)
-        return f"{self.name}: {command}" + (f"  < {self.stdin_note}" if self.stdin_note else "")
+        return f"{self.name}: {shlex.join(self.argv)}" + (f"  < {self.stdin_note}" if self.stdin_note else "")
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def check_remote_python(value: str, option: str = "--remote-python") -> str:
     It becomes ``Environment=SFLAM_PYTHON=...`` in the unit: a newline would add directives, and
     ``%``, ``$``, quotes, ``\\`` or ``;`` would be expanded or split there; FlashError names the value.
     """
-    if not value.startswith("/") or not _PATH.match(value):
+    if not value.startswith("/") or not SAFE_PATH.match(value):
         raise FlashError(f"{option} {value!r}: expected an absolute path of letters, digits and ._+@-/ only "
                          "(no spaces, control characters, quotes, $, %, ; or backslashes)")
     return value
@@ -188,11 +190,11 @@ class FlashOptions:
     pip_args: tuple[str, ...] = ()
     ssh: SshOptions = field(default_factory=SshOptions)
     keys: flash_keys.DeviceKeys | None = None  # installed in <path>/keys (ssh and adb)
+    data: DataShard | None = None  # installed in <path>/data (ssh and adb)
 
     def __post_init__(self) -> None:
         if self.remote_python is not None:
             check_remote_python(self.remote_python, "remote_python")
-
 
 
 def bundle_files(bundle: Path) -> list[str]:
@@ -207,7 +209,7 @@ def bundle_files(bundle: Path) -> list[str]:
         raise FlashError(f"bundle {bundle} is not sound; re-export it:\n  " + "\n  ".join(problems))
     names = sorted(manifest["files"])
     for name in names:
-        if not _PATH.match(name) or name.startswith("/") or ".." in PurePosixPath(name).parts:
+        if not SAFE_PATH.match(name) or name.startswith("/") or ".." in PurePosixPath(name).parts:
             raise FlashError(f"bundle {bundle}: unsafe file name {name!r} in the manifest")
     return [MANIFEST, *names]
 
@@ -222,7 +224,6 @@ def checksum_list(bundle: Path, names: Sequence[str]) -> bytes:
 def _sflam_requirement(bundle: Path) -> str:
     version = read_manifest(Path(bundle)).get("sflam_version")
     return f"sflam[edge]=={version}" if version else "sflam[edge]"
-
 
 
 def ssh_argv(target: Target, options: SshOptions, command: str) -> tuple[str, ...]:
@@ -255,6 +256,7 @@ def plan_ssh(bundle: Path, target: Target, options: FlashOptions) -> list[Step]:
     if options.keys:
         steps.append(Step(flash_keys.INSTALL_STEP, ssh(flash_keys.ssh_install_command(target.path)),
                           Upload(options.keys.members), options.keys.note))
+    steps += options.data.ssh_steps(target, options.ssh) if options.data else []
     if options.venv and not options.remote_python:
         steps += _venv_steps(bundle, target, options)
     steps.append(check_step(target, options))
@@ -267,7 +269,7 @@ def verify_step(bundle: Path, target: Target, options: SshOptions, names: Sequen
     """Remote ``sha256sum -c`` fed with checksums from the local manifest."""
     command = f"cd {shlex.quote(target.path)} && sha256sum -c -"
     return Step("verify hashes", ssh_argv(target, options, command), checksum_list(bundle, names),
-                f"checksum list of {len(names)} files from {Path(bundle) / MANIFEST}", timeout_s=600)
+                f"checksum list of {len(names)} files from {Path(bundle) / MANIFEST}", 600, verify_against="the manifest")
 
 
 def _venv_steps(bundle: Path, target: Target, options: FlashOptions) -> list[Step]:
@@ -299,7 +301,7 @@ def render_unit(template: str, target: Target, remote_python: str | None) -> str
     if "User=@USER@" not in template:
         raise FlashError("the bundle's systemd unit has no User=@USER@ (exported by an older sflam): "
                          "re-export the bundle, or flash it with --no-unit")
-    if not _USER.match(target.user) or not target.path.startswith("/") or not _PATH.match(target.path):
+    if not _USER.match(target.user) or not target.path.startswith("/") or not SAFE_PATH.match(target.path):
         raise FlashError(f"cannot render a unit for user {target.user!r} and path {target.path!r}")
     if target.user == "root":
         log.warning("the systemd unit will run the device as root; flash as an unprivileged user to avoid that")
@@ -313,17 +315,15 @@ def render_unit(template: str, target: Target, remote_python: str | None) -> str
 def _unit_step(bundle: Path, target: Target, options: FlashOptions) -> Step:
     sudo = "" if target.user == "root" else "sudo -n "
     dest = f"{UNIT_DIR}/{UNIT_NAME}"
-    command = (
-        f"if ! {{ command -v systemctl && test -d /run/systemd/system; }} >/dev/null 2>&1; "
-        f"then echo {_NO_SYSTEMD}; exit 0; fi; "
-        f"{sudo}tee {dest} >/dev/null && {sudo}systemctl daemon-reload && {sudo}systemctl enable {UNIT_NAME}"
-    )
+    command = (f"if ! {{ command -v systemctl && test -d /run/systemd/system; }} >/dev/null 2>&1; "
+               f"then echo {_NO_SYSTEMD}; exit 0; fi; "
+               f"{sudo}tee {dest} >/dev/null && {sudo}systemctl daemon-reload && {sudo}systemctl enable {UNIT_NAME}")
     unit = render_unit((bundle / UNIT_NAME).read_text(), target, options.remote_python)
     return Step("systemd unit", ssh_argv(target, options.ssh, command), unit.encode(), f"{UNIT_NAME} rendered for {target.path}")
 
 
-
-def plan_adb(bundle: Path, target: Target, staging: Path, keys: flash_keys.DeviceKeys | None = None) -> list[Step]:
+def plan_adb(bundle: Path, target: Target, staging: Path, keys: flash_keys.DeviceKeys | None = None,
+             data: DataShard | None = None) -> list[Step]:
     """Every command of an adb flash; generated files (checksums, Termux runner) go to ``staging``."""
     bundle, names, key_files = Path(bundle), bundle_files(bundle), keys.members if keys else ()
     (Path(staging) / CHECKSUMS).write_bytes(checksum_list(bundle, names))
@@ -337,9 +337,9 @@ def plan_adb(bundle: Path, target: Target, staging: Path, keys: flash_keys.Devic
     if keys:
         protect = flash_keys.adb_protect_command(target.path)
         steps.append(Step(flash_keys.PROTECT_STEP, (*adb, "shell", protect), expect=flash_keys.KEY_MODE_MARK))
-    verify = f"cd {q} && sha256sum -c {CHECKSUMS} && echo {_VERIFIED}"
-    steps.append(Step("verify hashes", (*adb, "shell", verify), timeout_s=600, expect=_VERIFIED))
-    return steps
+    verify = f"cd {q} && sha256sum -c {CHECKSUMS} && echo {VERIFIED}"
+    steps.append(Step("verify hashes", (*adb, "shell", verify), timeout_s=600, expect=VERIFIED, verify_against="the manifest"))
+    return steps + (data.adb_steps(target, staging) if data else [])
 
 
 TERMUX_RUNNER = """#!/bin/sh
@@ -454,7 +454,7 @@ def run_verify(step: Step, where: str) -> None:
         if not files:
             raise
         verb = "does" if len(files) == 1 else "do"
-        raise HashMismatch(f"verify hashes failed on {where}: {', '.join(files)} {verb} not match the manifest "
+        raise HashMismatch(f"{step.name} failed on {where}: {', '.join(files)} {verb} not match {step.verify_against} "
                            f"(corrupted in transit or on the device)\n{exc.stderr.strip()}", files,
                            step=exc.step or "", stdout=exc.stdout, stderr=exc.stderr) from None
 
@@ -473,32 +473,29 @@ def plan(bundle: Path, target: Target, options: FlashOptions, staging: Path) -> 
     if not Path(bundle).is_dir():
         raise FlashError(f"bundle {bundle}: not a directory")
     if target.scheme == "adb":
-        return plan_adb(bundle, target, staging, options.keys)
+        return plan_adb(bundle, target, staging, options.keys, options.data)
     return plan_ssh(bundle, target, options)
 
 
-def execute(steps: Sequence[Step], target: Target, progress: Progress = log.info) -> None:
+def execute(steps: Sequence[Step], target: Target, progress: Progress = log.info, data: DataShard | None = None) -> None:
     """Run a plan step by step, reporting each; stops at the first failure (FlashError)."""
     require_tool(target.scheme)
     for number, step in enumerate(steps, 1):
         progress(f"[{number}/{len(steps)}] {step.name} ...")
-        if step.name == "verify hashes":
+        if step.verify_against:
             run_verify(step, target.where)
-            continue
-        stdout = run_step(step, target.where)
-        _report(step, stdout, target, progress)
+        else:
+            _report(step, run_step(step, target.where), target, progress, data.spec(target.path) if data else "SPEC")
 
 
-def _report(step: Step, stdout: str, target: Target, progress: Progress) -> None:
+def _report(step: Step, stdout: str, target: Target, progress: Progress, data_spec: str) -> None:
     if step.name == "systemd unit":
         if _NO_SYSTEMD in stdout:
             progress(f"    no systemd on {target.where}: unit not installed")
         else:
-            progress(
-                f"    installed and enabled {UNIT_DIR}/{UNIT_NAME} (runs as {target.user}); put "
-                f"SFLAM_DEVICE_ARGS=\"--broker URL --device-id ID --data SPEC\" in {target.path}/device.env, "
-                f"then: systemctl start {UNIT_NAME}"
-            )
+            progress(f"    installed and enabled {UNIT_DIR}/{UNIT_NAME} (runs as {target.user}); put "
+                     f"SFLAM_DEVICE_ARGS=\"--broker URL --device-id ID --data {data_spec}\" in {target.path}/device.env, "
+                     f"then: systemctl start {UNIT_NAME}")
     elif step.name == flash_keys.PROTECT_STEP:
         progress(flash_keys.adb_key_report(stdout))
     elif step.name == "launch.sh --check":
@@ -509,13 +506,12 @@ def _report(step: Step, stdout: str, target: Target, progress: Progress) -> None
 def flash(bundle: Path, target: Target, options: FlashOptions = FlashOptions(), progress: Progress = log.info) -> None:
     """Copy, verify, set up and check a bundle on a device; FlashError at the first failing step."""
     with tempfile.TemporaryDirectory(prefix="sflam-flash-") as staging:
-        execute(plan(bundle, target, options, Path(staging)), target, progress)
+        execute(plan(bundle, target, options, Path(staging)), target, progress, options.data)
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
     """Handler of ``sflam flash``."""
-    target, bundle = parse_target(args.target), Path(args.bundle)
-    options = _options(args)
+    target, bundle, options = parse_target(args.target), Path(args.bundle), _options(args)
     with tempfile.TemporaryDirectory(prefix="sflam-flash-") as staging:
         steps = plan(bundle, target, options, Path(staging))
         if args.dry_run:
@@ -525,16 +521,20 @@ def cmd_flash(args: argparse.Namespace) -> int:
             return 0
         require_tool(target.scheme)
         print(f"flashing {bundle} to {target.where}:{target.path}")
-        execute(steps, target, print)
+        execute(steps, target, print, options.data)
     print(f"done: {target.where}:{target.path} verified" + (" and checked" if target.scheme == "ssh" else ""))
     if target.scheme == "adb":
         print(f"on the phone, in Termux: sh {target.path}/{RUNNER} --check")
     print(flash_keys.keys_line(options.keys, target.path))
+    if options.data:
+        print(f"data shard installed: start the device with --data {options.data.spec(target.path)}")
     return 0
 
 
 def _options(args: argparse.Namespace) -> FlashOptions:
+    from export.flash_data import read_shard  # flash_data builds on this module
     keys = flash_keys.keys_from_options(args.fleet, args.device_id)  # first: a half-given pair is a usage error
+    data = None if args.data is None else read_shard(Path(args.data))
     wheels = tuple(Path(w) for w in (args.wheel or ()))
     missing = [str(w) for w in wheels if not w.is_file()]
     if missing:
@@ -547,4 +547,4 @@ def _options(args: argparse.Namespace) -> FlashOptions:
     )
     remote_python = None if args.remote_python is None else check_remote_python(args.remote_python)
     return FlashOptions(remote_python=remote_python, venv=not args.no_venv, unit=not args.no_unit,
-                        wheels=wheels, pip_args=tuple(args.pip_arg or ()), ssh=ssh, keys=keys)
+                        wheels=wheels, pip_args=tuple(args.pip_arg or ()), ssh=ssh, keys=keys, data=data)

@@ -223,7 +223,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path, capsys, monkey
     args = argparse.Namespace(
         bundle=str(make_bundle(tmp_path)), target="ssh://pi@127.0.0.1:2222/home/pi/sflam", remote_python=None,
         no_venv=True, no_unit=True, dry_run=True, wheel=None, pip_arg=None, identity=None, known_hosts=None,
-        ssh_config=None, ssh_option=None, fleet=None, device_id=None,
+        ssh_config=None, ssh_option=None, fleet=None, device_id=None, data=None,
     )
     assert cmd_flash(args) == 0
     out = capsys.readouterr().out
@@ -254,12 +254,13 @@ def test_a_device_that_stops_reading_still_times_out(monkeypatch: pytest.MonkeyP
 
 # --- adb, executed against a fake adb ------------------------------------------------------
 
-# Like adb before Android 7, this one exits 0 even when the device command fails.
+# Like adb before Android 7, this one exits 0 even when the device command fails; like adb, it
+# pushes a folder to a new remote path as that path (cp -r).
 FAKE_ADB = """#!/bin/sh
 [ "$1" = "-s" ] || exit 1
 shift 2
 case "$1" in
-  push) cp "$2" "$3" ;;
+  push) cp -r "$2" "$3" ;;
   shell) shift; sh -c "$*" ;;
 esac
 exit 0
