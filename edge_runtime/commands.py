@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from edge_runtime.bundle import BundleError, verify_bundle
-from edge_runtime.data import Preprocess, load_data
+from edge_runtime.data import DEFAULT_CACHE_BYTES, Preprocess, load_data
 from edge_runtime.device import DeviceClient, load_device_profile
 from edge_runtime.device_keys import device_signing
 from edge_runtime.link import channel_gain_from_distance
@@ -39,6 +39,12 @@ def verified_bundle(path: str | Path) -> Path:
         raise BundleError(f"bundle {bundle} failed its integrity check (re-flash or re-export it):\n  "
                           + "\n  ".join(problems))
     return bundle
+
+
+def data_cache_bytes(args: argparse.Namespace) -> int:
+    """``--data-cache-mb`` in bytes (decoded images a folder or manifest shard keeps)."""
+    megabytes = getattr(args, "data_cache_mb", None)
+    return DEFAULT_CACHE_BYTES if megabytes is None else int(megabytes * 2**20)
 
 
 def plaintext_opt_in(args: argparse.Namespace) -> bool:
@@ -64,7 +70,10 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
     print(f"sflam device {args.device_id}: messages {signing.description}", file=sys.stderr, flush=True)
     return_large_blocks()  # a weight-sized buffer a step must not stay resident (edge_runtime.memory)
     device_json = json.loads((bundle / "device.json").read_text())
-    data = load_data(args.data, Preprocess.from_device_json(device_json))
+    data = load_data(args.data, Preprocess.from_device_json(device_json), num_classes=device_json.get("num_classes"),
+                     cache_bytes=data_cache_bytes(args))
+    skipped = f", {data.skipped} unreadable image(s) skipped" if data.skipped else ""
+    print(f"sflam device {args.device_id}: data {args.data}: {len(data)} samples{skipped}", file=sys.stderr, flush=True)
     password = read_password_file(args.password_file) if getattr(args, "password_file", None) else None
     profile = getattr(args, "profile", None)
     if profile is not None and load_device_profile(profile) is None:
@@ -100,7 +109,7 @@ def cmd_device(args: argparse.Namespace, client_class: type[DeviceClient] = Devi
         "backend": client.engine.name, "torch_loaded": "torch" in sys.modules,
         "meter": getattr(client.compute_meter, "name", None), "emulated_link": client.emulate_link,
         "shaped_link": client.shaped_link, "uplink_wall_s": client.uplink_wall_s,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), "samples": len(data), "skipped_samples": data.skipped,
     }
     print("sflam-device-summary " + json.dumps(summary), flush=True)
     if interrupted:

@@ -41,7 +41,8 @@ import numpy as np
 
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
-from edge_runtime.data import DeviceData
+from edge_runtime.augment import Augment
+from edge_runtime.data import DataMismatchError, Samples, check_against_plan
 from edge_runtime.link import RoundUplink, ShapedUplink, ShapedUplinkError, channel_gain_from_distance
 from edge_runtime.device_profile import (
     PowerModel,
@@ -90,7 +91,7 @@ class DeviceClient:
     bundle: Path
     broker_url: str
     device_id: str
-    data: DeviceData
+    data: Samples
     backend: str = "auto"
     run_id: str = "default"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -196,7 +197,8 @@ class DeviceClient:
         """Publish a Hello (profile, backend, samples, last telemetry) without waiting."""
         self._hello_at = self._now_after(self._hello_at)
         hello = p.Hello(self._env(0, 0, self._hello_at), str(self.profile or "unknown"), self.engine.name,
-                        SOFTWARE_VERSION, len(self.data), heartbeat=heartbeat, last_telemetry=self.last_telemetry)
+                        SOFTWARE_VERSION, len(self.data), heartbeat=heartbeat, last_telemetry=self.last_telemetry,
+                        skipped_samples=self.data.skipped)
         self._last_hello = time.monotonic()
         for frame in p.split(hello, self.max_frame_bytes, self.signing_key):
             self.link.publish_nowait(self.topics.up(self.device_id), frame)
@@ -268,12 +270,24 @@ class DeviceClient:
         try:
             self.train_round(plan)
             return True
+        except DataMismatchError as exc:  # training would teach wrong labels: tell the server, stop
+            self._report(plan.envelope.round, "data_mismatch", str(exc))
+            raise
         except RoundAborted as exc:
             log.warning("round %d abandoned: %s", plan.envelope.round, exc)
             self.counters["aborted_rounds"] += 1
             return False
         finally:
             self.done_rounds.add(plan.envelope.round)
+
+    def _report(self, round_: int, code: str, detail: str) -> None:
+        """An ErrorReport to the server, delivered within ``timeout_s`` if at all (logged either way)."""
+        log.error("%s: %s", code, detail)
+        report = p.ErrorReport(self._env(round_), code, detail[:500])
+        try:
+            self._send_reliably(self.topics.up(self.device_id), report, time.monotonic() + self.timeout_s, RoundStats())
+        except RoundAborted:
+            log.warning("could not deliver the %s report to the server", code)
 
     def selected_plan(self) -> p.RoundPlan | None:
         """The plan that selects this device for a round it has not done yet, if any."""
@@ -319,6 +333,7 @@ class DeviceClient:
     def train_round(self, plan: p.RoundPlan) -> p.RoundUpdate:
         """Train one round as the plan says, publish the RoundUpdate, return it."""
         round_, alloc = plan.envelope.round, self._allocation(plan)
+        check_against_plan(self.data, plan.num_classes, plan.classes_digest)
         self.receiver.min_round = max(self.receiver.min_round, round_)
         start = self._wait_model(plan)
         # read-only views on the received model: the first step's outputs are new arrays, and a
@@ -332,10 +347,12 @@ class DeviceClient:
         sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
         metering = self._start_meter()
         noise_rng = np.random.default_rng((self.seed, round_, 1))
+        augment = Augment.from_plan(plan)
         step = 0
         for epoch in range(plan.local_epochs):
-            shuffle_rng = np.random.default_rng((self.seed, round_, 0, epoch))
-            for images, labels in self.data.batches(batch, shuffle_rng, drop_last=fixed):
+            shuffle_rng, augment_rng = (np.random.default_rng((self.seed, round_, k, epoch)) for k in (0, 2))
+            for images, labels in self.data.batches(batch, shuffle_rng, drop_last=fixed, augment=augment,
+                                                    augment_rng=augment_rng):
                 t0 = time.perf_counter()
                 tensor = self._quantized(images, weight, bias, alloc, noise_rng)
                 stats.compute_time_s += time.perf_counter() - t0

@@ -10,7 +10,7 @@ its messages and heartbeats. A device a plan selects trains on a worker thread, 
 ``concurrency`` at a time, and lets its images go when the round ends.
 
 A host file (``sflam device-host --devices FILE``) is JSON: ``{"devices": [{"device_id": ...,
-"data": "npz:PATH", "seed": 0, "profile": null, "channel_gain": null}, ...]}``.
+"data": "npz:PATH" (or folder:DIR, manifest:FILE.csv), "seed": 0, "profile": null, "channel_gain": null}, ...]}``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
-from edge_runtime.data import LazyDeviceData, Preprocess
+from edge_runtime.data import DataMismatchError, LazyDeviceData, Preprocess
 from edge_runtime.device import DeviceClient
 from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.memory import peak_rss_mib
@@ -75,7 +75,7 @@ class HostedDevice:
     """One device of a host file."""
 
     device_id: str
-    data: str  # npz:PATH
+    data: str  # npz:PATH, folder:DIR or manifest:FILE.csv (edge_runtime.data)
     seed: int = 0
     profile: str | None = None
     channel_gain: float | None = None
@@ -124,7 +124,8 @@ class DeviceHost:
         server_keys, signing = host_keys(keys, [d.device_id for d in devices])
         self.signed = server_keys is not None
         self.devices = {
-            d.device_id: DeviceClient(Path(bundle), broker_url, d.device_id, LazyDeviceData(d.data, preprocess),
+            d.device_id: DeviceClient(Path(bundle), broker_url, d.device_id,
+                                      LazyDeviceData(d.data, preprocess, num_classes=self.shared.device_json.get("num_classes")),
                                       backend=backend, run_id=run_id, seed=d.seed, profile=d.profile,
                                       channel_gain=d.channel_gain, shared=self.shared, link_loop=self.loop,
                                       broadcast_decode=self.decoder, signing_key=signing.get(d.device_id),
@@ -160,7 +161,7 @@ class DeviceHost:
                 ready |= self._finished()
                 # the devices a new plan selects first: their rounds start before the idle ones read it
                 selected = self.decoder.selected
-                for device_id in sorted(ready - set(self._busy), key=lambda d: d not in selected):
+                for device_id in sorted((ready & self.devices.keys()) - set(self._busy), key=lambda d: d not in selected):
                     self._serve_idle(self.devices[device_id], workers)
                 if time.monotonic() - last_tick >= TICK_S:
                     last_tick = time.monotonic()
@@ -185,9 +186,13 @@ class DeviceHost:
 
     def _finished(self) -> set[str]:
         done = {d for d, future in self._busy.items() if future.done()}
-        for device_id in done:
+        for device_id in sorted(done):
             error = self._busy.pop(device_id).exception()
-            if error is not None:
+            if isinstance(error, DataMismatchError):  # it must not train: offline for the rest of the run
+                log.error("device %s stops: %s", device_id, error)
+                self.devices.pop(device_id).close(wait=False)
+                done.discard(device_id)
+            elif error is not None:
                 log.error("device %s failed its round: %r", device_id, error)
                 self.devices[device_id].counters["host_errors"] += 1
         return done

@@ -134,7 +134,7 @@ def _write_support_files(
     device = {
         "preset": config.name, "profile": profile.name, "batch_size": batch,
         "image_size": config.img_size, "in_chans": config.in_chans, "patch_size": config.patch_size,
-        "embed_dim": config.embed_dim, "num_patches": config.num_patches,
+        "embed_dim": config.embed_dim, "num_patches": config.num_patches, "num_classes": config.num_classes,
         "mean": list(config.mean), "std": list(config.std), "default_bits": bits,
         "lr": 0.01, "momentum": 0.9, "trainable": trainable,
     }

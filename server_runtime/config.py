@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.protocol import OPTIMIZER_CODES
+from edge_runtime.protocol import MAX_CROP_PADDING, OPTIMIZER_CODES
 from server_runtime import config_rules as rule
 from sflam_common.problems import ProblemsError, did_you_mean
 
@@ -49,6 +49,8 @@ class DataSection:
     eval_batch_size: int = 256
     eval_every: int = 1  # rounds between evaluations
     validation_fraction: float = 0.0  # of the training set, held out for validation accuracy (0: none)
+    augment_crop_padding: int = 0  # devices crop their training images at random, padded by this many pixels
+    augment_hflip: bool = False  # devices flip their training images left-right with probability 0.5
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,10 @@ _SEED = rule.at_least(0)
 _RULES: dict[str, dict[str, rule.Check]] = {
     "model": {"preset": rule.preset, "checkpoint": rule.checkpoint_file},
     "data": {"eval": rule.eval_spec, "eval_batch_size": rule.at_least(1), "eval_every": rule.at_least(1),
-             "validation_fraction": rule.number(lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)")},
+             "validation_fraction": rule.number(lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)"),
+             "augment_crop_padding": rule.integer(lambda v: 0 <= v <= MAX_CROP_PADDING,
+                                                   f"a whole number of pixels in 0..{MAX_CROP_PADDING}"),
+             "augment_hflip": rule.flag},
     "training": {
         "rounds": rule.at_least(1),
         "devices_per_round": rule.at_least(1),

@@ -32,6 +32,7 @@ class DeviceInfo:
     last_seen: float = 0.0
     last_telemetry: p.Telemetry | None = None
     announced: bool = False  # a Hello came: profile and sample count are the device's own
+    skipped_samples: int = 0  # local images the device could not read (its Hello says)
 
 
 class DeviceRegistry:
@@ -49,6 +50,9 @@ class DeviceRegistry:
         info.online, info.last_seen = True, time.time()
         info.profile, info.backend, info.num_samples = hello.profile, hello.backend, hello.num_samples
         info.announced = True
+        if hello.skipped_samples != info.skipped_samples:
+            log.warning("device %s skips %d unreadable image(s) of its data", info.device_id, hello.skipped_samples)
+            info.skipped_samples = hello.skipped_samples
         if hello.last_telemetry is not None:
             info.last_telemetry = hello.last_telemetry
         return info

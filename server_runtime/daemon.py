@@ -77,6 +77,7 @@ class ServerDaemon:
         self.counters: Counter[str] = Counter()
         split = load_dataset(cfg.data.eval, seed=cfg.seed, validation_fraction=cfg.data.validation_fraction)
         self.eval_set, self.validation_set = split.test, split.validation
+        self.classes_digest = p.classes_digest(self.eval_set.class_names)  # devices check their labels against it
         device = rank_device(cfg.compute.device, launch.local_rank if launch is not None else 0)
         model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
                              num_classes=self.eval_set.num_classes, seed=cfg.seed)
@@ -275,7 +276,9 @@ class ServerDaemon:
         model = p.ModelWeights(env, state.plan_round, p.weights_from_numpy(weights))
         training = cfg.training
         plan = p.RoundPlan(env, state.plan_round, cfg.round.deadline_s, training.local_epochs, training.batch_size,
-                           state.lr, allocations, training.optimizer, training.momentum, training.weight_decay)
+                           state.lr, allocations, training.optimizer, training.momentum, training.weight_decay,
+                           num_classes=self.eval_set.num_classes, classes_digest=self.classes_digest,
+                           crop_padding=cfg.data.augment_crop_padding, hflip=cfg.data.augment_hflip)
         sent = self.publisher.publish("model", model)
         sent += self.publisher.publish("plan", plan)
         log.info("round %d (plan round %d): %s", state.round, state.plan_round, ", ".join(state.devices))
@@ -335,6 +338,8 @@ class ServerDaemon:
         elif isinstance(message, p.ErrorReport):
             self.counters[f"device_errors.{message.code}"] += 1
             log.warning("device %s reported %s: %s", message.envelope.device_id, message.code, message.detail)
+            if message.code == "data_mismatch":
+                log.error("the run's classes: %s", ", ".join(f"{i}={n}" for i, n in enumerate(self.eval_set.class_names)))
 
     def _presence(self, device_id: str, online: bool, reason: str = "") -> None:
         """A selected device that goes offline fails unless it is back within round.offline_grace_s."""

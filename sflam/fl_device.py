@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime import protocol as p
+from edge_runtime.augment import Augment
 from edge_runtime.commands import cmd_device
+from edge_runtime.data import check_against_plan
 from edge_runtime.device import DeviceClient, RoundStats
 from server_runtime.checkpoint import create_model
 from server_runtime.trainer import OptimizerSpec
@@ -55,6 +57,7 @@ class FLDeviceClient(DeviceClient):
     def train_round(self, plan: p.RoundPlan) -> p.RoundUpdate:
         """Train the whole model locally, then publish it in a RoundUpdate."""
         round_, alloc = plan.envelope.round, self._allocation(plan)
+        check_against_plan(self.data, plan.num_classes, plan.classes_digest)
         self.receiver.min_round = max(self.receiver.min_round, round_)
         model = self._model_for(self._wait_model(plan))
         optimizer = OptimizerSpec(plan.optimizer, plan.lr, plan.momentum, plan.weight_decay).build(model.parameters())
@@ -65,8 +68,9 @@ class FLDeviceClient(DeviceClient):
         step = 0
         t0 = time.perf_counter()
         for epoch in range(plan.local_epochs):
-            shuffle_rng = np.random.default_rng((self.seed, round_, 0, epoch))
-            for images, labels in self.data.batches(plan.batch_size, shuffle_rng):
+            shuffle_rng, augment_rng = (np.random.default_rng((self.seed, round_, k, epoch)) for k in (0, 2))
+            for images, labels in self.data.batches(plan.batch_size, shuffle_rng, augment=Augment.from_plan(plan),
+                                                    augment_rng=augment_rng):
                 loss = F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

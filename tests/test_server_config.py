@@ -107,6 +107,12 @@ url = "http://127.0.0.1"
     ]
 
 
+def test_the_devices_augmentation_is_checked() -> None:
+    problems = _problems("[data]\naugment_crop_padding = 65\naugment_hflip = \"yes\"\n")
+    assert problems[0] == "data.augment_crop_padding: must be a whole number of pixels in 0..64, got 65"
+    assert problems[1].startswith("data.augment_hflip: must be") and len(problems) == 2
+
+
 def test_the_message_counts_and_lists_the_problems() -> None:
     # Execute
     with pytest.raises(ConfigError) as caught:
@@ -397,7 +403,8 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
     return RunConfig(
         seed=11,
         model=ModelSection(preset="vit_mini_patch4_32", checkpoint=str(checkpoint)),
-        data=DataSection(eval="folder:/data/flowers", eval_batch_size=64, eval_every=3, validation_fraction=0.15),
+        data=DataSection(eval="folder:/data/flowers", eval_batch_size=64, eval_every=3, validation_fraction=0.15,
+                         augment_crop_padding=4, augment_hflip=True),
         training=TrainingSection(rounds=7, devices_per_round=4, min_devices=2, local_epochs=3, batch_size=16,
                                  mode="v2", optimizer="adamw", lr=3e-4, lr_schedule="cosine", lr_min=1e-5,
                                  momentum=0.0, weight_decay=0.05),
