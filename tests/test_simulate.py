@@ -259,6 +259,7 @@ def test_the_paper_scale_config_names_what_is_missing_and_is_complete(tmp_path: 
     config = server_config(opts, scheme_plan(opts), tmp_path, "mqtt://127.0.0.1:1")
     assert config.model.preset == "vit_base_patch32_224" and config.training.batch_size == 128
     assert config.compute.device == "auto" and config.compute.amp == "auto"
+    assert (config.data.augment_crop_padding, config.data.augment_hflip) == (4, True)
 
 
 def test_an_sl_round_may_give_one_device_two_turns(tmp_path: Path) -> None:
