@@ -5,7 +5,8 @@ Three sources (``sflam device --data``): ``npz:PATH``, an ``.npz`` with ``images
 sub-folder per class of JPEG/PNG files; ``manifest:FILE.csv``, rows of ``path,label``. Every source
 is read lazily (:mod:`edge_runtime.image_files`, :mod:`edge_runtime.npz_shard`): an image is read
 or decoded when a batch draws it and kept in a cache bounded in bytes, so a device's memory does
-not grow with its shard (a compressed npz, which has no such layout, is loaded whole). Every batch becomes float32 NCHW when it is drawn: augmented as the plan says
+not grow with its shard (a compressed npz, which has no such layout, is loaded whole). Every
+batch becomes float32 NCHW when it is drawn: augmented as the plan says
 (:mod:`edge_runtime.augment`), ``/ 255``, resized to the bundle's image size, normalized with the
 bundle's mean and std. Resizing is **bilinear** with half-pixel centres (``align_corners=False``),
 antialiased (a triangle filter as wide as the scale) when shrinking: the resize torch's

@@ -69,7 +69,7 @@ def decode(path: Path) -> np.ndarray | None:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None
 
@@ -81,7 +81,7 @@ def readable_header(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             return image.size[0] > 0 and image.size[1] > 0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return False
 

@@ -20,6 +20,7 @@ from edge_runtime.data import (
     Preprocess,
     check_against_plan,
     load_data,
+    preprocess_images,
 )
 from edge_runtime.image_files import DecodeCache
 
@@ -61,19 +62,17 @@ def test_decoded_files_preprocess_as_the_servers_loader_does(tmp_path: Path, fmt
     from server_runtime.data.transforms import to_model_input
 
     # Prepare: one class folder of PNG or JPEG files (JPEG: lossy, so the pixels are Pillow's decode)
-    paths = [write_image(tmp_path / "a" / f"{k}.{fmt.lower()}", image, fmt)
-             for k, image in enumerate(random_images(6, size, seed=3))]
+    for k, image in enumerate(random_images(6, size, seed=3)):
+        write_image(tmp_path / "a" / f"{k}.{fmt.lower()}", image, fmt)
     # Execute
     data = load_data(f"folder:{tmp_path}", SPEC)
-    device = all_batches(data, batch=6)[0]
-    order = np.argsort([str(path) for path in data.paths])  # data.paths is the folder's sorted list
-    server = to_model_input(np.stack([_read_image(path) for path in sorted(paths)]), SPEC.image_size, SPEC.mean, SPEC.std)
+    device_pixels = [data.image(i) for i in range(len(data))]
+    server_pixels = np.stack([_read_image(path) for path in data.paths])
+    server = to_model_input(server_pixels, SPEC.image_size, SPEC.mean, SPEC.std).numpy()
     # Assert: the same pixels decoded, and the same model input within float32 rounding
-    device_sorted = np.stack([data.image(i) for i in order])
-    np.testing.assert_array_equal(device_sorted, np.stack([_read_image(path) for path in sorted(paths)]))
-    from edge_runtime.data import preprocess_images
-    np.testing.assert_allclose(preprocess_images(list(device_sorted), SPEC), server.numpy(), rtol=0, atol=1e-5)
-    assert device.shape == (6, 3, 16, 16)
+    np.testing.assert_array_equal(np.stack(device_pixels), server_pixels)
+    np.testing.assert_allclose(preprocess_images(device_pixels, SPEC), server, rtol=0, atol=1e-5)
+    assert all_batches(data, batch=6)[0].shape == (6, 3, 16, 16)
 
 
 def test_images_of_different_sizes_share_a_batch(tmp_path: Path) -> None:
@@ -140,6 +139,15 @@ def test_unreadable_files_are_skipped_and_counted_and_batches_stay_full(tmp_path
     assert data.skipped == 2 and len(data) == 8
     assert [x.shape[0] for x, _ in batches] == [3, 3]
     assert sum(y.size for _, y in data.batches(3, np.random.default_rng(1))) == 8  # never drawn again
+
+
+def test_an_image_too_large_to_decode_safely_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (a decompression bomb); 200 pixels stand in here
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    write_image(tmp_path / "a" / "small.png", random_images(1, (8, 8))[0])
+    write_image(tmp_path / "a" / "huge.png", random_images(1, (40, 40))[0])
+    data = load_data(f"folder:{tmp_path}", SPEC)
+    assert (len(data), data.skipped) == (1, 1)
 
 
 # --- manifest:FILE.csv ------------------------------------------------------------------------
