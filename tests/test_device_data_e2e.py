@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,14 @@ def start_device(bundle: Path, broker_url: str, device_id: str, data: str, round
            "--seed", device_id[-1], "--meter", "estimate", "--rounds", str(rounds)]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_text(path: Path, text: str, timeout_s: float) -> str:
+    """The file's contents once ``text`` is in them (or whatever they are after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return path.read_text()
 
 
 def device_summary(stdout: str) -> dict:
@@ -92,17 +100,19 @@ def test_a_device_whose_classes_differ_from_the_runs_refuses_to_train(quick_bund
     config = tmp_path / "run.toml"
     config.write_text(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=1,
                                   round__deadline_s=20.0))
-    # Execute
-    server = start_server(config)
+    # Execute: the server's log goes to a file, read while it runs (it waits for the device to come back)
+    log = tmp_path / "server.log"
+    with log.open("w") as handle:
+        server = subprocess.Popen([sys.executable, "-m", "sflam", "server", "--config", str(config)], cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=handle)
     device = start_device(quick_bundle, broker.url, "dev-0", f"folder:{shards / 'dev-0'}", rounds=1)
     try:
         _, device_err = device.communicate(timeout=120)
+        server_err = wait_for_text(log, "the run's classes:", timeout_s=60)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            _, server_err = server.communicate(timeout=30)
-        finally:
-            stop([server, device])
+        server.kill()
+        server.wait()
+        stop([device])
     # Assert: the device stops with the reason, and the server heard it
     assert device.returncode == 2, device_err[-2000:]
     assert "numbers its classes 0=9, 1=8" in device_err and "classes.txt" in device_err
