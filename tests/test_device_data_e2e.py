@@ -2,7 +2,8 @@
 --out D --format folder`` writes PNG folders, and three ``sflam device --data folder:D/dev-k`` (or
 ``manifest:D/dev-k/manifest.csv``) processes train two rounds against ``sflam server`` over a real
 mosquitto, with the augmentation the run announces; the device processes never load torch. A
-device whose class list differs from the run's refuses to train and tells the server why.
+device whose class list differs from the run's refuses to train and tells the server why, alone
+or in a device host (which goes on with its other devices).
 """
 
 from __future__ import annotations
@@ -118,3 +119,34 @@ def test_a_device_whose_classes_differ_from_the_runs_refuses_to_train(quick_bund
     assert "numbers its classes 0=9, 1=8" in device_err and "classes.txt" in device_err
     assert "dev-0 reported data_mismatch" in server_err
     assert "the run's classes: 0=0, 1=1" in server_err
+
+
+def test_a_device_host_trains_folder_shards_and_takes_a_mismatched_device_offline(quick_bundle: Path, broker,
+                                                                                  tmp_path: Path) -> None:
+    from sflam.processes import ProcessGroup, sflam_command
+
+    # Prepare: one host of three devices, folder shards; dev-2's class list is in another order
+    shards = tmp_path / "shards"
+    partition(shards)
+    listed = shards / "dev-2" / "classes.txt"
+    listed.write_text("".join(f"{name}\n" for name in reversed(listed.read_text().split())))
+    host_file = tmp_path / "host.json"
+    host_file.write_text(json.dumps({"devices": [{"device_id": f"dev-{k}", "data": f"folder:{shards / f'dev-{k}'}",
+                                                  "seed": k} for k in range(3)]}))
+    config = tmp_path / "run.toml"
+    config.write_text(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=3,
+                                  training__batch_size=64, round__min_completed=0.5))
+    # Execute
+    with ProcessGroup(tmp_path / "logs") as group:
+        group.start("server", sflam_command("server", "--config", str(config)))
+        group.wait_for_log("server", "waiting for devices", 120)
+        group.start("host", sflam_command("device-host", "--bundle", str(quick_bundle), "--broker", broker.url,
+                                          "--devices", str(host_file), "--run-id", "srv", "--backend", "numpy"))
+        group.wait_until(lambda: "server" in group.exited(), 300, "the server to finish its rounds")
+        codes = group.stop()
+    # Assert: the round counts with the two others; dev-2 told the server why and went offline
+    assert codes["server"] == 0, group.tail("server")
+    (record,) = read_round_records(tmp_path / "ckpt" / "metrics.jsonl")
+    assert record.counted and record.completed == ("dev-0", "dev-1") and "dev-2" in record.failed
+    assert "device dev-2 stops: this device numbers its classes 0=9" in group.output("host")
+    assert "dev-2 reported data_mismatch" in group.output("server")
