@@ -27,7 +27,7 @@ from sflam_common.problems import did_you_mean
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # server too
 CLASSES_FILE = "classes.txt"
 SHOWN_PROBLEMS = 20  # manifest problems listed in one error
 

@@ -31,6 +31,12 @@ def partition(out: Path, fmt: str = "folder") -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def misnumber(shard: Path) -> None:
+    """Reverse the shard's class list: its labels no longer mean what the run's do."""
+    listed = shard / "classes.txt"
+    listed.write_text("".join(f"{name}\n" for name in reversed(listed.read_text().split())))
+
+
 def start_device(bundle: Path, broker_url: str, device_id: str, data: str, rounds: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sflam", "device", "--bundle", str(bundle), "--broker", broker_url,
            "--device-id", device_id, "--data", data, "--backend", "numpy", "--run-id", "srv",
@@ -96,8 +102,7 @@ def test_a_device_whose_classes_differ_from_the_runs_refuses_to_train(quick_bund
     # Prepare: dev-0's shard, with its class list in another order than the run's (digits 0..9)
     shards = tmp_path / "shards"
     partition(shards)
-    listed = shards / "dev-0" / "classes.txt"
-    listed.write_text("".join(f"{name}\n" for name in reversed(listed.read_text().split())))
+    misnumber(shards / "dev-0")
     config = tmp_path / "run.toml"
     config.write_text(config_text(broker.url, tmp_path / "ckpt", training__rounds=1, training__devices_per_round=1,
                                   round__deadline_s=20.0))
@@ -128,8 +133,7 @@ def test_a_device_host_trains_folder_shards_and_takes_a_mismatched_device_offlin
     # Prepare: one host of three devices, folder shards; dev-2's class list is in another order
     shards = tmp_path / "shards"
     partition(shards)
-    listed = shards / "dev-2" / "classes.txt"
-    listed.write_text("".join(f"{name}\n" for name in reversed(listed.read_text().split())))
+    misnumber(shards / "dev-2")
     host_file = tmp_path / "host.json"
     host_file.write_text(json.dumps({"devices": [{"device_id": f"dev-{k}", "data": f"folder:{shards / f'dev-{k}'}",
                                                   "seed": k} for k in range(3)]}))

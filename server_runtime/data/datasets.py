@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.image_files import IMAGE_SUFFIXES  # one list: what a device and the server take as images
+
 logger = logging.getLogger(__name__)
 
 SPEC_FORMS = "digits | cifar10:<dir> | folder:<dir>"
@@ -23,7 +25,6 @@ CIFAR10_CLASSES = (
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
 CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 class DatasetError(ValueError):
