@@ -42,7 +42,7 @@ def verified_bundle(path: str | Path) -> Path:
 
 
 def data_cache_bytes(args: argparse.Namespace) -> int:
-    """``--data-cache-mb`` in bytes (decoded images a folder or manifest shard keeps)."""
+    """``--data-cache-mb`` in bytes: decoded images a device's shard keeps (edge_runtime.data)."""
     megabytes = getattr(args, "data_cache_mb", None)
     return DEFAULT_CACHE_BYTES if megabytes is None else int(megabytes * 2**20)
 
@@ -127,7 +127,8 @@ def cmd_device_host(args: argparse.Namespace) -> int:
     host = DeviceHost(bundle, args.broker, read_host_file(Path(args.devices)), run_id=args.run_id,
                       backend=args.backend, concurrency=args.concurrency, stagger_s=args.stagger_s,
                       threads=args.threads, meter=args.meter, emulate_link=args.emulate_link,
-                      heartbeat_s=args.heartbeat_s, keys=Path(args.keys) if args.keys else None)
+                      heartbeat_s=args.heartbeat_s, keys=Path(args.keys) if args.keys else None,
+                      data_cache_bytes=data_cache_bytes(args))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     print(f"sflam device-host: {len(host.devices)} devices, run {args.run_id!r}, broker {args.broker}, messages "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edge_runtime import protocol as p
 from edge_runtime.bundle import SharedBundle
-from edge_runtime.data import DataMismatchError, LazyDeviceData, Preprocess
+from edge_runtime.data import DEFAULT_CACHE_BYTES, DataMismatchError, LazyDeviceData, Preprocess
 from edge_runtime.device import DeviceClient
 from edge_runtime.mqtt_loop import LinkLoop
 from edge_runtime.memory import peak_rss_mib
@@ -112,7 +112,7 @@ class DeviceHost:
 
     def __init__(self, bundle: Path, broker_url: str, devices: list[HostedDevice], *, run_id: str,
                  backend: str = "auto", concurrency: int = 8, stagger_s: float = 1.0, threads: int | None = None,
-                 keys: Path | None = None, **device_options: object) -> None:
+                 keys: Path | None = None, data_cache_bytes: int = DEFAULT_CACHE_BYTES, **device_options: object) -> None:
         if backend not in HOST_BACKENDS:
             raise HostError(f"a device host runs the {', '.join(HOST_BACKENDS)} backends, not {backend!r} "
                             "(a LiteRT interpreter cannot be shared between threads)")
@@ -125,7 +125,8 @@ class DeviceHost:
         self.signed = server_keys is not None
         self.devices = {
             d.device_id: DeviceClient(Path(bundle), broker_url, d.device_id,
-                                      LazyDeviceData(d.data, preprocess, num_classes=self.shared.device_json.get("num_classes")),
+                                      LazyDeviceData(d.data, preprocess, num_classes=self.shared.device_json.get("num_classes"),
+                                                     cache_bytes=data_cache_bytes),
                                       backend=backend, run_id=run_id, seed=d.seed, profile=d.profile,
                                       channel_gain=d.channel_gain, shared=self.shared, link_loop=self.loop,
                                       broadcast_decode=self.decoder, signing_key=signing.get(d.device_id),

@@ -212,6 +212,7 @@ def _add_device_host(sub: argparse._SubParsersAction) -> None:
     host.add_argument("--heartbeat-s", type=_positive_float, default=10.0,
                       help="an idle device's Hello interval (a fleet of N devices sends N / this per second)")
     host.add_argument("--threads", type=_positive_int, help="backend intra-op threads of the shared session")
+    host.add_argument("--data-cache-mb", type=float, default=16.0, help="MB of decoded images each training device keeps")
     host.add_argument("--keys", metavar="DIR",
                       help="sign and verify: a fleet's keys/ folder (server.pub, devices/<id>.key); default unsigned")
     host.set_defaults(handler="edge_runtime.commands:cmd_device_host")

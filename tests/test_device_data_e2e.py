@@ -145,7 +145,8 @@ def test_a_device_host_trains_folder_shards_and_takes_a_mismatched_device_offlin
         group.start("server", sflam_command("server", "--config", str(config)))
         group.wait_for_log("server", "waiting for devices", 120)
         group.start("host", sflam_command("device-host", "--bundle", str(quick_bundle), "--broker", broker.url,
-                                          "--devices", str(host_file), "--run-id", "srv", "--backend", "numpy"))
+                                          "--devices", str(host_file), "--run-id", "srv", "--backend", "numpy",
+                                          "--data-cache-mb", "0.5"))
         group.wait_until(lambda: "server" in group.exited(), 300, "the server to finish its rounds")
         codes = group.stop()
     # Assert: the round counts with the two others; dev-2 told the server why and went offline
