@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.sflam-installed
 EXTRAS := edge,server,export,cluster,dev
 PIP_QUIET ?= -q
 
-.PHONY: all setup broker sshd netem test drill demo lock clean
+.PHONY: all setup broker sshd netem chromium test drill demo lock clean
 
 all: test
 
@@ -41,7 +41,11 @@ sshd:
 netem:
 	@scripts/ensure-netem.sh
 
-test: setup sshd netem
+# the fleet page's browser tests drive a headless Chromium; the demo does not need one
+chromium:
+	@scripts/ensure-chromium.sh
+
+test: setup sshd netem chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The drills: the device on an emulated aarch64 root (scripts/arm64_drill.sh; root, ~12 min the

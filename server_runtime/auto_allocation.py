@@ -82,6 +82,7 @@ class AutoAllocation:
         self.ranges: dict[str, list[float]] = {}
         self.server_times: deque[float] = deque(maxlen=SERVER_WINDOW)  # server s per sample, newest last
         self.last_result = None
+        self.last_fixed = None  # the fixed baseline scored on the last round's problem
 
     # -- calibration -----------------------------------------------------------------------------
 
@@ -171,10 +172,12 @@ class AutoAllocation:
 
     def allocate(self, selected: tuple[str, ...], registry: DeviceRegistry) -> tuple[p.Allocation, ...]:
         """Solve this round's problem; the fallback allocation when it is infeasible (logged)."""
+        from allocator.baselines import fixed
         from allocator.bcd import solve
 
-        result = solve(self.problem(selected, registry))
-        self.last_result = result
+        problem = self.problem(selected, registry)
+        result = solve(problem)
+        self.last_result, self.last_fixed = result, fixed(problem).evaluation  # the page's comparison
         if result.status == "infeasible":
             log.warning("allocator: infeasible (%s); using its fallback", result.message)
         alloc: AllocationVectors = result.allocation
@@ -187,9 +190,15 @@ class AutoAllocation:
         )
 
     def summary(self) -> dict | None:
-        """The last solve for the metrics line: status, objective, solve time, iterations."""
-        r = self.last_result
+        """The last solve for the metrics line: status, objective, solve time, iterations, and the
+        fixed baseline scored on the same problem (the fleet page's comparison)."""
+        r, base = self.last_result, self.last_fixed
         if r is None:
             return None
-        return {"status": r.status, "objective": float(r.evaluation.objective), "solve_time_s": r.solve_time_s,
-                "iterations": r.iterations, "predicted_round_latency_s": float(r.evaluation.round_latency_s)}
+        summary = {"status": r.status, "objective": float(r.evaluation.objective), "solve_time_s": r.solve_time_s,
+                   "iterations": r.iterations, "predicted_round_latency_s": float(r.evaluation.round_latency_s)}
+        compared = {"predicted_energy_j": float(np.sum(r.evaluation.energy_j))}
+        if base is not None:
+            compared.update(fixed_objective=float(base.objective), fixed_round_latency_s=float(base.round_latency_s),
+                            fixed_energy_j=float(np.sum(base.energy_j)))
+        return summary | {k: v for k, v in compared.items() if math.isfinite(v)}

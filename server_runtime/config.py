@@ -136,11 +136,14 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class MetricsSection:
-    """Where round metrics go: a JSON-lines file, Prometheus, a progress bar."""
+    """Where round metrics go: a JSON-lines file, Prometheus, a progress bar, the fleet page."""
 
     jsonl: str | None = None  # None: <checkpoint.dir>/metrics.jsonl
     prometheus_port: int = 0  # 0: off
     prometheus_addr: str = "127.0.0.1"
+    dashboard_port: int = 0  # the live fleet page (docs/dashboard.md); 0: off
+    dashboard_addr: str = "127.0.0.1"  # another address needs a token
+    dashboard_token_file: str | None = None  # the page's token (else --dashboard-token or $SFLAM_DASHBOARD_TOKEN)
     progress: bool = True
 
 
@@ -238,6 +241,9 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "jsonl": rule.optional_text,
         "prometheus_port": rule.integer(lambda v: 0 <= v <= 65535, "0 (off) or a port 1..65535"),
         "prometheus_addr": rule.text,
+        "dashboard_port": rule.integer(lambda v: 0 <= v <= 65535, "0 (off) or a port 1..65535"),
+        "dashboard_addr": rule.text,
+        "dashboard_token_file": rule.optional_text,
         "progress": rule.flag,
     },
     "compute": {

@@ -32,6 +32,7 @@ from server_runtime.budgets import server_reassembler
 from server_runtime.checkpoint import create_model
 from server_runtime.config import RunConfig
 from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocation, RoundState, select_devices
+from server_runtime.dashboard import start_dashboard
 from server_runtime.data import ImageSet, load_dataset
 from server_runtime.metrics import MetricsLog, PrometheusExporter
 from server_runtime.rank_coordinator import RankCoordinator
@@ -67,7 +68,8 @@ class ServerDaemon:
     """One run: broker link, coordinator, trainer, checkpoints and metrics."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False,
-                 on_round: Callable[[RoundRecord], None] | None = None, launch: RankLaunch | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, launch: RankLaunch | None = None,
+                 dashboard_token: str | None = None) -> None:
         self.config, self.on_round = config, on_round
         cfg = config
         self.signing = load_signing(cfg)  # first: a key that cannot be used stops the run before any work
@@ -91,6 +93,7 @@ class ServerDaemon:
         last_record = self._restore(resume)
         self.metrics = MetricsLog(cfg.metrics_path, resume_after=self.plan_round if resume else None,
                                   last_record=last_record.to_dict() if last_record is not None else None)
+        self.dashboard = start_dashboard(cfg, dashboard_token, resume=resume)  # None unless metrics.dashboard_port
         self.lease = Lease.read(cfg.checkpoint_dir)
         self.plan_round = max(self.plan_round, self.lease.plan_round)  # never reuse an issued plan round
         self.current: RoundState | None = None
@@ -192,6 +195,8 @@ class ServerDaemon:
             self.ranks.stop()
         if self.prometheus is not None:
             self.prometheus.close()
+        if self.dashboard is not None:
+            self.dashboard.close()
         self.metrics.close()
         self.link.close()
 
@@ -300,6 +305,9 @@ class ServerDaemon:
 
     def pump(self, timeout_s: float) -> None:
         """Handle at most one incoming publish."""
+        if self.dashboard is not None and self.dashboard.view.due():
+            self.dashboard.view.refresh(self.registry, self.current, round=self.round, plan_round=self.plan_round,
+                                        needed=self.devices_needed())
         message = receive(self.link, self.receiver, self.steps, timeout_s, self._count_bytes)
         if message is not None:
             self._dispatch(message)
@@ -454,6 +462,8 @@ class ServerDaemon:
             self.prometheus.observe_round(record)
             self.prometheus.set_online(len(self.registry.online()))
             self.prometheus.set_counters(self.all_counters())
+        if self.dashboard is not None:
+            self.dashboard.view.add_round(record)
         if self.on_round is not None:
             self.on_round(record)
         return record

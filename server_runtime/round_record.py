@@ -115,6 +115,12 @@ class AllocatorSummary(_JsonRecord):
     solve_time_s: float = _doc("solver wall time")
     iterations: int = _doc("block-coordinate-descent iterations")
     predicted_round_latency_s: float = _doc("round latency the system model predicts")
+    predicted_energy_j: float | None = _doc("devices' energy the system model predicts for the allocation",
+                                            default=None)
+    fixed_objective: float | None = _doc("the objective of the fixed baseline (8 bits, max power, equal "
+                                         "bandwidth) on the same round's model", default=None)
+    fixed_round_latency_s: float | None = _doc("the fixed baseline's predicted round latency", default=None)
+    fixed_energy_j: float | None = _doc("the fixed baseline's predicted device energy", default=None)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,20 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Handler of ``sflam server``."""
-    overrides = {"broker.url": args.broker} if args.broker else None
-    config = load_config(args.config, overrides)
+    overrides = {"broker.url": args.broker} if args.broker else {}
+    if args.dashboard:
+        from server_runtime.dashboard import parse_bind
+
+        addr, port = parse_bind(args.dashboard)
+        overrides.update({"metrics.dashboard_addr": addr, "metrics.dashboard_port": port})
+    config = load_config(args.config, overrides or None)
+    token = _dashboard_token(config, args.dashboard_token)
     if args.check:
         print(json.dumps(config.to_dict(), indent=2))
         print(f"{args.config}: valid", file=sys.stderr)
         return 0
     from server_runtime.daemon import DaemonError
+    from server_runtime.dashboard import DashboardError
     from server_runtime.ranks import RankError, RankLaunch, start_local_ranks, stop_local_ranks
     from server_runtime.signing import SigningSetupError
 
@@ -47,12 +54,24 @@ def cmd_server(args: argparse.Namespace) -> int:
     if launch is None and trainers > 1:  # the other ranks on this machine, torchrun --nproc-per-node style
         launch, children = start_local_ranks(args.config, trainers, ["--broker", args.broker] if args.broker else [])
     try:
-        return _serve(config, resume=args.resume, launch=launch)
-    except (DaemonError, RankError, SigningSetupError) as exc:
+        return _serve(config, resume=args.resume, launch=launch, dashboard_token=token)
+    except (DaemonError, DashboardError, RankError, SigningSetupError) as exc:
         print(f"sflam server: error: {exc}", file=sys.stderr)
         return 2
     finally:
         stop_local_ranks(children)
+
+
+def _dashboard_token(config: RunConfig, flag: str | None) -> str | None:
+    """The fleet page's token; a DashboardError (before anything loads) when the page would be open
+    beyond loopback without one, or the token is too short."""
+    if not config.metrics.dashboard_port:
+        return None
+    from server_runtime.dashboard import check_exposure, resolve_token
+
+    token = resolve_token(flag, config.metrics.dashboard_token_file)
+    check_exposure(config.metrics.dashboard_addr, token)
+    return token
 
 
 def _scheme(mode: str) -> str:
@@ -60,7 +79,7 @@ def _scheme(mode: str) -> str:
     return "FL (FedAvg baseline)" if mode == "fl" else f"SFL-{mode.upper()}"
 
 
-def _serve(config: RunConfig, *, resume: bool, launch=None) -> int:
+def _serve(config: RunConfig, *, resume: bool, launch=None, dashboard_token: str | None = None) -> int:
     """Build the daemon, run it to the end, print the summary line."""
     from server_runtime.daemon import ServerDaemon
     from server_runtime.metrics import progress_line
@@ -69,12 +88,15 @@ def _serve(config: RunConfig, *, resume: bool, launch=None) -> int:
         if config.metrics.progress:
             print(progress_line(record, config.training.rounds), flush=True)
 
-    daemon = ServerDaemon(config, resume=resume, on_round=show, launch=launch)
+    daemon = ServerDaemon(config, resume=resume, on_round=show, launch=launch, dashboard_token=dashboard_token)
     print(f"sflam server: run {config.broker.run_id!r}, {config.model.preset} {_scheme(config.training.mode)}, "
           f"{config.training.rounds} rounds, broker {config.broker.url}, checkpoints in {config.checkpoint_dir}"
           + (f", {launch.world_size} trainer ranks" if launch is not None else "")
           + (f", resuming after round {daemon.round}" if resume else ""), flush=True)
     print(f"sflam server: messages {daemon.signing.description}", flush=True)
+    if daemon.dashboard is not None:
+        print(f"sflam server: fleet page on {daemon.dashboard.url}"
+              + (" (first visit: add ?token=YOUR_TOKEN)" if dashboard_token else ""), flush=True)
     try:
         summary = daemon.run()
     except KeyboardInterrupt:  # still say what was done and counted, then exit 130 (sflam.cli)

@@ -13,54 +13,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
+from sflam.cli_args import add_dashboard_options, bit_list, non_negative_float, non_negative_int, positive_float, positive_int
+from sflam.cli_simulate import add_simulate
 from sflam_common.version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a message that says what was wrong."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def _add_profiles(sub: argparse._SubParsersAction) -> None:
@@ -86,8 +43,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("preset", help="a preset name (see `sflam models list`)")
     check.add_argument("--checkpoint", help="a local timm-layout .safetensors/.pth/.npz file")
-    check.add_argument("--num-classes", type=_positive_int, help="replace the head for N classes")
-    check.add_argument("--img-size", type=_positive_int, help="resize the position embedding")
+    check.add_argument("--num-classes", type=positive_int, help="replace the head for N classes")
+    check.add_argument("--img-size", type=positive_int, help="resize the position embedding")
     check.set_defaults(handler="server_runtime.model_cli:cmd_check")
 
 
@@ -98,10 +55,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     part.add_argument(
         "--dataset", default="digits", help="digits | cifar10:<dir> | folder:<dir> (default digits)"
     )
-    part.add_argument("--devices", type=_positive_int, default=10)
+    part.add_argument("--devices", type=positive_int, default=10)
     part.add_argument("--scheme", choices=("dirichlet", "iid", "shards"), default="dirichlet")
-    part.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
-    part.add_argument("--shards-per-device", type=_positive_int, default=2)
+    part.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration")
+    part.add_argument("--shards-per-device", type=positive_int, default=2)
     part.add_argument(
         "--resample",
         metavar="LO-HI",
@@ -119,13 +76,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     exp.add_argument("--model", required=True, help="a preset (see `sflam models list`)")
     exp.add_argument("--checkpoint", help="a local timm-layout checkpoint for the device weights")
-    exp.add_argument("--num-classes", type=_positive_int, help="class count of the fine-tuning task")
+    exp.add_argument("--num-classes", type=positive_int, help="class count of the fine-tuning task")
     exp.add_argument("--profile", required=True, help="a device profile (see `sflam profiles list`)")
-    exp.add_argument("--batch", type=_positive_int, default=8, help="fixed batch of TFLite artifacts")
+    exp.add_argument("--batch", type=positive_int, default=8, help="fixed batch of TFLite artifacts")
     exp.add_argument(
         "--formats", help="comma list of onnx,tflite,tflite-int8,tflite-micro (default: the profile's)"
     )
-    exp.add_argument("--bits", type=_positive_int, default=8, help="default activation bits (1-8)")
+    exp.add_argument("--bits", type=positive_int, default=8, help="default activation bits (1-8)")
     exp.add_argument("--out", required=True, help="bundle directory to create")
     exp.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     exp.set_defaults(handler="export.bundle:cmd_export")
@@ -177,7 +134,7 @@ def _add_profile_energy(sub: argparse._SubParsersAction) -> None:
         "--meter", choices=("auto", "rapl", "jetson", "android", "estimate"), default="auto",
         help="energy meter (auto: RAPL, Jetson INA3221, Android battery, else the profile estimate)",
     )
-    pe.add_argument("--samples", type=_positive_int, default=256, help="samples to run (whole batches)")
+    pe.add_argument("--samples", type=positive_int, default=256, help="samples to run (whole batches)")
     pe.add_argument("--backend", choices=("auto", "litert", "onnx", "numpy"), default="auto")
     pe.add_argument("--out", required=True, help="calibrated profile .toml to write")
     pe.add_argument("--base", help="profile to calibrate, name or .toml path (default: the bundle's)")
@@ -202,16 +159,16 @@ def _add_device_host(sub: argparse._SubParsersAction) -> None:
                            '"profile": null, "channel_gain": null}, ...]}')
     host.add_argument("--run-id", default="default", help="the run's id (topic level)")
     host.add_argument("--backend", default="auto", choices=("auto", "onnx", "numpy"))
-    host.add_argument("--concurrency", type=_positive_int, default=8,
+    host.add_argument("--concurrency", type=positive_int, default=8,
                       help="devices that may train at the same time (each on a thread while it trains)")
-    host.add_argument("--stagger-s", type=_positive_float, default=1.0,
+    host.add_argument("--stagger-s", type=positive_float, default=1.0,
                       help="spread the devices' first connects over this many seconds")
     host.add_argument("--meter", default="estimate", choices=("estimate",),
                       help="compute energy: the profile estimate (one process cannot meter each device)")
     host.add_argument("--emulate-link", action="store_true", help="as for `sflam device`, per device")
-    host.add_argument("--heartbeat-s", type=_positive_float, default=10.0,
+    host.add_argument("--heartbeat-s", type=positive_float, default=10.0,
                       help="an idle device's Hello interval (a fleet of N devices sends N / this per second)")
-    host.add_argument("--threads", type=_positive_int, help="backend intra-op threads of the shared session")
+    host.add_argument("--threads", type=positive_int, help="backend intra-op threads of the shared session")
     host.add_argument("--data-cache-mb", type=float, default=16.0, help="MB of decoded images each training device keeps")
     host.add_argument("--keys", metavar="DIR",
                       help="sign and verify: a fleet's keys/ folder (server.pub, devices/<id>.key); default unsigned")
@@ -237,9 +194,9 @@ def _device_options(dev: argparse.ArgumentParser) -> None:
     dev.add_argument("--data-cache-mb", type=float, default=16.0, help="MB of decoded images a shard keeps (0: none)")
     dev.add_argument("--backend", default="auto", choices=("auto", "litert", "onnx", "numpy"))
     dev.add_argument("--run-id", default="default", help="the run's id (topic level)")
-    dev.add_argument("--rounds", type=_positive_int, help="exit after N rounds (default: serve forever)")
+    dev.add_argument("--rounds", type=positive_int, help="exit after N rounds (default: serve forever)")
     dev.add_argument(
-        "--max-frame-bytes", type=_positive_int, default=256 * 1024, help="chunk frames larger than this"
+        "--max-frame-bytes", type=positive_int, default=256 * 1024, help="chunk frames larger than this"
     )
     dev.add_argument("--seed", type=int, default=0, help="seed of the shuffling and quantizer noise")
     dev.add_argument("--ca-file", "--cafile", dest="ca_file", help="CA certificate for mqtts://")
@@ -275,16 +232,16 @@ def _device_options(dev: argparse.ArgumentParser) -> None:
         help="a kernel link: re-rate IFACE's tc token bucket to each plan's rate (root, in the device's "
              "network namespace; what `sflam simulate --network netem` passes) and count p x what it carried",
     )
-    dev.add_argument("--keepalive-s", type=_positive_int, default=30,
+    dev.add_argument("--keepalive-s", type=positive_int, default=30,
                      help="MQTT keep-alive in seconds: a silent link is noticed after 1.5x this (default 30)")
-    dev.add_argument("--threads", type=_positive_int, help="backend intra-op threads (default: the runtime's, all cores)")
+    dev.add_argument("--threads", type=positive_int, help="backend intra-op threads (default: the runtime's, all cores)")
     dev.add_argument(
         "--profile", metavar="NAME",
         help="hardware profile to announce and estimate energy with (default: the bundle's); for emulated fleets",
     )
     gain = dev.add_mutually_exclusive_group()
-    gain.add_argument("--distance-m", type=_positive_float, help="emulated link: distance to the server (path loss)")
-    gain.add_argument("--channel-gain", type=_positive_float, help="emulated link: linear channel power gain h")
+    gain.add_argument("--distance-m", type=positive_float, help="emulated link: distance to the server (path loss)")
+    gain.add_argument("--channel-gain", type=positive_float, help="emulated link: linear channel power gain h")
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -294,123 +251,15 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     )
     quick.add_argument("--model", default="vit_quick_patch4_16")
     quick.add_argument("--dataset", default="digits")
-    quick.add_argument("--devices", type=_positive_int, default=10)
-    quick.add_argument("--alpha", type=_positive_float, default=0.5)
-    quick.add_argument("--rounds", type=_positive_int, default=60)
-    quick.add_argument("--per-round", type=_positive_int, default=5)
-    quick.add_argument("--local-epochs", type=_positive_int, default=5)
-    quick.add_argument("--batch-size", type=_positive_int, default=32)
-    quick.add_argument("--lr", type=_positive_float, default=0.05)
+    quick.add_argument("--devices", type=positive_int, default=10)
+    quick.add_argument("--alpha", type=positive_float, default=0.5)
+    quick.add_argument("--rounds", type=positive_int, default=60)
+    quick.add_argument("--per-round", type=positive_int, default=5)
+    quick.add_argument("--local-epochs", type=positive_int, default=5)
+    quick.add_argument("--batch-size", type=positive_int, default=32)
+    quick.add_argument("--lr", type=positive_float, default=0.05)
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(handler="server_runtime.quickstart:cmd_quickstart")
-
-
-def _bits(text: str) -> int | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or {BIT_WIDTHS_TEXT}, got {text!r}") from None
-    if value not in BIT_WIDTHS:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or {BIT_WIDTHS_TEXT}, got {value}")
-    return value
-
-
-def _bit_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {BIT_WIDTHS_TEXT}, got {text!r}") from None
-    bad = [v for v in values if v not in BIT_WIDTHS]
-    if bad or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct bit widths of {BIT_WIDTHS_TEXT}, got {text!r}")
-    return values
-
-
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    sim = sub.add_parser(
-        "simulate",
-        help="a whole run on this machine: broker, server daemon and device processes over MQTT",
-        description="Export the bundle, start a broker (unless given), the server daemon and one device "
-                    "process per device, train, then write summary.json, plots and a result table. "
-                    "Flags override --config; defaults are the quickstart (make demo).",
-    )
-    sim.add_argument("--config", metavar="FILE", help="TOML with a [simulate] table (and [server.*] run.toml overrides)")
-    sim.add_argument("--devices", type=_positive_int, metavar="N", help="devices in the fleet (default 10)")
-    sim.add_argument("--per-round", type=_positive_int, metavar="K", help="devices per round (default 5)")
-    sim.add_argument("--rounds", type=_positive_int, metavar="R", help="rounds (default 60)")
-    sim.add_argument("--alpha", type=_positive_float, metavar="A", help="Dirichlet concentration of the split (default 0.5)")
-    sim.add_argument("--resample", metavar="LO-HI",
-                     help="draw each device's shard with replacement: U{LO..HI} images with a Dir(alpha) "
-                          "label mix, for fleets larger than the data set (e.g. 20-40; default: a partition)")
-    sim.add_argument("--bits", type=_bits, metavar="auto|Q", help="activation bits; auto: the allocator (default)")
-    sim.add_argument("--gradient-bits", type=_bits, metavar="auto|Q",
-                     help="bits per activation-gradient value on the downlink; auto: the allocator's "
-                          "(the default with --bits auto, else 32)")
-    sim.add_argument("--model-bits", type=int, choices=(16, 32),
-                     help="precision of the global device weights broadcast each round (default 16 with "
-                          "--scheme sflam, else 32)")
-    sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
-    sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
-    sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")
-    sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from")
-    sim.add_argument("--broker", metavar="URL|embedded",
-                     help="an mqtt:// URL, or a private loopback broker: embedded (default: mosquitto when "
-                          "installed, else amqtt), mosquitto or amqtt")
-    sim.add_argument("--out", metavar="DIR", help="a new output directory (default runs/sim-<scheme>-<time>)")
-    sim.add_argument("--seed", type=int, metavar="S", help="seed of data split, scenario, selection (default 0)")
-    sim.add_argument("--local-epochs", type=_positive_int, metavar="E", help="local epochs per round (default 5)")
-    sim.add_argument("--batch-size", type=_positive_int, metavar="B", help="device batch (default 32)")
-    sim.add_argument("--lr", type=_positive_float, help="learning rate of round 1 (default 0.002)")
-    sim.add_argument("--validation-fraction", type=float, metavar="F",
-                     help="share of the training set the server holds out to pick the best round on "
-                          "(default 0.1; 0: none); the test set only gives the reported figures")
-    sim.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
-                     help="the optimizer of both halves of the model (default adam)")
-    sim.add_argument("--lr-schedule", choices=("constant", "cosine"),
-                     help="cosine (default): from --lr in round 1 down to 0 in the last; or constant")
-    sim.add_argument("--mode", choices=("v1", "v2"), help="SFL-V1 (default) or V2 for the split schemes")
-    sim.add_argument("--profiles", metavar="A,B,...", help="hardware profiles, assigned round-robin")
-    sim.add_argument("--radius-m", type=_positive_float, metavar="R", help="cell radius in metres (default 500)")
-    sim.add_argument("--t-max", dest="t_max_s", type=_positive_float, metavar="SEC",
-                     help="the allocator's latency cap per round with --bits auto (default 5)")
-    sim.add_argument("--backend", choices=("onnx", "numpy", "litert", "auto"), help="device backend (default onnx)")
-    sim.add_argument("--engine", choices=("local", "ray"),
-                     help="where device hosts run: local processes (default) or Ray actors on a cluster")
-    sim.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: the Ray head (default: a local Ray)")
-    sim.add_argument("--hosts", type=_non_negative_int, metavar="N",
-                     help="device host processes the devices are spread over (0: a process per device; "
-                          "default: a process per device up to 50 devices, one host per core beyond)")
-    sim.add_argument("--trainers", type=_positive_int, metavar="N",
-                     help="server trainer ranks (torch.distributed, gloo on CPU); devices are balanced over "
-                          "them each round (default 1)")
-    _add_simulate_links(sim)
-    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
-
-
-
-def _add_simulate_links(sim: argparse.ArgumentParser) -> None:
-    """``sflam simulate``'s link model and the kernel links' options (docs/simulate.md)."""
-    sim.add_argument("--no-emulate-link", dest="emulate_link", action="store_false", default=None,
-                     help="do not pace uplinks at their allocated rate")
-    sim.add_argument("--network", choices=("bucket", "netem"),
-                     help="how the radios are emulated: bucket (default: a token bucket in each device) or "
-                          "netem (root: kernel links, a network namespace per device, tc at the allocated rate, "
-                          "delay, jitter and loss; docs/simulate.md)")
-    sim.add_argument("--link-delay-ms", type=_non_negative_float, metavar="MS",
-                     help="netem: one-way delay each way (default: the device radio's, e.g. wifi 2 ms, lte 15 ms)")
-    sim.add_argument("--link-jitter-ms", type=_non_negative_float, metavar="MS",
-                     help="netem: +- uniform jitter (default: the radio's; 0 when --link-delay-ms is given)")
-    sim.add_argument("--link-loss", type=_non_negative_float, metavar="P",
-                     help="netem: packet loss probability each way, e.g. 0.05 (default 0)")
-    sim.add_argument("--link-flap", metavar="ROUND:DOWN_S[:DEVICE]",
-                     help="netem: take device DEVICE's (index, default 0) link down for DOWN_S seconds in round ROUND")
-    sim.add_argument("--keepalive-s", type=_positive_int, metavar="SEC",
-                     help="the devices' MQTT keep-alive (default 30): a dead link is noticed after 1.5x this")
-    sim.add_argument("--sign", action="store_true", default=None,
-                     help="sign every message with Ed25519 keys made for the run, as a provisioned fleet does "
-                          "(default: unsigned, on the run's private loopback broker)")
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:
@@ -419,6 +268,7 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--broker", help="broker URL mqtt://host:port or mqtts://host:port (overrides broker.url)")
     server.add_argument("--resume", action="store_true", help="continue after the last checkpointed round")
     server.add_argument("--check", action="store_true", help="validate the config, print it and exit")
+    add_dashboard_options(server)
     server.set_defaults(handler="server_runtime.server_cli:cmd_server")
 
 
@@ -427,21 +277,21 @@ def _add_allocate(sub: argparse._SubParsersAction) -> None:
         "allocate", help="solve one round's bits/power/bandwidth allocation and compare it with the baselines"
     )
     gen = alloc.add_argument_group("generated scenario (default: 10 devices, seed 0)")
-    gen.add_argument("--devices", type=_positive_int, metavar="N", help="devices in the round (default 10)")
+    gen.add_argument("--devices", type=positive_int, metavar="N", help="devices in the round (default 10)")
     gen.add_argument("--seed", type=int, metavar="S", help="seed of positions, fading and sample counts (default 0)")
     gen.add_argument("--profiles", metavar="A,B,...", help="comma list of firmware profiles, assigned round-robin")
     gen.add_argument("--model", metavar="PRESET", help="ViT preset whose split sizes the traffic (default vit_base_patch32_224)")
-    gen.add_argument("--radius-m", type=_positive_float, metavar="R", help="cell radius in metres (default 500)")
-    gen.add_argument("--local-epochs", type=_positive_int, metavar="E", help="passes over each device's data per round")
+    gen.add_argument("--radius-m", type=positive_float, metavar="R", help="cell radius in metres (default 500)")
+    gen.add_argument("--local-epochs", type=positive_int, metavar="E", help="passes over each device's data per round")
     prm = alloc.add_argument_group("problem parameters (override the scenario's)")
-    prm.add_argument("--t-max", type=_positive_float, metavar="SEC", help="latency cap per round (default: 1.5 x fixed's)")
-    prm.add_argument("--lambda-energy", type=_non_negative_float, metavar="W", help="weight per joule (default 1)")
-    prm.add_argument("--lambda-time", type=_non_negative_float, metavar="W", help="weight per second of round latency (default 0)")
-    prm.add_argument("--lambda-quant", type=_non_negative_float, metavar="W", help="weight of the quantization term (default 1e-3)")
-    prm.add_argument("--subchannels", type=_non_negative_int, metavar="N", help="N equal subchannels (0: continuous bandwidth)")
-    prm.add_argument("--bits-down", type=_bit_list, metavar="G,G,...",
+    prm.add_argument("--t-max", type=positive_float, metavar="SEC", help="latency cap per round (default: 1.5 x fixed's)")
+    prm.add_argument("--lambda-energy", type=non_negative_float, metavar="W", help="weight per joule (default 1)")
+    prm.add_argument("--lambda-time", type=non_negative_float, metavar="W", help="weight per second of round latency (default 0)")
+    prm.add_argument("--lambda-quant", type=non_negative_float, metavar="W", help="weight of the quantization term (default 1e-3)")
+    prm.add_argument("--subchannels", type=non_negative_int, metavar="N", help="N equal subchannels (0: continuous bandwidth)")
+    prm.add_argument("--bits-down", type=bit_list, metavar="G,G,...",
                      help="gradient bit-widths to choose from per device (default: the scenario's fixed gradient bits)")
-    prm.add_argument("--downlink-rate", type=_positive_float, metavar="BPS", help="downlink bit/s per device (default 100e6)")
+    prm.add_argument("--downlink-rate", type=positive_float, metavar="BPS", help="downlink bit/s per device (default 100e6)")
     alloc.add_argument("--scenario", metavar="FILE", help="a scenario JSON file instead of a generated one")
     alloc.add_argument("--dump-scenario", metavar="FILE", help="write the problem as a scenario JSON file")
     alloc.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -457,20 +307,20 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
         "provision", help="CA + server certificate, device passwords and signing keys, mosquitto "
                           "passwd/ACL/conf, fleet.json",
     )
-    prov.add_argument("--devices", type=_positive_int, required=True, metavar="N", help="devices in the fleet")
+    prov.add_argument("--devices", type=positive_int, required=True, metavar="N", help="devices in the fleet")
     prov.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write into")
     prov.add_argument("--hostname", action="append", metavar="H",
                       help="name or IP address devices reach the broker by; repeat for more names in the "
                            "certificate (the first is the broker URL's; default 127.0.0.1)")
     prov.add_argument("--run-id", default="default", help="the run whose topics the ACL grants (default: default)")
     prov.add_argument("--device-prefix", default="dev-", help="device ids are PREFIX + index (default: dev-)")
-    prov.add_argument("--port", type=_positive_int, default=8883, help="the TLS listener's port (default 8883)")
-    prov.add_argument("--days", type=_positive_int, default=365, help="certificate validity in days (default 365)")
+    prov.add_argument("--port", type=positive_int, default=8883, help="the TLS listener's port (default 8883)")
+    prov.add_argument("--days", type=positive_int, default=365, help="certificate validity in days (default 365)")
     prov.add_argument("--bind", metavar="ADDR",
                       help="listener address (default: 127.0.0.1 when every --hostname is loopback, else all)")
     prov.add_argument("--broker-user", metavar="USER",
                       help="user mosquitto switches to when started as root (default: the user running this)")
-    prov.add_argument("--max-frame-bytes", type=_positive_int, metavar="BYTES",
+    prov.add_argument("--max-frame-bytes", type=positive_int, metavar="BYTES",
                       help="the frame size the server and devices chunk to (their max_frame_bytes); sizes the "
                            "broker's max_packet_size (default 262144, theirs)")
     prov.add_argument("--write-ca-key", action="store_true",
@@ -482,7 +332,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     )
     revoke.add_argument("--fleet", required=True, metavar="DIR", help="the provisioned fleet's directory")
     revoke.add_argument("--device", required=True, metavar="ID", help="the device id to revoke")
-    revoke.add_argument("--broker-pid", type=_positive_int, metavar="PID",
+    revoke.add_argument("--broker-pid", type=positive_int, metavar="PID",
                         help="the running mosquitto's PID: send it SIGHUP so it re-reads passwd and acl now")
     revoke.set_defaults(handler="sflam.fleet_revoke:cmd_fleet_revoke")
 
@@ -507,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_energy(sub)
     _add_quickstart(sub)
     _add_server(sub)
-    _add_simulate(sub)
+    add_simulate(sub)
     _add_allocate(sub)
     _add_fleet(sub)
     return parser

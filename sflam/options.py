@@ -98,6 +98,7 @@ class SimOptions:
     min_completed: float = 0.5
     eval_every: int = 1
     validation_fraction: float = 0.1  # of the training set, held out for the server's validation accuracy
+    dashboard: str | None = None  # "[ADDR:]PORT": the server's live fleet page (docs/dashboard.md)
     server: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # run.toml overrides by section
 
     @property
@@ -119,7 +120,7 @@ CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "b
              "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
              "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
              "engine", "ray_address", "emulate_link", "t_max_s", "trainers", "network", "link_delay_ms",
-             "link_jitter_ms", "link_loss", "link_flap", "keepalive_s", "sign")
+             "link_jitter_ms", "link_loss", "link_flap", "keepalive_s", "sign", "dashboard")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +322,22 @@ def check_options(opts: SimOptions) -> list[str]:
         problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
     problems += _file_problems(opts)
     problems += _network_problems(opts)
+    problems += _dashboard_problems(opts)
     return problems
+
+
+def _dashboard_problems(opts: SimOptions) -> list[str]:
+    """A dashboard address that is not [ADDR:]PORT, or off loopback without a token."""
+    if opts.dashboard is None:
+        return []
+    from server_runtime.dashboard import DashboardError, check_exposure, parse_bind, resolve_token
+
+    try:
+        addr, _ = parse_bind(str(opts.dashboard), "dashboard")
+        check_exposure(addr, resolve_token(None, None))  # $SFLAM_DASHBOARD_TOKEN (--dashboard-token sets it)
+    except DashboardError as exc:
+        return [str(exc)]
+    return []
 
 
 NETWORKS = ("bucket", "netem")
@@ -505,6 +521,11 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         "compute": {"device": "auto", "amp": "auto", "workers": opts.server_workers, "trainers": opts.trainers},
         "allocator": {"t_max_s": opts.t_max_s},
     }
+    if opts.dashboard is not None:
+        from server_runtime.dashboard import parse_bind
+
+        addr, port = parse_bind(str(opts.dashboard), "dashboard")
+        sections["metrics"].update(dashboard_addr=addr, dashboard_port=port)
     if gains and opts.emulate_link:  # bucket or netem: the radios are emulated
         sections["allocator"]["channel_gains"] = dict(gains)
     if opts.checkpoint:

@@ -333,6 +333,10 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
             say(f"network netem: {opts.devices} devices in namespaces sflam-{links.topology.tag}-*, "
                 f"broker at {links.broker_host} on bridge {links.topology.bridge}")
         workers = start_run(group, prepared, opts, device_url, links)
+        if opts.dashboard is not None:
+            from server_runtime.dashboard import page_url, parse_bind
+
+            say(f"fleet page: {page_url(*parse_bind(str(opts.dashboard)))}")
         _monitor(prepared, group, workers, opts, quiet, memory, links)
         status = "completed"
     except (KeyboardInterrupt, Interrupted) as exc:
@@ -526,6 +530,10 @@ def _watch_links(links: RunLinks, group: ProcessGroup, records: list[RoundRecord
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Handler of ``sflam simulate``."""
+    if getattr(args, "dashboard_token", None):  # the server process reads it from its environment, not argv
+        from server_runtime.dashboard import TOKEN_ENV
+
+        os.environ[TOKEN_ENV] = args.dashboard_token
     opts = resolve_options(args)
     out = Path(opts.out) if opts.out else default_out(opts)
     try:

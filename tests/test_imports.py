@@ -120,6 +120,13 @@ def test_import_edge_runtime_leaves_torch_out() -> None:
     assert "torch" not in modules
 
 
+def test_the_fleet_page_reads_no_torch_state() -> None:
+    # its server and snapshot are bookkeeping over the daemon's registry and round records
+    modules = _modules_after("import server_runtime.dashboard, server_runtime.fleet_view, sflam.testing.browser")
+    assert {"server_runtime.dashboard", "server_runtime.fleet_view"} <= modules
+    assert "torch" not in modules
+
+
 def test_the_cli_front_door_and_profiles_commands_do_not_import_torch() -> None:
     code = (
         "import contextlib, io\n"
