@@ -1,18 +1,19 @@
 """What the live fleet page costs (docs/dashboard.md), measured side by side in one run.
 
-1. Round times with a page polling every 100 ms against none: ``--pairs`` pairs of the same tiny
-   `sflam simulate` (10 device processes, 5 per round, 4 rounds of 1 local epoch, bits auto), one
+1. Round times with a page polling every 100 ms against none: ``--pairs`` pairs of the same short
+   `sflam simulate` (the demo's: 10 device processes, 5 per round, 5 local epochs, bits auto; 4 rounds), one
    without ``--dashboard`` and one with it and a client fetching ``/api/fleet`` every 100 ms (plus
    ``?since=``, as the page does) for the whole run. The pair shares a seed; the order alternates.
-   Per run: the mean ``phases_s.train`` of its rounds (plan published until every device finished);
-   per pair the ratio polled / none; printed as mean and 95 % t interval over the pairs.
+   Per run: the mean ``phases_s.train`` of its rounds (plan published until every device finished)
+   and the mean ``duration_s`` (the whole round); per pair the ratios polled / none; printed as
+   mean and 95 % t interval over the pairs.
 2. The page with 1,000 devices (30 rounds of 50, a round in flight) in headless Chromium: the time
    from navigation to the first complete render, over ``--loads`` fresh loads.
 3. The daemon's side at 1,000 and 10,000 devices: one snapshot refresh (on the daemon's thread,
    at most every 0.5 s) and one encoding of ``/api/fleet`` (on an HTTP thread, once per snapshot).
 
-``--screenshot PATH`` instead runs one 10-device simulation with the page and saves a screenshot
-of it after 4 rounds (docs/img/dashboard.png).
+``--screenshot PATH`` instead runs the demo (`sflam simulate`: 10 device processes, 5 per round,
+bits auto) for 12 rounds with the page and saves a screenshot of it after 8 (docs/img/dashboard.png).
 
     .venv/bin/python benchmarks/bench_dashboard.py [--pairs 4] [--loads 5] [--screenshot PATH]
 """
@@ -41,7 +42,7 @@ from server_runtime.dashboard import DashboardServer  # noqa: E402
 from sflam.testing.browser import HeadlessBrowser  # noqa: E402
 from sflam.testing.fleet_page import synthetic_registry, synthetic_view  # noqa: E402
 
-RUN = ("--devices", "10", "--per-round", "5", "--rounds", "4", "--local-epochs", "1", "--bits", "auto")
+RUN = ("--devices", "10", "--per-round", "5", "--rounds", "4", "--bits", "auto")  # the demo's 5 local epochs
 POLL_S = 0.1
 
 
@@ -51,8 +52,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def simulate(out: Path, seed: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sflam", "simulate", *RUN, "--seed", str(seed), "--out", str(out),
+def simulate(out: Path, seed: int, *extra: str, run: tuple[str, ...] = RUN) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sflam", "simulate", *run, "--seed", str(seed), "--out", str(out),
                              *extra], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -78,14 +79,15 @@ class Poller(threading.Thread):
             since = rounds[-1]["plan_round"] if rounds else since
 
 
-def train_seconds(out: Path) -> float:
-    """Mean plan-to-last-device time of a run's rounds."""
+def round_seconds(out: Path) -> tuple[float, float]:
+    """Mean train phase (plan to last device) and mean whole-round time of a run's rounds."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return statistics.fmean(r["phases_s"]["train"] for r in records if r.get("event") == "round")
+    rounds = [r for r in records if r.get("event") == "round"]
+    return statistics.fmean(r["phases_s"]["train"] for r in rounds), statistics.fmean(r["duration_s"] for r in rounds)
 
 
-def one_run(work: Path, name: str, seed: int, polled: bool) -> tuple[float, int]:
-    """A run's mean train phase, and how many fetches its poller made (0: none)."""
+def one_run(work: Path, name: str, seed: int, polled: bool) -> tuple[tuple[float, float], int]:
+    """A run's mean train phase and round time, and how many fetches its poller made (0: none)."""
     out, port = work / name, free_port()
     proc = simulate(out, seed, *(("--dashboard", str(port)) if polled else ()))
     poller = Poller(f"http://127.0.0.1:{port}/") if polled else None
@@ -97,13 +99,13 @@ def one_run(work: Path, name: str, seed: int, polled: bool) -> tuple[float, int]
         poller.join()
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{output[-3000:]}")
-    return train_seconds(out), poller.fetched if poller is not None else 0
+    return round_seconds(out), poller.fetched if poller is not None else 0
 
 
 def poll_overhead(pairs: int) -> None:
     print(f"== round times, a page polling every {POLL_S * 1000:.0f} ms vs none "
           f"({pairs} pairs of `sflam simulate {' '.join(RUN)}`)")
-    ratios = []
+    train_ratios, round_ratios = [], []
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
         for pair in range(pairs):
             order = (False, True) if pair % 2 == 0 else (True, False)
@@ -112,11 +114,14 @@ def poll_overhead(pairs: int) -> None:
                 times[polled], fetched = one_run(Path(tmp), f"p{pair}-{'polled' if polled else 'none'}", pair, polled)
                 if polled:
                     polls = fetched
-            ratios.append(times[True] / times[False])
-            print(f"pair {pair} (seed {pair}): train phase none {times[False]:.2f} s, polled {times[True]:.2f} s "
-                  f"({polls} fetches), ratio {ratios[-1]:.3f}")
-    mean, half = t_interval(ratios)
-    print(f"polled / none: {mean:.3f} +- {half:.3f} (95 % t, {pairs} pairs)")
+            (train_none, round_none), (train_polled, round_polled) = times[False], times[True]
+            train_ratios.append(train_polled / train_none)
+            round_ratios.append(round_polled / round_none)
+            print(f"pair {pair} (seed {pair}): train phase none {train_none:.2f} s, polled {train_polled:.2f} s; "
+                  f"round none {round_none:.2f} s, polled {round_polled:.2f} s ({polls} fetches)")
+    for name, ratios in (("train phase", train_ratios), ("round", round_ratios)):
+        mean, half = t_interval(ratios)
+        print(f"{name}, polled / none: {mean:.3f} +- {half:.3f} (95 % t, {pairs} pairs)")
 
 
 def render_times(loads: int) -> None:
@@ -154,7 +159,7 @@ def daemon_side() -> None:
 def screenshot(path: Path) -> None:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
-        proc = simulate(Path(tmp) / "run", 0, "--rounds", "8", "--dashboard", str(port))
+        proc = simulate(Path(tmp) / "run", 0, "--rounds", "12", "--dashboard", str(port), run=())
         url = f"http://127.0.0.1:{port}/"
         try:
             while True:
@@ -162,7 +167,7 @@ def screenshot(path: Path) -> None:
                     raise SystemExit(f"the run ended first:\n{proc.communicate()[0][-3000:]}")
                 try:
                     with urllib.request.urlopen(url + "api/fleet", timeout=5) as response:
-                        if len(json.load(response)["rounds"]) >= 4:
+                        if len(json.load(response)["rounds"]) >= 8:
                             break
                 except OSError:
                     pass

@@ -99,7 +99,9 @@ class FleetView:
         self._encoded: tuple[int, bytes] = (-1, b"")  # a snapshot's JSON without its rounds
         for record in records:
             self._take(record)
-        self.snapshot = FleetSnapshot(0, time.time(), {**self._run, "phase": PHASES[0]}, (), len(self._records))
+        before = {"round": None, "plan_round": None, "phase": PHASES[0], "online": 0, "needed": None,
+                  "round_started": None, "counters": {}}  # until the daemon's first refresh
+        self.snapshot = FleetSnapshot(0, time.time(), {**self._run, **before}, (), len(self._records))
 
     # -- the daemon's side -------------------------------------------------------------------------
 
