@@ -56,6 +56,15 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--t-max", dest="t_max_s", type=positive_float, metavar="SEC",
                      help="the allocator's latency cap per round with --bits auto (default 5)")
     sim.add_argument("--backend", choices=("onnx", "numpy", "litert", "auto"), help="device backend (default onnx)")
+    _add_simulate_scale(sim)
+    _add_simulate_links(sim)
+    add_dashboard_options(sim)
+    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
+
+
+
+def _add_simulate_scale(sim: argparse.ArgumentParser) -> None:
+    """Where the devices and the server's trainer ranks run (docs/scale.md, docs/server.md)."""
     sim.add_argument("--engine", choices=("local", "ray"),
                      help="where device hosts run: local processes (default) or Ray actors on a cluster")
     sim.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: the Ray head (default: a local Ray)")
@@ -65,10 +74,6 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--trainers", type=positive_int, metavar="N",
                      help="server trainer ranks (torch.distributed, gloo on CPU); devices are balanced over "
                           "them each round (default 1)")
-    _add_simulate_links(sim)
-    add_dashboard_options(sim)
-    sim.set_defaults(handler="sflam.simulate:cmd_simulate")
-
 
 
 def _add_simulate_links(sim: argparse.ArgumentParser) -> None:
