@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -65,7 +66,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def _dashboard_token(config: RunConfig, flag: str | None) -> str | None:
     """The fleet page's token; a DashboardError (before anything loads) when the page would be open
     beyond loopback without one, or the token is too short."""
-    if not config.metrics.dashboard_port:
+    if not config.metrics.dashboard_port or os.environ.get("RANK", "0") != "0":  # only rank 0 serves the page
         return None
     from server_runtime.dashboard import check_exposure, resolve_token
 

@@ -310,8 +310,8 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
 # the command lines
 
 
-def _sflam(*args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+def _sflam(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env_vars}
     return subprocess.run([sys.executable, "-m", "sflam", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -328,6 +328,13 @@ def test_server_refuses_a_non_loopback_dashboard_without_a_token() -> None:
     assert (metrics["dashboard_addr"], metrics["dashboard_port"]) == ("0.0.0.0", 8080)
     bad = _sflam("server", "--config", "examples/run.toml", "--dashboard", "web", "--check")
     assert bad.returncode == 2 and "--dashboard: expected [ADDR:]PORT" in bad.stderr
+
+
+def test_only_trainer_rank_0_checks_the_page_it_serves() -> None:
+    # the other ranks of a launch read the same run.toml but never serve the page (nor get the flag)
+    spec = ("server", "--config", "examples/run.toml", "--dashboard", "0.0.0.0:8080", "--check")
+    assert _sflam(*spec, RANK="0", WORLD_SIZE="2").returncode == 2
+    assert _sflam(*spec, RANK="1", WORLD_SIZE="2").returncode == 0
 
 
 def test_simulate_refuses_a_non_loopback_dashboard_before_any_work(tmp_path: Path) -> None:
