@@ -68,6 +68,12 @@ class DeviceRegistry:
         info = self._get(update.envelope.device_id)
         info.online, info.last_seen, info.last_telemetry = True, time.time(), update.telemetry
 
+    def seen(self, device_id: str) -> None:
+        """A known device sent something the server accepted (a step): it is alive now."""
+        info = self.devices.get(device_id)
+        if info is not None:
+            info.last_seen = time.time()
+
     def announced_count(self) -> int:
         """Devices that announced themselves with a Hello during this run."""
         return sum(1 for info in self.devices.values() if info.announced)

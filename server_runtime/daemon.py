@@ -373,6 +373,7 @@ class ServerDaemon:
         return member
 
     def _on_activations(self, message: p.Activations) -> None:
+        self.registry.seen(message.envelope.device_id)
         with self._lock:
             member = self._round_member(message, "activations")
             if member is None:

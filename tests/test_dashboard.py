@@ -143,6 +143,14 @@ def test_rows_follow_the_round_in_flight_and_the_records() -> None:
     assert view.refresh(registry, None, round=3, plan_round=3, needed=2).run["phase"] == "waiting"
 
 
+def test_last_seen_moves_with_every_accepted_step() -> None:
+    registry, view = _registry("dev-a"), FleetView(RUN)
+    registry.seen("dev-a")
+    registry.seen("dev-unknown")  # not announced: nothing to update, nothing added
+    row = view.refresh(registry, None, round=0, plan_round=0, needed=1).devices[0]
+    assert time.time() - row["last_seen"] < 60 and list(registry.devices) == ["dev-a"]
+
+
 def test_a_device_is_late_past_the_deadline_or_well_behind_half_the_round() -> None:
     clock = _RoundClock(plan_round=1, started=0.0, deadline_s=60.0)
     assert not _is_late(clock, now=61.0 - 2, selected=4)
