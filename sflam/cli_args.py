@@ -4,52 +4,34 @@ value) and option groups."""
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from typing import Any
 
 from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a message that says what was wrong."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str, name: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, then refuse what is not ``ok``, saying ``what`` was expected."""
+    noun = "a whole number" if convert is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text if convert is float else value}")
+        return value
+
+    parse.__name__, parse.__doc__ = name, f"argparse type: {what}."
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a number >= 1", "positive_int")
+non_negative_int = _number(int, lambda v: v >= 0, "a number >= 0", "non_negative_int")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a finite number > 0", "positive_float")  # not nan
+non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0", "non_negative_float")
 
 
 def bits(text: str) -> int | str:
