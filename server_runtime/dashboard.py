@@ -32,9 +32,10 @@ DEFAULT_ADDR = "127.0.0.1"
 TOKEN_ENV = "SFLAM_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
 COOKIE = "sflam_dashboard"
+SCRIPTS = ("format.js", "svg.js", "table.js", "dashboard.js")  # in index.html's order
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-              "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
-              "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+              "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+              **{f"/{name}": (name, "text/javascript; charset=utf-8") for name in SCRIPTS}}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",

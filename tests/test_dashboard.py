@@ -22,6 +22,7 @@ from edge_runtime import protocol as p
 from server_runtime.coordinator import DeviceInfo, DeviceRegistry, DeviceRound, RoundState
 from server_runtime.dashboard import (
     PAGE_FILES,
+    SCRIPTS,
     DashboardError,
     DashboardServer,
     check_exposure,
@@ -310,7 +311,7 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
         assert urls <= {"http://www.w3.org/2000/svg"}, f"{name} refers to {urls}"
         assert "@import" not in text
     html = page_file("index.html").decode("utf-8")
-    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="dashboard.js" defer>']
+    assert re.findall(r"<script\b[^>]*>", html) == [f'<script src="{name}" defer>' for name in SCRIPTS]
     assert "style=" not in html and "<style" not in html and "on" + "click=" not in html
 
 

@@ -1,4 +1,5 @@
-/* sflam fleet page.
+/* sflam fleet page: polling, the run's state, the header, tiles and charts (format.js, svg.js and
+ * table.js, loaded first, hold the formatting, the SVG primitives and the device table).
  *
  * Polls api/fleet every second (docs/dashboard.md), keeps the round records by plan_round, and
  * draws the header, the summary tiles, six per-round SVG charts and the paged device table.
@@ -8,17 +9,17 @@
  */
 "use strict";
 (function () {
-  const SVG_NS = "http://www.w3.org/2000/svg";
+  const ns = window.sflamPage;
+  const { DASH, $, isNum, num, fmtBytes, fmtEnergy, fmtJ, fmtSeconds, fmtPct, fmtLoss, text, clock, setText, setNote } = ns;
+  const { svg, svgText, addTitle, textWidth, yAxis, tickFormat, legend, axes, noData, lineChart } = ns;
+  const { ROUND_STATES } = ns;
   const API = "api/fleet";
   const POLL_MS = 1000;
   const RETRY_FIRST_MS = 2000;
   const RETRY_MS = 5000;
   const HEADERS_TIMEOUT_MS = 15000; // a server that does not answer counts as lost
   const BODY_TIMEOUT_MS = 120000; // the first answer of a long run with many devices is large
-  const PAGE_SIZE = 50;
-  const DASH = "\u2014";
   const SCHEMES = { v1: "SFL-V1", v2: "SFL-V2", fl: "FL" };
-  const ROUND_STATES = ["idle", "selected", "training", "done", "late", "failed"];
   const PHASES = ["waiting", "training", "finished"];
   const LATENCY_PHASES = [
     ["wait_devices", "wait", "ph-wait"],
@@ -35,7 +36,6 @@
     ended: "run finished; the server has stopped",
     unauthorized: "this dashboard needs its token: open /?token=YOUR_TOKEN once",
   };
-  const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
 
   const state = {
     run: null,
@@ -53,95 +53,6 @@
     failures: 0,
     rendered: false,
   };
-
-  const $ = (id) => document.getElementById(id);
-
-  /* ---------------------------------------------------------------- formatting */
-
-  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
-  const num = (v) => (isNum(v) ? v : 0);
-
-  function sig(v, digits) {
-    if (!isNum(v)) return DASH;
-    if (Math.abs(v) >= 10 ** digits) return String(Math.round(v));
-    return v.toPrecision(digits);
-  }
-
-  function fmtBytes(n) {
-    if (!isNum(n)) return DASH;
-    const units = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let i = 0;
-    let v = n;
-    while (Math.abs(v) >= 1000 && i < units.length - 1) {
-      v /= 1000;
-      i += 1;
-    }
-    if (i === 0) return `${Math.round(v)} B`;
-    const shown = v >= 100 ? v.toFixed(0) : v.toFixed(1).replace(/\.0$/, "");
-    return `${shown} ${units[i]}`;
-  }
-
-  function fmtEnergy(j) {
-    if (!isNum(j)) return DASH;
-    if (Math.abs(j) >= 1e6) return `${(j / 1e6).toFixed(2)} MJ`;
-    if (Math.abs(j) >= 1e4) return `${(j / 1e3).toFixed(1)} kJ`;
-    return `${fmtJ(j)} J`;
-  }
-
-  function fmtJ(j) {
-    if (!isNum(j)) return DASH;
-    if (Math.abs(j) >= 1000) return j.toFixed(0);
-    if (Math.abs(j) >= 10) return j.toFixed(1);
-    return j.toFixed(2);
-  }
-
-  const fmtWatts = (w) => (isNum(w) ? `${sig(w, 3)} W` : DASH);
-  const fmtDbm = (w) => (isNum(w) && w > 0 ? `${(10 * Math.log10(w * 1000)).toFixed(1)} dBm` : "");
-
-  function fmtHz(hz) {
-    if (!isNum(hz)) return DASH;
-    if (hz >= 1e9) return `${sig(hz / 1e9, 3)} GHz`;
-    if (hz >= 1e6) return `${sig(hz / 1e6, 3)} MHz`;
-    if (hz >= 1e3) return `${sig(hz / 1e3, 3)} kHz`;
-    return `${sig(hz, 3)} Hz`;
-  }
-
-  function fmtSeconds(s) {
-    if (!isNum(s)) return DASH;
-    if (s < 10) return `${s.toFixed(1)} s`;
-    if (s < 600) return `${Math.round(s)} s`;
-    if (s < 7200) return `${Math.round(s / 60)} min`;
-    return `${(s / 3600).toFixed(1)} h`;
-  }
-
-  function fmtAgo(then, now) {
-    if (!isNum(then) || !isNum(now)) return DASH;
-    const age = Math.max(0, now - then);
-    if (age < 120) return `${Math.round(age)} s ago`;
-    if (age < 7200) return `${Math.round(age / 60)} min ago`;
-    if (age < 172800) return `${Math.round(age / 3600)} h ago`;
-    return `${Math.round(age / 86400)} d ago`;
-  }
-
-  const fmtPct = (v) => (isNum(v) ? `${(v * 100).toFixed(1)}%` : DASH);
-  const fmtLoss = (v) => (isNum(v) ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(3)) : DASH);
-  const text = (v) => (v === null || v === undefined || v === "" ? DASH : String(v));
-  const pad2 = (n) => String(n).padStart(2, "0");
-
-  function clock(date) {
-    return `${pad2(date.getHours())}:${pad2(date.getMinutes())}:${pad2(date.getSeconds())}`;
-  }
-
-  function setText(id, value) {
-    const node = $(id);
-    if (node && node.textContent !== value) node.textContent = value;
-  }
-
-  function setNote(id, value) {
-    setText(id, value);
-    const node = $(id);
-    if (node) node.title = value;
-  }
 
   /* ---------------------------------------------------------------- data */
 
@@ -382,147 +293,6 @@
     }
   }
 
-  /* ---------------------------------------------------------------- svg helpers */
-
-  function svg(tag, attrs, parent) {
-    const node = document.createElementNS(SVG_NS, tag);
-    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
-    if (parent) parent.appendChild(node);
-    return node;
-  }
-
-  function svgText(parent, x, y, value, cls, anchor) {
-    const node = svg("text", { x, y, class: cls || "tick" }, parent);
-    if (anchor) node.setAttribute("text-anchor", anchor);
-    node.textContent = value;
-    return node;
-  }
-
-  function addTitle(node, value) {
-    svg("title", {}, node).textContent = value;
-  }
-
-  const measure = { ctx: undefined, family: "sans-serif" };
-
-  /** The width of value in the chart font at size px, from a canvas: no layout is forced. */
-  function textWidth(value, size) {
-    if (measure.ctx === undefined) {
-      measure.ctx = document.createElement("canvas").getContext("2d");
-      measure.family = getComputedStyle(document.body).fontFamily || measure.family;
-    }
-    if (!measure.ctx) return value.length * size * 0.58;
-    measure.ctx.font = `${size}px ${measure.family}`;
-    return measure.ctx.measureText(value).width;
-  }
-
-  function niceStep(span, count) {
-    const raw = span / Math.max(1, count);
-    if (!(raw > 0)) return 1;
-    const mag = 10 ** Math.floor(Math.log10(raw));
-    const n = raw / mag;
-    return (n < 1.5 ? 1 : n < 3 ? 2 : n < 7 ? 5 : 10) * mag;
-  }
-
-  /** A y axis over values: nice bounds and ticks; zero forces 0 in, clamp bounds it. */
-  function yAxis(values, { zero = false, clamp = null, ticks = 4 } = {}) {
-    let lo = Math.min(...values);
-    let hi = Math.max(...values);
-    if (zero) lo = Math.min(0, lo);
-    if (lo === hi) {
-      const d = Math.abs(hi) > 0 ? Math.abs(hi) * 0.1 : 1;
-      lo = zero && lo === 0 ? 0 : lo - d;
-      hi += d;
-    }
-    const step = niceStep(hi - lo, ticks);
-    lo = Math.floor(lo / step) * step;
-    hi = Math.ceil(hi / step) * step;
-    if (clamp) {
-      lo = Math.max(clamp[0], lo);
-      hi = Math.min(clamp[1], hi);
-    }
-    const list = [];
-    for (let v = lo; v <= hi + step * 1e-9; v += step) list.push(Math.abs(v) < step * 1e-9 ? 0 : v);
-    return { lo, hi, ticks: list, step };
-  }
-
-  /** The smallest whole 1-2-5 step that puts at most maxTicks ticks between lo and hi. */
-  function roundStep(lo, hi, maxTicks) {
-    for (let mag = 1; ; mag *= 10) {
-      for (const m of [1, 2, 5]) {
-        const step = m * mag;
-        if (Math.floor(hi / step) - Math.ceil(lo / step) + 1 <= maxTicks) return step;
-      }
-    }
-  }
-
-  function tickFormat(step) {
-    const decimals = step >= 1 ? 0 : Math.min(6, Math.ceil(-Math.log10(step)));
-    return (v) => v.toFixed(decimals);
-  }
-
-  /** The legend along the top of box; returns the y where the plot may start. */
-  function legend(g, items, box) {
-    const left = box.x + 4;
-    const right = box.x + box.w - 4;
-    let x = left;
-    let y = box.y + 10;
-    for (const item of items) {
-      const node = svg("g", { class: "legend-item" }, g);
-      const label = svgText(node, 0, 0, item.label, "legend");
-      const width = 18 + textWidth(item.label, 11) + 12;
-      if (x + width > right && x > left) {
-        x = left;
-        y += 15;
-      }
-      label.setAttribute("x", x + 18);
-      label.setAttribute("y", y + 4);
-      swatch(node, item, x, y);
-      x += width;
-    }
-    return y + 12;
-  }
-
-  function swatch(g, item, x, y) {
-    if (item.shape === "box") {
-      svg("rect", { x, y: y - 5, width: 12, height: 10, rx: 2, class: `bar ${item.cls}` }, g);
-    } else if (item.shape === "hollow") {
-      svg("circle", { cx: x + 6, cy: y, r: 3.5, class: "pt hollow neutral" }, g);
-    } else {
-      svg("line", { x1: x, y1: y, x2: x + 14, y2: y, class: `line ${item.cls}${item.dashed ? " dashed" : ""}` }, g);
-      svg("circle", { cx: x + 7, cy: y, r: 3, class: `pt ${item.cls}` }, g);
-    }
-  }
-
-  /** The plot frame inside box under top: y grid with labels, x ticks on plan rounds. */
-  function axes(g, box, top, yax, yFmt, xDomain) {
-    const labels = yax.ticks.map(yFmt);
-    const labelWidth = Math.max(...labels.map((label) => textWidth(label, 10.5)));
-    const plot = {
-      x0: box.x + labelWidth + 10,
-      x1: box.x + box.w - 8,
-      y0: box.y + box.h - 20,
-      y1: top + 4,
-    };
-    const sx = (v) => plot.x0 + ((v - xDomain[0]) / (xDomain[1] - xDomain[0])) * (plot.x1 - plot.x0);
-    const sy = (v) => plot.y0 - ((v - yax.lo) / (yax.hi - yax.lo || 1)) * (plot.y0 - plot.y1);
-    yax.ticks.forEach((v, i) => {
-      const y = sy(v);
-      svg("line", { x1: plot.x0, x2: plot.x1, y1: y, y2: y, class: i === 0 ? "axis" : "grid" }, g);
-      svgText(g, plot.x0 - 5, y + 3.5, labels[i], "tick", "end");
-    });
-    const step = roundStep(xDomain[0], xDomain[1], Math.max(4, Math.floor((plot.x1 - plot.x0) / 40)));
-    for (let v = Math.ceil(xDomain[0] / step) * step; v <= xDomain[1]; v += step) {
-      const x = sx(v);
-      svg("line", { x1: x, x2: x, y1: plot.y0, y2: plot.y0 + 3, class: "axis" }, g);
-      svgText(g, x, plot.y0 + 14, String(Math.round(v)), "tick", "middle");
-    }
-    svgText(g, box.x + 2, plot.y0 + 14, "plan", "tick axis-name");
-    return { plot, sx, sy };
-  }
-
-  function noData(g, box, top, message) {
-    svgText(g, box.x + box.w / 2, (top + box.y + box.h) / 2, message || "no data yet", "nodata", "middle");
-  }
 
   function xDomain() {
     const first = state.records[0].plan;
@@ -530,42 +300,9 @@
     return [first - 0.5, last + 0.5];
   }
 
-  /** Line series over plan rounds; returns the number of markers drawn. */
-  function lineChart(g, box, spec) {
-    const series = spec.series;
-    const items = series.map((s) => ({ label: s.label, cls: s.cls, dashed: s.dashed }));
-    const all = series.flatMap((s) => s.points);
-    if (!spec.noHollowLegend && all.some((p) => p.hollow)) items.push({ label: "not counted", shape: "hollow" });
-    let legendBox = box;
-    if (spec.title) {
-      svgText(g, box.x + 4, box.y + 10, spec.title, "panel-title");
-      legendBox = { x: box.x, y: box.y + 16, w: box.w, h: box.h - 16 };
-    }
-    const top = legend(g, items, legendBox);
-    if (!all.length) {
-      noData(g, box, top, spec.empty);
-      return 0;
-    }
-    const yax = yAxis(all.map((p) => p.y), spec.y || {});
-    const domain = xDomain();
-    const { plot, sx, sy } = axes(g, box, top, yax, spec.yFmt || tickFormat(yax.step), domain);
-    for (const s of series) {
-      if (s.points.length > 1) {
-        const pts = s.points.map((p) => `${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ");
-        svg("polyline", { points: pts, class: `line ${s.cls}${s.dashed ? " dashed" : ""}` }, g);
-      }
-    }
-    const slot = (plot.x1 - plot.x0) / (domain[1] - domain[0]);
-    const radius = Math.max(1.5, Math.min(3.2, slot * 0.3));
-    for (const s of series) {
-      for (const p of s.points) {
-        const dot = svg("circle", { cx: sx(p.x).toFixed(1), cy: sy(p.y).toFixed(1), r: radius,
-          class: `pt ${s.cls}${p.hollow ? " hollow" : ""}` }, g);
-        addTitle(dot, p.title);
-      }
-    }
-    return all.length;
-  }
+
+  /** A line chart over the rounds held. */
+  const chart = (g, box, spec) => lineChart(g, box, spec, xDomain());
 
   function point(s, value, label, shown) {
     let title = `${roundLabel(s)}\n${label}: ${shown}`;
@@ -581,6 +318,7 @@
     }
     return out;
   }
+
 
   /* ---------------------------------------------------------------- charts */
 
@@ -626,7 +364,7 @@
 
   const CHARTS = {
     accuracy(g, box) {
-      return lineChart(g, box, {
+      return chart(g, box, {
         series: [
           { label: "test", cls: "c1", points: seriesOf((s) => percent(s.rec.accuracy), "test accuracy", pct) },
           { label: "validation", cls: "c2", dashed: true,
@@ -637,7 +375,7 @@
       });
     },
     loss(g, box) {
-      return lineChart(g, box, {
+      return chart(g, box, {
         series: [
           { label: "test", cls: "c1", points: seriesOf((s) => s.rec.test_loss, "test loss", fmtLoss) },
           { label: "train", cls: "c2", points: seriesOf((s) => s.rec.train_loss, "train loss", fmtLoss) },
@@ -646,7 +384,7 @@
       });
     },
     bytes(g, box) {
-      return lineChart(g, box, {
+      return chart(g, box, {
         series: [
           { label: "up (devices \u2192 server)", cls: "c3", points: seriesOf((s) => s.up, "bytes up", fmtBytes) },
           { label: "down", cls: "c4", points: seriesOf((s) => s.down, "bytes down", fmtBytes) },
@@ -656,7 +394,7 @@
       });
     },
     energy(g, box) {
-      return lineChart(g, box, {
+      return chart(g, box, {
         series: [{
           label: "sum over devices", cls: "c5",
           points: seriesOf((s) => (s.energyCount ? s.energy : null), "energy", fmtEnergy),
@@ -713,7 +451,7 @@
     const half = box.w / 2;
     const left = { x: box.x, y: box.y, w: half - 6, h: box.h };
     const right = { x: box.x + half + 6, y: box.y, w: half - 6, h: box.h };
-    let count = lineChart(svg("g", {}, g), left, {
+    let count = chart(svg("g", {}, g), left, {
       series: [
         { label: "allocator", cls: "c1", points: seriesOf(pick("predicted_round_latency_s"), "predicted latency", fmtSeconds) },
         { label: "fixed", cls: "c2", dashed: true,
@@ -723,7 +461,7 @@
       title: "round latency, s",
       noHollowLegend: true,
     });
-    count += lineChart(svg("g", {}, g), right, {
+    count += chart(svg("g", {}, g), right, {
       series: [
         { label: "allocator", cls: "c5", points: seriesOf(pick("predicted_energy_j"), "predicted energy", fmtEnergy) },
         { label: "fixed", cls: "c4", dashed: true, points: seriesOf(pick("fixed_energy_j"), "fixed-allocation energy", fmtEnergy) },
@@ -736,165 +474,11 @@
     return count;
   }
 
-  /* ---------------------------------------------------------------- device table */
-
-  const STRING_KEYS = new Set(["id", "profile", "status", "failure"]);
-
-  function sortValue(d, key) {
-    switch (key) {
-      case "bits":
-        return isNum(d.bits) ? d.bits * 1000 + num(d.bits_down) : isNum(d.bits_down) ? d.bits_down : null;
-      case "round_state": {
-        const rank = ROUND_STATES.indexOf(d.round_state); // the round's course: idle first, failed last
-        return rank >= 0 ? rank : d.round_state ? ROUND_STATES.length : null;
-      }
-      case "rounds_done":
-        return isNum(d.rounds_done) ? d.rounds_done * 1e6 - num(d.rounds_failed) : null;
-      default: {
-        const v = d[key];
-        if (STRING_KEYS.has(key)) return v === null || v === undefined || v === "" ? null : String(v);
-        return isNum(v) ? v : null;
-      }
-    }
-  }
-
-  function compareDevices(key, dir) {
-    return (a, b) => {
-      const va = sortValue(a, key);
-      const vb = sortValue(b, key);
-      if (va === null || vb === null) {
-        if (va !== vb) return va === null ? 1 : -1; // missing values last, either direction
-      } else {
-        const c = typeof va === "string" ? collator.compare(va, vb) : va - vb;
-        if (c) return c * dir;
-      }
-      return collator.compare(String(a.id), String(b.id)) * dir;
-    };
-  }
-
-  function matches(d, terms) {
-    const hay = [d.id, d.profile, d.status, d.round_state, d.failure]
-      .map((v) => (v === null || v === undefined ? "" : String(v).toLowerCase())).join("\u0000");
-    return terms.every((t) => hay.includes(t));
-  }
-
-  function visibleDevices() {
-    const terms = state.filter.toLowerCase().split(/\s+/).filter(Boolean);
-    const list = terms.length ? state.devices.filter((d) => matches(d, terms)) : state.devices.slice();
-    if (state.sort.key) list.sort(compareDevices(state.sort.key, state.sort.dir));
-    return list;
-  }
-
-  function renderTable(force) {
-    const key = [state.snapshot, state.sort.key, state.sort.dir, state.filter, state.page].join("|");
-    if (!force && key === state.tableKey) return;
-    const list = visibleDevices();
-    const pages = Math.max(1, Math.ceil(list.length / PAGE_SIZE));
-    state.page = Math.min(Math.max(1, state.page), pages);
-    const start = (state.page - 1) * PAGE_SIZE;
-    const rows = document.createDocumentFragment();
-    for (const d of list.slice(start, start + PAGE_SIZE)) rows.appendChild(deviceRow(d));
-    document.querySelector("#devices tbody").replaceChildren(rows);
-    const total = state.devices.length;
-    const noun = (n) => (n === 1 ? "device" : "devices");
-    setText("device-count", list.length === total ? `${total} ${noun(total)}` : `${list.length} of ${total} ${noun(total)}`);
-    setText("page-info", `page ${state.page} of ${pages}`);
-    $("page-prev").disabled = state.page <= 1;
-    $("page-next").disabled = state.page >= pages;
-    $("devices-empty").hidden = list.length > 0;
-    setText("devices-empty", total ? "no device matches the filter" : "no devices yet");
-    renderSortArrows();
-    state.tableKey = [state.snapshot, state.sort.key, state.sort.dir, state.filter, state.page].join("|");
-  }
-
-  function renderSortArrows() {
-    for (const th of document.querySelectorAll("#devices thead th[data-key]")) {
-      const active = th.dataset.key === state.sort.key;
-      const arrow = th.querySelector(".arrow");
-      if (arrow) arrow.textContent = active ? (state.sort.dir > 0 ? " \u25b2" : " \u25bc") : "";
-      if (active) th.setAttribute("aria-sort", state.sort.dir > 0 ? "ascending" : "descending");
-      else th.removeAttribute("aria-sort");
-      th.classList.toggle("sorted", active);
-    }
-  }
-
-  function cell(tr, value, cls, title) {
-    const td = document.createElement("td");
-    if (cls) td.className = cls;
-    if (value instanceof Node) td.appendChild(value);
-    else td.textContent = value;
-    if (title) td.title = title;
-    tr.appendChild(td);
-    return td;
-  }
-
-  function withSub(main, sub) {
-    const frag = document.createDocumentFragment();
-    frag.append(main);
-    if (sub) {
-      const span = document.createElement("span");
-      span.className = "sub";
-      span.textContent = sub;
-      frag.append(span);
-    }
-    return frag;
-  }
-
-  function badge(value, cls) {
-    const span = document.createElement("span");
-    span.className = `badge ${cls}`;
-    span.textContent = text(value);
-    return span;
-  }
-
-  function deviceRow(d) {
-    const tr = document.createElement("tr");
-    tr.dataset.deviceId = String(d.id);
-    if (d.status === "offline") tr.className = "offline";
-    const id = String(d.id);
-    cell(tr, id, "id mono", id);
-    cell(tr, text(d.profile), "profile", d.backend ? `${text(d.profile)} (${d.backend})` : text(d.profile));
-    cell(tr, badge(d.status, d.status === "online" ? "on" : "off"), "status");
-    const rs = ROUND_STATES.includes(d.round_state) ? d.round_state : "unknown";
-    cell(tr, badge(d.round_state, `st-${rs}`), "state");
-    cell(tr, isNum(d.bits) || isNum(d.bits_down) ? `${text(d.bits)} / ${text(d.bits_down)}` : DASH, "num");
-    cell(tr, withSub(fmtWatts(d.tx_power_w), fmtDbm(d.tx_power_w)), "num");
-    cell(tr, fmtHz(d.bandwidth_hz), "num");
-    const roundEnergy = isNum(d.round_energy_j) ? `last round ${fmtJ(d.round_energy_j)} J` : "";
-    cell(tr, fmtJ(d.energy_j), "num", roundEnergy);
-    cell(tr, text(d.steps), "num");
-    cell(tr, `${text(d.rounds_done)} / ${text(d.rounds_failed)}`, isNum(d.rounds_failed) && d.rounds_failed > 0 ? "num has-failed" : "num");
-    cell(tr, fmtAgo(d.last_seen, state.generated), "num");
-    const failure = d.failure === null || d.failure === undefined ? "" : String(d.failure);
-    cell(tr, failure || DASH, failure ? "failure bad" : "failure muted", failure);
-    return tr;
-  }
 
   /* ---------------------------------------------------------------- wiring */
 
-  function onSort(event) {
-    const th = event.target.closest("th[data-key]");
-    if (!th) return;
-    if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") return;
-    event.preventDefault();
-    const key = th.dataset.key;
-    if (state.sort.key === key) state.sort.dir = -state.sort.dir;
-    else state.sort = { key, dir: 1 };
-    renderTable(true);
-  }
-
-  function onFilter(event) {
-    state.filter = event.target.value.trim();
-    state.page = 1;
-    renderTable(true);
-  }
-
-  function onPage(delta) {
-    return () => {
-      state.page += delta;
-      renderTable(true);
-    };
-  }
+  const table = ns.deviceTable(state);
+  const renderTable = table.render;
 
   let resizeTimer = 0;
   function onResize() {
@@ -913,11 +497,11 @@
   function start() {
     dropTokenFromAddress();
     const thead = document.querySelector("#devices thead");
-    thead.addEventListener("click", onSort);
-    thead.addEventListener("keydown", onSort);
-    $("device-filter").addEventListener("input", onFilter);
-    $("page-prev").addEventListener("click", onPage(-1));
-    $("page-next").addEventListener("click", onPage(1));
+    thead.addEventListener("click", table.onSort);
+    thead.addEventListener("keydown", table.onSort);
+    $("device-filter").addEventListener("input", table.onFilter);
+    $("page-prev").addEventListener("click", table.onPage(-1));
+    $("page-next").addEventListener("click", table.onPage(1));
     window.addEventListener("resize", onResize);
     setConnection("connecting");
     poll();
