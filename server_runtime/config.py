@@ -144,6 +144,8 @@ class MetricsSection:
     dashboard_port: int = 0  # the live fleet page (docs/dashboard.md); 0: off
     dashboard_addr: str = "127.0.0.1"  # another address needs a token
     dashboard_token_file: str | None = None  # the page's token (else --dashboard-token or $SFLAM_DASHBOARD_TOKEN)
+    dashboard_tls_cert: str | None = None  # HTTPS with this PEM certificate and key (a fleet's broker/server.crt,
+    dashboard_tls_key: str | None = None  # broker/server.key); else plain HTTP
     progress: bool = True
 
 
@@ -244,6 +246,8 @@ _RULES: dict[str, dict[str, rule.Check]] = {
         "dashboard_port": rule.integer(lambda v: 0 <= v <= 65535, "0 (off) or a port 1..65535"),
         "dashboard_addr": rule.text,
         "dashboard_token_file": rule.optional_text,
+        "dashboard_tls_cert": rule.optional_text,
+        "dashboard_tls_key": rule.optional_text,
         "progress": rule.flag,
     },
     "compute": {
@@ -452,6 +456,10 @@ def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None
             problems.append("broker.password_file: is set but broker.username is not")
         _check_broker_plaintext(broker, problems)
     _check_signing(data.get("security"), broker if isinstance(broker, dict) else {}, problems)
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict) and (metrics.get("dashboard_tls_cert") is None) != (metrics.get("dashboard_tls_key") is None):
+        given, missing = ("cert", "key") if metrics.get("dashboard_tls_cert") is not None else ("key", "cert")
+        problems.append(f"metrics.dashboard_tls_{missing}: needed with dashboard_tls_{given} (HTTPS takes both)")
     training, quant = data.get("training"), data.get("quant")
     if isinstance(training, dict) and isinstance(quant, dict):
         if training.get("mode") == "fl" and quant.get("bits") == "auto":

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import threading
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -99,9 +100,20 @@ def resolve_token(flag: str | None, token_file: str | None) -> str | None:
     return token
 
 
-def page_url(addr: str, port: int) -> str:
+def page_url(addr: str, port: int, tls: bool = False) -> str:
     """The page's address on ``addr:port``."""
-    return f"http://{f'[{addr}]' if ':' in addr else addr}:{port}/"
+    return f"{'https' if tls else 'http'}://{f'[{addr}]' if ':' in addr else addr}:{port}/"
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A TLS 1.2+ server context for the page's certificate and key; DashboardError when they do not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise DashboardError(f"the dashboard cannot use the certificate {cert} with the key {key}: {exc}") from None
+    return context
 
 
 def page_file(name: str) -> bytes:
@@ -122,24 +134,31 @@ def start_dashboard(config: RunConfig, token: str | None, *, resume: bool = Fals
         except RoundRecordError as exc:
             log.warning("the fleet page starts without the earlier rounds: %s", exc)
     view = FleetView(run_info(config), records)
+    tls = (metrics.dashboard_tls_cert, metrics.dashboard_tls_key) if metrics.dashboard_tls_cert else None
     return DashboardServer(view, metrics.dashboard_addr, metrics.dashboard_port,
-                           resolve_token(token, metrics.dashboard_token_file))
+                           resolve_token(token, metrics.dashboard_token_file), tls=tls)
 
 
 class DashboardServer:
     """The page and its JSON on ``addr:port``, served from threads of their own."""
 
-    def __init__(self, view: FleetView, addr: str, port: int, token: str | None = None) -> None:
-        """Bind now (an OSError names a taken port); DashboardError when the bind is unsafe."""
+    def __init__(self, view: FleetView, addr: str, port: int, token: str | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
+        """Bind now; ``tls``: (certificate, key) PEM files to serve HTTPS. DashboardError when the
+        bind is unsafe, the port taken or the certificate unusable."""
         check_exposure(addr, token)
-        self.view, self.token = view, token
+        self.view, self.token, self.tls = view, token, tls is not None
         self.pages = {path: (page_file(name), kind) for path, (name, kind) in PAGE_FILES.items()}
-        server_class = _IPv6Server if ":" in addr else ThreadingHTTPServer
+        context = tls_context(*tls) if tls is not None else None
+        if context is None and not is_loopback(addr):
+            log.warning("the fleet page's token crosses the network in the clear: set metrics.dashboard_tls_cert "
+                        "and dashboard_tls_key (a provisioned fleet's broker/server.crt and server.key will do)")
+        server_class = _IPv6Server if ":" in addr else _Server
         try:
             self._server = server_class((addr, port), _Handler)
         except OSError as exc:
             raise DashboardError(f"the dashboard cannot listen on {addr}:{port}: {exc.strerror}") from None
-        self._server.daemon_threads = True
+        self._server.tls_context = context
         self._server.dashboard = self  # type: ignore[attr-defined]
         self.addr, self.port = addr, self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="dashboard", daemon=True)
@@ -149,7 +168,7 @@ class DashboardServer:
     @property
     def url(self) -> str:
         """The page's address (a token's first visit adds ``?token=...``)."""
-        return page_url(self.addr, self.port)
+        return page_url(self.addr, self.port, self.tls)
 
     def allows(self, bearer: str | None, cookie: str | None) -> bool:
         """Whether a request carries the token (always, when there is none)."""
@@ -165,7 +184,25 @@ class DashboardServer:
         self._thread.join(timeout=5.0)
 
 
-class _IPv6Server(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    """One thread per connection; with a TLS context, the handshake runs in that thread, never the
+    accepting one (a client that stalls it only holds its own thread, for ``REQUEST_TIMEOUT_S``)."""
+
+    daemon_threads = True
+    tls_context: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = super().get_request()
+        if self.tls_context is not None:
+            sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("dashboard: a request from %s failed (a TLS handshake, a client gone)", client_address,
+                  exc_info=True)
+
+
+class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
@@ -215,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _login(self, given: str) -> None:
         if not self.dashboard.allows(given, None):
             return self._send(HTTPStatus.UNAUTHORIZED, b"wrong token\n", "text/plain; charset=utf-8")
-        cookie = f"{COOKIE}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/"
+        cookie = f"{COOKIE}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if self.dashboard.tls else "")
         self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": "/", "Set-Cookie": cookie})
 
     def _bearer(self) -> str | None:

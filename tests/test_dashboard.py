@@ -5,6 +5,7 @@ The page in a real browser is tests/test_dashboard_browser.py; these need no bro
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -297,6 +298,39 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_https_with_the_fleets_certificate(tmp_path: Path) -> None:
+    # Prepare: a CA and a server certificate for 127.0.0.1, as `sflam fleet provision` makes them
+    import ssl
+
+    from sflam.fleet_pki import issue_certificates
+
+    pki = issue_certificates(["127.0.0.1"], days=1)
+    for name, pem in (("ca.crt", pki.ca_cert), ("server.crt", pki.server_cert), ("server.key", pki.server_key)):
+        (tmp_path / name).write_bytes(pem)
+    server = DashboardServer(FleetView(RUN), "127.0.0.1", 0, token=TOKEN,
+                             tls=(str(tmp_path / "server.crt"), str(tmp_path / "server.key")))
+    trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    try:
+        # Execute + Assert: plain HTTP gets nothing; HTTPS needs the token; the cookie is Secure
+        assert server.url.startswith("https://127.0.0.1:")
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(server.url.replace("https", "http") + "api/fleet", timeout=10).read()
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=trusted), _NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(server.url + "api/fleet", timeout=10)
+        assert refused.value.code == 401
+        request = urllib.request.Request(server.url + "api/fleet", headers={"Authorization": f"Bearer {TOKEN}"})
+        with opener.open(request, timeout=10) as response:
+            assert response.status == 200 and json.load(response)["schema"] == 1
+        with pytest.raises(urllib.error.HTTPError) as login:
+            opener.open(server.url + f"?token={TOKEN}", timeout=10)
+        assert login.value.code == 303 and "; Secure" in login.value.headers["Set-Cookie"]
+    finally:
+        server.close()
+    with pytest.raises(DashboardError, match="cannot use the certificate"):
+        DashboardServer(FleetView(RUN), "127.0.0.1", 0, tls=(str(tmp_path / "ca.crt"), str(tmp_path / "server.key")))
 
 
 def test_a_taken_port_is_a_clear_error(served: DashboardServer) -> None:
