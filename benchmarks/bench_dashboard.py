@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,17 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server_runtime.dashboard import DashboardServer  # noqa: E402
+from sflam.broker import free_port  # noqa: E402
 from sflam.testing.browser import HeadlessBrowser  # noqa: E402
 from sflam.testing.fleet_page import synthetic_registry, synthetic_view  # noqa: E402
 
 RUN = ("--devices", "10", "--per-round", "5", "--rounds", "4", "--bits", "auto")  # the demo's 5 local epochs
 POLL_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def simulate(out: Path, seed: int, *extra: str, run: tuple[str, ...] = RUN) -> subprocess.Popen:

@@ -10,7 +10,6 @@ offline, and its Content-Security-Policy forbids it to.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import socket
@@ -23,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from edge_runtime.mqtt import is_loopback
 from server_runtime.config import RunConfig
 from server_runtime.fleet_view import FleetView, run_info
 from server_runtime.metrics import read_round_records
@@ -63,16 +63,6 @@ def parse_bind(spec: str, what: str = "--dashboard") -> tuple[str, int]:
         raise DashboardError(f"{what}: expected [ADDR:]PORT with a port 1..65535 (8080, 127.0.0.1:8080, "
                              f"0.0.0.0:8080), got {spec!r}")
     return addr, int(port_text)
-
-
-def is_loopback(addr: str) -> bool:
-    """Whether ``addr`` is a loopback address (or ``localhost``)."""
-    if addr.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def check_exposure(addr: str, token: str | None) -> None:

@@ -33,6 +33,7 @@ from server_runtime.dashboard import (
 )
 from server_runtime.fleet_view import REFRESH_S, FleetView, _is_late, _RoundClock
 from server_runtime.round_record import RoundRecord
+from sflam.broker import free_port
 from tests.test_metrics import sample_record, typed_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ def test_a_resumed_run_shows_its_earlier_rounds(tmp_path: Path) -> None:
     with MetricsLog(jsonl) as log:
         log.write(sample_record(1))
         log.write(sample_record(2))
-    config = RunConfig.from_dict({"metrics": {"jsonl": str(jsonl), "dashboard_port": _free_port()}})
+    config = RunConfig.from_dict({"metrics": {"jsonl": str(jsonl), "dashboard_port": free_port()}})
     assert start_dashboard(RunConfig(), None) is None  # off unless a port is set
     # Execute
     fresh, resumed = start_dashboard(config, None), None
@@ -290,14 +291,6 @@ def test_a_resumed_run_shows_its_earlier_rounds(tmp_path: Path) -> None:
     finally:
         resumed.close()
     assert json.loads(fresh.view.encoded())["rounds"] == []
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_https_with_the_fleets_certificate(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from server_runtime.dashboard import DashboardServer
+from sflam.broker import free_port
 from sflam.testing.browser import HeadlessBrowser, find_chromium
 from sflam.testing.fleet_page import synthetic_view
 
@@ -40,12 +40,6 @@ def browser() -> Iterator[HeadlessBrowser]:
                     "(scripts/ensure-chromium.sh), or set SFLAM_CHROMIUM")
     with HeadlessBrowser(binary, width=1280, height=900, timeout_s=60.0) as chrome:
         yield chrome
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _fleet(url: str) -> dict | None:
@@ -72,7 +66,7 @@ def _wait_for_fleet(url: str, proc: subprocess.Popen, ready, timeout_s: float = 
 @pytest.mark.slow
 def test_a_live_simulation_shows_its_devices_and_rounds(tmp_path: Path, browser: HeadlessBrowser) -> None:
     # Prepare: 4 device processes, all 4 every round, 6 short rounds, the page on a free port
-    port, out = _free_port(), tmp_path / "run"
+    port, out = free_port(), tmp_path / "run"
     url = f"http://127.0.0.1:{port}/"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sflam", "simulate", "--devices", "4", "--per-round", "4", "--rounds", "6",

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,31 +213,28 @@ class HeadlessBrowser:
         self._next_id += 1
         ident = self._next_id
         self._ws.send(json.dumps({"id": ident, "method": method, "params": params or {}}))
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        while True:
-            try:
-                message = self._recv(deadline)
-            except TimeoutError:
-                raise BrowserError(f"no reply to {method} within the timeout") from None
-            if message.get("id") == ident:
-                if "error" in message:
-                    raise BrowserError(f"{method}: {message['error'].get('message', message['error'])}")
-                return dict(message.get("result", {}))
-            if "method" in message:
-                self._events.append(message)
+        wait_s = timeout_s or self.timeout_s
+        message = self._read_until(lambda m: m.get("id") == ident, wait_s, f"no reply to {method} within {wait_s} s")
+        if "error" in message:
+            raise BrowserError(f"{method}: {message['error'].get('message', message['error'])}")
+        return dict(message.get("result", {}))
 
     def _wait_event(self, method: str, timeout_s: float) -> dict[str, Any]:
         for index, event in enumerate(self._events):
             if event["method"] == method:
                 del self._events[index]
                 return event
+        return self._read_until(lambda m: m.get("method") == method, timeout_s, f"no {method} within {timeout_s} s")
+
+    def _read_until(self, wanted: Callable[[dict[str, Any]], bool], timeout_s: float, missing: str) -> dict[str, Any]:
+        """The first message ``wanted`` takes within ``timeout_s``; other events read meanwhile are kept."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 message = self._recv(deadline)
             except TimeoutError:
-                raise BrowserError(f"no {method} within {timeout_s} s") from None
-            if message.get("method") == method:
+                raise BrowserError(missing) from None
+            if wanted(message):
                 return message
             if "method" in message:
                 self._events.append(message)
