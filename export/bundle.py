@@ -42,12 +42,17 @@ def export_bundle(
     *,
     checkpoint: Path | None = None,
     num_classes: int | None = None,
+    layout: Mapping[str, object] | None = None,
     batch: int = 8,
     formats: tuple[str, ...] | None = None,
     bits: int = 8,
     force: bool = False,
 ) -> Path:
-    """Export, verify and assemble a bundle at ``out_dir``; returns its path."""
+    """Export, verify and assemble a bundle at ``out_dir``; returns its path.
+
+    ``layout`` (pooling fields, see :func:`server_runtime.checkpoint.create_model`) does not change
+    the device part; the manifest's ``config`` records it for the FL baseline's whole-model device.
+    """
     if not 1 <= bits <= 8:
         raise ExportError(f"--bits must be 1..8 for the exported quantizer, got {bits}")
     profile = load_profile(profile_name)
@@ -55,7 +60,7 @@ def export_bundle(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; choose another --out or pass --force")
-    model = create_model(preset, checkpoint=checkpoint, num_classes=num_classes, seed=0).eval()
+    model = create_model(preset, checkpoint=checkpoint, num_classes=num_classes, layout=layout, seed=0).eval()
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -254,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     out = export_bundle(
         args.model, args.profile, Path(args.out), checkpoint=args.checkpoint, num_classes=args.num_classes,
-        batch=args.batch, formats=formats, bits=args.bits, force=args.force,
+        layout={"global_pool": args.global_pool}, batch=args.batch, formats=formats, bits=args.bits, force=args.force,
     )
     manifest = json.loads((out / MANIFEST).read_text())
     print(f"bundle written to {out} ({'frozen embedding' if manifest['frozen_embedding'] else 'trainable'})")

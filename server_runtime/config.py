@@ -18,6 +18,8 @@ from pathlib import Path
 
 from edge_runtime.protocol import MAX_CROP_PADDING, OPTIMIZER_CODES
 from server_runtime import config_rules as rule
+from server_runtime.config_cross import check_cross_fields
+from server_runtime.presets import GLOBAL_POOLS
 from sflam_common.problems import ProblemsError, did_you_mean
 
 SIGNING = ("auto", "ed25519", "off")
@@ -39,6 +41,15 @@ class ModelSection:
 
     preset: str = "vit_quick_patch4_16"
     checkpoint: str | None = None  # a local file; None starts from the preset's fresh init
+    # the pooling layout (docs/checkpoints.md); a key left out follows the checkpoint, then timm
+    global_pool: str | None = None  # "token" (the class token) or "avg" (the patch tokens' mean)
+    class_token: bool | None = None
+    fc_norm: bool | None = None  # LayerNorm on the pooled features instead of on every token
+
+    @property
+    def layout(self) -> dict[str, object]:
+        """The layout fields set here (for ``create_model(layout=...)``)."""
+        return {"global_pool": self.global_pool, "class_token": self.class_token, "fc_norm": self.fc_norm}
 
 
 @dataclass(frozen=True)
@@ -198,7 +209,9 @@ _NON_NEGATIVE = "a finite number >= 0"
 _SEED = rule.at_least(0)
 # the checker of every key, section by section; a section's keys are its dataclass's fields
 _RULES: dict[str, dict[str, rule.Check]] = {
-    "model": {"preset": rule.preset, "checkpoint": rule.checkpoint_file},
+    "model": {"preset": rule.preset, "checkpoint": rule.checkpoint_file,
+              "global_pool": rule.optional(rule.choice(GLOBAL_POOLS)), "class_token": rule.optional(rule.flag),
+              "fc_norm": rule.optional(rule.flag)},
     "data": {"eval": rule.eval_spec, "eval_batch_size": rule.at_least(1), "eval_every": rule.at_least(1),
              "validation_fraction": rule.number(lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)"),
              "augment_crop_padding": rule.integer(lambda v: 0 <= v <= MAX_CROP_PADDING,
@@ -380,7 +393,7 @@ def _build(data: Mapping[str, object], source: str, problems: list[str]) -> RunC
     _report_unknown_top(data, problems)
     seed = _read_value(data, "seed", _SEED, 0, "", problems)
     sections = {name: _read_section(data, name, problems) for name in _SECTIONS}
-    _check_cross_fields(data, problems)
+    check_cross_fields(data, problems)
     if problems:
         raise ConfigError(source, problems)
     return RunConfig(seed=seed, **sections, source=source)
@@ -447,68 +460,6 @@ def _suggest(key: str, known: Iterable[str], section: str | None) -> str:
 
 def _names() -> str:
     return ", ".join(f"[{name}]" for name in _SECTIONS)
-
-
-def _check_cross_fields(data: Mapping[str, object], problems: list[str]) -> None:
-    broker = data.get("broker")
-    if isinstance(broker, dict):
-        if broker.get("password_file") is not None and broker.get("username") is None:
-            problems.append("broker.password_file: is set but broker.username is not")
-        _check_broker_plaintext(broker, problems)
-    _check_signing(data.get("security"), broker if isinstance(broker, dict) else {}, problems)
-    metrics = data.get("metrics")
-    if isinstance(metrics, dict) and (metrics.get("dashboard_tls_cert") is None) != (metrics.get("dashboard_tls_key") is None):
-        given, missing = ("cert", "key") if metrics.get("dashboard_tls_cert") is not None else ("key", "cert")
-        problems.append(f"metrics.dashboard_tls_{missing}: needed with dashboard_tls_{given} (HTTPS takes both)")
-    training, quant = data.get("training"), data.get("quant")
-    if isinstance(training, dict) and isinstance(quant, dict):
-        if training.get("mode") == "fl" and quant.get("bits") == "auto":
-            problems.append("quant.bits: 'auto' allocates for split activations, which training.mode = 'fl' does "
-                            "not send (devices upload the whole model); set a fixed bit-width")
-    compute = data.get("compute")
-    if isinstance(training, dict) and isinstance(compute, dict) and training.get("mode") == "fl":
-        trainers = compute.get("trainers", 1)
-        if isinstance(trainers, int) and trainers > 1:
-            problems.append("compute.trainers: training.mode = 'fl' trains nothing on the server (devices train the "
-                            "whole model), so it runs one trainer; set compute.trainers = 1")
-    if isinstance(quant, dict) and quant.get("gradient_bits") == "auto" and quant.get("bits") != "auto":
-        problems.append("quant.gradient_bits: 'auto' is chosen by the allocator, which runs with quant.bits = 'auto'; "
-                        "set quant.bits = 'auto' or a fixed gradient_bits")
-
-
-def _check_signing(security: object, broker: Mapping[str, object], problems: list[str]) -> None:
-    """Signed mode needs both key files; a provisioned fleet (broker credentials) must say
-    whether it signs; keys with signing off are a mistake."""
-    security = security if isinstance(security, dict) else {}
-    signing = security.get("signing", SecuritySection.signing)
-    keys = [f"security.{k}" for k in ("signing_key", "device_keys") if security.get(k) is not None]
-    if signing == "ed25519" and len(keys) < 2:
-        problems.append("security.signing: 'ed25519' needs security.signing_key (the server's private key) and "
-                        "security.device_keys (the fleet.json with the device keys); sflam fleet provision writes both")
-    elif signing in ("off", "auto") and keys:
-        problems.append(f"{' and '.join(keys)}: set, but security.signing is {signing!r}; set signing = 'ed25519'")
-    elif signing == "auto" and broker.get("username") is not None:
-        problems.append("security.signing: a broker with credentials is a provisioned fleet, whose messages are signed: "
-                        "set signing = 'ed25519' with signing_key and device_keys, or signing = 'off' to run unsigned")
-
-
-def _check_broker_plaintext(broker: Mapping[str, object], problems: list[str]) -> None:
-    """Credentials or a CA file with a plaintext mqtt:// URL to a host that is not loopback, unless
-    broker.insecure_plaintext (:func:`edge_runtime.mqtt.plaintext_problem`, which the link applies too)."""
-    from edge_runtime.mqtt import BrokerAddress, plaintext_problem
-
-    url = broker.get("url", BrokerSection.url)
-    try:
-        address = BrokerAddress.parse(url) if isinstance(url, str) else None
-    except ValueError:
-        address = None  # reported by rule.broker_url
-    if address is None:
-        return
-    given = [f"broker.{key}" for key in ("username", "password_file", "ca_file") if broker.get(key) is not None]
-    problem = plaintext_problem(address, given, insecure=broker.get("insecure_plaintext") is True,
-                                opt_in="set broker.insecure_plaintext = true")
-    if problem is not None:
-        problems.append(f"broker.url: {problem}")
 
 
 # ---------------------------------------------------------------- writing

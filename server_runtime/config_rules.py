@@ -97,6 +97,15 @@ def optional_text(value: object) -> str | None:
     return None if value is None else text(value)
 
 
+def optional(check: Check) -> Check:
+    """``check``, or None (the key left out: TOML has no null, a dict from ``to_dict`` has one)."""
+
+    def check_optional(value: object) -> object:
+        return None if value is None else check(value)
+
+    return check_optional
+
+
 def flag(value: object) -> bool:
     """``true`` or ``false``."""
     if not isinstance(value, bool):

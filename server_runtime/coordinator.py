@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_runtime import protocol as p
+from server_runtime.round_record import AllocationRecord, DeviceRoundRecord
 
 log = logging.getLogger(__name__)
 FALLBACK_TX_POWER_W = 0.1  # a device whose profile is unknown: a typical phone's 20 dBm
@@ -144,6 +145,19 @@ class DeviceRound:
     def finished(self) -> bool:
         return self.update is not None or self.failure is not None
 
+    def record(self, rank: int) -> DeviceRoundRecord:
+        """This device's figures for the round's metrics; its telemetry's are None when no update came."""
+        tel, a = (self.update.telemetry if self.update is not None else None), self.allocation
+        return DeviceRoundRecord(
+            bytes_up=self.bytes_up, bytes_down=self.bytes_down, steps=self.steps,
+            server_time_s=self.server_time_s, downlink_time_s=self.downlink_time_s,
+            compute_time_s=tel.compute_time_s if tel else None, uplink_time_s=tel.uplink_time_s if tel else None,
+            device_steps=tel.steps if tel else None, energy_j=tel.energy_j if tel else None,
+            energy_source=tel.energy_source if tel else None,
+            allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz), trainer_rank=rank,
+            outages=self.outages, offline_s=round(self.offline_s, 3), repeated=self.repeated,
+        )
+
 
 @dataclass
 class RoundState:
@@ -162,6 +176,11 @@ class RoundState:
 
     def completed(self) -> list[str]:
         return sorted(d for d, state in self.devices.items() if state.update is not None)
+
+    def uploads(self) -> dict[str, tuple[dict[str, np.ndarray], int]]:
+        """The completed devices' uploaded weights with their sample counts."""
+        return {d: (p.weights_to_numpy(self.devices[d].update.weights), self.devices[d].update.num_samples)
+                for d in self.completed()}
 
     def failures(self) -> dict[str, str]:
         return {d: state.failure for d, state in sorted(self.devices.items()) if state.failure is not None}

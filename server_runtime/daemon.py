@@ -35,11 +35,12 @@ from server_runtime.coordinator import DeviceRegistry, DeviceRound, FixedAllocat
 from server_runtime.dashboard import start_dashboard
 from server_runtime.data import ImageSet, load_dataset
 from server_runtime.metrics import MetricsLog, PrometheusExporter
+from server_runtime.presets import TOKEN_LAYOUT
 from server_runtime.rank_coordinator import RankCoordinator
 from server_runtime.rank_worker import batch_steps, rank_device
 from server_runtime.ranks import RankGroup, RankLaunch, config_digest
 from server_runtime.retained import Lease, RetainedPublisher
-from server_runtime.round_record import AllocationRecord, AllocatorSummary, DeviceRoundRecord, PhaseTimes, RoundRecord
+from server_runtime.round_record import AllocatorSummary, PhaseTimes, RoundRecord
 from server_runtime.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
 from server_runtime.signing import load_signing
 from server_runtime.steps import StepServer, receive
@@ -81,8 +82,8 @@ class ServerDaemon:
         self.eval_set, self.validation_set = split.test, split.validation
         self.classes_digest = p.classes_digest(self.eval_set.class_names)  # devices check their labels against it
         device = rank_device(cfg.compute.device, launch.local_rank if launch is not None else 0)
-        model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint,
-                             num_classes=self.eval_set.num_classes, seed=cfg.seed)
+        model = create_model(cfg.model.preset, checkpoint=cfg.model.checkpoint, num_classes=self.eval_set.num_classes,
+                             layout=cfg.model.layout, seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
         self.trainer = SplitTrainer(model, cfg.training.mode, spec, device, use_bf16(cfg.compute.amp, device))
         self.auto = AutoAllocation(cfg, model.config) if cfg.quant.bits == "auto" else None
@@ -125,6 +126,10 @@ class ServerDaemon:
             raise DaemonError(f"{self.config.checkpoint_dir} already holds a run at round {state.round}; "
                               "pass --resume to continue it, or set another checkpoint.dir")
         self._check_identity(state.config)
+        saved, layout = state.extra.get("layout", TOKEN_LAYOUT), self.trainer.model.config.layout
+        if saved != layout:
+            raise DaemonError(f"cannot resume: the model's layout was {saved} in the checkpoint, {layout} now "
+                              "(model.checkpoint or its layout keys changed)")
         self.trainer.load(state.model, state.optimizer)
         if state.rng:
             restore_rng(state.rng)
@@ -432,7 +437,7 @@ class ServerDaemon:
             counted = state.counts(cfg.round.min_completed)
             train_loss = self.trainer.train_loss(completed or sorted(state.devices))
             if counted:
-                self.trainer.finish_round(_uploads(state))
+                self.trainer.finish_round(state.uploads())
         else:
             counted, train_loss = self._conclude_ranks(state)
             completed = state.completed()
@@ -476,7 +481,7 @@ class ServerDaemon:
         losses = {d: list(c.losses) for d, c in self.trainer.copies.items()} if cfg.training.mode == "v1" else {}
         shared_loss = self.trainer.train_loss(sorted(state.devices)) if cfg.training.mode != "v1" else None
         stats = self.ranks.end(state, lambda: state.counts(cfg.round.min_completed),
-                               lambda reduce: self.trainer.finish_round(_uploads(state), reduce=reduce),
+                               lambda reduce: self.trainer.finish_round(state.uploads(), reduce=reduce),
                                self.trainer.abort_round)
         for device_id, figures in stats.items():
             member = state.devices[device_id]
@@ -493,11 +498,13 @@ class ServerDaemon:
         return state.counts(cfg.round.min_completed), (float(np.mean(kept)) if kept else None)
 
     def _extra_state(self) -> dict:
-        """What else a resumed run needs: the allocator's per-device calibration and server times."""
-        if self.auto is None:
-            return {}
-        return {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()},
-                "server_times": list(self.auto.server_times)}
+        """What else a resumed run needs: the model's pooling layout, the allocator's per-device
+        calibration and server times."""
+        extra: dict = {"layout": self.trainer.model.config.layout}
+        if self.auto is not None:
+            extra |= {"calibration": {d: dataclasses.asdict(c) for d, c in self.auto.calibration.items()},
+                      "server_times": list(self.auto.server_times)}
+        return extra
 
     def _eval_batches(self, data: ImageSet) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``data`` (the test or validation set), preprocessed batch by batch exactly as devices
@@ -521,27 +528,8 @@ class ServerDaemon:
             completed=tuple(completed), failed=state.failures(), accuracy=accuracy, test_loss=test_loss,
             train_loss=train_loss, validation_accuracy=validation, samples=sum(state.devices[d].update.num_samples for d in completed),
             duration_s=time.monotonic() - t0, phases_s=PhaseTimes(**phases), bytes_broadcast=broadcast,
-            devices={d: _device_record(member, self.assignment.get(d, 0)) for d, member in state.devices.items()},
+            devices={d: member.record(self.assignment.get(d, 0)) for d, member in state.devices.items()},
             counters=dict(self.all_counters()),
             allocator=AllocatorSummary.from_dict(summary) if summary is not None else None,
         )
 
-
-def _uploads(state: RoundState) -> dict[str, tuple[dict[str, np.ndarray], int]]:
-    """The completed devices' uploaded device parts with their sample counts."""
-    return {d: (p.weights_to_numpy(state.devices[d].update.weights), state.devices[d].update.num_samples)
-            for d in state.completed()}
-
-
-def _device_record(member: DeviceRound, rank: int) -> DeviceRoundRecord:
-    """One device's figures for the round; its telemetry's are None when no update came."""
-    tel, a = (member.update.telemetry if member.update is not None else None), member.allocation
-    return DeviceRoundRecord(
-        bytes_up=member.bytes_up, bytes_down=member.bytes_down, steps=member.steps,
-        server_time_s=member.server_time_s, downlink_time_s=member.downlink_time_s,
-        compute_time_s=tel.compute_time_s if tel else None, uplink_time_s=tel.uplink_time_s if tel else None,
-        device_steps=tel.steps if tel else None, energy_j=tel.energy_j if tel else None,
-        energy_source=tel.energy_source if tel else None,
-        allocation=AllocationRecord(a.bits_up, a.bits_down, a.tx_power_w, a.bandwidth_hz), trainer_rank=rank,
-        outages=member.outages, offline_s=round(member.offline_s, 3), repeated=member.repeated,
-    )

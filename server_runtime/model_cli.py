@@ -8,7 +8,7 @@ import time
 import torch
 
 from server_runtime.checkpoint import create_model
-from server_runtime.presets import get_preset, preset_names
+from server_runtime.presets import ViTConfig, get_preset, preset_names
 from server_runtime.split import split
 from server_runtime.vit import VisionTransformer
 
@@ -34,6 +34,12 @@ def _describe(model: VisionTransformer) -> dict[str, object]:
     }
 
 
+def _pooling(config: ViTConfig) -> str:
+    """The layout in words, e.g. ``avg (no class token, fc_norm)``."""
+    token = "class token" if config.class_token else "no class token"
+    return f"{config.global_pool} ({token}, {'fc_norm' if config.fc_norm else 'norm'})"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """One line per preset with the size of each half of the split."""
     columns = ("preset", "img", "patch", "dim", "depth", "heads", "classes", "device_params", "server_params", "activation")
@@ -52,9 +58,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Build a preset (optionally from a checkpoint) and prove server(device(x)) == model(x)."""
-    model = create_model(args.preset, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size)
+    model = create_model(args.preset, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
+                         layout={"global_pool": args.global_pool})
     model.eval()
-    info = _describe(model)
+    info = _describe(model) | {"pooling": _pooling(model.config)}
     for key, value in info.items():
         print(f"{key:>14}: {value:,}" if isinstance(value, int) else f"{key:>14}: {value}")
     config = model.config

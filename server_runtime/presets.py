@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)  # what timm's augreg ViT checkpoints expect
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+GLOBAL_POOLS = ("token", "avg")  # timm's ViT poolings: the class token's features, or the patch tokens' mean
+LAYOUT_FIELDS = ("global_pool", "class_token", "fc_norm")  # what a checkpoint's layout fixes beyond shapes
 
 
 class PresetError(ValueError):
@@ -29,9 +31,18 @@ class ViTConfig:
     qkv_bias: bool = True
     mean: tuple[float, float, float] = IMAGENET_INCEPTION_MEAN
     std: tuple[float, float, float] = IMAGENET_INCEPTION_STD
+    # The server side's pooling layout (timm's arguments of the same names; docs/checkpoints.md).
+    # The device part is the patch embedding whatever they are.
+    global_pool: str = "token"
+    class_token: bool = True  # a learned token before the patch tokens (and a position for it)
+    fc_norm: bool = False  # LayerNorm after pooling instead of on every token (timm's "avg" variants)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.global_pool not in GLOBAL_POOLS:
+            problems.append(f"global_pool {self.global_pool!r} is not one of {', '.join(GLOBAL_POOLS)}")
+        elif self.global_pool == "token" and not self.class_token:
+            problems.append('global_pool "token" needs class_token (pool "avg" works without one)')
         if self.img_size % self.patch_size:
             problems.append(f"img_size {self.img_size} is not a multiple of patch {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -55,6 +66,24 @@ class ViTConfig:
         return self.grid_size**2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens the server puts before the patch tokens (the class token, if any)."""
+        return int(self.class_token)
+
+    @property
+    def layout(self) -> dict[str, object]:
+        """The pooling layout, as recorded in bundles and run checkpoints."""
+        return {name: getattr(self, name) for name in LAYOUT_FIELDS}
+
+    def with_layout(self, global_pool: str | None = None, class_token: bool | None = None,
+                    fc_norm: bool | None = None) -> "ViTConfig":
+        """A copy with a pooling layout; what is not given follows timm's defaults: a class
+        token, ``fc_norm`` exactly when pooling is "avg", and "avg" without a class token."""
+        pool = global_pool or ("avg" if class_token is False else self.global_pool)
+        return self.replace(global_pool=pool, class_token=True if class_token is None else class_token,
+                            fc_norm=pool == "avg" if fc_norm is None else fc_norm)
+
+    @property
     def activation_elements(self) -> int:
         """Elements of one sample's device output: the s of the system model."""
         return self.num_patches * self.embed_dim
@@ -63,6 +92,9 @@ class ViTConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+
+# timm's default ViT layout (class token, norm), which every run checkpoint before layouts had
+TOKEN_LAYOUT = {f.name: f.default for f in dataclasses.fields(ViTConfig) if f.name in LAYOUT_FIELDS}
 
 _PRESETS = {
     # timm standard shapes (parameter names and shapes match timm's checkpoints).

@@ -46,7 +46,7 @@ class RankCoordinator:
 
     def start(self, trainer: SplitTrainer, num_classes: int, digest: str) -> None:
         """Every rank builds the model and takes rank 0's weights (also after a resume)."""
-        seq = self.post("start", num_classes=num_classes, digest=digest)
+        seq = self.post("start", num_classes=num_classes, layout=trainer.model.config.layout, digest=digest)
         for rank, ack in self._acks(seq).items():
             if ack.get("problem"):
                 raise RankError(f"trainer rank {rank}: {ack['problem']}")

@@ -71,7 +71,8 @@ class TrainerRank:
         if problem:
             raise RankError(problem)
         cfg = config
-        model = create_model(cfg.model.preset, num_classes=int(start["num_classes"]), seed=cfg.seed)
+        # rank 0's layout (its checkpoint's, which this rank does not read: the weights come from rank 0)
+        model = create_model(cfg.model.preset, num_classes=int(start["num_classes"]), layout=start["layout"], seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
         self.trainer = SplitTrainer(model, cfg.training.mode, spec, self.device, use_bf16(cfg.compute.amp, self.device))
         self.trainer.sync(self.group.reduce_sum, coordinator=False)

@@ -34,14 +34,17 @@ class DevicePart(nn.Module):
 
 
 class ServerPart(ServerPath, nn.Module):
-    """Patch tokens (B, N, D) -> logits: cls token, position embedding, blocks, norm, head."""
+    """Patch tokens (B, N, D) -> logits: [cls token,] position embedding, blocks, norm, pooling,
+    fc_norm, head (the model's layout, ``config.global_pool`` and friends)."""
 
     def __init__(self, model: VisionTransformer) -> None:
         super().__init__()
+        self.config = model.config
         self.cls_token = model.cls_token
         self.pos_embed = model.pos_embed
         self.blocks = model.blocks
         self.norm = model.norm
+        self.fc_norm = model.fc_norm
         self.head = model.head
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

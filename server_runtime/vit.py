@@ -1,8 +1,11 @@
 """A Vision Transformer with timm's module and parameter names, so timm checkpoints load as-is.
 
-Only what SFLAM needs: a class-token ViT with absolute position embeddings and a linear head
-(timm's ``VisionTransformer`` with ``global_pool="token"``). The server-side computation lives
-in :class:`ServerPath`, shared by the whole model and by the server half of the split.
+Only what SFLAM needs: a ViT with absolute position embeddings and a linear head, in timm's
+pooling layouts (``ViTConfig.global_pool``, ``class_token``, ``fc_norm``): the class token's
+features after ``norm`` (``global_pool="token"``, timm's default), or the mean of the patch
+tokens after ``fc_norm`` (``"avg"``, with or without a class token). The server-side
+computation lives in :class:`ServerPath`, shared by the whole model and by the server half of
+the split.
 """
 
 from __future__ import annotations
@@ -79,30 +82,39 @@ class Block(nn.Module):
 
 
 class ServerPath:
-    """What the server computes from patch tokens: cls + pos embed -> blocks -> norm -> head.
+    """What the server computes from patch tokens: [cls +] pos embed -> blocks -> norm -> pool
+    -> fc_norm -> head.
 
     Mixed into both the full model and the server half, so the two cannot drift apart.
-    Expects attributes ``cls_token``, ``pos_embed``, ``blocks``, ``norm`` and ``head``.
+    Expects attributes ``config``, ``cls_token`` (None without a class token), ``pos_embed``,
+    ``blocks``, ``norm``, ``fc_norm`` (either may be an Identity) and ``head``.
     """
 
-    cls_token: nn.Parameter
+    config: ViTConfig
+    cls_token: nn.Parameter | None
     pos_embed: nn.Parameter
     blocks: nn.Sequential
-    norm: nn.LayerNorm
+    norm: nn.Module
+    fc_norm: nn.Module
     head: nn.Module
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, N, D) -> normalized token features (B, N + 1, D)."""
-        expected = (self.pos_embed.shape[1] - 1, self.pos_embed.shape[2])
+        """Patch tokens (B, N, D) -> token features (B, prefix + N, D), ``norm`` applied."""
+        prefix = self.config.num_prefix_tokens
+        expected = (self.pos_embed.shape[1] - prefix, self.pos_embed.shape[2])
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"server part expects (B, {expected}) tokens, got {tuple(tokens.shape)}")
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        return self.norm(self.blocks(x))
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.norm(self.blocks(tokens + self.pos_embed))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Class-token pooling, then the linear head."""
-        pooled = features[:, 0]
+        """Pool (the class token, or the mean of the patch tokens), ``fc_norm``, then the head."""
+        if self.config.global_pool == "avg":
+            pooled = features[:, self.config.num_prefix_tokens :].mean(dim=1)
+        else:
+            pooled = features[:, 0]
+        pooled = self.fc_norm(pooled)
         return pooled if pre_logits else self.head(pooled)
 
 
@@ -116,19 +128,22 @@ class VisionTransformer(ServerPath, nn.Module):
         self.num_classes = config.num_classes
         self.embed_dim = dim
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_prefix_tokens + self.patch_embed.num_patches, dim))
         self.blocks = nn.Sequential(
             *(Block(dim, config.num_heads, config.mlp_ratio, config.qkv_bias) for _ in range(config.depth))
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        # timm: one final LayerNorm, on every token (norm) or on the pooled features (fc_norm)
+        self.norm = nn.Identity() if config.fc_norm else nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if config.fc_norm else nn.Identity()
         self.head = nn.Linear(dim, config.num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """timm's default init: truncated normal 0.02 for linears and pos embed, tiny cls token."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)

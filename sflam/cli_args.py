@@ -8,7 +8,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from server_runtime.presets import GLOBAL_POOLS
 from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
+
+GLOBAL_POOL_HELP = ("the model's pooling: token (the class token's features) or avg (the patch tokens' mean); "
+                    "default: what the checkpoint's keys say, else token (docs/checkpoints.md)")
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str, name: str) -> Callable[[str], Any]:

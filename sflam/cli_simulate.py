@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from sflam.cli_args import add_dashboard_options, bits, non_negative_float, non_negative_int, positive_float, positive_int
+from sflam.cli_args import (
+    GLOBAL_POOL_HELP,
+    GLOBAL_POOLS,
+    add_dashboard_options,
+    bits,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +43,9 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--scheme", choices=("sflam", "sfl", "sl", "fl"), help="sflam (default), sfl, sl or fl")
     sim.add_argument("--dataset", metavar="SPEC", help="digits (default), cifar10:<dir> or folder:<dir>")
     sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")
-    sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from")
+    sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from (a headless "
+                     "backbone gets a fresh head for the data set's classes)")
+    sim.add_argument("--global-pool", choices=GLOBAL_POOLS, help=GLOBAL_POOL_HELP)
     sim.add_argument("--broker", metavar="URL|embedded",
                      help="an mqtt:// URL, or a private loopback broker: embedded (default: mosquitto when "
                           "installed, else amqtt), mosquitto or amqtt")

@@ -27,6 +27,7 @@ from edge_runtime.commands import cmd_device
 from edge_runtime.data import check_against_plan
 from edge_runtime.device import DeviceClient, RoundStats
 from server_runtime.checkpoint import create_model
+from server_runtime.presets import LAYOUT_FIELDS
 from server_runtime.trainer import OptimizerSpec
 
 
@@ -46,7 +47,8 @@ class FLDeviceClient(DeviceClient):
             head = weights.get("head.weight")
             if head is None:
                 raise p.ProtocolError("FL model weights carry no head.weight: is the server in training.mode = 'fl'?")
-            self.model = create_model(self.preset, num_classes=int(np.shape(head)[0]))
+            layout = {k: self.manifest.get("config", {}).get(k) for k in LAYOUT_FIELDS}  # a bundle's: its server's
+            self.model = create_model(self.preset, num_classes=int(np.shape(head)[0]), layout=layout)
         state = {name: torch.from_numpy(np.array(value, np.float32)) for name, value in weights.items()}
         try:
             self.model.load_state_dict(state)

@@ -59,6 +59,7 @@ class SimOptions:
     dataset: str = "digits"
     model: str = "vit_quick_patch4_16"
     checkpoint: str | None = None  # timm-layout weights to start from (local file)
+    global_pool: str | None = None  # token | avg; None: the checkpoint's, else token (docs/checkpoints.md)
     broker: str = "embedded"  # a URL, or a private broker on a free loopback port: embedded (mosquitto
     # when installed, else amqtt), mosquitto or amqtt
     out: str | None = None  # default runs/sim-<scheme>-<time>
@@ -118,7 +119,7 @@ RUN_KEYS = "keys"  # --sign: the run's keys, laid out as a fleet's keys/ (server
 FIELDS = {f.name: f for f in dataclasses.fields(SimOptions)}
 CLI_NAMES = ("config", "devices", "per_round", "rounds", "alpha", "resample", "bits", "gradient_bits", "model_bits",
              "scheme", "dataset", "model", "broker", "out", "seed", "local_epochs", "batch_size", "lr", "lr_schedule",
-             "optimizer", "checkpoint", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
+             "optimizer", "checkpoint", "global_pool", "mode", "profiles", "validation_fraction", "radius_m", "backend", "hosts",
              "engine", "ray_address", "emulate_link", "t_max_s", "trainers", "network", "link_delay_ms",
              "link_jitter_ms", "link_loss", "link_flap", "keepalive_s", "sign", "dashboard")
 
@@ -320,6 +321,8 @@ def check_options(opts: SimOptions) -> list[str]:
                         + did_you_mean(opts.optimizer, OPTIMIZERS))
     if opts.backend not in BACKENDS:
         problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    if opts.global_pool not in (None, "token", "avg"):
+        problems.append(f"global_pool: 'token' or 'avg', got {opts.global_pool!r}")
     problems += _file_problems(opts)
     problems += _network_problems(opts)
     problems += _dashboard_problems(opts)
@@ -530,6 +533,8 @@ def server_config(opts: SimOptions, plan: SchemePlan, out: Path, broker_url: str
         sections["allocator"]["channel_gains"] = dict(gains)
     if opts.checkpoint:
         sections["model"]["checkpoint"] = str(Path(opts.checkpoint).expanduser().resolve())
+    if opts.global_pool:
+        sections["model"]["global_pool"] = opts.global_pool
     for section, values in opts.server.items():
         sections.setdefault(section, {}).update(values)
     return RunConfig.from_dict({"seed": opts.seed, **sections}, source="the simulation's server settings")

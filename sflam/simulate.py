@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from server_runtime.presets import LAYOUT_FIELDS
 from server_runtime.round_record import RoundRecord
 from sflam.options import (
     LOCAL_BROKERS,
@@ -170,8 +171,9 @@ def _export(opts: SimOptions, out: Path, num_classes: int) -> Path:
         shutil.rmtree(bundle)
     checkpoint = Path(opts.checkpoint).expanduser() if opts.checkpoint else None
     formats = ("onnx",) if opts.backend in ("onnx", "numpy", "auto") else ("onnx", "tflite")
+    model = {"global_pool": opts.global_pool, **opts.server.get("model", {})}  # the server's layout, in the manifest
     return export_bundle(opts.model, opts.profiles[0], bundle, checkpoint=checkpoint, num_classes=num_classes,
-                         batch=opts.batch_size, formats=formats)
+                         layout={k: model.get(k) for k in LAYOUT_FIELDS}, batch=opts.batch_size, formats=formats)
 
 
 # ---------------------------------------------------------------------------------------------

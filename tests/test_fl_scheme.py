@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from server_runtime.config import parse_config
+from server_runtime.run_state import load_run_state
 from server_runtime.trainer import StepError
 from test_trainer import batch, device_upload, make_trainer
 
@@ -45,15 +46,20 @@ def test_the_config_accepts_mode_fl() -> None:
 
 @pytest.mark.broker
 def test_a_tiny_fl_simulation_trains_whole_models_over_the_broker(tmp_path: Path) -> None:
-    # Execute: 3 fl-device processes, 2 per round, 2 rounds
+    # Execute: 3 fl-device processes, 2 per round, 2 rounds; average pooling (timm's fc_norm layout),
+    # which the devices read from the bundle's manifest to build the model the server sends them
     out = tmp_path / "fl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "sflam", "simulate", "--scheme", "fl", "--devices", "3", "--per-round", "2",
-         "--rounds", "2", "--local-epochs", "1", "--batch-size", "16", "--out", str(out)],
+         "--rounds", "2", "--local-epochs", "1", "--batch-size", "16", "--global-pool", "avg", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # Assert
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert {k: manifest["config"][k] for k in ("global_pool", "class_token", "fc_norm")} == {
+        "global_pool": "avg", "class_token": True, "fc_norm": True}
+    assert "fc_norm.weight" in load_run_state(out / "server").model
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scheme"] == "fl" and summary["rounds"] == 2
     from server_runtime.metrics import read_round_records

@@ -404,7 +404,8 @@ def _every_key_changed(checkpoint: Path) -> RunConfig:
     """A config whose every key differs from its default (strings a TOML writer must escape too)."""
     return RunConfig(
         seed=11,
-        model=ModelSection(preset="vit_mini_patch4_32", checkpoint=str(checkpoint)),
+        model=ModelSection(preset="vit_mini_patch4_32", checkpoint=str(checkpoint), global_pool="avg", class_token=False,
+                           fc_norm=True),
         data=DataSection(eval="folder:/data/flowers", eval_batch_size=64, eval_every=3, validation_fraction=0.15,
                          augment_crop_padding=4, augment_hflip=True),
         training=TrainingSection(rounds=7, devices_per_round=4, min_devices=2, local_epochs=3, batch_size=16,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 from test_server import ROOT, config_text, start_device, stop, wait_for, write_shards
 
 from server_runtime.config import parse_config
@@ -196,16 +197,24 @@ def test_ranks_with_another_configuration_are_told_apart() -> None:
 
 
 def test_simulate_with_two_trainer_ranks_runs_end_to_end(tmp_path: Path) -> None:
+    from test_checkpoint_layouts import timm_state
     from test_simulate import TINY, _children_of, _learning_args
 
-    # Execute: the tiny simulation with every device selected, served by two trainer ranks
+    # Prepare: a headless backbone without a class token (average pooling, fc_norm), which only
+    # rank 0 reads: the other rank builds that layout from rank 0's start message
+    backbone = tmp_path / "backbone.safetensors"
+    save_file(timm_state(classes=0, class_token=False, fc_norm=True), str(backbone))
+    # Execute: the tiny simulation from it, every device selected, served by two trainer ranks
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "sflam", "simulate", *TINY, "--per-round", "4", "--bits", "8",
-                           "--trainers", "2", "--out", str(out), *_learning_args(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--trainers", "2", "--checkpoint", str(backbone), "--out", str(out),
+                           *_learning_args(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # Assert: it completed, the summary says two trainers, both ranks served devices every round
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    state = load_run_state(out / "server")
+    assert state.extra["layout"] == {"global_pool": "avg", "class_token": False, "fc_norm": True}
+    assert "cls_token" not in state.model and state.model["head.weight"].shape == (10, 64)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainers"] == 2 and summary["rounds"] == 2 and summary["status"] == "completed"
     records = read_round_records(out / "metrics.jsonl")
