@@ -113,6 +113,14 @@ MUTANTS = (
            "    if zlib.crc32(view[:frame_len]) != crc:", "    if False:",
            ("tests/test_protocol_errors.py",),
            "decode accepts frames whose CRC-32 does not match"),
+    Mutant("avg-pool-includes-class-token", "server_runtime/vit.py",
+           "pooled = features[:, self.config.num_prefix_tokens :].mean(dim=1)", "pooled = features.mean(dim=1)",
+           ("tests/test_checkpoint_layouts.py",),
+           "average pooling takes the class token into the mean (timm leaves it out)"),
+    Mutant("headless-head-not-zeroed", "server_runtime/checkpoint.py",
+           "        model.reset_head(model.num_classes)\n", "",
+           ("tests/test_checkpoint_layouts.py", "-k", "headless"),
+           "a headless checkpoint keeps the random init head instead of a fresh zero one"),
 )
 
 

@@ -1,7 +1,9 @@
 """Google's big_vision / augreg ``.npz`` ViT checkpoints <-> timm parameter names (numpy only).
 
 The mapping timm applies when it loads these files (``_load_weights`` in its ViT module):
-Flax kernels are (in, out) and the attention projections are split per head.
+Flax kernels are (in, out) and the attention projections are split per head. A model with
+``pool_type="gap"`` has no ``cls``: it converts to timm's ``class_token=False`` with average
+pooling after ``norm`` (docs/checkpoints.md); attention pooling (``MAPHead``) is refused.
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ def _convert_block(arrays: Arrays, index: int) -> Arrays:
 def from_big_vision(arrays: Arrays) -> Arrays:
     """Convert a big_vision/augreg ViT archive to a timm state dict (numpy arrays)."""
     arrays = _strip(arrays)
+    if any(key.startswith("MAPHead") for key in arrays):
+        raise BigVisionError("attention pooling (big_vision's MAPHead, pool_type 'map') is not supported; "
+                             "the token ('tok') and average ('gap') poolings are")
     depth = 1 + max((int(m.group(1)) for k in arrays if (m := _BLOCK.match(k))), default=-1)
     state = {
         "patch_embed.proj.weight": _get(arrays, "embedding/kernel").transpose(3, 2, 0, 1),
         "patch_embed.proj.bias": _get(arrays, "embedding/bias"),
-        "cls_token": _get(arrays, "cls"),
+        **({"cls_token": arrays["cls"]} if "cls" in arrays else {}),  # none: pool_type "gap"
         "pos_embed": _get(arrays, "Transformer/posembed_input/pos_embedding"),
         "norm.weight": _get(arrays, "Transformer/encoder_norm/scale"),
         "norm.bias": _get(arrays, "Transformer/encoder_norm/bias"),

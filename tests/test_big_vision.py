@@ -29,7 +29,7 @@ def _to_big_vision(model: VisionTransformer, prefix: str = "") -> dict[str, np.n
     out = {
         "embedding/kernel": s["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
         "embedding/bias": s["patch_embed.proj.bias"],
-        "cls": s["cls_token"],
+        **({"cls": s["cls_token"]} if "cls_token" in s else {}),  # none: big_vision's pool_type "gap"
         "Transformer/posembed_input/pos_embedding": s["pos_embed"],
         "Transformer/encoder_norm/scale": s["norm.weight"],
         "Transformer/encoder_norm/bias": s["norm.bias"],
@@ -66,7 +66,8 @@ def _flax_vit(a: dict[str, np.ndarray], images_nhwc: np.ndarray, depth: int) -> 
     patches = images_nhwc.reshape(batch, height // patch, patch, width // patch, patch, chans)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, patch * patch * chans)
     x = patches @ kernel.reshape(-1, dim) + a["embedding/bias"]
-    x = np.concatenate([np.broadcast_to(a["cls"], (batch, 1, dim)), x], axis=1)
+    if "cls" in a:
+        x = np.concatenate([np.broadcast_to(a["cls"], (batch, 1, dim)), x], axis=1)
     x = x + a["Transformer/posembed_input/pos_embedding"]
     for i in range(depth):
         p = f"Transformer/encoderblock_{i}/"
@@ -83,14 +84,16 @@ def _flax_vit(a: dict[str, np.ndarray], images_nhwc: np.ndarray, depth: int) -> 
         h = 0.5 * h * (1 + erf(h / np.sqrt(2)))  # timm's exact GELU
         x = x + h @ a[p + "MlpBlock_3/Dense_1/kernel"] + a[p + "MlpBlock_3/Dense_1/bias"]
     x = _layer_norm(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
-    return x[:, 0] @ a["head/kernel"] + a["head/bias"]
+    pooled = x[:, 0] if "cls" in a else x.mean(axis=1)  # pool_type "tok" or "gap"
+    return pooled @ a["head/kernel"] + a["head/bias"]
 
 
-@pytest.mark.parametrize("prefix", ["", "opt/target/"])
-def test_big_vision_npz_loads_and_matches_a_flax_style_numpy_forward(tmp_path: Path, prefix: str) -> None:
-    # Prepare
+@pytest.mark.parametrize("prefix,pool", [("", "tok"), ("opt/target/", "tok"), ("", "gap")])
+def test_big_vision_npz_loads_and_matches_a_flax_style_numpy_forward(tmp_path: Path, prefix: str, pool: str) -> None:
+    # Prepare: a "gap" model is timm's class_token=False, average pooling after norm
     torch.manual_seed(3)
-    source = VisionTransformer(get_preset(PRESET))
+    config = get_preset(PRESET) if pool == "tok" else get_preset(PRESET).with_layout(class_token=False, fc_norm=False)
+    source = VisionTransformer(config)
     arrays = {k: v.astype(np.float64) for k, v in _to_big_vision(source).items()}
     np.savez(tmp_path / "augreg.npz", **{prefix + k: v.astype(np.float32) for k, v in arrays.items()})
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3))
@@ -101,6 +104,7 @@ def test_big_vision_npz_loads_and_matches_a_flax_style_numpy_forward(tmp_path: P
     # Assert
     expected = _flax_vit(arrays, images, depth=3)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-5)
+    assert model.config.layout == source.config.layout  # read from the archive's keys
 
 
 def test_big_vision_archive_missing_a_tensor_names_it() -> None:
@@ -108,4 +112,12 @@ def test_big_vision_archive_missing_a_tensor_names_it() -> None:
     arrays = _to_big_vision(VisionTransformer(get_preset(PRESET)))
     del arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"]
     with pytest.raises(BigVisionError, match="encoderblock_1/MlpBlock_3/Dense_0/kernel"):
+        from_big_vision(arrays)
+
+
+def test_an_attention_pooled_archive_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    arrays = _to_big_vision(VisionTransformer(get_preset(PRESET)))
+    arrays["MAPHead_0/probe"] = np.zeros((1, 1, 64), np.float32)
+    with pytest.raises(BigVisionError, match="MAPHead"):
         from_big_vision(arrays)
