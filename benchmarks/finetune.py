@@ -1,6 +1,6 @@
 """Fine-tuning from a pre-trained backbone against training from scratch, through `sflam simulate`.
 
-    python benchmarks/finetune.py                # pre-train (~2 min), then 6 runs one at a time
+    python benchmarks/finetune.py                # pre-train (~4 min), then 6 runs of ~5 min, one at a time
     python benchmarks/finetune.py --quick        # a smoke test: 2 rounds, seeds 0 and 1
 
 No pretrained weights can be downloaded here, so the backbone is made by this script, the way a
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune", help="run directories")
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="where the PNG goes")
     parser.add_argument("--seeds", default="0,1,2", help="every cell runs once per seed (default 0,1,2)")
-    parser.add_argument("--rounds", type=int, default=20, help="rounds per run (default 20)")
-    parser.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds per run (default 40)")
+    parser.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5, the demo's)")
     parser.add_argument("--pretrain-epochs", type=int, default=60, help="central pre-training epochs (default 60)")
     parser.add_argument("--target", type=float, default=0.85, help="accuracy for 'rounds to' (default 0.85)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 2 pre-training epochs, seeds 0 and 1")
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     diffs = [rounds_to(f, args.target) - rounds_to(s, args.target)
              for f, s in zip(cell(results, "finetune", seeds), cell(results, "scratch", seeds))]
     print(f"rounds to {args.target:.0%}, fine-tuned minus scratch, seed by seed: {fmt(diffs, 1, 1)}")
+    gains = [f["final_accuracy"] - s["final_accuracy"]
+             for f, s in zip(cell(results, "finetune", seeds), cell(results, "scratch", seeds))]
+    print(f"final accuracy, fine-tuned minus scratch, seed by seed: {fmt(gains)} points")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, label in (("finetune", "from the headless backbone"), ("scratch", "from scratch")):
