@@ -19,7 +19,7 @@ from pathlib import Path
 from edge_runtime.protocol import MAX_CROP_PADDING, OPTIMIZER_CODES
 from server_runtime import config_rules as rule
 from server_runtime.config_cross import check_cross_fields
-from server_runtime.presets import GLOBAL_POOLS
+from server_runtime.presets import GLOBAL_POOLS, LAYOUT_FIELDS
 from sflam_common.problems import ProblemsError, did_you_mean
 
 SIGNING = ("auto", "ed25519", "off")
@@ -49,7 +49,7 @@ class ModelSection:
     @property
     def layout(self) -> dict[str, object]:
         """The layout fields set here (for ``create_model(layout=...)``)."""
-        return {"global_pool": self.global_pool, "class_token": self.class_token, "fc_norm": self.fc_norm}
+        return {name: getattr(self, name) for name in LAYOUT_FIELDS}
 
 
 @dataclass(frozen=True)

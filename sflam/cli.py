@@ -14,9 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sflam.cli_args import (
-    GLOBAL_POOL_HELP,
-    GLOBAL_POOLS,
     add_dashboard_options,
+    add_global_pool_option,
     bit_list,
     non_negative_float,
     non_negative_int,
@@ -54,7 +53,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--checkpoint", help="a local timm-layout .safetensors/.pth/.npz file")
     check.add_argument("--num-classes", type=positive_int, help="replace the head for N classes")
     check.add_argument("--img-size", type=positive_int, help="resize the position embedding")
-    check.add_argument("--global-pool", choices=GLOBAL_POOLS, help=GLOBAL_POOL_HELP)
+    add_global_pool_option(check)
     check.set_defaults(handler="server_runtime.model_cli:cmd_check")
 
 
@@ -87,7 +86,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--model", required=True, help="a preset (see `sflam models list`)")
     exp.add_argument("--checkpoint", help="a local timm-layout checkpoint for the device weights")
     exp.add_argument("--num-classes", type=positive_int, help="class count of the fine-tuning task")
-    exp.add_argument("--global-pool", choices=GLOBAL_POOLS, help=GLOBAL_POOL_HELP)
+    add_global_pool_option(exp)
     exp.add_argument("--profile", required=True, help="a device profile (see `sflam profiles list`)")
     exp.add_argument("--batch", type=positive_int, default=8, help="fixed batch of TFLite artifacts")
     exp.add_argument(

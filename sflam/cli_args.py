@@ -11,8 +11,6 @@ from typing import Any
 from server_runtime.presets import GLOBAL_POOLS
 from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
 
-GLOBAL_POOL_HELP = ("the model's pooling: token (the class token's features) or avg (the patch tokens' mean); "
-                    "default: what the checkpoint's keys say, else token (docs/checkpoints.md)")
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str, name: str) -> Callable[[str], Any]:
@@ -69,3 +67,10 @@ def add_dashboard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dashboard-token", metavar="TOKEN",
                         help="the page's token, 16+ characters (default: $SFLAM_DASHBOARD_TOKEN, else "
                              "metrics.dashboard_token_file); needed off loopback")
+
+
+def add_global_pool_option(parser: argparse.ArgumentParser) -> None:
+    """``--global-pool token|avg``: the model's pooling layout (docs/checkpoints.md)."""
+    parser.add_argument("--global-pool", choices=GLOBAL_POOLS,
+                        help="the model's pooling: token (the class token's features) or avg (the patch tokens' "
+                             "mean); default: what the checkpoint's keys say, else token (docs/checkpoints.md)")

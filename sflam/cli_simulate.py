@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sflam.cli_args import (
-    GLOBAL_POOL_HELP,
-    GLOBAL_POOLS,
     add_dashboard_options,
+    add_global_pool_option,
     bits,
     non_negative_float,
     non_negative_int,
@@ -45,7 +44,7 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--model", metavar="PRESET", help="ViT preset (default vit_quick_patch4_16)")
     sim.add_argument("--checkpoint", metavar="FILE", help="local timm-layout weights to start from (a headless "
                      "backbone gets a fresh head for the data set's classes)")
-    sim.add_argument("--global-pool", choices=GLOBAL_POOLS, help=GLOBAL_POOL_HELP)
+    add_global_pool_option(sim)
     sim.add_argument("--broker", metavar="URL|embedded",
                      help="an mqtt:// URL, or a private loopback broker: embedded (default: mosquitto when "
                           "installed, else amqtt), mosquitto or amqtt")

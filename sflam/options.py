@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server_runtime.presets import GLOBAL_POOLS
 from sflam_common.bits import BIT_WIDTHS, BIT_WIDTHS_TEXT
 from sflam_common.problems import ProblemsError, did_you_mean
 
@@ -321,8 +322,8 @@ def check_options(opts: SimOptions) -> list[str]:
                         + did_you_mean(opts.optimizer, OPTIMIZERS))
     if opts.backend not in BACKENDS:
         problems.append(f"backend: one of {', '.join(BACKENDS)}, got {opts.backend!r}")
-    if opts.global_pool not in (None, "token", "avg"):
-        problems.append(f"global_pool: 'token' or 'avg', got {opts.global_pool!r}")
+    if opts.global_pool not in (None, *GLOBAL_POOLS):
+        problems.append(f"global_pool: one of {', '.join(GLOBAL_POOLS)}, got {opts.global_pool!r}")
     problems += _file_problems(opts)
     problems += _network_problems(opts)
     problems += _dashboard_problems(opts)

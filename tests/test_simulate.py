@@ -80,12 +80,12 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     # the unknown key stops the rest; without it every value problem is listed together
     with pytest.raises(SimulateError) as caught:
         build_options({"per_round": 9, "devices": 4, "scheme": "sfll", "bits": 12,
-                       "profiles": ["raspberry-pi-5", "no-such-board"], "model": "vit_huge"})
+                       "profiles": ["raspberry-pi-5", "no-such-board"], "model": "vit_huge", "global_pool": "max"})
     text = "\n".join(caught.value.problems)
     for needle in ("per_round 9 exceeds devices 4", "scheme: one of", "bits: 'auto' or one of",
-                   "'no-such-board'", "model:"):
+                   "'no-such-board'", "model:", "global_pool: one of token, avg, got 'max'"):
         assert needle in text
-    assert len(caught.value.problems) == 5
+    assert len(caught.value.problems) == 6
 
 
 def test_a_bad_flag_is_a_clear_error_with_exit_2() -> None:
