@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from edge_runtime import protocol as p
 from server_runtime.config import RunConfig
 from server_runtime.coordinator import RoundState
-from server_runtime.ranks import POLL_S, Liveness, RankError, RankGroup, assign_ranks
+from server_runtime.ranks import POLL_S, Liveness, RankError, RankGroup, assign_ranks, tensor_shapes
 from server_runtime.trainer import SplitTrainer
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class RankCoordinator:
 
     def start(self, trainer: SplitTrainer, num_classes: int, digest: str) -> None:
         """Every rank builds the model and takes rank 0's weights (also after a resume)."""
-        seq = self.post("start", num_classes=num_classes, layout=trainer.model.config.layout, digest=digest)
+        seq = self.post("start", num_classes=num_classes, layout=trainer.model.config.layout,
+                        shapes=tensor_shapes(trainer.model), digest=digest)
         for rank, ack in self._acks(seq).items():
             if ack.get("problem"):
                 raise RankError(f"trainer rank {rank}: {ack['problem']}")

@@ -23,7 +23,7 @@ from server_runtime.budgets import server_reassembler
 from server_runtime.checkpoint import create_model
 from server_runtime.config import ConfigError, RunConfig, load_config
 from server_runtime.coordinator import DeviceRound, RoundState
-from server_runtime.ranks import Heartbeat, RankError, RankGroup, RankLaunch, config_digest
+from server_runtime.ranks import Heartbeat, RankError, RankGroup, RankLaunch, config_digest, tensor_shapes
 from server_runtime.signing import load_signing
 from server_runtime.steps import StepServer, receive
 from server_runtime.trainer import OptimizerSpec, SplitTrainer, pick_device, use_bf16
@@ -49,6 +49,24 @@ def batch_steps(setting: str, device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def rank_model(config: RunConfig, start: dict):
+    """The model rank 0 trains, built from its start message: rank 0's class count and pooling
+    layout (its checkpoint's, which this rank does not read: the weights come from rank 0).
+    RankError when it cannot be built or its tensors differ from rank 0's (another sflam?), so
+    the run stops at once instead of in the first weight sync."""
+    try:
+        model = create_model(config.model.preset, num_classes=int(start["num_classes"]), layout=start["layout"],
+                             seed=config.seed)
+    except ValueError as exc:  # PresetError, CheckpointError: a layout this sflam cannot build
+        raise RankError(f"cannot build rank 0's model: {exc}") from None
+    mine, theirs = tensor_shapes(model), start.get("shapes", {})
+    differ = sorted(set(mine) ^ set(theirs) | {k for k in set(mine) & set(theirs) if mine[k] != theirs[k]})
+    if differ:
+        raise RankError(f"its model differs from rank 0's in {', '.join(differ[:6])}"
+                        f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''} (another sflam version?)")
+    return model
+
+
 class TrainerRank:
     """One worker rank for a whole run."""
 
@@ -66,13 +84,15 @@ class TrainerRank:
         self.seq, self.state = 0, None
         self.link: MqttLink | None = None
         start = self.next_control()
-        problem = self._check_start(start)
+        try:
+            problem = self._check_start(start)
+            model = None if problem else rank_model(config, start)
+        except RankError as exc:
+            problem, model = str(exc), None
         self.group.set(f"ack/{start['seq']}/{self.rank}", {"problem": problem})
         if problem:
             raise RankError(problem)
         cfg = config
-        # rank 0's layout (its checkpoint's, which this rank does not read: the weights come from rank 0)
-        model = create_model(cfg.model.preset, num_classes=int(start["num_classes"]), layout=start["layout"], seed=cfg.seed)
         spec = OptimizerSpec(cfg.training.optimizer, cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay)
         self.trainer = SplitTrainer(model, cfg.training.mode, spec, self.device, use_bf16(cfg.compute.amp, self.device))
         self.trainer.sync(self.group.reduce_sum, coordinator=False)

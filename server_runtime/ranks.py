@@ -221,6 +221,11 @@ class Liveness:
         return gone
 
 
+def tensor_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Name -> shape of every tensor of ``model``'s state: what every rank's model must share."""
+    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
 def start_local_ranks(config_path: str, world_size: int, extra_args: Sequence[str]) -> tuple[RankLaunch, list[subprocess.Popen]]:
     """Ranks 1..N-1 as child processes of this one (rank 0), torchrun's ``--nproc-per-node`` way:
     the same run.toml, the launch variables in their environment, torch threads split evenly."""

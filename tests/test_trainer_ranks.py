@@ -22,9 +22,12 @@ import pytest
 from safetensors.torch import save_file
 from test_server import ROOT, config_text, start_device, stop, wait_for, write_shards
 
+from server_runtime.checkpoint import create_model
 from server_runtime.config import parse_config
 from server_runtime.metrics import read_round_records
-from server_runtime.ranks import RankError, RankLaunch, assign_ranks, config_digest, free_port
+from server_runtime.presets import TOKEN_LAYOUT
+from server_runtime.rank_worker import rank_model
+from server_runtime.ranks import RankError, RankLaunch, assign_ranks, config_digest, free_port, tensor_shapes
 from server_runtime.run_state import load_run_state
 
 pytestmark = pytest.mark.broker
@@ -194,6 +197,20 @@ def test_ranks_with_another_configuration_are_told_apart() -> None:
     elsewhere = parse_config("[compute]\ntrainers = 2\n[broker]\nurl = \"mqtt://10.0.0.2:1883\"\n").to_dict()
     assert config_digest(base) != config_digest(other)
     assert config_digest(base) == config_digest(elsewhere)  # each machine may reach the broker its own way
+
+
+def test_a_rank_whose_model_differs_from_rank_0s_stops_at_once_naming_the_tensors() -> None:
+    # Prepare: rank 0's start message for an average-pooled model (fc_norm instead of norm)
+    config = parse_config("[compute]\ntrainers = 2\n")
+    rank0 = create_model(config.model.preset, num_classes=10, layout={"global_pool": "avg"})
+    start = {"num_classes": 10, "layout": rank0.config.layout, "shapes": tensor_shapes(rank0)}
+    # Execute / Assert: the layout it was sent builds rank 0's model
+    assert tensor_shapes(rank_model(config, start)) == start["shapes"]
+    # ... a rank that builds another model (an sflam before layouts) names the tensors that differ
+    with pytest.raises(RankError, match=r"differs from rank 0's in fc_norm\.bias, fc_norm\.weight, norm\.bias, norm\.weight"):
+        rank_model(config, {**start, "layout": TOKEN_LAYOUT})
+    with pytest.raises(RankError, match="cannot build rank 0's model: .*needs class_token"):
+        rank_model(config, {**start, "layout": {"global_pool": "token", "class_token": False}})
 
 
 def test_simulate_with_two_trainer_ranks_runs_end_to_end(tmp_path: Path) -> None:
