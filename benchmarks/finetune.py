@@ -82,10 +82,9 @@ def _classes(data, classes: tuple[int, ...]):
     """The images of ``classes``, relabelled 0..len-1."""
     from server_runtime.data import ImageSet
 
-    keep = np.flatnonzero(np.isin(data.labels, classes))
-    relabel = {c: i for i, c in enumerate(classes)}
-    labels = np.array([relabel[int(c)] for c in data.labels[keep]], np.int64)
-    return ImageSet(data.images[keep], labels, tuple(str(c) for c in classes))
+    subset = data.subset(np.flatnonzero(np.isin(data.labels, classes)))
+    labels = np.searchsorted(np.asarray(classes), subset.labels)  # classes are sorted
+    return ImageSet(subset.images, labels.astype(np.int64), tuple(str(c) for c in classes))
 
 
 def _shift(images, rng: np.random.Generator, pixels: int):

@@ -308,7 +308,7 @@ def create_model(
         num_classes = checkpoint_num_classes(state)
     changes = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
     config = config.replace(**changes) if changes else config
-    config = with_layout(config, layout, state, checkpoint)
+    config = _layout_config(config, layout, state, checkpoint)
     if seed is not None:
         torch.manual_seed(seed)
     model = VisionTransformer(config)
@@ -317,8 +317,8 @@ def create_model(
     return model
 
 
-def with_layout(config: ViTConfig, layout: Mapping[str, object] | None, state: StateDict | None = None,
-                source: str | Path | None = None) -> ViTConfig:
+def _layout_config(config: ViTConfig, layout: Mapping[str, object] | None, state: StateDict | None = None,
+                   source: str | Path | None = None) -> ViTConfig:
     """``config`` in the layout asked for, completed by the checkpoint's keys, then timm's defaults."""
     asked = {k: v for k, v in (layout or {}).items() if v is not None}
     unknown = sorted(set(asked) - set(LAYOUT_FIELDS))

@@ -92,11 +92,6 @@ def text(value: object) -> str:
     return value
 
 
-def optional_text(value: object) -> str | None:
-    """A non-empty string, or None (the key left out)."""
-    return None if value is None else text(value)
-
-
 def optional(check: Check) -> Check:
     """``check``, or None (the key left out: TOML has no null, a dict from ``to_dict`` has one)."""
 
@@ -104,6 +99,9 @@ def optional(check: Check) -> Check:
         return None if value is None else check(value)
 
     return check_optional
+
+
+optional_text = optional(text)  # a non-empty string, or None (the key left out)
 
 
 def flag(value: object) -> bool:
